@@ -1,0 +1,17 @@
+//! Types shared by the CIMaster master and agent.
+//!
+//! Everything here is plain data with validation: job specs as stored by the API, the run state
+//! machine, the message an agent takes from the queue, and the id newtypes. No web, queue or
+//! container library is linked from here.
+
+mod ids;
+mod job;
+mod queue;
+mod run;
+
+pub use ids::{
+    BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId,
+};
+pub use job::{FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
+pub use queue::{queue_name, RunMessage};
+pub use run::{RunStatus, TriggerRequest, UnknownStatus};
