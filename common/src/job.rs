@@ -34,6 +34,8 @@ pub struct FreestyleJob {
     /// Container image the script runs in, e.g. `busybox:latest`.
     #[serde(deserialize_with = "image_ref")]
     pub image: String,
+    /// One shell script, or a list of commands run in order (stopping at the first failure).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object, example = json!("echo hello")))]
     pub script: Script,
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
@@ -162,8 +164,6 @@ fn working_dir<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
 /// A job's commands: one string (run by `sh -c`) or a list of commands run in order, stopping at the
 /// first that fails.
 #[derive(Debug, Clone, PartialEq)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
 pub enum Script {
     One(String),
     Many(Vec<String>),
@@ -243,6 +243,7 @@ pub struct Resources {
     #[serde(default = "default_cpus", deserialize_with = "cpus")]
     pub cpus: f64,
     #[serde(default = "default_memory")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "512Mi"))]
     pub memory: Memory,
 }
 
@@ -272,8 +273,6 @@ fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 
 /// An amount of memory written the Kubernetes way: `512Mi`, `2Gi`, `1G`, `500M`, or plain bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[cfg_attr(feature = "openapi", schema(value_type = String, example = "512Mi"))]
 pub struct Memory {
     text: String,
     bytes: u64,

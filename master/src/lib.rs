@@ -1,0 +1,13 @@
+//! The CIMaster master: a stateless REST API over Postgres (state) and RabbitMQ (dispatch).
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod db;
+pub mod dispatch;
+pub mod http;
+pub mod startup;
+pub mod telemetry;
+
+pub use config::Config;
+pub use startup::{shutdown_signal, Application};

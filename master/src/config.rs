@@ -1,0 +1,115 @@
+//! Typed configuration, read once from `CIMASTER_*` environment variables (or the matching flags).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use secrecy::SecretString;
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the HTTP API listens on. Port 0 picks a free port.
+    #[arg(long, env = "CIMASTER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+
+    #[command(flatten)]
+    pub broker: BrokerConfig,
+
+    #[command(flatten)]
+    pub auth: AuthConfig,
+
+    #[command(flatten)]
+    pub dispatch: DispatchConfig,
+
+    /// Upper bound for any job's `timeoutSeconds`.
+    #[arg(long, env = "CIMASTER_MAX_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_timeout: Duration,
+
+    /// Apply database migrations when the server starts (safe with several replicas).
+    #[arg(long, env = "CIMASTER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseConfig {
+    /// Postgres URL, e.g. `postgres://cimaster:secret@127.0.0.1:5432/cimaster`.
+    #[arg(id = "database_url", long = "database-url", env = "CIMASTER_DATABASE_URL")]
+    pub url: SecretString,
+
+    #[arg(long = "database-max-connections", env = "CIMASTER_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub max_connections: u32,
+
+    /// How long a request waits for a database connection before answering 503.
+    #[arg(long = "database-acquire-timeout", env = "CIMASTER_DATABASE_ACQUIRE_TIMEOUT", default_value = "3s",
+          value_parser = humantime::parse_duration)]
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BrokerConfig {
+    /// RabbitMQ URL, e.g. `amqp://cimaster:secret@127.0.0.1:5672/%2f`.
+    #[arg(id = "amqp_url", long = "amqp-url", env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub url: SecretString,
+
+    /// Prefix of every queue and exchange name, so installations can share one broker.
+    #[arg(long = "queue-prefix", env = "CIMASTER_QUEUE_PREFIX", default_value = "cimaster")]
+    pub prefix: String,
+
+    /// How long a trigger waits for RabbitMQ's publisher confirm before leaving the run to the dispatcher.
+    #[arg(long = "publish-timeout", env = "CIMASTER_PUBLISH_TIMEOUT", default_value = "2s",
+          value_parser = humantime::parse_duration)]
+    pub publish_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JwtAlgorithm {
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "EdDSA")]
+    EdDsa,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuthConfig {
+    /// Shared secret for HS256 tokens.
+    #[arg(long = "jwt-secret", env = "CIMASTER_JWT_SECRET")]
+    pub jwt_secret: Option<SecretString>,
+
+    /// PEM public key file for RS256 or EdDSA tokens (used instead of the shared secret).
+    #[arg(long = "jwt-public-key-file", env = "CIMASTER_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// The one algorithm accepted. Defaults to HS256 with a secret; required with a public key.
+    #[arg(long = "jwt-algorithm", env = "CIMASTER_JWT_ALGORITHM", value_enum)]
+    pub jwt_algorithm: Option<JwtAlgorithm>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DispatchConfig {
+    /// How often each replica looks for queued runs that RabbitMQ has not confirmed.
+    #[arg(long = "dispatch-interval", env = "CIMASTER_DISPATCH_INTERVAL", default_value = "2s",
+          value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+
+    /// Age a run must reach before the dispatcher publishes it, leaving the trigger's own publish time
+    /// to finish. Keep it above the publish timeout.
+    #[arg(long = "dispatch-grace", env = "CIMASTER_DISPATCH_GRACE", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, Command};
+
+    #[test]
+    fn arguments_are_well_formed() {
+        super::Config::augment_args(Command::new("serve")).debug_assert();
+    }
+}

@@ -1,0 +1,157 @@
+//! Durable dispatch. A run is committed to Postgres before the API answers 201 and is published to
+//! RabbitMQ afterwards; `published_at` records the broker's confirm. Every replica runs a dispatcher
+//! that publishes queued runs nobody has confirmed yet — after a broker outage, a timed-out confirm,
+//! or a master that died between commit and publish. Rows are locked with `SKIP LOCKED` while they are
+//! published, so replicas never publish the same run at the same time.
+
+use std::time::Duration;
+
+use cimaster_common::{JobName, QueueName, RunId, RunMessage};
+use futures::future::join_all;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::broker::Broker;
+use crate::config::DispatchConfig;
+
+const BATCH: i64 = 200;
+
+/// Records publisher confirms in batches, off the request path.
+#[derive(Clone)]
+pub struct ConfirmLog {
+    tx: mpsc::UnboundedSender<Uuid>,
+}
+
+impl ConfirmLog {
+    pub fn spawn(pool: PgPool, cancel: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Uuid>();
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(512);
+            loop {
+                let first = tokio::select! {
+                    id = rx.recv() => id,
+                    _ = cancel.cancelled() => { rx.close(); rx.recv().await }
+                };
+                let Some(first) = first else { return };
+                batch.push(first);
+                while batch.len() < 1000 {
+                    match rx.try_recv() {
+                        Ok(id) => batch.push(id),
+                        Err(_) => break,
+                    }
+                }
+                let result = sqlx::query(
+                    "UPDATE runs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+                )
+                .bind(&batch)
+                .execute(&pool)
+                .await;
+                if let Err(err) = result {
+                    // The runs stay unmarked; the dispatcher publishes them again and agents drop the
+                    // duplicate when they find nothing to claim.
+                    tracing::warn!(error = %err, runs = batch.len(), "cannot record publisher confirms");
+                }
+                batch.clear();
+            }
+        });
+        (Self { tx }, task)
+    }
+
+    pub fn confirmed(&self, run: RunId) {
+        let _ = self.tx.send(run.0);
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Pending {
+    id: Uuid,
+    job: String,
+    attempt: i32,
+    queue: String,
+}
+
+/// Publishes queued, unconfirmed runs older than the grace period, until `cancel`.
+pub async fn run_dispatcher(pool: PgPool, broker: Broker, config: DispatchConfig, cancel: CancellationToken) {
+    let mut connections = broker.connections();
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+            changed = connections.changed() => {
+                if changed.is_err() { return }
+            }
+        }
+        if let Err(err) = dispatch_pending(&pool, &broker, config.grace).await {
+            tracing::warn!(error = %err, "dispatcher pass failed");
+        }
+        match backlog(&pool).await {
+            Ok(count) => metrics::gauge!("cimaster_outbox_backlog").set(count as f64),
+            Err(err) => tracing::debug!(error = %err, "cannot count the outbox backlog"),
+        }
+    }
+}
+
+/// One pass: publish every eligible run, in batches. Returns how many were confirmed.
+pub async fn dispatch_pending(pool: &PgPool, broker: &Broker, grace: Duration) -> Result<usize, sqlx::Error> {
+    let mut total = 0;
+    while broker.is_connected() {
+        let mut tx = pool.begin().await?;
+        let pending: Vec<Pending> = sqlx::query_as(
+            "SELECT id, job, attempt, queue FROM runs
+             WHERE status = 'queued' AND published_at IS NULL AND created_at < now() - make_interval(secs => $1)
+             ORDER BY created_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(grace.as_secs_f64())
+        .bind(BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        if pending.is_empty() {
+            tx.commit().await?;
+            break;
+        }
+        let publishes = pending.iter().map(|run| async move {
+            let message = match (JobName::parse(&run.job), QueueName::parse(&run.queue), u32::try_from(run.attempt)) {
+                (Ok(job), Ok(queue), Ok(attempt)) => RunMessage { run_id: RunId(run.id), job, attempt, queue },
+                _ => {
+                    tracing::error!(run_id = %run.id, "run row has an invalid job, queue or attempt");
+                    return None;
+                }
+            };
+            match broker.publish(&message).await {
+                Ok(()) => Some(run.id),
+                Err(err) => {
+                    metrics::counter!("cimaster_publish_failures_total").increment(1);
+                    tracing::warn!(run_id = %run.id, error = %err, "dispatcher could not publish run");
+                    None
+                }
+            }
+        });
+        let confirmed: Vec<Uuid> = join_all(publishes).await.into_iter().flatten().collect();
+        sqlx::query("UPDATE runs SET published_at = now() WHERE id = ANY($1)")
+            .bind(&confirmed)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        total += confirmed.len();
+        metrics::counter!("cimaster_runs_dispatched_total").increment(confirmed.len() as u64);
+        if confirmed.len() < pending.len() {
+            break;
+        }
+    }
+    if total > 0 {
+        tracing::info!(runs = total, "dispatcher published queued runs");
+    }
+    Ok(total)
+}
+
+pub async fn backlog(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'queued' AND published_at IS NULL")
+        .fetch_one(pool)
+        .await
+}

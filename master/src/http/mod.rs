@@ -1,0 +1,107 @@
+//! The HTTP API: one `router()` per resource, merged here.
+
+mod error;
+mod health;
+mod jobs;
+mod json;
+mod openapi;
+mod runs;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request};
+use axum::http::request::Parts;
+use axum::http::{header, Method};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::{ApiError, Problem};
+pub use openapi::ApiDoc;
+
+use crate::auth::{Caller, Role, Verifier};
+use crate::broker::Broker;
+use crate::dispatch::ConfirmLog;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub verifier: Arc<Verifier>,
+    pub confirms: ConfirmLog,
+    pub metrics: PrometheusHandle,
+    pub max_timeout_seconds: u32,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(jobs::router())
+        .merge(runs::router())
+        .merge(health::router())
+        .merge(openapi::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
+        .layer(middleware::from_fn(record_metrics))
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::new())
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no such endpoint: {method} {}; see /openapi.json", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}; see /openapi.json", uri.path()))
+}
+
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("method", method), ("route", route), ("status", status)];
+    metrics::counter!("cimaster_http_requests_total", &labels).increment(1);
+    metrics::histogram!("cimaster_http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+    response
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts.headers.get(header::AUTHORIZATION).map(|value| value.to_str().unwrap_or(""));
+        Ok(state.verifier.verify_header(header)?)
+    }
+}
+
+impl Caller {
+    /// 403 unless the caller holds `role` (or a role above it).
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.has(role) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "this needs the `{}` role; `{}` has {}",
+                role.as_str(),
+                self.subject,
+                if self.roles.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.roles.iter().map(|r| format!("`{}`", r.as_str())).collect::<Vec<_>>().join(", ")
+                }
+            )))
+        }
+    }
+}
+

@@ -1,0 +1,41 @@
+//! The OpenAPI document, generated from the handlers and types.
+
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "CIMaster", description = "Queue-driven CI runner: jobs, runs and results."),
+    paths(
+        super::jobs::put_job, super::jobs::get_job, super::jobs::list_jobs, super::jobs::delete_job,
+        super::runs::trigger, super::runs::get_run, super::runs::list_runs, super::runs::abort_run,
+        super::health::healthz, super::health::readyz, super::health::metrics,
+    ),
+    components(schemas(
+        cimaster_common::JobSpec, cimaster_common::FreestyleJob, cimaster_common::GitJob,
+        cimaster_common::Resources, cimaster_common::RunStatus, cimaster_common::TriggerRequest,
+        super::error::Problem,
+    )),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+}

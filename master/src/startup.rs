@@ -1,0 +1,106 @@
+//! Wiring: `Application::build` binds the listener and starts the background tasks; `run_until`
+//! serves until the shutdown future resolves, then drains everything.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Verifier;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::dispatch::{run_dispatcher, ConfirmLog};
+use crate::http::{router, AppState};
+use crate::{db, telemetry};
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let verifier = Verifier::from_config(&config.auth).context("JWT configuration")?;
+        let pool = db::pool(&config.database).context("CIMASTER_DATABASE_URL")?;
+        if config.migrate_on_start {
+            db::migrate(&pool).await.context("applying database migrations")?;
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+
+        let cancel = CancellationToken::new();
+        let broker = Broker::new(config.broker.url.clone(), config.broker.prefix.clone(), config.broker.publish_timeout);
+        let (confirms, confirm_task) = ConfirmLog::spawn(pool.clone(), cancel.clone());
+        let tasks = vec![
+            tokio::spawn(broker.clone().maintain(cancel.clone())),
+            tokio::spawn(run_dispatcher(pool.clone(), broker.clone(), config.dispatch.clone(), cancel.clone())),
+            confirm_task,
+        ];
+        let state = AppState {
+            pool,
+            broker,
+            verifier: Arc::new(verifier),
+            confirms,
+            metrics: telemetry::metrics_handle(),
+            max_timeout_seconds: u32::try_from(config.max_timeout.as_secs()).unwrap_or(u32::MAX),
+        };
+        Ok(Self { listener, state, cancel, tasks })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let cancel = self.cancel.clone();
+        tracing::info!(addr = %self.local_addr(), "cimaster master listening");
+        let serve = axum::serve(self.listener, router(self.state)).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            cancel.cancel();
+        });
+        let result = serve.await.context("HTTP server");
+        self.cancel.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        result
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
