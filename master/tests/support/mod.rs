@@ -1,0 +1,268 @@
+//! Test harness: a real master (in-process or as a child process) over the test's own Postgres
+//! database and its own RabbitMQ queue prefix.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cimaster_master::auth::{Role, Signer};
+use cimaster_master::config::{AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig};
+use cimaster_master::Application;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+pub fn amqp_url() -> String {
+    std::env::var("CIMASTER_AMQP_URL").unwrap_or_else(|_| "amqp://cimaster:cimaster@127.0.0.1:5672/%2f".into())
+}
+
+/// The URL of the database `#[sqlx::test]` made for this test.
+pub fn database_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL (scripts/test sets it)");
+    let database = pool.connect_options().get_database().unwrap().to_owned();
+    let (scheme_and_auth, _) = base.rsplit_once('/').unwrap();
+    format!("{scheme_and_auth}/{database}")
+}
+
+pub fn unique_prefix() -> String {
+    format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+pub fn config(database_url: &str, prefix: &str) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database: DatabaseConfig {
+            url: SecretString::from(database_url.to_owned()),
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(2),
+        },
+        broker: BrokerConfig {
+            url: SecretString::from(amqp_url()),
+            prefix: prefix.to_owned(),
+            publish_timeout: Duration::from_secs(2),
+        },
+        auth: AuthConfig { jwt_secret: Some(SecretString::from(SECRET)), jwt_public_key_file: None, jwt_algorithm: None },
+        dispatch: DispatchConfig { interval: Duration::from_millis(200), grace: Duration::from_millis(500) },
+        max_timeout: Duration::from_secs(24 * 3600),
+        migrate_on_start: false,
+    }
+}
+
+pub fn token(role: Role) -> String {
+    Signer::hs256(SECRET).unwrap().mint("tester", &[role], Duration::from_secs(600))
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub prefix: String,
+    pub pool: PgPool,
+    pub http: reqwest::Client,
+    cancel: CancellationToken,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(pool: PgPool) -> Self {
+        Self::spawn_with(pool, |_| {}).await
+    }
+
+    pub async fn spawn_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Self {
+        let prefix = unique_prefix();
+        let mut config = config(&database_url(&pool), &prefix);
+        tweak(&mut config);
+        let app = Application::build(config).await.unwrap();
+        let addr = app.local_addr();
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let server = tokio::spawn(app.run_until(async move { stop.cancelled().await }));
+        let test = Self { addr, prefix, pool, http: reqwest::Client::new(), cancel, server: Some(server) };
+        test.wait_ready().await;
+        test
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn wait_ready(&self) {
+        for _ in 0..100 {
+            if let Ok(response) = self.http.get(self.url("/readyz")).send().await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("master at {} never became ready", self.addr);
+    }
+
+    pub fn as_role(&self, role: Role) -> Client {
+        Client { base: format!("http://{}", self.addr), http: self.http.clone(), token: Some(token(role)) }
+    }
+
+    pub fn admin(&self) -> Client {
+        self.as_role(Role::Admin)
+    }
+
+    pub fn anonymous(&self) -> Client {
+        Client { base: format!("http://{}", self.addr), http: self.http.clone(), token: None }
+    }
+
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+        delete_queues(&self.prefix, &["default", "gpu"]).await;
+    }
+}
+
+/// A small API client.
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub content_type: String,
+}
+
+impl Reply {
+    pub fn detail(&self) -> &str {
+        self.body["detail"].as_str().unwrap_or("")
+    }
+
+    #[track_caller]
+    pub fn expect_problem(&self, status: u16, detail_contains: &str) {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        assert_eq!(self.content_type, "application/problem+json", "body: {}", self.body);
+        assert_eq!(self.body["status"], status);
+        assert!(
+            self.detail().contains(detail_contains),
+            "detail {:?} should contain {:?}",
+            self.detail(),
+            detail_contains
+        );
+    }
+}
+
+impl Client {
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let content_type = headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, headers, body, content_type }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(self.request(reqwest::Method::GET, path)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.send(self.request(reqwest::Method::DELETE, path)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> Reply {
+        self.send(self.request(reqwest::Method::PUT, path).json(&body)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send(self.request(reqwest::Method::POST, path).json(&body)).await
+    }
+
+    pub async fn post_empty(&self, path: &str) -> Reply {
+        self.send(self.request(reqwest::Method::POST, path)).await
+    }
+}
+
+pub fn freestyle(queue: &str) -> Value {
+    json!({"kind": "freestyle", "image": "busybox:latest", "script": "echo hello", "env": {"A": "1"},
+           "timeoutSeconds": 600, "resources": {"cpus": 1, "memory": "512Mi"}, "queue": queue,
+           "parameters": {"TARGET": "all"}})
+}
+
+pub fn git_job() -> Value {
+    json!({"kind": "git", "repository": "https://git.example/org/repo.git", "configPath": ".cimaster.yml",
+           "defaultBranch": "main"})
+}
+
+pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
+    let connection = cimaster_master::broker::connect(&SecretString::from(amqp_url()), "cimaster-test").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
+}
+
+/// Takes every message currently in one of the prefix's run queues, returning the run ids.
+pub async fn drain_queue(prefix: &str, queue: &str) -> Vec<String> {
+    let (_connection, channel) = amqp_channel().await;
+    let name = format!("{prefix}.runs.{queue}");
+    let mut ids = Vec::new();
+    loop {
+        match channel.basic_get(&name, BasicGetOptions::default()).await {
+            Ok(Some(message)) => {
+                let body: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+                assert_eq!(body["queue"], queue);
+                ids.push(body["runId"].as_str().unwrap().to_owned());
+                message.delivery.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            Ok(None) => return ids,
+            // Never declared: nothing was ever published there.
+            Err(err) if err.to_string().contains("NOT_FOUND") => return ids,
+            Err(err) => panic!("cannot read queue {name}: {err}"),
+        }
+    }
+}
+
+pub async fn delete_queues(prefix: &str, queues: &[&str]) {
+    let Ok(connection) = cimaster_master::broker::connect(&SecretString::from(amqp_url()), "cimaster-test-cleanup").await
+    else {
+        return;
+    };
+    for queue in queues.iter().map(|q| format!("{prefix}.runs.{q}")).chain([format!("{prefix}.dead")]) {
+        // A channel is closed by the broker when the queue does not exist, so use one per queue.
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel.queue_delete(&queue, QueueDeleteOptions::default()).await;
+        }
+    }
+    let _ = connection.close(200, "done").await;
+}
+
+/// Polls `check` until it returns `Some`, for up to `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
