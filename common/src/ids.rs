@@ -146,15 +146,8 @@ fn validate_slug(what: &'static str, value: &str) -> Result<String, InvalidValue
     if value.len() > 63 {
         return Err(InvalidValue::new(what, value, "must be at most 63 characters"));
     }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err(InvalidValue::new(
-            what,
-            value,
-            "use only lower-case letters, digits, `-`, `_` and `.`",
-        ));
+    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')) {
+        return Err(InvalidValue::new(what, value, "use only lower-case letters, digits, `-`, `_` and `.`"));
     }
     if !value.as_bytes()[0].is_ascii_alphanumeric() {
         return Err(InvalidValue::new(what, value, "must start with a letter or digit"));
@@ -201,10 +194,7 @@ fn validate_branch_name(value: &str) -> Result<String, InvalidValue> {
         Some("must not contain `..` or `@{` or be `@`")
     } else if value.split('/').any(|part| part.starts_with('.')) {
         Some("no path component may start with `.`")
-    } else if value
-        .chars()
-        .any(|c| c.is_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\'))
-    {
+    } else if value.chars().any(|c| c.is_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\')) {
         Some("must not contain spaces, control characters or any of ~ ^ : ? * [ \\")
     } else {
         None
@@ -224,11 +214,7 @@ fn validate_env_name(value: &str) -> Result<String, InvalidValue> {
     if !(bytes[0].is_ascii_alphabetic() || bytes[0] == b'_')
         || !bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
     {
-        return Err(InvalidValue::new(
-            WHAT,
-            value,
-            "use letters, digits and `_`, not starting with a digit",
-        ));
+        return Err(InvalidValue::new(WHAT, value, "use letters, digits and `_`, not starting with a digit"));
     }
     if value.to_ascii_uppercase().starts_with("CIMASTER_") {
         return Err(InvalidValue::new(WHAT, value, "the `CIMASTER_` prefix is reserved"));
@@ -248,9 +234,7 @@ fn validate_repository_url(value: &str) -> Result<String, InvalidValue> {
         .iter()
         .any(|scheme| value.len() > scheme.len() && value.starts_with(scheme));
     let scp_like = match value.split_once(':') {
-        Some((host, path)) => {
-            !host.is_empty() && !host.contains('/') && !path.is_empty() && !path.starts_with("//")
-        }
+        Some((host, path)) => !host.is_empty() && !host.contains('/') && !path.is_empty() && !path.starts_with("//"),
         None => false,
     };
     if !(url_like || scp_like) {
@@ -308,9 +292,7 @@ impl fmt::Display for RunId {
 impl FromStr for RunId {
     type Err = InvalidValue;
     fn from_str(value: &str) -> Result<Self, InvalidValue> {
-        Uuid::parse_str(value)
-            .map(Self)
-            .map_err(|_| InvalidValue::new("run id", value, "must be a UUID"))
+        Uuid::parse_str(value).map(Self).map_err(|_| InvalidValue::new("run id", value, "must be a UUID"))
     }
 }
 
@@ -344,8 +326,8 @@ mod tests {
             assert!(BranchName::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "-x", "/x", "x/", "a//b", "a..b", "x.lock", "x.", "a b", "a~1", "a^", "a:b", "a?",
-            "a*", "a[", "a\\b", "@", "a@{1}", ".hidden", "a/.b",
+            "", "-x", "/x", "x/", "a//b", "a..b", "x.lock", "x.", "a b", "a~1", "a^", "a:b", "a?", "a*", "a[", "a\\b",
+            "@", "a@{1}", ".hidden", "a/.b",
         ] {
             assert!(BranchName::parse(bad).is_err(), "{bad}");
         }

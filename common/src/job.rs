@@ -144,9 +144,7 @@ fn image_ref<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         return Err(de::Error::custom("image must be 1 to 512 characters"));
     }
     if value.chars().any(|c| c.is_whitespace() || c.is_control()) || value.starts_with('-') {
-        return Err(de::Error::custom(format!(
-            "image `{value}` is not an image reference (e.g. `busybox:latest`)"
-        )));
+        return Err(de::Error::custom(format!("image `{value}` is not an image reference (e.g. `busybox:latest`)")));
     }
     Ok(value)
 }
@@ -154,9 +152,7 @@ fn image_ref<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 fn working_dir<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let value = String::deserialize(d)?;
     if !value.starts_with('/') || value.contains('\0') {
-        return Err(de::Error::custom(format!(
-            "workingDir `{value}` must be an absolute path inside the container"
-        )));
+        return Err(de::Error::custom(format!("workingDir `{value}` must be an absolute path inside the container")));
     }
     Ok(Some(value))
 }
@@ -217,10 +213,7 @@ impl<'de> Deserialize<'de> for Script {
                 let mut commands = Vec::new();
                 while let Some(command) = seq.next_element::<String>()? {
                     if command.trim().is_empty() {
-                        return Err(de::Error::custom(format!(
-                            "script command #{} is empty",
-                            commands.len() + 1
-                        )));
+                        return Err(de::Error::custom(format!("script command #{} is empty", commands.len() + 1)));
                     }
                     commands.push(command);
                 }
@@ -264,9 +257,7 @@ fn default_memory() -> Memory {
 fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     let value = f64::deserialize(d)?;
     if !(value.is_finite() && value >= 0.01 && value <= 1024.0) {
-        return Err(de::Error::custom(format!(
-            "resources.cpus must be between 0.01 and 1024, got {value}"
-        )));
+        return Err(de::Error::custom(format!("resources.cpus must be between 0.01 and 1024, got {value}")));
     }
     Ok(value)
 }
@@ -300,12 +291,9 @@ impl Memory {
                 ))
             }
         };
-        let number: u64 = digits
-            .parse()
-            .map_err(|_| format!("memory `{text}` must be a whole number with a unit, e.g. `512Mi`"))?;
-        let bytes = number
-            .checked_mul(multiplier)
-            .ok_or_else(|| format!("memory `{text}` is too large"))?;
+        let number: u64 =
+            digits.parse().map_err(|_| format!("memory `{text}` must be a whole number with a unit, e.g. `512Mi`"))?;
+        let bytes = number.checked_mul(multiplier).ok_or_else(|| format!("memory `{text}` is too large"))?;
         if bytes < Self::MIN {
             return Err(format!("memory `{text}` is below the minimum of 6Mi"));
         }

@@ -9,9 +9,7 @@ mod job;
 mod queue;
 mod run;
 
-pub use ids::{
-    BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId,
-};
+pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
 pub use job::{FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
 pub use queue::{queue_name, RunMessage};
 pub use run::{RunStatus, TriggerRequest, UnknownStatus};

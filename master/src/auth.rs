@@ -139,9 +139,7 @@ impl Verifier {
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted".into()),
                 ErrorKind::InvalidAudience => AuthError::Invalid(format!("audience must be `{AUDIENCE}`")),
-                ErrorKind::MissingRequiredClaim(claim) => {
-                    AuthError::Invalid(format!("claim `{claim}` is required"))
-                }
+                ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!("claim `{claim}` is required")),
                 _ => AuthError::Invalid(err.to_string()),
             }
         })?;
@@ -231,9 +229,14 @@ mod tests {
         let v = verifier();
         // alg: none, with a valid-looking payload.
         let header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
-        let payload = "eyJzdWIiOiJtYWxsb3J5IiwiYXVkIjoiY2ltYXN0ZXIiLCJleHAiOjk5OTk5OTk5OTksImlhdCI6MCwicm9sZXMiOlsiYWRtaW4iXX0";
+        let payload =
+            "eyJzdWIiOiJtYWxsb3J5IiwiYXVkIjoiY2ltYXN0ZXIiLCJleHAiOjk5OTk5OTk5OTksImlhdCI6MCwicm9sZXMiOlsiYWRtaW4iXX0";
         assert!(matches!(v.verify_header(Some(&format!("Bearer {header}.{payload}."))), Err(AuthError::Invalid(_))));
-        let other = Signer::hs256("another-secret-another-secret-xx").unwrap().mint("m", &[Role::Admin], Duration::from_secs(60));
+        let other = Signer::hs256("another-secret-another-secret-xx").unwrap().mint(
+            "m",
+            &[Role::Admin],
+            Duration::from_secs(60),
+        );
         assert!(matches!(v.verify_header(Some(&format!("Bearer {other}"))), Err(AuthError::Invalid(_))));
         assert!(matches!(v.verify_header(None), Err(AuthError::Missing)));
         assert!(matches!(v.verify_header(Some("Basic abc")), Err(AuthError::Malformed)));

@@ -62,9 +62,7 @@ impl Topology {
         channel
             .queue_declare(&queue, QueueDeclareOptions { durable: true, ..Default::default() }, quorum_args(None))
             .await?;
-        channel
-            .queue_bind(&queue, &exchange, "", QueueBindOptions::default(), FieldTable::default())
-            .await
+        channel.queue_bind(&queue, &exchange, "", QueueBindOptions::default(), FieldTable::default()).await
     }
 
     /// Declares the runs queue of one resource class; idempotent.

@@ -52,7 +52,12 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone, Args)]
 pub struct BrokerConfig {
     /// RabbitMQ URL, e.g. `amqp://cimaster:secret@127.0.0.1:5672/%2f`.
-    #[arg(id = "amqp_url", long = "amqp-url", env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        id = "amqp_url",
+        long = "amqp-url",
+        env = "CIMASTER_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub url: SecretString,
 
     /// Prefix of every queue and exchange name, so installations can share one broker.

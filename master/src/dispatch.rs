@@ -42,12 +42,11 @@ impl ConfirmLog {
                         Err(_) => break,
                     }
                 }
-                let result = sqlx::query(
-                    "UPDATE runs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
-                )
-                .bind(&batch)
-                .execute(&pool)
-                .await;
+                let result =
+                    sqlx::query("UPDATE runs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
+                        .bind(&batch)
+                        .execute(&pool)
+                        .await;
                 if let Err(err) = result {
                     // The runs stay unmarked; the dispatcher publishes them again and agents drop the
                     // duplicate when they find nothing to claim.

@@ -31,12 +31,11 @@ impl Application {
         if config.migrate_on_start {
             db::migrate(&pool).await.context("applying database migrations")?;
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
 
         let cancel = CancellationToken::new();
-        let broker = Broker::new(config.broker.url.clone(), config.broker.prefix.clone(), config.broker.publish_timeout);
+        let broker =
+            Broker::new(config.broker.url.clone(), config.broker.prefix.clone(), config.broker.publish_timeout);
         let (confirms, confirm_task) = ConfirmLog::spawn(pool.clone(), cancel.clone());
         let tasks = vec![
             tokio::spawn(broker.clone().maintain(cancel.clone())),

@@ -120,7 +120,8 @@ async fn git_runs_take_exactly_one_of_commit_and_branch(pool: PgPool) {
     let mut all = queued;
     all.extend(drain_queue(&app.prefix, "default").await);
     all.sort();
-    let mut expected = vec![by_branch.body["id"].as_str().unwrap().to_owned(), by_commit.body["id"].as_str().unwrap().to_owned()];
+    let mut expected =
+        vec![by_branch.body["id"].as_str().unwrap().to_owned(), by_commit.body["id"].as_str().unwrap().to_owned()];
     expected.sort();
     assert_eq!(all, expected, "only the two accepted runs are queued");
     app.stop().await;
@@ -159,7 +160,8 @@ async fn idempotency_key_returns_the_same_run(pool: PgPool) {
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&app.pool).await.unwrap();
     assert_eq!(count, 2);
     let queued = eventually(Duration::from_secs(5), || async {
-        let all: Vec<bool> = sqlx::query_scalar("SELECT published_at IS NOT NULL FROM runs").fetch_all(&app.pool).await.unwrap();
+        let all: Vec<bool> =
+            sqlx::query_scalar("SELECT published_at IS NOT NULL FROM runs").fetch_all(&app.pool).await.unwrap();
         all.iter().all(|p| *p).then_some(())
     });
     queued.await;
@@ -177,14 +179,17 @@ async fn bad_input_gets_problem_answers(pool: PgPool) {
     let mut unknown = freestyle("default");
     unknown["imagee"] = json!("x");
     api.put("/jobs/unit-test", unknown).await.expect_problem(422, "unknown field `imagee`");
-    api.put("/jobs/unit-test", json!({"kind": "freestyle", "image": "b"})).await.expect_problem(422, "missing field `script`");
+    api.put("/jobs/unit-test", json!({"kind": "freestyle", "image": "b"}))
+        .await
+        .expect_problem(422, "missing field `script`");
     api.put("/jobs/unit-test", json!({"kind": "cron"})).await.expect_problem(422, "unknown variant `cron`");
     let mut too_long = freestyle("default");
     too_long["timeoutSeconds"] = json!(100_000);
     api.put("/jobs/unit-test", too_long).await.expect_problem(422, "above this installation's maximum");
 
     // Not JSON, no content type, too big.
-    let broken = api.request(Method::PUT, "/jobs/unit-test").header("content-type", "application/json").body("{\"kind\":");
+    let broken =
+        api.request(Method::PUT, "/jobs/unit-test").header("content-type", "application/json").body("{\"kind\":");
     api.send(broken).await.expect_problem(400, "not valid JSON");
     let plain = api.request(Method::PUT, "/jobs/unit-test").body(freestyle("default").to_string());
     api.send(plain).await.expect_problem(415, "Content-Type: application/json");
@@ -196,7 +201,9 @@ async fn bad_input_gets_problem_answers(pool: PgPool) {
     api.post("/jobs/nope/runs", json!({})).await.expect_problem(404, "job `nope` does not exist");
     api.post("/jobs/unit-test/runs", json!({"branch": "main"})).await.expect_problem(422, "unknown field `branch`");
     api.post("/jobs/unit-test/runs", json!({"branchName": "main"})).await.expect_problem(422, "freestyle job");
-    api.post("/jobs/unit-test/runs", json!({"parameters": {"TARGT": "x"}})).await.expect_problem(422, "no parameter `TARGT`");
+    api.post("/jobs/unit-test/runs", json!({"parameters": {"TARGT": "x"}}))
+        .await
+        .expect_problem(422, "no parameter `TARGT`");
     api.get("/jobs/unit-test/runs/12345").await.expect_problem(400, "must be a UUID");
     api.get(&format!("/jobs/unit-test/runs/{}", uuid::Uuid::now_v7())).await.expect_problem(404, "has no run");
     api.get("/jobs/unit-test/runs?status=done").await.expect_problem(400, "unknown run status `done`");
@@ -234,9 +241,15 @@ async fn tokens_are_checked(pool: PgPool) {
     let expired = with(sign(claims(now - 3600, "cimaster"), SECRET)).get("/jobs").await;
     expired.expect_problem(401, "expired");
     assert!(expired.headers.contains_key("www-authenticate"));
-    with(sign(claims(now + 600, "cimaster"), "some-other-secret-some-other-secret")).get("/jobs").await.expect_problem(401, "bad signature");
+    with(sign(claims(now + 600, "cimaster"), "some-other-secret-some-other-secret"))
+        .get("/jobs")
+        .await
+        .expect_problem(401, "bad signature");
     with(sign(claims(now + 600, "elsewhere"), SECRET)).get("/jobs").await.expect_problem(401, "audience");
-    with(sign(json!({"sub": "eve", "aud": "cimaster", "roles": ["admin"]}), SECRET)).get("/jobs").await.expect_problem(401, "exp");
+    with(sign(json!({"sub": "eve", "aud": "cimaster", "roles": ["admin"]}), SECRET))
+        .get("/jobs")
+        .await
+        .expect_problem(401, "exp");
     let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     let unsigned = format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(claims(now + 600, "cimaster")));
     with(unsigned).get("/jobs").await.expect_problem(401, "not valid");
@@ -270,7 +283,8 @@ async fn runs_are_listed_with_filters_and_pages(pool: PgPool) {
     api.post_empty(&format!("/jobs/e2e/runs/{}/abort", ids[4])).await;
 
     let page = api.get("/jobs/e2e/runs?limit=2").await;
-    let got: Vec<_> = page.body["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+    let got: Vec<_> =
+        page.body["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(got, vec![ids[4].clone(), ids[3].clone()], "newest first");
     let next = page.body["next"].as_str().unwrap().to_owned();
     let page2 = api.get(&next).await;
@@ -340,11 +354,16 @@ async fn health_metrics_and_openapi(pool: PgPool) {
     let metrics = api.get("/metrics").await;
     let text = metrics.body.as_str().unwrap();
     assert!(text.contains("cimaster_runs_created_total"), "{text}");
-    assert!(text.contains("cimaster_http_requests_total{method=\"POST\",route=\"/jobs/{name}/runs\",status=\"201\"}"), "{text}");
+    assert!(
+        text.contains("cimaster_http_requests_total{method=\"POST\",route=\"/jobs/{name}/runs\",status=\"201\"}"),
+        "{text}"
+    );
 
     let spec = api.get("/openapi.json").await;
     assert_eq!(spec.status, 200);
-    for path in ["/jobs/{name}", "/jobs/{name}/runs", "/jobs/{name}/runs/{id}", "/jobs/{name}/runs/{id}/abort", "/readyz"] {
+    for path in
+        ["/jobs/{name}", "/jobs/{name}/runs", "/jobs/{name}/runs/{id}", "/jobs/{name}/runs/{id}/abort", "/readyz"]
+    {
         assert!(spec.body["paths"].get(path).is_some(), "missing {path}");
     }
     assert!(spec.body["components"]["schemas"].get("JobSpec").is_some());

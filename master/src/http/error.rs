@@ -44,7 +44,9 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(error = %err, "database unavailable");
                 ApiError::Unavailable("the database is unavailable; retry shortly".into())
             }
-            sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("57P") || code.starts_with("08")) => {
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|code| code.starts_with("57P") || code.starts_with("08")) =>
+            {
                 tracing::warn!(error = %err, "database unavailable");
                 ApiError::Unavailable("the database is restarting; retry shortly".into())
             }
@@ -129,12 +131,8 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let problem = Problem {
-            kind,
-            title: status.canonical_reason().unwrap_or("Error"),
-            status: status.as_u16(),
-            detail,
-        };
+        let problem =
+            Problem { kind, title: status.canonical_reason().unwrap_or("Error"), status: status.as_u16(), detail };
         let body = serde_json::to_vec(&problem).expect("a problem always serialises");
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();

@@ -16,9 +16,7 @@ use super::AppState;
 use crate::auth::{Caller, Role};
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/jobs", get(list_jobs))
-        .route("/jobs/{name}", get(get_job).put(put_job).delete(delete_job))
+    Router::new().route("/jobs", get(list_jobs)).route("/jobs/{name}", get(get_job).put(put_job).delete(delete_job))
 }
 
 /// What a `PUT` did.
@@ -99,21 +97,22 @@ async fn put_job(
     caller.require(Role::Admin)?;
     let name = job_name(&name)?;
     spec.check(state.max_timeout_seconds).map_err(ApiError::Unprocessable)?;
-    let written: Option<(JobRow, bool)> = sqlx::query_as::<_, (String, SqlJson<JobSpec>, i64, DateTime<Utc>, DateTime<Utc>, bool)>(
-        "INSERT INTO jobs (name, kind, spec) VALUES ($1, $2, $3)
+    let written: Option<(JobRow, bool)> =
+        sqlx::query_as::<_, (String, SqlJson<JobSpec>, i64, DateTime<Utc>, DateTime<Utc>, bool)>(
+            "INSERT INTO jobs (name, kind, spec) VALUES ($1, $2, $3)
          ON CONFLICT (name) DO UPDATE
             SET kind = EXCLUDED.kind, spec = EXCLUDED.spec, version = jobs.version + 1, updated_at = now()
             WHERE jobs.spec IS DISTINCT FROM EXCLUDED.spec
          RETURNING name, spec, version, created_at, updated_at, (xmax = 0) AS inserted",
-    )
-    .bind(name.as_str())
-    .bind(spec.kind())
-    .bind(SqlJson(&spec))
-    .fetch_optional(&state.pool)
-    .await?
-    .map(|(name, spec, version, created_at, updated_at, inserted)| {
-        (JobRow { name, spec, version, created_at, updated_at }, inserted)
-    });
+        )
+        .bind(name.as_str())
+        .bind(spec.kind())
+        .bind(SqlJson(&spec))
+        .fetch_optional(&state.pool)
+        .await?
+        .map(|(name, spec, version, created_at, updated_at, inserted)| {
+            (JobRow { name, spec, version, created_at, updated_at }, inserted)
+        });
     let (row, change) = match written {
         Some((row, true)) => (row, Change::Created),
         Some((row, false)) => (row, Change::Updated),

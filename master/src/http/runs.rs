@@ -148,9 +148,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .to_str()
         .ok()
         .filter(|key| !key.is_empty() && key.len() <= 255 && key.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| {
-            ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into())
-        })?;
+        .ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into()))?;
     Ok(Some(key.to_owned()))
 }
 
@@ -298,13 +296,11 @@ struct KeyedRun {
 }
 
 async fn find_by_key(conn: &mut sqlx::PgConnection, job: &JobName, key: &str) -> Result<Option<KeyedRun>, ApiError> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {RUN_COLUMNS}, request_hash FROM runs WHERE job = $1 AND idempotency_key = $2"
-    ))
-    .bind(job.as_str())
-    .bind(key)
-    .fetch_optional(&mut *conn)
-    .await?)
+    Ok(sqlx::query_as(&format!("SELECT {RUN_COLUMNS}, request_hash FROM runs WHERE job = $1 AND idempotency_key = $2"))
+        .bind(job.as_str())
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?)
 }
 
 fn replay(KeyedRun { row, request_hash }: KeyedRun, hash: &str) -> Result<RunView, ApiError> {
@@ -421,8 +417,7 @@ async fn list_runs(
     .fetch_all(&state.pool)
     .await?;
     let has_more = rows.len() as i64 > limit;
-    let runs: Vec<RunView> =
-        rows.into_iter().take(limit as usize).map(RunView::try_from).collect::<Result<_, _>>()?;
+    let runs: Vec<RunView> = rows.into_iter().take(limit as usize).map(RunView::try_from).collect::<Result<_, _>>()?;
     let next = match (has_more, runs.last()) {
         (true, Some(last)) => {
             let mut link = format!("/jobs/{job}/runs?limit={limit}&before={}", last.id);
@@ -496,10 +491,7 @@ async fn abort_run(
         });
     };
     // Agents LISTEN on this channel; the notification is delivered when the transaction commits.
-    sqlx::query("SELECT pg_notify('cimaster_run_abort', $1)")
-        .bind(id.to_string())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("SELECT pg_notify('cimaster_run_abort', $1)").bind(id.to_string()).execute(&mut *tx).await?;
     tx.commit().await?;
     let view = RunView::try_from(row)?;
     tracing::info!(run_id = %id, job = %job, by = %caller.subject, status = %view.status, "abort requested");
@@ -535,7 +527,8 @@ mod tests {
     #[test]
     fn parameters_override_defaults_and_unknown_ones_are_refused() {
         let job = JobName::parse("unit").unwrap();
-        let free = spec(json!({"kind": "freestyle", "image": "b", "script": "x", "parameters": {"TARGET": "all", "N": "1"}}));
+        let free =
+            spec(json!({"kind": "freestyle", "image": "b", "script": "x", "parameters": {"TARGET": "all", "N": "1"}}));
         let merged = plan_run(&job, &free, &request(json!({"parameters": {"TARGET": "lib"}}))).unwrap();
         assert_eq!(merged["TARGET"], "lib");
         assert_eq!(merged["N"], "1");

@@ -45,7 +45,11 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             prefix: prefix.to_owned(),
             publish_timeout: Duration::from_secs(2),
         },
-        auth: AuthConfig { jwt_secret: Some(SecretString::from(SECRET)), jwt_public_key_file: None, jwt_algorithm: None },
+        auth: AuthConfig {
+            jwt_secret: Some(SecretString::from(SECRET)),
+            jwt_public_key_file: None,
+            jwt_algorithm: None,
+        },
         dispatch: DispatchConfig { interval: Duration::from_millis(200), grace: Duration::from_millis(500) },
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
@@ -168,10 +172,7 @@ impl Client {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let content_type = headers
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
+        let content_type = headers.get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
         let text = response.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Reply { status, headers, body, content_type }
@@ -237,7 +238,8 @@ pub async fn drain_queue(prefix: &str, queue: &str) -> Vec<String> {
 }
 
 pub async fn delete_queues(prefix: &str, queues: &[&str]) {
-    let Ok(connection) = cimaster_master::broker::connect(&SecretString::from(amqp_url()), "cimaster-test-cleanup").await
+    let Ok(connection) =
+        cimaster_master::broker::connect(&SecretString::from(amqp_url()), "cimaster-test-cleanup").await
     else {
         return;
     };
@@ -265,4 +267,3 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
