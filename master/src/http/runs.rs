@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -220,56 +220,58 @@ async fn trigger(
     let key = idempotency_key(&headers)?;
     let hash = key.as_ref().map(|_| request_hash(&request));
 
-    let mut tx = state.pool.begin().await?;
-    // FOR SHARE: a concurrent DELETE of the job waits for this run to commit.
-    let spec: SqlJson<JobSpec> = sqlx::query_scalar("SELECT spec FROM jobs WHERE name = $1 FOR SHARE")
-        .bind(job.as_str())
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| job_not_found(&job))?;
-    let spec = spec.0;
-
-    if let (Some(key), Some(hash)) = (&key, &hash) {
-        if let Some(existing) = find_by_key(&mut tx, &job, key).await? {
-            return replay(existing, hash).map(|view| respond(StatusCode::OK, view));
-        }
-    }
-    let parameters = plan_run(&job, &spec, &request)?;
-    let id = RunId::new();
-    let span = tracing::info_span!("trigger", run_id = %id, job = %job);
-    let inserted: Option<RunRow> = sqlx::query_as(&format!(
-        "INSERT INTO runs (id, job, queue, commit_sha, branch_name, parameters, spec, triggered_by,
-                           idempotency_key, request_hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (job, idempotency_key) DO NOTHING
-         RETURNING {RUN_COLUMNS}"
-    ))
-    .bind(id.0)
-    .bind(job.as_str())
-    .bind(spec.queue().as_str())
-    .bind(request.commit_sha.as_ref().map(|sha| sha.as_str()))
-    .bind(request.branch_name.as_ref().map(|branch| branch.as_str()))
-    .bind(SqlJson(&parameters))
-    .bind(SqlJson(&spec))
-    .bind(&caller.subject)
-    .bind(key.as_deref())
-    .bind(hash.as_deref())
-    .fetch_optional(&mut *tx)
-    .instrument(span.clone())
-    .await?;
-    let Some(row) = inserted else {
-        // Another request with the same key won the race.
-        tx.rollback().await?;
-        let (Some(key), Some(hash)) = (&key, &hash) else {
-            return Err(ApiError::Internal(anyhow::anyhow!("insert without an idempotency key conflicted")));
-        };
-        let mut conn = state.pool.acquire().await?;
-        let existing = find_by_key(&mut conn, &job, key)
+    let mut tries = 0;
+    let (spec, row) = loop {
+        tries += 1;
+        let (spec, version): (SqlJson<JobSpec>, i64) = sqlx::query_as("SELECT spec, version FROM jobs WHERE name = $1")
+            .bind(job.as_str())
+            .fetch_optional(&state.pool)
             .await?
-            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("idempotent run vanished")))?;
-        return replay(existing, hash).map(|view| respond(StatusCode::OK, view));
+            .ok_or_else(|| job_not_found(&job))?;
+        let spec = spec.0;
+        if let Some(existing) = replayed(&state, &job, &key, &hash).await? {
+            return Ok(existing);
+        }
+        let parameters = plan_run(&job, &spec, &request)?;
+        // One statement: the job row is locked FOR SHARE while the run is inserted, so a concurrent
+        // DELETE waits for it, and the version check makes sure the run was planned against the job
+        // as it is now.
+        let inserted: Option<RunRow> = sqlx::query_as(&format!(
+            "INSERT INTO runs (id, job, queue, commit_sha, branch_name, parameters, spec, triggered_by,
+                               idempotency_key, request_hash)
+             SELECT $1, name, $3, $4, $5, $6, $7, $8, $9, $10 FROM jobs
+             WHERE name = $2 AND version = $11
+             FOR SHARE
+             ON CONFLICT (job, idempotency_key) DO NOTHING
+             RETURNING {RUN_COLUMNS}"
+        ))
+        .bind(RunId::new().0)
+        .bind(job.as_str())
+        .bind(spec.queue().as_str())
+        .bind(request.commit_sha.as_ref().map(|sha| sha.as_str()))
+        .bind(request.branch_name.as_ref().map(|branch| branch.as_str()))
+        .bind(SqlJson(&parameters))
+        .bind(SqlJson(&spec))
+        .bind(&caller.subject)
+        .bind(key.as_deref())
+        .bind(hash.as_deref())
+        .bind(version)
+        .fetch_optional(&state.pool)
+        .await?;
+        if let Some(row) = inserted {
+            break (spec, row);
+        }
+        // Either a request with the same Idempotency-Key won the race, or the job changed or was
+        // deleted between the two statements.
+        if let Some(existing) = replayed(&state, &job, &key, &hash).await? {
+            return Ok(existing);
+        }
+        if tries >= 3 {
+            return Err(ApiError::Conflict(format!("job `{job}` kept changing while the run was created; retry")));
+        }
     };
-    tx.commit().await?;
+    let id = RunId(row.id);
+    let span = tracing::info_span!("trigger", run_id = %id, job = %job);
     metrics::counter!("cimaster_runs_created_total", "queue" => spec.queue().to_string()).increment(1);
 
     let message = RunMessage { run_id: id, job: job.clone(), attempt: 1, queue: spec.queue().clone() };
@@ -284,8 +286,23 @@ async fn trigger(
     Ok(respond(StatusCode::CREATED, RunView::try_from(row)?))
 }
 
-fn respond(status: StatusCode, view: RunView) -> impl IntoResponse {
-    (status, [(header::LOCATION, view.links.this.clone())], Json(view))
+fn respond(status: StatusCode, view: RunView) -> Response {
+    (status, [(header::LOCATION, view.links.this.clone())], Json(view)).into_response()
+}
+
+/// The earlier run created with this Idempotency-Key, as a 200 answer.
+async fn replayed(
+    state: &AppState,
+    job: &JobName,
+    key: &Option<String>,
+    hash: &Option<String>,
+) -> Result<Option<Response>, ApiError> {
+    let (Some(key), Some(hash)) = (key, hash) else { return Ok(None) };
+    let mut conn = state.pool.acquire().await?;
+    match find_by_key(&mut conn, job, key).await? {
+        Some(existing) => Ok(Some(respond(StatusCode::OK, replay(existing, hash)?))),
+        None => Ok(None),
+    }
 }
 
 #[derive(sqlx::FromRow)]
