@@ -35,7 +35,11 @@ async fn main() -> anyhow::Result<()> {
             Err(_) => tracing::info!(queue = %name, "queue not declared yet; the master declares it on first run"),
         }
     }
-    tokio::signal::ctrl_c().await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
     connection.close(200, "shutting down").await?;
     Ok(())
 }

@@ -1,0 +1,21 @@
+# Builds the master (`cimaster`) and agent (`cimaster-agent`) images:
+#   docker build --target master -t cimaster/master .
+#   docker build --target agent  -t cimaster/agent .
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release -p cimaster-master -p cimaster-agent --bins
+
+FROM debian:bookworm-slim AS master
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/cimaster /usr/local/bin/cimaster
+USER 65534
+ENV CIMASTER_LISTEN=0.0.0.0:8080
+EXPOSE 8080
+ENTRYPOINT ["cimaster"]
+CMD ["serve"]
+
+FROM debian:bookworm-slim AS agent
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/cimaster-agent /usr/local/bin/cimaster-agent
+ENTRYPOINT ["cimaster-agent"]
