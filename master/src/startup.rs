@@ -14,7 +14,7 @@ use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::dispatch::{run_dispatcher, ConfirmLog};
-use crate::http::{router, AppState};
+use crate::http::{router, AppState, JobCache};
 use crate::{db, telemetry};
 
 pub struct Application {
@@ -49,6 +49,7 @@ impl Application {
             confirms,
             metrics: telemetry::metrics_handle(),
             max_timeout_seconds: u32::try_from(config.max_timeout.as_secs()).unwrap_or(u32::MAX),
+            jobs: JobCache::default(),
         };
         Ok(Self { listener, state, cancel, tasks })
     }

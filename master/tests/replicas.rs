@@ -70,6 +70,23 @@ async fn a_run_created_on_one_replica_is_read_and_aborted_on_another(pool: PgPoo
     assert_eq!(aborted.status, 200);
     assert_eq!(a.client.get(&path).await.body["status"], "aborted");
 
+    // A replica that has seen a job never triggers against a stale copy of it: B changes the job's
+    // queue, then deletes and re-creates it, and A's next runs follow each change.
+    assert_eq!(b.client.put("/jobs/unit-test", freestyle("gpu")).await.body["change"], "updated");
+    let moved = a.client.post("/jobs/unit-test/runs", json!({})).await;
+    assert_eq!(moved.status, 201);
+    assert_eq!(moved.body["queue"], "gpu");
+    let moved_path = moved.body["links"]["self"].as_str().unwrap().to_owned();
+    assert_eq!(b.client.post_empty(&format!("{moved_path}/abort")).await.status, 200);
+    assert_eq!(b.client.delete("/jobs/unit-test").await.status, 204);
+    a.client.post("/jobs/unit-test/runs", json!({})).await.expect_problem(404, "does not exist");
+    let mut recreated = freestyle("default");
+    recreated["parameters"] = json!({"OTHER": "x"});
+    assert_eq!(b.client.put("/jobs/unit-test", recreated).await.body["version"], 1);
+    let fresh = a.client.post("/jobs/unit-test/runs", json!({"parameters": {"OTHER": "y"}})).await;
+    assert_eq!(fresh.status, 201, "{}", fresh.body);
+    assert_eq!(fresh.body["queue"], "default");
+
     // Graceful shutdown: SIGTERM ends the process cleanly and the other replica keeps serving.
     let pid = a.child.id().unwrap().to_string();
     let kill = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -77,5 +94,5 @@ async fn a_run_created_on_one_replica_is_read_and_aborted_on_another(pool: PgPoo
     let status = tokio::time::timeout(Duration::from_secs(10), a.child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "master exited with {status}");
     assert_eq!(b.client.get(&path).await.status, 200);
-    support::delete_queues(&prefix, &["default"]).await;
+    support::delete_queues(&prefix, &["default", "gpu"]).await;
 }

@@ -1,5 +1,8 @@
 //! `/jobs`: job configuration, applied idempotently with `PUT`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -67,6 +70,42 @@ impl From<JobRow> for JobView {
             updated_at: row.updated_at,
             change: None,
         }
+    }
+}
+
+/// A job's spec as last read by this replica. Only a hint: triggers verify version and `updated_at`
+/// in the statement that inserts the run, and re-read the job when it changed.
+#[derive(Clone)]
+pub struct CachedJob {
+    pub spec: Arc<JobSpec>,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Per-replica cache of job specs, bounded in size.
+#[derive(Clone, Default)]
+pub struct JobCache {
+    entries: Arc<Mutex<HashMap<String, CachedJob>>>,
+}
+
+impl JobCache {
+    const MAX_ENTRIES: usize = 10_000;
+
+    pub fn get(&self, name: &JobName) -> Option<CachedJob> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(name.as_str()).cloned()
+    }
+
+    pub fn put(&self, name: &JobName, job: CachedJob) -> CachedJob {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= Self::MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(name.to_string(), job.clone());
+        job
+    }
+
+    pub fn forget(&self, name: &JobName) {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(name.as_str());
     }
 }
 

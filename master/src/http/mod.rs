@@ -22,6 +22,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, Problem};
+pub use jobs::JobCache;
 pub use openapi::ApiDoc;
 
 use crate::auth::{Caller, Role, Verifier};
@@ -36,6 +37,7 @@ pub struct AppState {
     pub confirms: ConfirmLog,
     pub metrics: PrometheusHandle,
     pub max_timeout_seconds: u32,
+    pub jobs: JobCache,
 }
 
 pub fn router(state: AppState) -> Router {

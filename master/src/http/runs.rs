@@ -1,6 +1,7 @@
 //! `/jobs/{name}/runs`: triggering, reading, listing and aborting runs.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -16,7 +17,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::error::{ApiError, Problem};
-use super::jobs::{job_name, job_not_found};
+use super::jobs::{job_name, job_not_found, CachedJob};
 use super::json::OptionalJson;
 use super::AppState;
 use crate::auth::{Caller, Role};
@@ -223,24 +224,31 @@ async fn trigger(
     let mut tries = 0;
     let (spec, row) = loop {
         tries += 1;
-        let (spec, version): (SqlJson<JobSpec>, i64) = sqlx::query_as("SELECT spec, version FROM jobs WHERE name = $1")
-            .bind(job.as_str())
-            .fetch_optional(&state.pool)
-            .await?
-            .ok_or_else(|| job_not_found(&job))?;
-        let spec = spec.0;
+        let cached = match state.jobs.get(&job) {
+            Some(cached) => cached,
+            None => {
+                let row: (SqlJson<JobSpec>, i64, DateTime<Utc>) =
+                    sqlx::query_as("SELECT spec, version, updated_at FROM jobs WHERE name = $1")
+                        .bind(job.as_str())
+                        .fetch_optional(&state.pool)
+                        .await?
+                        .ok_or_else(|| job_not_found(&job))?;
+                state.jobs.put(&job, CachedJob { spec: Arc::new(row.0 .0), version: row.1, updated_at: row.2 })
+            }
+        };
+        let spec = cached.spec.clone();
         if let Some(existing) = replayed(&state, &job, &key, &hash).await? {
             return Ok(existing);
         }
         let parameters = plan_run(&job, &spec, &request)?;
         // One statement: the job row is locked FOR SHARE while the run is inserted, so a concurrent
         // DELETE waits for it, and the version check makes sure the run was planned against the job
-        // as it is now.
+        // as it is now — the cached spec is only a hint that this statement verifies.
         let inserted: Option<RunRow> = sqlx::query_as(&format!(
             "INSERT INTO runs (id, job, queue, commit_sha, branch_name, parameters, spec, triggered_by,
                                idempotency_key, request_hash)
-             SELECT $1, name, $3, $4, $5, $6, $7, $8, $9, $10 FROM jobs
-             WHERE name = $2 AND version = $11
+             SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9 FROM jobs
+             WHERE name = $2 AND version = $10 AND updated_at = $11
              FOR SHARE
              ON CONFLICT (job, idempotency_key) DO NOTHING
              RETURNING {RUN_COLUMNS}"
@@ -251,11 +259,11 @@ async fn trigger(
         .bind(request.commit_sha.as_ref().map(|sha| sha.as_str()))
         .bind(request.branch_name.as_ref().map(|branch| branch.as_str()))
         .bind(SqlJson(&parameters))
-        .bind(SqlJson(&spec))
         .bind(&caller.subject)
         .bind(key.as_deref())
         .bind(hash.as_deref())
-        .bind(version)
+        .bind(cached.version)
+        .bind(cached.updated_at)
         .fetch_optional(&state.pool)
         .await?;
         if let Some(row) = inserted {
@@ -266,6 +274,7 @@ async fn trigger(
         if let Some(existing) = replayed(&state, &job, &key, &hash).await? {
             return Ok(existing);
         }
+        state.jobs.forget(&job);
         if tries >= 3 {
             return Err(ApiError::Conflict(format!("job `{job}` kept changing while the run was created; retry")));
         }
