@@ -8,8 +8,10 @@ mod ids;
 mod job;
 mod queue;
 mod run;
+#[cfg(feature = "storage")]
+pub mod storage;
 
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
 pub use job::{FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
-pub use queue::{queue_name, RunMessage};
+pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_arguments, QueueArgument, RunMessage};
 pub use run::{RunStatus, TriggerRequest, UnknownStatus};

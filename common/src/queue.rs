@@ -25,6 +25,30 @@ impl RunMessage {
     }
 }
 
+/// A queue argument, as plain data so master and agent declare queues identically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueArgument {
+    Text(String),
+    Int(i32),
+}
+
+/// Arguments of every run queue: quorum, dead-lettering into `<prefix>.dlx` after 20 deliveries.
+pub fn run_queue_arguments(prefix: &str) -> Vec<(&'static str, QueueArgument)> {
+    vec![
+        ("x-queue-type", QueueArgument::Text("quorum".to_owned())),
+        ("x-dead-letter-exchange", QueueArgument::Text(dead_letter_exchange(prefix))),
+        ("x-delivery-limit", QueueArgument::Int(20)),
+    ]
+}
+
+pub fn dead_letter_exchange(prefix: &str) -> String {
+    format!("{prefix}.dlx")
+}
+
+pub fn dead_letter_queue(prefix: &str) -> String {
+    format!("{prefix}.dead")
+}
+
 /// The RabbitMQ queue that holds runs of one resource class, e.g. `cimaster.runs.default`.
 /// `prefix` separates installations (and test suites) sharing one broker.
 pub fn queue_name(prefix: &str, queue: &QueueName) -> String {

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use cimaster_common::{queue_name, QueueName, RunMessage};
+use cimaster_common::{queue_name, QueueArgument, QueueName, RunMessage};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -41,11 +41,11 @@ pub struct Topology;
 
 impl Topology {
     pub fn dead_letter_exchange(prefix: &str) -> String {
-        format!("{prefix}.dlx")
+        cimaster_common::dead_letter_exchange(prefix)
     }
 
     pub fn dead_letter_queue(prefix: &str) -> String {
-        format!("{prefix}.dead")
+        cimaster_common::dead_letter_queue(prefix)
     }
 
     pub async fn declare_dead_letters(channel: &Channel, prefix: &str) -> Result<(), lapin::Error> {
@@ -60,7 +60,11 @@ impl Topology {
             )
             .await?;
         channel
-            .queue_declare(&queue, QueueDeclareOptions { durable: true, ..Default::default() }, quorum_args(None))
+            .queue_declare(
+                &queue,
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                field_table(&[("x-queue-type", QueueArgument::Text("quorum".to_owned()))]),
+            )
             .await?;
         channel.queue_bind(&queue, &exchange, "", QueueBindOptions::default(), FieldTable::default()).await
     }
@@ -72,22 +76,24 @@ impl Topology {
             .queue_declare(
                 &name,
                 QueueDeclareOptions { durable: true, ..Default::default() },
-                quorum_args(Some(&Self::dead_letter_exchange(prefix))),
+                field_table(&cimaster_common::run_queue_arguments(prefix)),
             )
             .await?;
         Ok(name)
     }
 }
 
-fn quorum_args(dead_letter_exchange: Option<&str>) -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
-    if let Some(exchange) = dead_letter_exchange {
-        args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(exchange.into()));
-        // A message redelivered this often is poison: it goes to the dead-letter queue.
-        args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongInt(20));
+/// Turns plain queue arguments into AMQP's field table.
+pub fn field_table(arguments: &[(&'static str, QueueArgument)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in arguments {
+        let value = match value {
+            QueueArgument::Text(text) => AMQPValue::LongString(text.as_str().into()),
+            QueueArgument::Int(number) => AMQPValue::LongInt(*number),
+        };
+        table.insert(ShortString::from(*name), value);
     }
-    args
+    table
 }
 
 /// Connects to RabbitMQ with the tokio runtime.

@@ -25,6 +25,12 @@ pub struct Config {
     #[command(flatten)]
     pub dispatch: DispatchConfig,
 
+    #[command(flatten)]
+    pub reaper: ReaperConfig,
+
+    #[command(flatten)]
+    pub s3: cimaster_common::storage::S3Config,
+
     /// Upper bound for any job's `timeoutSeconds`.
     #[arg(long, env = "CIMASTER_MAX_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_timeout: Duration,
@@ -93,6 +99,18 @@ pub struct AuthConfig {
     /// The one algorithm accepted. Defaults to HS256 with a secret; required with a public key.
     #[arg(long = "jwt-algorithm", env = "CIMASTER_JWT_ALGORITHM", value_enum)]
     pub jwt_algorithm: Option<JwtAlgorithm>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReaperConfig {
+    /// How often each replica looks for runs whose agent stopped renewing the lease.
+    #[arg(id = "lease_check_interval", long = "lease-check-interval", env = "CIMASTER_LEASE_CHECK_INTERVAL", default_value = "2s",
+          value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+
+    /// Attempts a run gets when agents are lost, before it is marked `error`.
+    #[arg(long = "max-attempts", env = "CIMASTER_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -101,8 +101,8 @@ pub async fn dispatch_pending(pool: &PgPool, broker: &Broker, grace: Duration) -
         let mut tx = pool.begin().await?;
         let pending: Vec<Pending> = sqlx::query_as(
             "SELECT id, job, attempt, queue FROM runs
-             WHERE status = 'queued' AND published_at IS NULL AND created_at < now() - make_interval(secs => $1)
-             ORDER BY created_at
+             WHERE status = 'queued' AND published_at IS NULL AND queued_at < now() - make_interval(secs => $1)
+             ORDER BY queued_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED",
         )

@@ -40,6 +40,13 @@ impl Application {
         let tasks = vec![
             tokio::spawn(broker.clone().maintain(cancel.clone())),
             tokio::spawn(run_dispatcher(pool.clone(), broker.clone(), config.dispatch.clone(), cancel.clone())),
+            tokio::spawn(crate::reaper::run_reaper(
+                pool.clone(),
+                broker.clone(),
+                confirms.clone(),
+                config.reaper.clone(),
+                cancel.clone(),
+            )),
             confirm_task,
         ];
         let state = AppState {
@@ -50,6 +57,8 @@ impl Application {
             metrics: telemetry::metrics_handle(),
             max_timeout_seconds: u32::try_from(config.max_timeout.as_secs()).unwrap_or(u32::MAX),
             jobs: JobCache::default(),
+            s3: config.s3.client(),
+            bucket: config.s3.bucket.clone(),
         };
         Ok(Self { listener, state, cancel, tasks })
     }

@@ -5,6 +5,7 @@ mod health;
 mod jobs;
 mod json;
 mod openapi;
+mod results;
 mod runs;
 
 use std::sync::Arc;
@@ -38,12 +39,15 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub max_timeout_seconds: u32,
     pub jobs: JobCache,
+    pub s3: aws_sdk_s3::Client,
+    pub bucket: String,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(jobs::router())
         .merge(runs::router())
+        .merge(results::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(not_found)

@@ -13,6 +13,7 @@ use super::AppState;
     paths(
         super::jobs::put_job, super::jobs::get_job, super::jobs::list_jobs, super::jobs::delete_job,
         super::runs::trigger, super::runs::get_run, super::runs::list_runs, super::runs::abort_run,
+        super::results::console,
         super::health::healthz, super::health::readyz, super::health::metrics,
     ),
     components(schemas(

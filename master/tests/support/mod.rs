@@ -5,8 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use cimaster_common::storage::S3Config;
 use cimaster_master::auth::{Role, Signer};
-use cimaster_master::config::{AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig};
+use cimaster_master::config::{AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, ReaperConfig};
 use cimaster_master::Application;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
 use secrecy::SecretString;
@@ -51,8 +52,22 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             jwt_algorithm: None,
         },
         dispatch: DispatchConfig { interval: Duration::from_millis(200), grace: Duration::from_millis(500) },
+        reaper: ReaperConfig { interval: Duration::from_millis(200), max_attempts: 3 },
+        s3: s3_config(),
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
+    }
+}
+
+pub fn s3_config() -> S3Config {
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    S3Config {
+        endpoint: Some(var("CIMASTER_S3_ENDPOINT", "http://127.0.0.1:9000")),
+        bucket: var("CIMASTER_S3_BUCKET", "cimaster"),
+        region: "us-east-1".to_owned(),
+        access_key: var("CIMASTER_S3_ACCESS_KEY", "cimaster"),
+        secret_key: SecretString::from(var("CIMASTER_S3_SECRET_KEY", "cimaster-dev-secret")),
+        path_style: true,
     }
 }
 

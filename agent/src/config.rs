@@ -1,0 +1,86 @@
+//! The agent's typed configuration, from `CIMASTER_*` variables.
+
+use std::time::Duration;
+
+use cimaster_common::storage::S3Config;
+use cimaster_common::{Memory, QueueName};
+use clap::Args;
+use secrecy::SecretString;
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentConfig {
+    /// This agent's id: containers it starts are labelled with it, and its start-up sweep removes
+    /// whatever an earlier process with the same id left behind. Defaults to the host name.
+    #[arg(long = "agent-id", env = "CIMASTER_AGENT_ID")]
+    pub id: Option<String>,
+
+    #[arg(long = "database-url", env = "CIMASTER_DATABASE_URL")]
+    pub database_url: SecretString,
+
+    #[arg(long = "amqp-url", env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: SecretString,
+
+    #[arg(long = "queue-prefix", env = "CIMASTER_QUEUE_PREFIX", default_value = "cimaster")]
+    pub queue_prefix: String,
+
+    /// Comma-separated queues (resource classes) this agent serves.
+    #[arg(long = "queues", env = "CIMASTER_AGENT_QUEUES", default_value = "default", value_delimiter = ',')]
+    pub queues: Vec<QueueName>,
+
+    /// CPUs this agent may hand out to runs; the host's count by default.
+    #[arg(long = "cpus", env = "CIMASTER_AGENT_CPUS")]
+    pub cpus: Option<f64>,
+
+    /// Memory this agent may hand out to runs (e.g. `16Gi`); the host's total by default.
+    #[arg(long = "memory", env = "CIMASTER_AGENT_MEMORY", value_parser = parse_memory)]
+    pub memory: Option<Memory>,
+
+    /// Take no new run while host CPU use is above this fraction.
+    #[arg(long = "max-cpu", env = "CIMASTER_AGENT_MAX_CPU", default_value_t = 0.85)]
+    pub max_cpu: f64,
+
+    /// Cap on any run's timeout.
+    #[arg(long = "max-timeout", env = "CIMASTER_MAX_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_timeout: Duration,
+
+    /// How long a claim holds without a heartbeat; the agent renews it every third of this.
+    #[arg(long = "lease", env = "CIMASTER_LEASE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+
+    /// Between SIGTERM and SIGKILL when a run is stopped (timeout, abort, drain).
+    #[arg(long = "stop-grace", env = "CIMASTER_STOP_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stop_grace: Duration,
+
+    /// On SIGTERM, how long running jobs may go on before they are aborted.
+    #[arg(long = "drain-grace", env = "CIMASTER_AGENT_DRAIN_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub drain_grace: Duration,
+
+    #[command(flatten)]
+    pub s3: S3Config,
+}
+
+fn parse_memory(value: &str) -> Result<Memory, String> {
+    Memory::parse(value)
+}
+
+impl AgentConfig {
+    pub fn agent_id(&self) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .map(|name| name.trim().to_owned())
+                .ok()
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "cimaster-agent".to_owned())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, Command};
+
+    #[test]
+    fn arguments_are_well_formed() {
+        super::AgentConfig::augment_args(Command::new("agent")).debug_assert();
+    }
+}

@@ -1,0 +1,262 @@
+//! Executes one claimed attempt: network, container, console, timeout, abort, lease, cleanup, and
+//! the fenced final status.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cimaster_common::storage::console_key;
+use cimaster_common::{JobSpec, RunStatus};
+use futures::StreamExt;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::console::{self, ConsoleTx};
+use crate::docker::{DockerClient, JobContainer, RunLabels};
+use crate::store::{self, Claim, Lease, Outcome, StoredConsole};
+
+/// What every execution shares.
+#[derive(Clone)]
+pub struct Executor {
+    pub pool: PgPool,
+    pub(crate) docker: DockerClient,
+    pub s3: aws_sdk_s3::Client,
+    pub bucket: String,
+    pub agent: String,
+    pub lease: Duration,
+    pub stop_grace: Duration,
+    pub max_timeout: Duration,
+    pub work_dir: PathBuf,
+}
+
+/// Why the container was stopped before it ended on its own.
+enum Stop {
+    Exited(i64),
+    TimedOut(Duration),
+    Aborted,
+    LeaseLost,
+    Shutdown,
+    Failed(String),
+}
+
+impl Executor {
+    /// Runs the attempt to its end. `abort` is notified when the run's abort is requested; `hard_stop`
+    /// is the agent's own shutdown.
+    pub async fn execute(&self, claim: Claim, abort: Arc<Notify>, hard_stop: CancellationToken) {
+        let span = tracing::info_span!("run", run_id = %claim.run, job = %claim.job, attempt = claim.attempt);
+        self.execute_inner(claim, abort, hard_stop).instrument(span).await
+    }
+
+    async fn execute_inner(&self, claim: Claim, abort: Arc<Notify>, hard_stop: CancellationToken) {
+        let started = Instant::now();
+        tracing::info!("attempt started");
+        let labels = RunLabels {
+            agent: self.agent.clone(),
+            job: claim.job.clone(),
+            run: claim.run.to_string(),
+            attempt: claim.attempt,
+        };
+        let log_path = self.work_dir.join(format!("{}-{}.log", claim.run, claim.attempt));
+        let (console, pump) = console::start(self.pool.clone(), claim.clone(), log_path.clone());
+
+        // The lease is renewed for as long as the attempt runs; losing it stops the container.
+        let lost = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat(
+            self.pool.clone(),
+            claim.clone(),
+            self.agent.clone(),
+            self.lease,
+            abort.clone(),
+            lost.clone(),
+        ));
+
+        let mut container = None;
+        let mut network = None;
+        let stop = self
+            .run_container(&claim, &labels, &console, &abort, &hard_stop, &lost, &mut container, &mut network)
+            .await;
+        let lease_lost = matches!(stop, Stop::LeaseLost);
+        let outcome = match stop {
+            Stop::Exited(0) => Outcome { status: RunStatus::Succeeded, exit_code: Some(0), message: None },
+            Stop::Exited(code) => Outcome {
+                status: RunStatus::Failed,
+                exit_code: Some(code),
+                message: Some(format!("the script exited with code {code}")),
+            },
+            Stop::TimedOut(limit) => Outcome {
+                status: RunStatus::TimedOut,
+                exit_code: None,
+                message: Some(format!("timed out after {}s", limit.as_secs())),
+            },
+            Stop::Aborted => Outcome { status: RunStatus::Aborted, exit_code: None, message: Some("aborted".into()) },
+            Stop::Shutdown => Outcome {
+                status: RunStatus::Aborted,
+                exit_code: None,
+                message: Some(format!("aborted: agent {} shut down before the run finished", self.agent)),
+            },
+            Stop::LeaseLost => Outcome {
+                status: RunStatus::Error,
+                exit_code: None,
+                message: Some("this agent lost the run's lease".into()),
+            },
+            Stop::Failed(message) => Outcome { status: RunStatus::Error, exit_code: None, message: Some(message) },
+        };
+        console.note(&format!("run {} ({:.1}s)", outcome.status, started.elapsed().as_secs_f64())).await;
+        drop(console);
+        self.docker.remove(container.as_deref(), network.as_deref()).await;
+
+        let stored = match pump.await {
+            Ok(Ok(file)) => self.store_console(&claim, &file.path, file.bytes).await,
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "cannot write the console log");
+                None
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "console task failed");
+                None
+            }
+        };
+        let _ = tokio::fs::remove_file(&log_path).await;
+        heartbeat.abort();
+
+        if lease_lost {
+            tracing::warn!("lease lost; leaving the run to its next attempt");
+            return;
+        }
+        match store::finish(&self.pool, &claim, &self.agent, &outcome, stored.as_ref()).await {
+            Ok(true) => tracing::info!(status = %outcome.status, exit_code = ?outcome.exit_code, "attempt finished"),
+            Ok(false) => tracing::warn!("the attempt was taken over; its final status was not written"),
+            Err(err) => tracing::error!(error = %err, "cannot record the final status; the reaper will retry the run"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_container(
+        &self,
+        claim: &Claim,
+        labels: &RunLabels,
+        console: &ConsoleTx,
+        abort: &Notify,
+        hard_stop: &CancellationToken,
+        lost: &CancellationToken,
+        container: &mut Option<String>,
+        network: &mut Option<String>,
+    ) -> Stop {
+        let JobSpec::Freestyle(job) = &claim.spec else {
+            return Stop::Failed(
+                "git jobs need the repository checkout, which this agent version does not perform".into(),
+            );
+        };
+        let timeout = Duration::from_secs(u64::from(job.timeout_seconds)).min(self.max_timeout);
+        let aborted = abort.notified();
+        tokio::pin!(aborted);
+
+        console.note(&format!("agent {} runs attempt {} in {}", self.agent, claim.attempt, job.image)).await;
+        if let Err(err) = self.docker.ensure_image(&job.image).await {
+            console.note(&err.to_string()).await;
+            return Stop::Failed(err.to_string());
+        }
+        match self.docker.create_network(labels).await {
+            Ok(name) => *network = Some(name),
+            Err(err) => return Stop::Failed(err.to_string()),
+        }
+        let mut env: Vec<String> = job.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.extend(claim.parameters.iter().map(|(k, v)| format!("{k}={v}")));
+        env.push(format!("CIMASTER_RUN_ID={}", claim.run));
+        env.push(format!("CIMASTER_JOB={}", claim.job));
+        env.push(format!("CIMASTER_ATTEMPT={}", claim.attempt));
+        let spec = JobContainer {
+            image: job.image.clone(),
+            script: job.script.to_shell(),
+            env,
+            working_dir: job.working_dir.clone(),
+            nano_cpus: (job.resources.cpus * 1e9) as i64,
+            memory_bytes: i64::try_from(job.resources.memory.bytes()).unwrap_or(i64::MAX),
+            network: network.clone().unwrap_or_default(),
+        };
+        let id = match self.docker.start_job(labels, spec).await {
+            Ok(id) => id,
+            Err(err) => return Stop::Failed(err.to_string()),
+        };
+        *container = Some(id.clone());
+        let logs = {
+            let mut stream = Box::pin(self.docker.logs(&id));
+            let console = console.clone();
+            tokio::spawn(async move {
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(bytes) => console.send(bytes).await,
+                        Err(err) => {
+                            console.note(&format!("console stream interrupted: {err}")).await;
+                            break;
+                        }
+                    }
+                }
+            })
+        };
+
+        let stop = tokio::select! {
+            exit = self.docker.wait(&id) => match exit {
+                Ok(code) => Stop::Exited(code),
+                Err(err) => Stop::Failed(err.to_string()),
+            },
+            _ = tokio::time::sleep(timeout) => Stop::TimedOut(timeout),
+            _ = &mut aborted => Stop::Aborted,
+            _ = lost.cancelled() => Stop::LeaseLost,
+            _ = hard_stop.cancelled() => Stop::Shutdown,
+        };
+        if !matches!(stop, Stop::Exited(_)) {
+            let why = match &stop {
+                Stop::TimedOut(limit) => format!("timed out after {}s", limit.as_secs()),
+                Stop::Aborted => "abort requested".into(),
+                Stop::LeaseLost => "lease lost".into(),
+                Stop::Shutdown => "agent shutting down".into(),
+                _ => "stopping".into(),
+            };
+            console.note(&format!("{why}: sending SIGTERM, SIGKILL after {}s", self.stop_grace.as_secs())).await;
+            if let Err(err) = self.docker.stop(&id, self.stop_grace).await {
+                tracing::warn!(error = %err, "cannot stop the job container");
+            }
+        }
+        // The log stream ends when the container stops; bound the wait in case the engine hangs.
+        let _ = tokio::time::timeout(Duration::from_secs(10), logs).await;
+        stop
+    }
+
+    async fn store_console(&self, claim: &Claim, path: &std::path::Path, bytes: u64) -> Option<StoredConsole> {
+        let key = console_key(claim.run, claim.attempt);
+        match console::upload(&self.s3, &self.bucket, &key, path).await {
+            Ok(()) => Some(StoredConsole { key, bytes: bytes as i64 }),
+            Err(err) => {
+                tracing::error!(error = ?err, "cannot upload the console log; it stays readable from Postgres");
+                None
+            }
+        }
+    }
+}
+
+async fn heartbeat(
+    pool: PgPool,
+    claim: Claim,
+    agent: String,
+    lease: Duration,
+    abort: Arc<Notify>,
+    lost: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match store::renew(&pool, &claim, &agent, lease).await {
+            Ok(Lease::Held { abort_requested: true }) => abort.notify_one(),
+            Ok(Lease::Held { abort_requested: false }) => {}
+            Ok(Lease::Lost) => {
+                lost.cancel();
+                return;
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot renew the lease"),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The CIMaster agent: takes runs from RabbitMQ when it has headroom, executes them in Docker,
+//! writes status and console straight to Postgres and stores logs in S3.
+
+pub mod admission;
+pub mod config;
+pub mod console;
+mod docker;
+pub mod executor;
+pub mod store;
+pub mod worker;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::AgentConfig;
+use docker::DockerClient;
+
+/// Signals that drive the agent's shutdown.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    /// Stop taking work; let running jobs finish (up to the drain grace).
+    pub drain: CancellationToken,
+    /// Stop running jobs now.
+    pub abort: CancellationToken,
+}
+
+/// Runs the agent until `shutdown.drain` and the drain that follows.
+pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let agent = config.agent_id();
+    let options = PgConnectOptions::from_str_secret(&config.database_url)?.application_name("cimaster-agent");
+    let pool =
+        PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options);
+    let docker = DockerClient::connect().await.context("Docker")?;
+    let swept = docker.sweep(&agent, None).await.context("sweeping leftovers")?;
+    if swept > 0 {
+        tracing::info!(containers = swept, "removed leftovers of an earlier run of this agent");
+    }
+    let s3 = config.s3.client();
+    console::ensure_bucket(&s3, &config.s3.bucket).await.context("S3 bucket")?;
+
+    let total_cpus = config.cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as f64);
+    let total_memory = match &config.memory {
+        Some(memory) => memory.bytes(),
+        None => {
+            let mut system = sysinfo::System::new();
+            system.refresh_memory();
+            system.total_memory()
+        }
+    };
+    let admission = admission::Admission::new(total_cpus, total_memory, config.max_cpu);
+    let background = CancellationToken::new();
+    let sampler = admission.spawn_cpu_sampler(background.clone());
+    let work_dir = std::env::temp_dir().join(format!("cimaster-agent-{agent}"));
+    tokio::fs::create_dir_all(&work_dir).await?;
+
+    let executor = executor::Executor {
+        pool: pool.clone(),
+        docker,
+        s3,
+        bucket: config.s3.bucket.clone(),
+        agent: agent.clone(),
+        lease: config.lease,
+        stop_grace: config.stop_grace,
+        max_timeout: config.max_timeout,
+        work_dir,
+    };
+    let aborts = worker::AbortRegistry::default();
+    let listener = tokio::spawn(worker::listen_for_aborts(pool.clone(), aborts.clone(), background.clone()));
+    let worker = worker::Worker {
+        amqp_url: config.amqp_url.clone(),
+        prefix: config.queue_prefix.clone(),
+        queues: config.queues.clone(),
+        admission,
+        executor,
+        aborts,
+    };
+    tracing::info!(agent, cpus = total_cpus, memory_mib = total_memory >> 20, "agent started");
+
+    let mut running = JoinSet::new();
+    worker.run(&mut running, shutdown.drain.clone(), shutdown.abort.clone()).await;
+    if !running.is_empty() {
+        tracing::info!(runs = running.len(), grace = ?config.drain_grace, "draining running jobs");
+        let drained = async { while running.join_next().await.is_some() {} };
+        tokio::select! {
+            _ = drained => {}
+            _ = tokio::time::sleep(config.drain_grace) => shutdown.abort.cancel(),
+            _ = shutdown.abort.cancelled() => {}
+        }
+        while running.join_next().await.is_some() {}
+    }
+    background.cancel();
+    let _ = sampler.await;
+    let _ = listener.await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+trait FromSecret: Sized {
+    fn from_str_secret(secret: &secrecy::SecretString) -> Result<Self, sqlx::Error>;
+}
+
+impl FromSecret for PgConnectOptions {
+    fn from_str_secret(secret: &secrecy::SecretString) -> Result<Self, sqlx::Error> {
+        secret.expose_secret().parse()
+    }
+}

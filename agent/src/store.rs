@@ -1,0 +1,174 @@
+//! The agent's writes to Postgres: claiming an attempt, renewing its lease, console chunks and the
+//! final status. Every write after the claim is fenced by (run, attempt, agent), so an agent whose
+//! lease was taken over cannot touch the next attempt.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cimaster_common::{JobSpec, RunId, RunStatus};
+use sqlx::types::Json;
+use sqlx::PgPool;
+
+/// What an agent needs to execute a claimed attempt.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub run: RunId,
+    pub job: String,
+    pub attempt: u32,
+    pub spec: JobSpec,
+    pub parameters: BTreeMap<String, String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    job: String,
+    spec: Json<JobSpec>,
+    parameters: Json<BTreeMap<String, String>>,
+}
+
+/// The declared needs of a queued run, read before deciding whether it fits.
+pub async fn queued_spec(pool: &PgPool, run: RunId, attempt: u32) -> Result<Option<JobSpec>, sqlx::Error> {
+    let spec: Option<Json<JobSpec>> =
+        sqlx::query_scalar("SELECT spec FROM runs WHERE id = $1 AND attempt = $2 AND status = 'queued'")
+            .bind(run.0)
+            .bind(attempt as i32)
+            .fetch_optional(pool)
+            .await?;
+    Ok(spec.map(|spec| spec.0))
+}
+
+/// Queued → running for exactly this attempt, in one statement. `None`: nothing to claim (stale or
+/// duplicate message, aborted, or another agent was first).
+pub async fn claim(
+    pool: &PgPool,
+    run: RunId,
+    attempt: u32,
+    agent: &str,
+    lease: Duration,
+) -> Result<Option<Claim>, sqlx::Error> {
+    let row: Option<ClaimRow> = sqlx::query_as(
+        "WITH claimed AS (
+             UPDATE runs SET status = 'running', agent = $3, started_at = now(), updated_at = now(),
+                             lease_expires_at = now() + make_interval(secs => $4)
+             WHERE id = $1 AND attempt = $2 AND status = 'queued' AND NOT abort_requested
+             RETURNING id, attempt, job, spec, parameters
+         ), attempt AS (
+             INSERT INTO run_attempts (run_id, attempt, agent) SELECT id, attempt, $3 FROM claimed
+         )
+         SELECT job, spec, parameters FROM claimed",
+    )
+    .bind(run.0)
+    .bind(attempt as i32)
+    .bind(agent)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| Claim { run, job: row.job, attempt, spec: row.spec.0, parameters: row.parameters.0 }))
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    Held {
+        abort_requested: bool,
+    },
+    /// The attempt is no longer ours (reaped after a missed lease, or ended elsewhere).
+    Lost,
+}
+
+pub async fn renew(pool: &PgPool, claim: &Claim, agent: &str, lease: Duration) -> Result<Lease, sqlx::Error> {
+    let abort: Option<bool> = sqlx::query_scalar(
+        "UPDATE runs SET lease_expires_at = now() + make_interval(secs => $4)
+         WHERE id = $1 AND attempt = $2 AND agent = $3 AND status = 'running'
+         RETURNING abort_requested",
+    )
+    .bind(claim.run.0)
+    .bind(claim.attempt as i32)
+    .bind(agent)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    Ok(match abort {
+        Some(abort_requested) => Lease::Held { abort_requested },
+        None => Lease::Lost,
+    })
+}
+
+pub async fn append_console(pool: &PgPool, claim: &Claim, seq: i64, data: &[u8]) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO run_console (run_id, attempt, seq, data) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+        .bind(claim.run.0)
+        .bind(claim.attempt as i32)
+        .bind(seq)
+        .bind(data)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: RunStatus,
+    pub exit_code: Option<i64>,
+    pub message: Option<String>,
+}
+
+/// Where the attempt's console log ended up.
+#[derive(Debug, Clone)]
+pub struct StoredConsole {
+    pub key: String,
+    pub bytes: i64,
+}
+
+/// Writes the final status if the attempt is still ours. Returns whether it was.
+pub async fn finish(
+    pool: &PgPool,
+    claim: &Claim,
+    agent: &str,
+    outcome: &Outcome,
+    console: Option<&StoredConsole>,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let exit_code = outcome.exit_code.map(|code| code.clamp(i32::MIN as i64, i32::MAX as i64) as i32);
+    let updated = sqlx::query(
+        "UPDATE runs SET status = $4, exit_code = $5, message = $6, finished_at = now(), updated_at = now(),
+                         lease_expires_at = NULL, console_key = $7, console_bytes = $8
+         WHERE id = $1 AND attempt = $2 AND agent = $3 AND status = 'running'",
+    )
+    .bind(claim.run.0)
+    .bind(claim.attempt as i32)
+    .bind(agent)
+    .bind(outcome.status.as_str())
+    .bind(exit_code)
+    .bind(&outcome.message)
+    .bind(console.map(|c| c.key.as_str()))
+    .bind(console.map(|c| c.bytes))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE run_attempts SET ended_at = now(), outcome = $3, exit_code = $4, message = $5
+         WHERE run_id = $1 AND attempt = $2",
+    )
+    .bind(claim.run.0)
+    .bind(claim.attempt as i32)
+    .bind(outcome.status.as_str())
+    .bind(exit_code)
+    .bind(&outcome.message)
+    .execute(&mut *tx)
+    .await?;
+    if console.is_some() {
+        sqlx::query("DELETE FROM run_console WHERE run_id = $1 AND attempt = $2")
+            .bind(claim.run.0)
+            .bind(claim.attempt as i32)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("SELECT pg_notify('cimaster_run_finished', $1)").bind(claim.run.to_string()).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(true)
+}
