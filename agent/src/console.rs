@@ -28,9 +28,55 @@ impl ConsoleTx {
 
     /// A line from the agent itself, marked so it stands out from the job's output.
     pub async fn note(&self, text: &str) {
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-        self.send(Bytes::from(format!("{now} [cimaster] {text}\n"))).await;
+        self.send(Bytes::from(format!("{} [cimaster] {text}\n", timestamp()))).await;
     }
+}
+
+/// Splits raw output into lines and prefixes each with the time it arrived (RFC 3339, UTC).
+/// stdout and stderr keep separate partial lines, so their lines never mix.
+#[derive(Default)]
+pub struct Timestamper {
+    partial: [Vec<u8>; 2],
+}
+
+impl Timestamper {
+    const MAX_LINE: usize = 64 * 1024;
+
+    /// `stream`: 0 for stdout, 1 for stderr.
+    pub fn push(&mut self, stream: usize, data: &[u8], out: &mut BytesMut) {
+        let now = timestamp();
+        let partial = &mut self.partial[stream];
+        for piece in data.split_inclusive(|b| *b == b'\n') {
+            partial.extend_from_slice(piece);
+            if partial.ends_with(b"\n") || partial.len() >= Self::MAX_LINE {
+                out.extend_from_slice(now.as_bytes());
+                out.extend_from_slice(b" ");
+                out.extend_from_slice(partial);
+                if !partial.ends_with(b"\n") {
+                    out.extend_from_slice(b"\n");
+                }
+                partial.clear();
+            }
+        }
+    }
+
+    /// Emits unterminated last lines.
+    pub fn finish(&mut self, out: &mut BytesMut) {
+        let now = timestamp();
+        for partial in &mut self.partial {
+            if !partial.is_empty() {
+                out.extend_from_slice(now.as_bytes());
+                out.extend_from_slice(b" ");
+                out.extend_from_slice(partial);
+                out.extend_from_slice(b"\n");
+                partial.clear();
+            }
+        }
+    }
+}
+
+fn timestamp() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
 
 /// The finished local log.
@@ -168,5 +214,25 @@ pub async fn ensure_bucket(s3: &aws_sdk_s3::Client, bucket: &str) -> anyhow::Res
             Ok(())
         }
         Err(err) => Err(err.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_timestamped_and_partial_lines_wait_for_their_end() {
+        let mut stamper = Timestamper::default();
+        let mut out = BytesMut::new();
+        stamper.push(0, b"hel", &mut out);
+        assert!(out.is_empty());
+        stamper.push(1, b"oops\n", &mut out);
+        stamper.push(0, b"lo\nwor", &mut out);
+        stamper.finish(&mut out);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+        assert_eq!(lines, ["oops", "hello", "wor"]);
+        assert!(text.lines().all(|l| l.starts_with("20") && l.as_bytes()[10] == b'T'));
     }
 }

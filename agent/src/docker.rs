@@ -2,13 +2,14 @@
 //! run, attempt) and removed explicitly.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListNetworksOptions, LogsOptions,
+    AttachContainerOptions, CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListNetworksOptions,
     RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
@@ -20,6 +21,14 @@ pub const LABEL_JOB: &str = "cimaster.job";
 pub const LABEL_RUN: &str = "cimaster.run";
 pub const LABEL_ATTEMPT: &str = "cimaster.attempt";
 
+/// Output of the job container, as the engine delivers it.
+pub enum Chunk {
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
+
+pub type Output = Pin<Box<dyn Stream<Item = Result<Chunk, BollardError>> + Send>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("cannot reach the Docker engine: {0}")]
@@ -30,6 +39,8 @@ pub enum DockerError {
     CreateNetwork { name: String, source: BollardError },
     #[error("creating the job container failed: {0}")]
     CreateContainer(#[source] BollardError),
+    #[error("attaching to the job container failed: {0}")]
+    Attach(#[source] BollardError),
     #[error("starting the job container failed: {0}")]
     StartContainer(#[source] BollardError),
     #[error("waiting for the job container failed: {0}")]
@@ -116,7 +127,9 @@ impl DockerClient {
     }
 
     /// Creates and starts the job container: unprivileged, no mounts, no published ports, limited.
-    pub async fn start_job(&self, labels: &RunLabels, spec: JobContainer) -> Result<String, DockerError> {
+    /// Its output is attached before it starts, so nothing is missed, and goes only to the agent
+    /// (the engine keeps no log file that could rotate lines away).
+    pub async fn start_job(&self, labels: &RunLabels, spec: JobContainer) -> Result<(String, Output), DockerError> {
         let host_config = HostConfig {
             nano_cpus: Some(spec.nano_cpus),
             memory: Some(spec.memory_bytes),
@@ -126,6 +139,7 @@ impl DockerClient {
             network_mode: Some(spec.network.clone()),
             cap_drop: Some(vec!["NET_RAW".to_owned(), "MKNOD".to_owned(), "SYS_CHROOT".to_owned()]),
             security_opt: Some(vec!["no-new-privileges".to_owned()]),
+            log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
             ..Default::default()
         };
         let body = ContainerCreateBody {
@@ -139,24 +153,29 @@ impl DockerClient {
         };
         let options = CreateContainerOptions { name: Some(labels.name()), ..Default::default() };
         let created = self.docker.create_container(Some(options), body).await.map_err(DockerError::CreateContainer)?;
-        self.docker
-            .start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>)
-            .await
-            .map_err(DockerError::StartContainer)?;
-        Ok(created.id)
-    }
-
-    /// stdout and stderr, in order, each line prefixed with Docker's timestamp, until the container ends.
-    pub fn logs(&self, id: &str) -> impl Stream<Item = Result<Bytes, BollardError>> + use<> {
-        let options = LogsOptions { follow: true, stdout: true, stderr: true, timestamps: true, ..Default::default() };
-        self.docker.logs(id, Some(options)).map(|item| {
+        let attach = AttachContainerOptions { stream: true, stdout: true, stderr: true, ..Default::default() };
+        let attached = match self.docker.attach_container(&created.id, Some(attach)).await {
+            Ok(attached) => attached,
+            Err(err) => {
+                self.remove(Some(&created.id), None).await;
+                return Err(DockerError::Attach(err));
+            }
+        };
+        if let Err(err) =
+            self.docker.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>).await
+        {
+            self.remove(Some(&created.id), None).await;
+            return Err(DockerError::StartContainer(err));
+        }
+        let output: Output = Box::pin(attached.output.map(|item| {
             item.map(|output| match output {
-                LogOutput::StdOut { message }
-                | LogOutput::StdErr { message }
-                | LogOutput::Console { message }
-                | LogOutput::StdIn { message } => message,
+                LogOutput::StdErr { message } => Chunk::Stderr(message),
+                LogOutput::StdOut { message } | LogOutput::Console { message } | LogOutput::StdIn { message } => {
+                    Chunk::Stdout(message)
+                }
             })
-        })
+        }));
+        Ok((created.id, output))
     }
 
     /// The container's exit code once it stops.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use cimaster_common::storage::console_key;
 use cimaster_common::{JobSpec, RunStatus};
 use futures::StreamExt;
@@ -13,8 +14,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::console::{self, ConsoleTx};
-use crate::docker::{DockerClient, JobContainer, RunLabels};
+use crate::console::{self, ConsoleTx, Timestamper};
+use crate::docker::{Chunk, DockerClient, JobContainer, RunLabels};
 use crate::store::{self, Claim, Lease, Outcome, StoredConsole};
 
 /// What every execution shares.
@@ -176,23 +177,32 @@ impl Executor {
             memory_bytes: i64::try_from(job.resources.memory.bytes()).unwrap_or(i64::MAX),
             network: network.clone().unwrap_or_default(),
         };
-        let id = match self.docker.start_job(labels, spec).await {
-            Ok(id) => id,
+        let (id, mut output) = match self.docker.start_job(labels, spec).await {
+            Ok(started) => started,
             Err(err) => return Stop::Failed(err.to_string()),
         };
         *container = Some(id.clone());
-        let logs = {
-            let mut stream = Box::pin(self.docker.logs(&id));
+        let mut logs = {
             let console = console.clone();
             tokio::spawn(async move {
-                while let Some(chunk) = stream.next().await {
+                let mut stamper = Timestamper::default();
+                let mut lines = BytesMut::new();
+                while let Some(chunk) = output.next().await {
                     match chunk {
-                        Ok(bytes) => console.send(bytes).await,
+                        Ok(Chunk::Stdout(data)) => stamper.push(0, &data, &mut lines),
+                        Ok(Chunk::Stderr(data)) => stamper.push(1, &data, &mut lines),
                         Err(err) => {
                             console.note(&format!("console stream interrupted: {err}")).await;
                             break;
                         }
                     }
+                    if !lines.is_empty() {
+                        console.send(lines.split().freeze()).await;
+                    }
+                }
+                stamper.finish(&mut lines);
+                if !lines.is_empty() {
+                    console.send(lines.freeze()).await;
                 }
             })
         };
@@ -220,8 +230,11 @@ impl Executor {
                 tracing::warn!(error = %err, "cannot stop the job container");
             }
         }
-        // The log stream ends when the container stops; bound the wait in case the engine hangs.
-        let _ = tokio::time::timeout(Duration::from_secs(10), logs).await;
+        // The output stream ends when the container stops; bound the wait in case the engine hangs.
+        if tokio::time::timeout(Duration::from_secs(30), &mut logs).await.is_err() {
+            logs.abort();
+            console.note("the container's output did not end with it; the log may be incomplete").await;
+        }
         stop
     }
 

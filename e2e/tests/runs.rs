@@ -1,0 +1,257 @@
+//! Runs end to end: master and agent processes, real Postgres, RabbitMQ, s3s-fs and Docker, with the
+//! locally built `busybox:latest` image (scripts/images).
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::json;
+use sqlx::PgPool;
+use support::{leftovers, run_id, AgentOptions, Stack};
+
+fn job(script: &str) -> serde_json::Value {
+    json!({"kind": "freestyle", "image": "busybox:latest", "script": script,
+           "resources": {"cpus": 0.5, "memory": "64Mi"}})
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_succeeds_or_fails_with_its_exit_code_and_leaves_nothing_behind(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let mut ok = job("echo hello from $CIMASTER_JOB run $CIMASTER_RUN_ID attempt $CIMASTER_ATTEMPT; echo to stderr >&2; echo TARGET=$TARGET");
+    ok["parameters"] = json!({"TARGET": "all"});
+    stack.put_job("ok", ok).await;
+    stack.put_job("bad", job("echo about to fail; exit 3")).await;
+
+    let good = stack.trigger("ok").await;
+    let bad = stack.trigger("bad").await;
+    let run = stack.wait_finished(&good, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["exitCode"], 0);
+    assert!(run["agent"].as_str().unwrap().ends_with("-agent-1"));
+    assert!(run["startedAt"].is_string() && run["finishedAt"].is_string());
+    let console = stack.console(&good).await;
+    let id = run_id(&good);
+    assert!(console.contains(&format!("hello from ok run {id} attempt 1")), "{console}");
+    assert!(console.contains("to stderr"), "{console}");
+    assert!(console.contains("TARGET=all"), "{console}");
+    // Every line carries a timestamp.
+    for line in console.lines() {
+        assert!(line.starts_with("20") && line.as_bytes().get(10) == Some(&b'T'), "untimestamped line {line:?}");
+    }
+
+    let run = stack.wait_finished(&bad, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exitCode"], 3);
+    assert!(stack.console(&bad).await.contains("about to fail"));
+
+    // The stored log comes from S3 once the run has ended, and the live chunks are gone.
+    let stored: Option<String> = sqlx::query_scalar("SELECT console_key FROM runs WHERE id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.unwrap(), format!("runs/{id}/1/console.log"));
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM run_console").fetch_one(&stack.pool).await.unwrap();
+    assert_eq!(live, 0);
+
+    for path in [&good, &bad] {
+        assert_eq!(leftovers(&run_id(path)), (0, 0), "containers or networks left for {path}");
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_past_its_timeout_is_stopped(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let mut slow = job("echo started; sleep 60");
+    slow["timeoutSeconds"] = json!(2);
+    stack.put_job("slow", slow).await;
+    let path = stack.trigger("slow").await;
+    let started = Instant::now();
+    let run = stack.wait_finished(&path, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "timed_out", "{run}");
+    assert_eq!(run["message"], "timed out after 2s");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let console = stack.console(&path).await;
+    assert!(console.contains("started") && console.contains("timed out after 2s: sending SIGTERM"), "{console}");
+    assert_eq!(leftovers(&run_id(&path)), (0, 0));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn aborting_a_running_job_stops_it(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    stack.put_job("long", job("echo started; sleep 120")).await;
+    let path = stack.trigger("long").await;
+    stack.wait_for(&path, Duration::from_secs(60), |s| s == "running").await;
+    // Wait for the job's own output, so the container is surely up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stack.console(&path).await.contains("started") {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = stack.api.post(&format!("{path}/abort"), json!({})).await;
+    assert_eq!(reply.status, 202);
+    let asked = Instant::now();
+    // The agent hears the abort at once (NOTIFY); the container gets SIGTERM and, 1 s later, SIGKILL.
+    let run = stack.wait_finished(&path, Duration::from_secs(10)).await;
+    assert_eq!(run["status"], "aborted", "{run}");
+    assert!(asked.elapsed() < Duration::from_secs(5), "abort took {:?}", asked.elapsed());
+    assert!(stack.console(&path).await.contains("abort requested: sending SIGTERM"));
+    assert_eq!(leftovers(&run_id(&path)), (0, 0));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_console_can_be_followed_live(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    stack.put_job("ticker", job("for i in 1 2 3 4 5; do echo tick $i; sleep 1; done")).await;
+    let path = stack.trigger("ticker").await;
+    let response =
+        stack.api.request(reqwest::Method::GET, &format!("{path}/results/console?follow=true")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    let mut seen_at = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        for i in seen_at.len() + 1..=5 {
+            if text.contains(&format!("tick {i}\n")) {
+                seen_at.push(Instant::now());
+            }
+        }
+    }
+    assert_eq!(seen_at.len(), 5, "{text}");
+    // The lines arrived as they were printed, about a second apart, not all at the end.
+    let spread = seen_at[4].duration_since(seen_at[0]);
+    assert!(spread >= Duration::from_millis(2500), "lines arrived within {spread:?} of each other");
+    // The stream ended with the run, including the agent's closing line.
+    assert!(text.contains("[cimaster] run succeeded"), "{text}");
+    let run = stack.api.get(&path).await.body;
+    assert_eq!(run["status"], "succeeded");
+    // Following an ended run returns the whole stored log.
+    let replay = stack.console(&path).await;
+    assert_eq!(replay, text);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_20_mb_log_is_stored_and_served_whole(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    // 400,000 lines of 50 bytes: 20 MB of output.
+    let line = "x".repeat(49);
+    stack.put_job("chatty", job(&format!("yes {line} | head -n 400000; echo end-of-log"))).await;
+    let path = stack.trigger("chatty").await;
+    let run = stack.wait_finished(&path, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let console = stack.console(&path).await;
+    assert!(console.len() >= 20_000_000, "only {} bytes", console.len());
+    assert_eq!(console.lines().filter(|l| l.ends_with(&line)).count(), 400_000);
+    assert!(console.contains("end-of-log"));
+    let bytes: Option<i64> = sqlx::query_scalar("SELECT console_bytes FROM runs WHERE id = $1::uuid")
+        .bind(run_id(&path))
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(bytes.unwrap() as usize, console.len());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_missing_image_is_an_error_that_says_so(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let mut missing = job("true");
+    missing["image"] = json!("cimaster-test/does-not-exist:1");
+    stack.put_job("missing", missing).await;
+    let path = stack.trigger("missing").await;
+    let run = stack.wait_finished(&path, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "error", "{run}");
+    let message = run["message"].as_str().unwrap();
+    assert!(
+        message.contains("image `cimaster-test/does-not-exist:1` is not present and pulling it failed"),
+        "{message}"
+    );
+    assert!(stack.console(&path).await.contains("pulling it failed"));
+    assert_eq!(leftovers(&run_id(&path)), (0, 0));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn runs_that_do_not_fit_together_run_one_after_the_other(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions { cpus: Some(1.0), ..Default::default() }).await;
+    let mut heavy = job("sleep 2");
+    heavy["resources"] = json!({"cpus": 1, "memory": "64Mi"});
+    stack.put_job("heavy", heavy).await;
+    let first = stack.trigger("heavy").await;
+    let second = stack.trigger("heavy").await;
+
+    // While the first runs, the second waits as queued.
+    stack.wait_for(&first, Duration::from_secs(60), |s| s == "running").await;
+    assert_eq!(stack.api.get(&second).await.body["status"], "queued");
+    let a = stack.wait_finished(&first, Duration::from_secs(60)).await;
+    let b = stack.wait_finished(&second, Duration::from_secs(60)).await;
+    assert_eq!(a["status"], "succeeded");
+    assert_eq!(b["status"], "succeeded");
+    let finished_first: chrono_like::Instant = a["finishedAt"].as_str().unwrap().into();
+    let started_second: chrono_like::Instant = b["startedAt"].as_str().unwrap().into();
+    assert!(
+        started_second >= finished_first,
+        "the second started at {started_second:?}, before the first ended at {finished_first:?}"
+    );
+}
+
+/// RFC 3339 timestamps from the API compare correctly as strings once normalised to one length.
+mod chrono_like {
+    #[derive(Debug, PartialEq, PartialOrd)]
+    pub struct Instant(String);
+
+    impl From<&str> for Instant {
+        fn from(value: &str) -> Self {
+            // 2026-11-22T08:53:58.120813Z: pad the fraction to 9 digits.
+            let (seconds, rest) = value.split_once('.').unwrap_or((value.trim_end_matches('Z'), "Z"));
+            let fraction = rest.trim_end_matches('Z');
+            Instant(format!("{seconds}.{fraction:0<9}Z"))
+        }
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_killed_agent_s_run_is_retried_elsewhere_and_its_container_swept(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    let first = stack.add_agent(AgentOptions::default()).await;
+    stack.put_job("survivor", job("echo attempt $CIMASTER_ATTEMPT; sleep 4; echo done")).await;
+    let path = stack.trigger("survivor").await;
+    let run = stack.wait_for(&path, Duration::from_secs(60), |s| s == "running").await;
+    let first_id = stack.agents[first].id.clone();
+    assert_eq!(run["agent"], first_id.as_str());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.kill_agent(first);
+    assert_eq!(support::containers_of_agent(&first_id), 1, "the killed agent's container is orphaned");
+
+    stack.add_agent(AgentOptions::default()).await;
+    let run = stack.wait_finished(&path, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["attempt"], 2);
+    assert_ne!(run["agent"], first_id.as_str());
+    assert!(stack.console(&path).await.contains("attempt 2"));
+    let attempts: Vec<(i32, String, Option<String>)> =
+        sqlx::query_as("SELECT attempt, agent, outcome FROM run_attempts WHERE run_id = $1::uuid ORDER BY attempt")
+            .bind(run_id(&path))
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0], (1, first_id.clone(), Some("lost".to_owned())));
+    assert_eq!(attempts[1].2.as_deref(), Some("succeeded"));
+
+    // The first agent comes back under the same id and sweeps what it left.
+    stack.start_agent(&first_id, AgentOptions::default()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while support::containers_of_agent(&first_id) > 0 {
+        assert!(Instant::now() < deadline, "the restarted agent did not sweep its leftovers");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

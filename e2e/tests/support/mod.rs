@@ -1,0 +1,239 @@
+//! A whole CIMaster installation for one test: a master process and agent processes over the test's
+//! own database and queue prefix, on the shared Postgres, RabbitMQ, S3 server and Docker engine.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cimaster_master::auth::{Role, Signer};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+
+pub const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-e2e";
+
+fn binary(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; the workspace's binaries one level up.
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(path.exists(), "{} is not built; run the tests with `cargo nextest run --workspace`", path.display());
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn database_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL (scripts/test sets it)");
+    let database = pool.connect_options().get_database().unwrap().to_owned();
+    let (server, _) = base.rsplit_once('/').unwrap();
+    format!("{server}/{database}")
+}
+
+pub struct Stack {
+    pub pool: PgPool,
+    pub database_url: String,
+    pub prefix: String,
+    pub api: Api,
+    master: Child,
+    pub agents: Vec<Agent>,
+}
+
+pub struct Agent {
+    pub id: String,
+    pub child: Child,
+}
+
+/// Agent settings a test may change.
+#[derive(Clone)]
+pub struct AgentOptions {
+    pub cpus: Option<f64>,
+    pub lease: &'static str,
+    pub stop_grace: &'static str,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self { cpus: None, lease: "3s", stop_grace: "1s" }
+    }
+}
+
+impl Stack {
+    pub async fn start(pool: PgPool) -> Self {
+        let database_url = database_url(&pool);
+        let prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let port = free_port();
+        let master = Command::new(binary("cimaster"))
+            .arg("serve")
+            .env("CIMASTER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CIMASTER_DATABASE_URL", &database_url)
+            .env("CIMASTER_QUEUE_PREFIX", &prefix)
+            .env("CIMASTER_JWT_SECRET", SECRET)
+            .env("CIMASTER_DISPATCH_INTERVAL", "200ms")
+            .env("CIMASTER_DISPATCH_GRACE", "500ms")
+            .env("CIMASTER_LEASE_CHECK_INTERVAL", "200ms")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let token = Signer::hs256(SECRET).unwrap().mint("e2e", &[Role::Admin], Duration::from_secs(3600));
+        let api = Api { base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new(), token };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !api.http.get(api.url("/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            assert!(Instant::now() < deadline, "master never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { pool, database_url, prefix, api, master, agents: Vec::new() }
+    }
+
+    /// Starts an agent with a fresh id.
+    pub async fn add_agent(&mut self, options: AgentOptions) -> usize {
+        let id = format!("{}-agent-{}", self.prefix, self.agents.len() + 1);
+        self.start_agent(&id, options).await
+    }
+
+    /// Starts an agent with the given id (a restart of an earlier one when the id repeats).
+    pub async fn start_agent(&mut self, id: &str, options: AgentOptions) -> usize {
+        let mut command = Command::new(binary("cimaster-agent"));
+        command
+            .env("CIMASTER_AGENT_ID", id)
+            .env("CIMASTER_DATABASE_URL", &self.database_url)
+            .env("CIMASTER_QUEUE_PREFIX", &self.prefix)
+            .env("CIMASTER_LEASE_TTL", options.lease)
+            .env("CIMASTER_STOP_GRACE", options.stop_grace)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(cpus) = options.cpus {
+            command.env("CIMASTER_AGENT_CPUS", cpus.to_string());
+        }
+        let child = command.spawn().unwrap();
+        self.agents.push(Agent { id: id.to_owned(), child });
+        self.agents.len() - 1
+    }
+
+    pub fn kill_agent(&mut self, index: usize) {
+        let pid = self.agents[index].child.id().unwrap();
+        let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn put_job(&self, name: &str, body: Value) {
+        let reply = self.api.put(&format!("/jobs/{name}"), body).await;
+        assert!(reply.status == 200 || reply.status == 201, "PUT job: {}", reply.body);
+    }
+
+    /// Triggers a run and returns its path.
+    pub async fn trigger(&self, job: &str) -> String {
+        let reply = self.api.post(&format!("/jobs/{job}/runs"), serde_json::json!({})).await;
+        assert_eq!(reply.status, 201, "trigger: {}", reply.body);
+        reply.body["links"]["self"].as_str().unwrap().to_owned()
+    }
+
+    /// Polls the run until its status satisfies `done`.
+    pub async fn wait_for(&self, path: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.api.get(path).await.body;
+            if done(run["status"].as_str().unwrap_or("")) {
+                return run;
+            }
+            assert!(Instant::now() < deadline, "run did not get there within {timeout:?}: {run}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_finished(&self, path: &str, timeout: Duration) -> Value {
+        self.wait_for(path, timeout, |status| !matches!(status, "queued" | "running")).await
+    }
+
+    pub async fn console(&self, path: &str) -> String {
+        let response = self.api.request(reqwest::Method::GET, &format!("{path}/results/console")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            let _ = agent.child.start_kill();
+        }
+        let _ = self.master.start_kill();
+        // Whatever an agent of this stack left behind (a killed agent cannot clean up).
+        for agent in &self.agents {
+            let _ = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("docker ps -aq --filter label=cimaster.agent={} | xargs -r docker rm -f", agent.id))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub token: String,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Api {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path)).bearer_auth(&self.token)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        Reply { status, body: serde_json::from_str(&text).unwrap_or(Value::String(text)) }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(self.request(reqwest::Method::GET, path)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> Reply {
+        self.send(self.request(reqwest::Method::PUT, path).json(&body)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send(self.request(reqwest::Method::POST, path).json(&body)).await
+    }
+}
+
+/// Containers and networks still labelled with the run.
+pub fn leftovers(run_id: &str) -> (usize, usize) {
+    let count = |args: &[&str]| {
+        let output = std::process::Command::new("docker").args(args).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+    };
+    let filter = format!("label=cimaster.run={run_id}");
+    (count(&["ps", "-aq", "--filter", &filter]), count(&["network", "ls", "-q", "--filter", &filter]))
+}
+
+pub fn containers_of_agent(agent: &str) -> usize {
+    let output = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=cimaster.agent={agent}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+pub fn run_id(path: &str) -> String {
+    path.rsplit('/').next().unwrap().to_owned()
+}
