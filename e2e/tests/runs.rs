@@ -255,3 +255,38 @@ async fn a_killed_agent_s_run_is_retried_elsewhere_and_its_container_swept(pool:
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn sigterm_drains_the_agent_and_a_second_one_aborts(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    let agent = stack.add_agent(AgentOptions::default()).await;
+    stack.put_job("short", job("echo started; sleep 3; echo finished")).await;
+    let first = stack.trigger("short").await;
+    stack.wait_for(&first, Duration::from_secs(60), |s| s == "running").await;
+
+    stack.signal_agent(agent, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Draining: the running job goes on, new work is not taken.
+    let second = stack.trigger("short").await;
+    let run = stack.wait_finished(&first, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(stack.console(&first).await.contains("finished"));
+    assert!(stack.agent_exit(agent, Duration::from_secs(30)).await, "the agent exits cleanly after draining");
+    assert_eq!(stack.api.get(&second).await.body["status"], "queued");
+
+    // A new agent takes the waiting run; two SIGTERMs abort it and mark it.
+    stack.put_job("forever", job("echo started; sleep 120")).await;
+    let next = stack.add_agent(AgentOptions::default()).await;
+    let run = stack.wait_finished(&second, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded");
+    let third = stack.trigger("forever").await;
+    stack.wait_for(&third, Duration::from_secs(60), |s| s == "running").await;
+    stack.signal_agent(next, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.signal_agent(next, "TERM");
+    let run = stack.wait_finished(&third, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "aborted", "{run}");
+    assert!(run["message"].as_str().unwrap().contains("shut down"), "{run}");
+    assert!(stack.agent_exit(next, Duration::from_secs(30)).await);
+    assert_eq!(leftovers(&run_id(&third)), (0, 0));
+}

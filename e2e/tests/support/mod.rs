@@ -116,9 +116,23 @@ impl Stack {
     }
 
     pub fn kill_agent(&mut self, index: usize) {
+        self.signal_agent(index, "KILL");
+    }
+
+    pub fn signal_agent(&mut self, index: usize, signal: &str) {
         let pid = self.agents[index].child.id().unwrap();
-        let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+        let status =
+            std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
         assert!(status.success());
+    }
+
+    /// Waits for an agent process to exit; returns whether it exited cleanly.
+    pub async fn agent_exit(&mut self, index: usize, timeout: Duration) -> bool {
+        let status = tokio::time::timeout(timeout, self.agents[index].child.wait())
+            .await
+            .expect("the agent did not exit in time")
+            .unwrap();
+        status.success()
     }
 
     pub async fn put_job(&self, name: &str, body: Value) {

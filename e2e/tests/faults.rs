@@ -1,0 +1,81 @@
+//! RabbitMQ restarted under load. Stops a shared service, so `scripts/test` runs it alone.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::PgPool;
+use support::{AgentOptions, Stack};
+
+fn dev(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/dev");
+    let status = std::process::Command::new(script).args(args).status().unwrap();
+    assert!(status.success(), "scripts/dev {args:?} failed");
+}
+
+struct Outage;
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        dev(&["start-service", "rabbitmq"]);
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn every_run_ends_exactly_once_when_rabbitmq_restarts_mid_flight(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions { cpus: Some(2.0), ..Default::default() }).await;
+    stack
+        .put_job(
+            "tiny",
+            json!({"kind": "freestyle", "image": "busybox:latest", "script": "true",
+                   "resources": {"cpus": 0.1, "memory": "16Mi"}}),
+        )
+        .await;
+
+    let mut paths = Vec::new();
+    for batch in 0..10 {
+        if batch == 3 {
+            // RabbitMQ goes away with runs queued, running and being triggered.
+            dev(&["stop-service", "rabbitmq"]);
+            let outage = Outage;
+            for _ in 0..2 {
+                let triggers = (0..20).map(|_| stack.trigger("tiny"));
+                paths.extend(futures::future::join_all(triggers).await);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(outage);
+            continue;
+        }
+        if batch == 4 {
+            continue;
+        }
+        let triggers = (0..20).map(|_| stack.trigger("tiny"));
+        paths.extend(futures::future::join_all(triggers).await);
+    }
+    assert_eq!(paths.len(), 200);
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+        if open == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} runs still queued or running");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let statuses: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM runs GROUP BY status").fetch_all(&stack.pool).await.unwrap();
+    assert_eq!(statuses, vec![("succeeded".to_owned(), 200)]);
+    // Exactly once: one attempt per run, none executed twice.
+    let (attempts, runs): (i64, i64) = sqlx::query_as("SELECT count(*), count(DISTINCT run_id) FROM run_attempts")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!((attempts, runs), (200, 200));
+}
