@@ -16,6 +16,8 @@ CREATE TABLE run_attempts (
     attempt     INTEGER NOT NULL,
     agent       TEXT NOT NULL,
     started_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- When the job container started (after image, network and container creation).
+    container_started_at TIMESTAMPTZ,
     ended_at    TIMESTAMPTZ,
     outcome     TEXT CHECK (outcome IN ('succeeded', 'failed', 'aborted', 'timed_out', 'error', 'lost')),
     exit_code   INTEGER,

@@ -182,6 +182,14 @@ impl Executor {
             Err(err) => return Stop::Failed(err.to_string()),
         };
         *container = Some(id.clone());
+        {
+            let (pool, claim) = (self.pool.clone(), claim.clone());
+            tokio::spawn(async move {
+                if let Err(err) = store::container_started(&pool, &claim).await {
+                    tracing::warn!(error = %err, "cannot record the container start");
+                }
+            });
+        }
         let mut logs = {
             let console = console.clone();
             tokio::spawn(async move {

@@ -94,6 +94,15 @@ pub async fn renew(pool: &PgPool, claim: &Claim, agent: &str, lease: Duration) -
     })
 }
 
+pub async fn container_started(pool: &PgPool, claim: &Claim) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE run_attempts SET container_started_at = now() WHERE run_id = $1 AND attempt = $2")
+        .bind(claim.run.0)
+        .bind(claim.attempt as i32)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 pub async fn append_console(pool: &PgPool, claim: &Claim, seq: i64, data: &[u8]) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO run_console (run_id, attempt, seq, data) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
         .bind(claim.run.0)

@@ -1,0 +1,257 @@
+//! `cimaster-bench-runs`: N trivial runs (`true` in busybox) end to end through a master and one agent
+//! process, beside a baseline measured in the same run: the same number of `docker run --rm` of the
+//! same image through the Docker API, at the same concurrency. Prints trigger→container-start and
+//! trigger→finished p50/p95, runs/s, their ratio to the baseline, and the idle agent's RSS.
+//!
+//! Needs the release binaries next to this one and CIMASTER_DATABASE_URL, CIMASTER_AMQP_URL and the
+//! CIMASTER_S3_* variables (`scripts/bench runs` sets everything up).
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{RemoveContainerOptions, WaitContainerOptions};
+use bollard::Docker;
+use chrono::{DateTime, Utc};
+use cimaster_master::auth::{Role, Signer};
+use clap::Parser;
+use futures::StreamExt;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::Semaphore;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 100)]
+    runs: usize,
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    #[arg(long, default_value = "busybox:latest")]
+    image: String,
+    #[arg(long, env = "CIMASTER_DATABASE_URL")]
+    database_url: String,
+}
+
+struct Sample {
+    start: Duration,
+    finish: Duration,
+}
+
+fn pct(values: &mut [Duration], q: f64) -> f64 {
+    values.sort();
+    values[((values.len() as f64 * q).ceil() as usize).saturating_sub(1).min(values.len() - 1)].as_secs_f64() * 1000.0
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let database = format!("cimaster_bench_{suffix}");
+    let (server, _) = args.database_url.rsplit_once('/').context("database URL has no database name")?;
+    let url = format!("{server}/{database}");
+    let mut admin = PgConnection::connect(&args.database_url).await?;
+    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&mut admin).await?;
+    let result = run(&args, &url, &format!("bench-{suffix}")).await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&mut admin).await?;
+    result
+}
+
+async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
+    let dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
+    let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut master = tokio::process::Command::new(dir.join("cimaster"))
+        .arg("serve")
+        .env("CIMASTER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CIMASTER_DATABASE_URL", url)
+        .env("CIMASTER_QUEUE_PREFIX", prefix)
+        .env("CIMASTER_JWT_SECRET", &secret)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the master")?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..200 {
+        if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !ready {
+        bail!("master did not become ready");
+    }
+    let token = Signer::hs256(&secret)?.mint("bench", &[Role::Admin], Duration::from_secs(3600));
+    let put = http
+        .put(format!("{base}/jobs/noop"))
+        .bearer_auth(&token)
+        .json(&json!({"kind": "freestyle", "image": args.image, "script": "true",
+                      "resources": {"cpus": 0.1, "memory": "16Mi"}}))
+        .send()
+        .await?;
+    if !put.status().is_success() {
+        bail!("PUT /jobs/noop answered {}", put.status());
+    }
+    let mut agent = tokio::process::Command::new(dir.join("cimaster-agent"))
+        .env("CIMASTER_AGENT_ID", format!("{prefix}-agent"))
+        .env("CIMASTER_DATABASE_URL", url)
+        .env("CIMASTER_QUEUE_PREFIX", prefix)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the agent")?;
+    let agent_pid = agent.id().context("agent pid")?;
+
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(url).await?;
+    // Warm up: the agent connects and declares its queue; one run end to end.
+    let warm = trigger(&http, &base, &token).await?;
+    wait_finished(&pool, warm.0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_rss = rss_mib(agent_pid);
+
+    // CIMaster: trigger → container started / finished, from the run's own records.
+    let permits = Arc::new(Semaphore::new(args.concurrency));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.runs {
+        let permit = permits.clone().acquire_owned().await?;
+        let (http, base, token, pool) = (http.clone(), base.clone(), token.clone(), pool.clone());
+        tasks.push(tokio::spawn(async move {
+            let (id, at) = trigger(&http, &base, &token).await?;
+            let sample = wait_finished(&pool, id).await.map(|(container, finished)| Sample {
+                start: (container - at).to_std().unwrap_or_default(),
+                finish: (finished - at).to_std().unwrap_or_default(),
+            });
+            drop(permit);
+            sample
+        }));
+    }
+    let mut ours = Vec::new();
+    for task in tasks {
+        ours.push(task.await??);
+    }
+    let ours_elapsed = started.elapsed();
+    let busy_rss = rss_mib(agent_pid);
+    let _ = agent.kill().await;
+    let _ = master.kill().await;
+
+    // Baseline: `docker run --rm` through the API, at the same concurrency.
+    let docker = Docker::connect_with_local_defaults()?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.runs {
+        let permit = permits.clone().acquire_owned().await?;
+        let (docker, image) = (docker.clone(), args.image.clone());
+        tasks.push(tokio::spawn(async move {
+            let sample = docker_run(&docker, &image).await;
+            drop(permit);
+            sample
+        }));
+    }
+    let mut base_samples = Vec::new();
+    for task in tasks {
+        base_samples.push(task.await??);
+    }
+    let base_elapsed = started.elapsed();
+
+    let report = |name: &str, samples: &[Sample], elapsed: Duration| {
+        let mut start: Vec<Duration> = samples.iter().map(|s| s.start).collect();
+        let mut finish: Vec<Duration> = samples.iter().map(|s| s.finish).collect();
+        let rate = samples.len() as f64 / elapsed.as_secs_f64();
+        println!(
+            "{name:<26} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2}",
+            pct(&mut start, 0.50),
+            pct(&mut start, 0.95),
+            pct(&mut finish, 0.50),
+            pct(&mut finish, 0.95),
+            rate
+        );
+        (pct(&mut start, 0.95), pct(&mut finish, 0.50), rate)
+    };
+    println!("end-to-end benchmark: {} runs of `true` in {}, concurrency {}", args.runs, args.image, args.concurrency);
+    println!("{:<26} {:>9} {:>9} {:>9} {:>9} {:>8}", "", "start p50", "start p95", "end p50", "end p95", "runs/s");
+    println!("{:<26} {:>9} {:>9} {:>9} {:>9} {:>8}", "(ms from trigger/request)", "", "", "", "", "");
+    let (our_start95, our_end50, our_rate) = report("CIMaster (201 → …)", &ours, ours_elapsed);
+    let (base_start95, base_end50, base_rate) = report("docker run --rm (API)", &base_samples, base_elapsed);
+    println!(
+        "per-run overhead: trigger→finished p50 is {:.2}x the baseline's run time (target <= 1.3)",
+        our_end50 / base_end50
+    );
+    println!("throughput: {:.2}x the baseline's runs/s", our_rate / base_rate);
+    println!(
+        "dispatch: trigger→container started p95 {:.1} ms vs the container's own create+start p95 {:.1} ms: {:.1} ms added (target <= 50)",
+        our_start95,
+        base_start95,
+        our_start95 - base_start95
+    );
+    println!("agent RSS: {idle_rss:.1} MiB idle (target <= 40), {busy_rss:.1} MiB after the runs");
+    Ok(())
+}
+
+async fn trigger(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<(uuid::Uuid, DateTime<Utc>)> {
+    let at = Utc::now();
+    let response = http.post(format!("{base}/jobs/noop/runs")).bearer_auth(token).send().await?;
+    if response.status() != 201 {
+        bail!("trigger answered {}", response.status());
+    }
+    let body: serde_json::Value = response.json().await?;
+    let id = body["id"].as_str().context("run id")?.parse()?;
+    Ok((id, at))
+}
+
+async fn wait_finished(pool: &sqlx::PgPool, id: uuid::Uuid) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let row: Option<(String, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT r.status, a.container_started_at, r.finished_at FROM runs r
+             LEFT JOIN run_attempts a ON a.run_id = r.id AND a.attempt = r.attempt WHERE r.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+        if let Some((status, Some(container), Some(finished))) = row.clone() {
+            if status != "succeeded" {
+                bail!("run {id} ended {status}");
+            }
+            return Ok((container, finished));
+        }
+        if Instant::now() > deadline {
+            bail!("run {id} did not finish: {row:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn docker_run(docker: &Docker, image: &str) -> anyhow::Result<Sample> {
+    let at = Instant::now();
+    let body = ContainerCreateBody {
+        image: Some(image.to_owned()),
+        cmd: Some(vec!["true".to_owned()]),
+        host_config: Some(HostConfig { nano_cpus: Some(100_000_000), memory: Some(16 << 20), ..Default::default() }),
+        ..Default::default()
+    };
+    let created = docker.create_container(None::<bollard::query_parameters::CreateContainerOptions>, body).await?;
+    docker.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>).await?;
+    let start = at.elapsed();
+    let mut wait = docker.wait_container(&created.id, Some(WaitContainerOptions { condition: "not-running".into() }));
+    let _ = wait.next().await;
+    docker.remove_container(&created.id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await?;
+    Ok(Sample { start, finish: at.elapsed() })
+}
