@@ -55,6 +55,13 @@ pub struct AgentConfig {
     #[arg(long = "drain-grace", env = "CIMASTER_AGENT_DRAIN_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]
     pub drain_grace: Duration,
 
+    /// Registry credentials for pulling job images that are not present locally.
+    #[arg(long = "registry-username", env = "CIMASTER_REGISTRY_USERNAME")]
+    pub registry_username: Option<String>,
+
+    #[arg(long = "registry-password", env = "CIMASTER_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub registry_password: Option<SecretString>,
+
     #[command(flatten)]
     pub s3: S3Config,
 }

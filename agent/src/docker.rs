@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::Duration;
 
+use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
@@ -89,13 +90,21 @@ pub struct JobContainer {
 #[derive(Clone)]
 pub(crate) struct DockerClient {
     docker: Docker,
+    credentials: Option<DockerCredentials>,
 }
 
 impl DockerClient {
-    pub async fn connect() -> Result<Self, DockerError> {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket). `credentials` are used
+    /// for pulls.
+    pub async fn connect(credentials: Option<(String, String)>) -> Result<Self, DockerError> {
         let docker = Docker::connect_with_local_defaults().map_err(DockerError::Connect)?;
         docker.ping().await.map_err(DockerError::Connect)?;
-        Ok(Self { docker })
+        let credentials = credentials.map(|(username, password)| DockerCredentials {
+            username: Some(username),
+            password: Some(password),
+            ..Default::default()
+        });
+        Ok(Self { docker, credentials })
     }
 
     /// Uses the image if present, pulls it otherwise.
@@ -104,7 +113,7 @@ impl DockerClient {
             return Ok(());
         }
         let options = CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
-        let mut pull = self.docker.create_image(Some(options), None, None);
+        let mut pull = self.docker.create_image(Some(options), None, self.credentials.clone());
         while let Some(progress) = pull.next().await {
             progress.map_err(|source| DockerError::Pull { image: image.to_owned(), source })?;
         }

@@ -106,7 +106,6 @@ impl Executor {
         };
         console.note(&format!("run {} ({:.1}s)", outcome.status, started.elapsed().as_secs_f64())).await;
         drop(console);
-        self.docker.remove(container.as_deref(), network.as_deref()).await;
 
         let stored = match pump.await {
             Ok(Ok(file)) => self.store_console(&claim, &file.path, file.bytes).await,
@@ -124,13 +123,21 @@ impl Executor {
 
         if lease_lost {
             tracing::warn!("lease lost; leaving the run to its next attempt");
-            return;
+        } else {
+            match store::finish(&self.pool, &claim, &self.agent, &outcome, stored.as_ref()).await {
+                Ok(true) => {
+                    tracing::info!(status = %outcome.status, exit_code = ?outcome.exit_code, "attempt finished")
+                }
+                Ok(false) => tracing::warn!("the attempt was taken over; its final status was not written"),
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot record the final status; the reaper will retry the run")
+                }
+            }
         }
-        match store::finish(&self.pool, &claim, &self.agent, &outcome, stored.as_ref()).await {
-            Ok(true) => tracing::info!(status = %outcome.status, exit_code = ?outcome.exit_code, "attempt finished"),
-            Ok(false) => tracing::warn!("the attempt was taken over; its final status was not written"),
-            Err(err) => tracing::error!(error = %err, "cannot record the final status; the reaper will retry the run"),
-        }
+        // The container has stopped and the result is recorded; removing the container and network
+        // (a few hundred ms of engine work) does not hold up the run's status. A crash here leaves
+        // labelled leftovers that the next start of this agent sweeps.
+        self.docker.remove(container.as_deref(), network.as_deref()).await;
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -35,7 +35,12 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let options = PgConnectOptions::from_str_secret(&config.database_url)?.application_name("cimaster-agent");
     let pool =
         PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options);
-    let docker = DockerClient::connect().await.context("Docker")?;
+    let credentials = match (&config.registry_username, &config.registry_password) {
+        (Some(username), Some(password)) => Some((username.clone(), password.expose_secret().to_owned())),
+        (None, None) => None,
+        _ => anyhow::bail!("set both CIMASTER_REGISTRY_USERNAME and CIMASTER_REGISTRY_PASSWORD, or neither"),
+    };
+    let docker = DockerClient::connect(credentials).await.context("Docker")?;
     let swept = docker.sweep(&agent, None).await.context("sweeping leftovers")?;
     if swept > 0 {
         tracing::info!(containers = swept, "removed leftovers of an earlier run of this agent");

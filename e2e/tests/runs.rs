@@ -58,7 +58,7 @@ async fn a_job_succeeds_or_fails_with_its_exit_code_and_leaves_nothing_behind(po
     assert_eq!(live, 0);
 
     for path in [&good, &bad] {
-        assert_eq!(leftovers(&run_id(path)), (0, 0), "containers or networks left for {path}");
+        assert_eq!(leftovers(&run_id(path)).await, (0, 0), "containers or networks left for {path}");
     }
 }
 
@@ -77,7 +77,7 @@ async fn a_job_past_its_timeout_is_stopped(pool: PgPool) {
     assert!(started.elapsed() < Duration::from_secs(20));
     let console = stack.console(&path).await;
     assert!(console.contains("started") && console.contains("timed out after 2s: sending SIGTERM"), "{console}");
-    assert_eq!(leftovers(&run_id(&path)), (0, 0));
+    assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -101,7 +101,7 @@ async fn aborting_a_running_job_stops_it(pool: PgPool) {
     assert_eq!(run["status"], "aborted", "{run}");
     assert!(asked.elapsed() < Duration::from_secs(5), "abort took {:?}", asked.elapsed());
     assert!(stack.console(&path).await.contains("abort requested: sending SIGTERM"));
-    assert_eq!(leftovers(&run_id(&path)), (0, 0));
+    assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -175,7 +175,7 @@ async fn a_missing_image_is_an_error_that_says_so(pool: PgPool) {
         "{message}"
     );
     assert!(stack.console(&path).await.contains("pulling it failed"));
-    assert_eq!(leftovers(&run_id(&path)), (0, 0));
+    assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -288,5 +288,5 @@ async fn sigterm_drains_the_agent_and_a_second_one_aborts(pool: PgPool) {
     assert_eq!(run["status"], "aborted", "{run}");
     assert!(run["message"].as_str().unwrap().contains("shut down"), "{run}");
     assert!(stack.agent_exit(next, Duration::from_secs(30)).await);
-    assert_eq!(leftovers(&run_id(&third)), (0, 0));
+    assert_eq!(leftovers(&run_id(&third)).await, (0, 0));
 }

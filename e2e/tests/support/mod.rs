@@ -230,8 +230,20 @@ impl Api {
     }
 }
 
-/// Containers and networks still labelled with the run.
-pub fn leftovers(run_id: &str) -> (usize, usize) {
+/// Containers and networks still labelled with the run, once the agent has had 10 s to remove them
+/// (removal follows the final status).
+pub async fn leftovers(run_id: &str) -> (usize, usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = leftovers_now(run_id);
+        if found == (0, 0) || Instant::now() > deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn leftovers_now(run_id: &str) -> (usize, usize) {
     let count = |args: &[&str]| {
         let output = std::process::Command::new("docker").args(args).output().unwrap();
         String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()).count()
