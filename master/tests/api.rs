@@ -369,3 +369,79 @@ async fn health_metrics_and_openapi(pool: PgPool) {
     assert!(spec.body["components"]["schemas"].get("JobSpec").is_some());
     app.stop().await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn runs_whose_agent_is_lost_are_retried_then_given_up(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let api = app.admin();
+    assert_eq!(api.put("/jobs/unit-test", freestyle("default")).await.status, 201);
+    let run = api.post_empty("/jobs/unit-test/runs").await;
+    let path = run.body["links"]["self"].as_str().unwrap().to_owned();
+    let id = run.body["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(5), || async {
+        (drain_queue(&app.prefix, "default").await.len() == 1).then_some(())
+    })
+    .await;
+
+    // An agent claimed attempt 1 and then stopped renewing its lease.
+    let lose = |attempt: i32| {
+        let (pool, id) = (pool.clone(), id.clone());
+        async move {
+            sqlx::query(
+                "UPDATE runs SET status = 'running', agent = 'agent-x', started_at = now(),
+                        lease_expires_at = now() - interval '1 second' WHERE id = $1::uuid AND attempt = $2",
+            )
+            .bind(&id)
+            .bind(attempt)
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO run_attempts (run_id, attempt, agent) VALUES ($1::uuid, $2, 'agent-x')")
+                .bind(&id)
+                .bind(attempt)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    lose(1).await;
+    let retried = eventually(Duration::from_secs(5), || async {
+        let run = api.get(&path).await;
+        (run.body["attempt"] == 2).then_some(run)
+    })
+    .await;
+    assert_eq!(retried.body["status"], "queued");
+    assert!(retried.body["message"].as_str().unwrap().contains("attempt 1 lost"), "{}", retried.body);
+    // The new attempt is published at once, with its attempt number.
+    let queued = eventually(Duration::from_secs(5), || async {
+        let (_connection, channel) = support::amqp_channel().await;
+        let got = channel
+            .basic_get(&format!("{}.runs.default", app.prefix), lapin::options::BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        got.map(|message| serde_json::from_slice::<serde_json::Value>(&message.delivery.data).unwrap())
+    })
+    .await;
+    assert_eq!(queued["runId"], id.as_str());
+    assert_eq!(queued["attempt"], 2);
+    let outcome: String =
+        sqlx::query_scalar("SELECT outcome FROM run_attempts WHERE run_id = $1::uuid AND attempt = 1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(outcome, "lost");
+
+    // The last allowed attempt lost as well: the run ends in `error`.
+    sqlx::query("UPDATE runs SET attempt = 3 WHERE id = $1::uuid").bind(&id).execute(&pool).await.unwrap();
+    lose(3).await;
+    let failed = eventually(Duration::from_secs(5), || async {
+        let run = api.get(&path).await;
+        (run.body["status"] == "error").then_some(run)
+    })
+    .await;
+    assert_eq!(failed.body["attempt"], 3);
+    assert!(failed.body["message"].as_str().unwrap().contains("gave up after 3 attempts"), "{}", failed.body);
+    assert!(failed.body["finishedAt"].is_string());
+    app.stop().await;
+}
