@@ -71,6 +71,17 @@ struct Pending {
     queue: String,
 }
 
+/// The queue message for a run row's current attempt; `None` (logged) if the row is not valid.
+pub fn message_for(id: Uuid, job: &str, queue: &str, attempt: i32) -> Option<RunMessage> {
+    match (JobName::parse(job), QueueName::parse(queue), u32::try_from(attempt)) {
+        (Ok(job), Ok(queue), Ok(attempt)) => Some(RunMessage { run_id: RunId(id), job, attempt, queue }),
+        _ => {
+            tracing::error!(run_id = %id, "run row has an invalid job, queue or attempt");
+            None
+        }
+    }
+}
+
 /// Publishes queued, unconfirmed runs older than the grace period, until `cancel`.
 pub async fn run_dispatcher(pool: PgPool, broker: Broker, config: DispatchConfig, cancel: CancellationToken) {
     let mut connections = broker.connections();
@@ -115,13 +126,7 @@ pub async fn dispatch_pending(pool: &PgPool, broker: &Broker, grace: Duration) -
             break;
         }
         let publishes = pending.iter().map(|run| async move {
-            let message = match (JobName::parse(&run.job), QueueName::parse(&run.queue), u32::try_from(run.attempt)) {
-                (Ok(job), Ok(queue), Ok(attempt)) => RunMessage { run_id: RunId(run.id), job, attempt, queue },
-                _ => {
-                    tracing::error!(run_id = %run.id, "run row has an invalid job, queue or attempt");
-                    return None;
-                }
-            };
+            let message = message_for(run.id, &run.job, &run.queue, run.attempt)?;
             match broker.publish(&message).await {
                 Ok(()) => Some(run.id),
                 Err(err) => {

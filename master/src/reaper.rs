@@ -2,14 +2,13 @@
 //! the run again as the next attempt, up to the limit, then marks it `error`. Safe in every replica:
 //! expired rows are taken with `FOR UPDATE SKIP LOCKED`.
 
-use cimaster_common::{JobName, QueueName, RunId, RunMessage};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::Broker;
 use crate::config::ReaperConfig;
-use crate::dispatch::ConfirmLog;
+use crate::dispatch::{message_for, ConfirmLog};
 
 #[derive(sqlx::FromRow)]
 struct Reaped {
@@ -46,12 +45,7 @@ pub async fn run_reaper(
 }
 
 async fn publish(broker: &Broker, confirms: &ConfirmLog, run: &Reaped) {
-    let (Ok(job), Ok(queue), Ok(attempt)) =
-        (JobName::parse(&run.job), QueueName::parse(&run.queue), u32::try_from(run.attempt))
-    else {
-        return;
-    };
-    let message = RunMessage { run_id: RunId(run.id), job, attempt, queue };
+    let Some(message) = message_for(run.id, &run.job, &run.queue, run.attempt) else { return };
     match broker.publish(&message).await {
         Ok(()) => confirms.confirmed(message.run_id),
         // The dispatcher publishes it after its grace period.
