@@ -31,6 +31,9 @@ pub struct Config {
     #[command(flatten)]
     pub s3: cimaster_common::storage::S3Config,
 
+    #[command(flatten)]
+    pub pool: PoolConfig,
+
     /// Upper bound for any job's `timeoutSeconds`.
     #[arg(long, env = "CIMASTER_MAX_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_timeout: Duration,
@@ -99,6 +102,36 @@ pub struct AuthConfig {
     /// The one algorithm accepted. Defaults to HS256 with a secret; required with a public key.
     #[arg(long = "jwt-algorithm", env = "CIMASTER_JWT_ALGORITHM", value_enum)]
     pub jwt_algorithm: Option<JwtAlgorithm>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PoolConfig {
+    /// Lease length when the client does not ask for one (`/getvacant` never does).
+    #[arg(long = "pool-lease-ttl", env = "CIMASTER_POOL_LEASE_TTL", default_value = "4h",
+          value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// How long a hold lasts unless the request says otherwise.
+    #[arg(long = "pool-hold", env = "CIMASTER_POOL_HOLD", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+
+    /// The longest hold anyone may ask for.
+    #[arg(long = "pool-max-hold", env = "CIMASTER_POOL_MAX_HOLD", default_value = "72h",
+          value_parser = humantime::parse_duration)]
+    pub max_hold: Duration,
+
+    /// Infrastructure failures in a row after which a cluster is disabled automatically.
+    #[arg(long = "pool-auto-disable-after", env = "CIMASTER_POOL_AUTO_DISABLE_AFTER", default_value_t = 3)]
+    pub auto_disable_after: i32,
+
+    /// The job `/createcluster` runs when the request names none.
+    #[arg(long = "pool-provision-job", env = "CIMASTER_POOL_PROVISION_JOB", default_value = "create-cluster")]
+    pub provision_job: String,
+
+    /// How often each replica ends expired leases and holds.
+    #[arg(long = "pool-expiry-interval", env = "CIMASTER_POOL_EXPIRY_INTERVAL", default_value = "1s",
+          value_parser = humantime::parse_duration)]
+    pub expiry_interval: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

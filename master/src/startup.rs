@@ -47,6 +47,7 @@ impl Application {
                 config.reaper.clone(),
                 cancel.clone(),
             )),
+            tokio::spawn(crate::pool::expiry::run_expiry(pool.clone(), config.pool.expiry_interval, cancel.clone())),
             confirm_task,
         ];
         let state = AppState {
@@ -59,6 +60,7 @@ impl Application {
             jobs: JobCache::default(),
             s3: config.s3.client(),
             bucket: config.s3.bucket.clone(),
+            pool_config: config.pool.clone(),
         };
         Ok(Self { listener, state, cancel, tasks })
     }

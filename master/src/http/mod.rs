@@ -5,6 +5,7 @@ mod health;
 mod jobs;
 mod json;
 mod openapi;
+mod pool;
 mod results;
 mod runs;
 
@@ -41,6 +42,7 @@ pub struct AppState {
     pub jobs: JobCache,
     pub s3: aws_sdk_s3::Client,
     pub bucket: String,
+    pub pool_config: crate::config::PoolConfig,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -48,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(runs::router())
         .merge(results::router())
+        .merge(pool::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(not_found)

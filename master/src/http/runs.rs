@@ -219,7 +219,21 @@ async fn trigger(
     caller.require(Role::Trigger)?;
     let job = job_name(&name)?;
     let key = idempotency_key(&headers)?;
-    let hash = key.as_ref().map(|_| request_hash(&request));
+    let (status, view) = create_run(&state, &caller, &job, &request, key).await?;
+    Ok(respond(status, view))
+}
+
+/// Creates a run (or finds the one an earlier request with the same idempotency key created:
+/// `200` instead of `201`) and publishes it.
+pub(crate) async fn create_run(
+    state: &AppState,
+    caller: &Caller,
+    job: &JobName,
+    request: &TriggerRequest,
+    key: Option<String>,
+) -> Result<(StatusCode, RunView), ApiError> {
+    let (state, job) = (state, job.clone());
+    let hash = key.as_ref().map(|_| request_hash(request));
 
     let mut tries = 0;
     let (spec, row) = loop {
@@ -238,7 +252,7 @@ async fn trigger(
         };
         let spec = cached.spec.clone();
         if let Some(existing) = replayed(&state, &job, &key, &hash).await? {
-            return Ok(existing);
+            return Ok((StatusCode::OK, existing));
         }
         let parameters = plan_run(&job, &spec, &request)?;
         // One statement: the job row is locked FOR SHARE while the run is inserted, so a concurrent
@@ -272,7 +286,7 @@ async fn trigger(
         // Either a request with the same Idempotency-Key won the race, or the job changed or was
         // deleted between the two statements.
         if let Some(existing) = replayed(&state, &job, &key, &hash).await? {
-            return Ok(existing);
+            return Ok((StatusCode::OK, existing));
         }
         state.jobs.forget(&job);
         if tries >= 3 {
@@ -292,24 +306,24 @@ async fn trigger(
         }
     }
     span.in_scope(|| tracing::info!(by = %caller.subject, "run triggered"));
-    Ok(respond(StatusCode::CREATED, RunView::try_from(row)?))
+    Ok((StatusCode::CREATED, RunView::try_from(row)?))
 }
 
 fn respond(status: StatusCode, view: RunView) -> Response {
     (status, [(header::LOCATION, view.links.this.clone())], Json(view)).into_response()
 }
 
-/// The earlier run created with this Idempotency-Key, as a 200 answer.
+/// The earlier run created with this Idempotency-Key.
 async fn replayed(
     state: &AppState,
     job: &JobName,
     key: &Option<String>,
     hash: &Option<String>,
-) -> Result<Option<Response>, ApiError> {
+) -> Result<Option<RunView>, ApiError> {
     let (Some(key), Some(hash)) = (key, hash) else { return Ok(None) };
     let mut conn = state.pool.acquire().await?;
     match find_by_key(&mut conn, job, key).await? {
-        Some(existing) => Ok(Some(respond(StatusCode::OK, replay(existing, hash)?))),
+        Some(existing) => Ok(Some(replay(existing, hash)?)),
         None => Ok(None),
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use cimaster_common::storage::S3Config;
 use cimaster_master::auth::{Role, Signer};
-use cimaster_master::config::{AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, ReaperConfig};
+use cimaster_master::config::{
+    AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, PoolConfig, ReaperConfig,
+};
 use cimaster_master::Application;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
 use secrecy::SecretString;
@@ -54,6 +56,14 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
         dispatch: DispatchConfig { interval: Duration::from_millis(200), grace: Duration::from_millis(500) },
         reaper: ReaperConfig { interval: Duration::from_millis(200), max_attempts: 3 },
         s3: s3_config(),
+        pool: PoolConfig {
+            lease_ttl: Duration::from_secs(3600),
+            hold: Duration::from_secs(6 * 3600),
+            max_hold: Duration::from_secs(72 * 3600),
+            auto_disable_after: 3,
+            provision_job: "create-cluster".to_owned(),
+            expiry_interval: Duration::from_millis(200),
+        },
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
     }

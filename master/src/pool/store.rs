@@ -1,0 +1,493 @@
+//! Pool operations on Postgres.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("cluster `{0}` does not exist")]
+    NotFound(String),
+    #[error("cluster `{0}` already exists")]
+    Exists(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+const COLUMNS: &str = "name, region, purpose, osimage, labels, lease_token, lease_holder, lease_job, lease_build, \
+    lease_run, leased_at, lease_expires_at, hold_by, hold_reason, hold_until, disabled_reason, disabled_at, \
+    infra_failures, last_job, last_build, last_trigger";
+
+#[derive(sqlx::FromRow)]
+struct ClusterRow {
+    name: String,
+    region: String,
+    purpose: String,
+    osimage: Option<String>,
+    labels: Json<BTreeMap<String, String>>,
+    lease_token: Option<i64>,
+    lease_holder: Option<String>,
+    lease_job: Option<String>,
+    lease_build: Option<String>,
+    lease_run: Option<Uuid>,
+    leased_at: Option<DateTime<Utc>>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    hold_by: Option<String>,
+    hold_reason: Option<String>,
+    hold_until: Option<DateTime<Utc>>,
+    disabled_reason: Option<String>,
+    disabled_at: Option<DateTime<Utc>>,
+    infra_failures: i32,
+    last_job: Option<String>,
+    last_build: Option<String>,
+    last_trigger: Option<String>,
+}
+
+/// A cluster as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterView {
+    pub name: String,
+    pub region: String,
+    pub purpose: String,
+    pub osimage: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// `vacant` or `leased`.
+    pub status: &'static str,
+    pub lease: Option<Lease>,
+    pub hold: Option<Hold>,
+    pub disabled: Option<Disabled>,
+    pub infra_failures: i32,
+    pub last_job: Option<String>,
+    pub last_build: Option<String>,
+    pub last_trigger_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Lease {
+    pub cluster: String,
+    /// Fencing token: heartbeat and release need it, so a holder whose lease expired cannot touch the next one.
+    pub token: i64,
+    pub holder: String,
+    pub job: Option<String>,
+    pub build: Option<String>,
+    pub run: Option<Uuid>,
+    pub since: DateTime<Utc>,
+    pub expires: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Hold {
+    pub by: String,
+    pub reason: String,
+    pub until: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Disabled {
+    pub reason: String,
+    pub since: DateTime<Utc>,
+}
+
+impl From<ClusterRow> for ClusterView {
+    fn from(row: ClusterRow) -> Self {
+        let lease = match (row.lease_token, row.leased_at, row.lease_expires_at) {
+            (Some(token), Some(since), Some(expires)) => Some(Lease {
+                cluster: row.name.clone(),
+                token,
+                holder: row.lease_holder.clone().unwrap_or_default(),
+                job: row.lease_job.clone(),
+                build: row.lease_build.clone(),
+                run: row.lease_run,
+                since,
+                expires,
+            }),
+            _ => None,
+        };
+        let hold = match (row.hold_by, row.hold_until) {
+            (Some(by), Some(until)) if until > Utc::now() => {
+                Some(Hold { by, reason: row.hold_reason.unwrap_or_default(), until })
+            }
+            _ => None,
+        };
+        ClusterView {
+            status: if lease.is_some() { "leased" } else { "vacant" },
+            name: row.name,
+            region: row.region,
+            purpose: row.purpose,
+            osimage: row.osimage,
+            labels: row.labels.0,
+            lease,
+            hold,
+            disabled: row
+                .disabled_reason
+                .map(|reason| Disabled { reason, since: row.disabled_at.unwrap_or_else(Utc::now) }),
+            infra_failures: row.infra_failures,
+            last_job: row.last_job,
+            last_build: row.last_build,
+            last_trigger_name: row.last_trigger,
+        }
+    }
+}
+
+/// A new cluster in the inventory.
+pub struct NewCluster {
+    pub name: String,
+    pub region: String,
+    pub purpose: String,
+    pub osimage: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+pub async fn add(pool: &PgPool, cluster: NewCluster, actor: &str) -> Result<ClusterView, PoolError> {
+    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+        "WITH added AS (
+             INSERT INTO clusters (name, region, purpose, osimage, labels) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (name) DO NOTHING RETURNING {COLUMNS}
+         ), event AS (
+             INSERT INTO cluster_events (cluster, kind, actor, detail) SELECT name, 'added', $6, region FROM added
+         )
+         SELECT * FROM added"
+    ))
+    .bind(&cluster.name)
+    .bind(&cluster.region)
+    .bind(&cluster.purpose)
+    .bind(&cluster.osimage)
+    .bind(Json(&cluster.labels))
+    .bind(actor)
+    .fetch_optional(pool)
+    .await?;
+    row.map(ClusterView::from).ok_or(PoolError::Exists(cluster.name))
+}
+
+pub async fn get(pool: &PgPool, name: &str) -> Result<ClusterView, PoolError> {
+    let row: Option<ClusterRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM clusters WHERE name = $1"))
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
+    row.map(ClusterView::from).ok_or_else(|| PoolError::NotFound(name.to_owned()))
+}
+
+pub async fn list(pool: &PgPool, purpose: Option<&str>) -> Result<Vec<ClusterView>, PoolError> {
+    let rows: Vec<ClusterRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM clusters WHERE ($1::text IS NULL OR purpose = $1) ORDER BY name"
+    ))
+    .bind(purpose)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(ClusterView::from).collect())
+}
+
+pub async fn delete(pool: &PgPool, name: &str, actor: &str) -> Result<(), PoolError> {
+    let mut tx = pool.begin().await?;
+    let leased: Option<Option<String>> =
+        sqlx::query_scalar("SELECT lease_holder FROM clusters WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match leased {
+        None => return Err(PoolError::NotFound(name.to_owned())),
+        Some(Some(holder)) => {
+            return Err(PoolError::Conflict(format!(
+                "cluster `{name}` is leased by {holder}; finish or let the lease expire first"
+            )))
+        }
+        Some(None) => {}
+    }
+    sqlx::query("DELETE FROM clusters WHERE name = $1").bind(name).execute(&mut *tx).await?;
+    event(&mut tx, name, "deleted", actor, None, None).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn set_disabled(
+    pool: &PgPool,
+    name: &str,
+    reason: Option<&str>,
+    actor: &str,
+) -> Result<ClusterView, PoolError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+        "UPDATE clusters SET disabled_reason = $2, disabled_at = CASE WHEN $2::text IS NULL THEN NULL ELSE now() END,
+                infra_failures = CASE WHEN $2::text IS NULL THEN 0 ELSE infra_failures END, updated_at = now()
+         WHERE name = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(name)
+    .bind(reason)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let row = row.ok_or_else(|| PoolError::NotFound(name.to_owned()))?;
+    event(&mut tx, name, if reason.is_some() { "disabled" } else { "enabled" }, actor, None, reason).await?;
+    tx.commit().await?;
+    notify_freed(pool, &row.purpose).await;
+    Ok(row.into())
+}
+
+async fn event(
+    tx: &mut sqlx::PgConnection,
+    cluster: &str,
+    kind: &str,
+    actor: &str,
+    token: Option<i64>,
+    detail: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO cluster_events (cluster, kind, actor, token, detail) VALUES ($1, $2, $3, $4, $5)")
+        .bind(cluster)
+        .bind(kind)
+        .bind(actor)
+        .bind(token)
+        .bind(detail)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+async fn notify_freed(pool: &PgPool, purpose: &str) {
+    let _ = sqlx::query("SELECT pg_notify('cimaster_cluster_freed', $1)").bind(purpose).execute(pool).await;
+}
+
+/// What a lease is for.
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    pub purpose: String,
+    pub osimage: Option<String>,
+    pub job: String,
+    pub build: String,
+    pub holder: String,
+    pub run: Option<Uuid>,
+    pub ttl: Duration,
+}
+
+/// Purposes whose clusters must match the requested OS image (as `tnet-ci` in the original CIMaster).
+pub const OSIMAGE_PURPOSES: &[&str] = &["tnet-ci"];
+
+/// Leases a vacant, enabled, un-held cluster of the purpose, in one statement. The same (job, build)
+/// gets the same lease back. `None`: nothing vacant now.
+pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<Lease>, PoolError> {
+    let needs_image = OSIMAGE_PURPOSES.contains(&request.purpose.as_str());
+    if needs_image && request.osimage.is_none() {
+        return Err(PoolError::Invalid(format!("purpose `{}` needs `osimage`", request.purpose)));
+    }
+    let osimage = if needs_image { request.osimage.as_deref() } else { None };
+    for _ in 0..3 {
+        if let Some(existing) = lease_of(pool, &request.job, &request.build).await? {
+            return Ok(Some(existing));
+        }
+        let result: Result<Option<ClusterRow>, sqlx::Error> = sqlx::query_as(&format!(
+            "WITH pick AS (
+                 SELECT name FROM clusters
+                 WHERE lease_token IS NULL AND disabled_reason IS NULL
+                   AND (hold_until IS NULL OR hold_until <= now())
+                   AND purpose = $1 AND ($2::text IS NULL OR osimage = $2)
+                 ORDER BY vacant_since, name
+                 LIMIT 1
+                 FOR UPDATE SKIP LOCKED
+             ), leased AS (
+                 UPDATE clusters c SET lease_token = nextval('cluster_lease_tokens'), lease_holder = $3,
+                        lease_job = $4, lease_build = $5, lease_run = $6, leased_at = now(),
+                        lease_expires_at = now() + make_interval(secs => $7),
+                        last_job = $4, last_build = $5, last_trigger = $3, updated_at = now()
+                 FROM pick WHERE c.name = pick.name
+                 RETURNING {}
+             ), event AS (
+                 INSERT INTO cluster_events (cluster, kind, actor, token, job, build)
+                 SELECT name, 'leased', $3, lease_token, $4, $5 FROM leased
+             )
+             SELECT * FROM leased",
+            COLUMNS.split(", ").map(|c| format!("c.{c}")).collect::<Vec<_>>().join(", ")
+        ))
+        .bind(&request.purpose)
+        .bind(osimage)
+        .bind(&request.holder)
+        .bind(&request.job)
+        .bind(&request.build)
+        .bind(request.run)
+        .bind(request.ttl.as_secs_f64())
+        .fetch_optional(pool)
+        .await;
+        match result {
+            Ok(row) => return Ok(row.and_then(|row| ClusterView::from(row).lease)),
+            // A concurrent acquire for the same (job, build) won; read its lease.
+            Err(sqlx::Error::Database(db)) if db.constraint() == Some("clusters_lease_identity") => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Err(PoolError::Conflict("the lease kept changing; retry".into()))
+}
+
+async fn lease_of(pool: &PgPool, job: &str, build: &str) -> Result<Option<Lease>, sqlx::Error> {
+    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM clusters WHERE lease_token IS NOT NULL AND lease_job = $1 AND lease_build = $2"
+    ))
+    .bind(job)
+    .bind(build)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(|row| ClusterView::from(row).lease))
+}
+
+/// Extends a lease; refused for a token that is not the current one.
+pub async fn heartbeat(pool: &PgPool, token: i64, ttl: Duration) -> Result<Lease, PoolError> {
+    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+        "UPDATE clusters SET lease_expires_at = now() + make_interval(secs => $2), updated_at = now()
+         WHERE lease_token = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(token)
+    .bind(ttl.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    row.and_then(|row| ClusterView::from(row).lease)
+        .ok_or_else(|| PoolError::Conflict(format!("lease {token} is not current (it was released or expired)")))
+}
+
+/// How the lease's work went, for the cluster's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    Ok,
+    InfraFailure,
+}
+
+/// Which lease to release.
+pub enum Release<'a> {
+    /// The REST API: the fencing token.
+    Token(i64),
+    /// The original `/finishtest?cluster=`: whatever lease the cluster has.
+    Cluster(&'a str),
+}
+
+/// Ends a lease. After `auto_disable_after` infrastructure failures in a row the cluster is disabled.
+pub async fn release(
+    pool: &PgPool,
+    which: Release<'_>,
+    outcome: ReleaseOutcome,
+    actor: &str,
+    auto_disable_after: i32,
+) -> Result<ClusterView, PoolError> {
+    let (token, cluster) = match which {
+        Release::Token(token) => (Some(token), None),
+        Release::Cluster(name) => (None, Some(name)),
+    };
+    let mut tx = pool.begin().await?;
+    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+        "UPDATE clusters SET lease_token = NULL, lease_holder = NULL, lease_job = NULL, lease_build = NULL,
+                lease_run = NULL, leased_at = NULL, lease_expires_at = NULL, vacant_since = now(), updated_at = now(),
+                infra_failures = CASE WHEN $3 THEN infra_failures + 1 ELSE 0 END,
+                disabled_reason = CASE WHEN $3 AND infra_failures + 1 >= $4 AND disabled_reason IS NULL
+                    THEN 'disabled automatically after ' || (infra_failures + 1) || ' infrastructure failures in a row'
+                    ELSE disabled_reason END,
+                disabled_at = CASE WHEN $3 AND infra_failures + 1 >= $4 AND disabled_reason IS NULL
+                    THEN now() ELSE disabled_at END
+         WHERE lease_token IS NOT NULL AND ($1::bigint IS NULL OR lease_token = $1) AND ($2::text IS NULL OR name = $2)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(token)
+    .bind(cluster)
+    .bind(outcome == ReleaseOutcome::InfraFailure)
+    .bind(auto_disable_after)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        tx.rollback().await?;
+        return Err(match (token, cluster) {
+            (Some(token), _) => {
+                PoolError::Conflict(format!("lease {token} is not current (it was released or expired)"))
+            }
+            (None, Some(name)) => match get(pool, name).await {
+                Ok(_) => PoolError::Conflict(format!("cluster `{name}` is not leased")),
+                Err(err) => err,
+            },
+            (None, None) => PoolError::Invalid("nothing to release".into()),
+        });
+    };
+    let detail = (outcome == ReleaseOutcome::InfraFailure).then_some("infrastructure failure");
+    event(&mut tx, &row.name, "released", actor, token, detail).await?;
+    if let Some(reason) = row.disabled_reason.as_deref().filter(|r| r.starts_with("disabled automatically")) {
+        if row.infra_failures == auto_disable_after {
+            event(&mut tx, &row.name, "auto_disabled", "cimaster", None, Some(reason)).await?;
+        }
+    }
+    tx.commit().await?;
+    notify_freed(pool, &row.purpose).await;
+    Ok(row.into())
+}
+
+/// Holds a cluster for debugging until `until`; a leased cluster is held when its lease ends.
+pub async fn hold(
+    pool: &PgPool,
+    name: &str,
+    by: &str,
+    reason: &str,
+    duration: Duration,
+) -> Result<ClusterView, PoolError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+        "UPDATE clusters SET hold_by = $2, hold_reason = $3, hold_until = now() + make_interval(secs => $4),
+                updated_at = now()
+         WHERE name = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(name)
+    .bind(by)
+    .bind(reason)
+    .bind(duration.as_secs_f64())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let row = row.ok_or_else(|| PoolError::NotFound(name.to_owned()))?;
+    event(&mut tx, name, "held", by, None, Some(reason)).await?;
+    tx.commit().await?;
+    Ok(row.into())
+}
+
+pub async fn unhold(pool: &PgPool, name: &str, by: &str) -> Result<ClusterView, PoolError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+        "UPDATE clusters SET hold_by = NULL, hold_reason = NULL, hold_until = NULL, updated_at = now()
+         WHERE name = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let row = row.ok_or_else(|| PoolError::NotFound(name.to_owned()))?;
+    event(&mut tx, name, "unheld", by, None, None).await?;
+    tx.commit().await?;
+    notify_freed(pool, &row.purpose).await;
+    Ok(row.into())
+}
+
+/// One event of the history.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub id: i64,
+    pub cluster: String,
+    pub kind: String,
+    pub actor: String,
+    pub token: Option<i64>,
+    pub job: Option<String>,
+    pub build: Option<String>,
+    pub detail: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+pub async fn events(pool: &PgPool, cluster: Option<&str>, after: i64, limit: i64) -> Result<Vec<Event>, PoolError> {
+    Ok(sqlx::query_as(
+        "SELECT id, cluster, kind, actor, token, job, build, detail, at FROM cluster_events
+         WHERE ($1::text IS NULL OR cluster = $1) AND id > $2 ORDER BY id LIMIT $3",
+    )
+    .bind(cluster)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
