@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use cimaster_common::pool::{self, AcquireRequest, ClusterView, PoolError, ReleaseOutcome};
 use cimaster_common::storage::console_key;
-use cimaster_common::{JobSpec, RunStatus};
+use cimaster_common::{ClusterRequirement, JobSpec, RunStatus};
 use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -30,6 +31,15 @@ pub struct Executor {
     pub stop_grace: Duration,
     pub max_timeout: Duration,
     pub work_dir: PathBuf,
+}
+
+/// What an attempt holds and gives back at its end.
+#[derive(Default)]
+struct Held {
+    container: Option<String>,
+    network: Option<String>,
+    /// The cluster lease's token and the task renewing it.
+    cluster: Option<(i64, tokio::task::JoinHandle<()>)>,
 }
 
 /// Why the container was stopped before it ended on its own.
@@ -73,11 +83,9 @@ impl Executor {
             lost.clone(),
         ));
 
-        let mut container = None;
-        let mut network = None;
-        let stop = self
-            .run_container(&claim, &labels, &console, &abort, &hard_stop, &lost, &mut container, &mut network)
-            .await;
+        let mut held = Held::default();
+        let stop = self.run_container(&claim, &labels, &console, &abort, &hard_stop, &lost, &mut held).await;
+        self.release_cluster(&mut held, &console).await;
         let lease_lost = matches!(stop, Stop::LeaseLost);
         let outcome = match stop {
             Stop::Exited(0) => Outcome { status: RunStatus::Succeeded, exit_code: Some(0), message: None },
@@ -137,7 +145,62 @@ impl Executor {
         // The container has stopped and the result is recorded; removing the container and network
         // (a few hundred ms of engine work) does not hold up the run's status. A crash here leaves
         // labelled leftovers that the next start of this agent sweeps.
-        self.docker.remove(container.as_deref(), network.as_deref()).await;
+        self.docker.remove(held.container.as_deref(), held.network.as_deref()).await;
+    }
+
+    /// Leases a test cluster for the attempt, waiting while none is vacant (the run's message says
+    /// so). `Err` ends the attempt with that stop.
+    async fn lease_cluster(
+        &self,
+        claim: &Claim,
+        requirement: &ClusterRequirement,
+        console: &ConsoleTx,
+        interrupted: &mut (impl std::future::Future<Output = Stop> + Unpin),
+    ) -> Result<ClusterView, Stop> {
+        let request = AcquireRequest {
+            purpose: requirement.purpose.clone(),
+            osimage: requirement.osimage.clone(),
+            job: format!("run:{}", claim.run),
+            build: claim.attempt.to_string(),
+            holder: self.agent.clone(),
+            run: Some(claim.run.0),
+            ttl: self.lease,
+        };
+        let mut waiting = false;
+        loop {
+            match pool::acquire(&self.pool, &request).await {
+                Ok(Some(lease)) => {
+                    if waiting {
+                        let _ = store::set_message(&self.pool, claim, None).await;
+                    }
+                    return pool::get(&self.pool, &lease.cluster).await.map_err(|err| Stop::Failed(err.to_string()));
+                }
+                Ok(None) => {
+                    if !waiting {
+                        waiting = true;
+                        let note = format!("waiting for a test cluster with purpose `{}`", requirement.purpose);
+                        console.note(&note).await;
+                        let _ = store::set_message(&self.pool, claim, Some(&note)).await;
+                    }
+                }
+                Err(PoolError::Invalid(message)) => return Err(Stop::Failed(message)),
+                Err(err) => tracing::warn!(error = %err, "cannot lease a cluster yet"),
+            }
+            tokio::select! {
+                stop = &mut *interrupted => return Err(stop),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Gives the attempt's cluster back to the pool (its lease would expire anyway if this agent died).
+    async fn release_cluster(&self, held: &mut Held, console: &ConsoleTx) {
+        let Some((token, heartbeat)) = held.cluster.take() else { return };
+        heartbeat.abort();
+        match pool::release(&self.pool, pool::Release::Token(token), ReleaseOutcome::Ok, &self.agent, 3).await {
+            Ok(cluster) => console.note(&format!("released cluster {}", cluster.name)).await,
+            Err(err) => tracing::warn!(error = %err, "cannot release the cluster; its lease will expire"),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -149,8 +212,7 @@ impl Executor {
         abort: &Notify,
         hard_stop: &CancellationToken,
         lost: &CancellationToken,
-        container: &mut Option<String>,
-        network: &mut Option<String>,
+        held: &mut Held,
     ) -> Stop {
         let JobSpec::Freestyle(job) = &claim.spec else {
             return Stop::Failed(
@@ -161,16 +223,50 @@ impl Executor {
         let aborted = abort.notified();
         tokio::pin!(aborted);
 
+        let mut env: Vec<String> = job.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if let Some(requirement) = &job.cluster {
+            let mut interrupted = Box::pin(async {
+                tokio::select! {
+                    _ = &mut aborted => Stop::Aborted,
+                    _ = lost.cancelled() => Stop::LeaseLost,
+                    _ = hard_stop.cancelled() => Stop::Shutdown,
+                }
+            });
+            let cluster = match self.lease_cluster(claim, requirement, console, &mut interrupted).await {
+                Ok(cluster) => cluster,
+                Err(stop) => return stop,
+            };
+            drop(interrupted);
+            let Some(lease) = cluster.lease.clone() else {
+                return Stop::Failed(format!("cluster {} lost its lease at once", cluster.name));
+            };
+            console.note(&format!("leased cluster {} ({}) for this run", cluster.name, cluster.region)).await;
+            env.push(format!("CIMASTER_CLUSTER={}", cluster.name));
+            env.push(format!("CIMASTER_CLUSTER_REGION={}", cluster.region));
+            env.push(format!("CIMASTER_CLUSTER_LABELS={}", serde_json::to_string(&cluster.labels).unwrap_or_default()));
+            let heartbeat = {
+                let (pool, ttl) = (self.pool.clone(), self.lease);
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(ttl / 3).await;
+                        if let Err(err) = pool::heartbeat(&pool, lease.token, ttl).await {
+                            tracing::warn!(error = %err, "cannot renew the cluster lease");
+                        }
+                    }
+                })
+            };
+            held.cluster = Some((lease.token, heartbeat));
+        }
+
         console.note(&format!("agent {} runs attempt {} in {}", self.agent, claim.attempt, job.image)).await;
         if let Err(err) = self.docker.ensure_image(&job.image).await {
             console.note(&err.to_string()).await;
             return Stop::Failed(err.to_string());
         }
         match self.docker.create_network(labels).await {
-            Ok(name) => *network = Some(name),
+            Ok(name) => held.network = Some(name),
             Err(err) => return Stop::Failed(err.to_string()),
         }
-        let mut env: Vec<String> = job.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.extend(claim.parameters.iter().map(|(k, v)| format!("{k}={v}")));
         env.push(format!("CIMASTER_RUN_ID={}", claim.run));
         env.push(format!("CIMASTER_JOB={}", claim.job));
@@ -182,13 +278,13 @@ impl Executor {
             working_dir: job.working_dir.clone(),
             nano_cpus: (job.resources.cpus * 1e9) as i64,
             memory_bytes: i64::try_from(job.resources.memory.bytes()).unwrap_or(i64::MAX),
-            network: network.clone().unwrap_or_default(),
+            network: held.network.clone().unwrap_or_default(),
         };
         let (id, mut output) = match self.docker.start_job(labels, spec).await {
             Ok(started) => started,
             Err(err) => return Stop::Failed(err.to_string()),
         };
-        *container = Some(id.clone());
+        held.container = Some(id.clone());
         {
             let (pool, claim) = (self.pool.clone(), claim.clone());
             tokio::spawn(async move {

@@ -94,6 +94,19 @@ pub async fn renew(pool: &PgPool, claim: &Claim, agent: &str, lease: Duration) -
     })
 }
 
+/// Shows what the running attempt waits for (or clears it).
+pub async fn set_message(pool: &PgPool, claim: &Claim, message: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE runs SET message = $3, updated_at = now() WHERE id = $1 AND attempt = $2 AND status = 'running'",
+    )
+    .bind(claim.run.0)
+    .bind(claim.attempt as i32)
+    .bind(message)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 pub async fn container_started(pool: &PgPool, claim: &Claim) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE run_attempts SET container_started_at = now() WHERE run_id = $1 AND attempt = $2")
         .bind(claim.run.0)

@@ -53,6 +53,36 @@ pub struct FreestyleJob {
     /// Working directory inside the container; the image's own when absent.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "working_dir")]
     pub working_dir: Option<String>,
+    /// A test cluster from the pool, leased for the run and released when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterRequirement>,
+}
+
+/// Which kind of test cluster a job needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterRequirement {
+    /// e.g. `tess-ci`, `tnet-ci`.
+    #[serde(deserialize_with = "pool_name")]
+    pub purpose: String,
+    /// Needed for purposes that match on the OS image (`tnet-ci`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub osimage: Option<String>,
+}
+
+fn pool_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let value = String::deserialize(d)?;
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(value)
+    } else {
+        Err(de::Error::custom(format!(
+            "cluster purpose `{value}` must be 1 to 128 characters of letters, digits, `-`, `_` and `.`"
+        )))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -402,6 +432,22 @@ mod tests {
             let err = parse(body.clone()).unwrap_err();
             assert!(err.contains(expected), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn cluster_requirements() {
+        let spec = parse(json!({"kind": "freestyle", "image": "b", "script": "x",
+            "cluster": {"purpose": "tnet-ci", "osimage": "centos-7"}}))
+        .unwrap();
+        let JobSpec::Freestyle(job) = spec else { panic!() };
+        assert_eq!(job.cluster.unwrap().purpose, "tnet-ci");
+        let err = parse(json!({"kind": "freestyle", "image": "b", "script": "x", "cluster": {"purpose": "a b"}}))
+            .unwrap_err();
+        assert!(err.contains("cluster purpose"), "{err}");
+        let err =
+            parse(json!({"kind": "freestyle", "image": "b", "script": "x", "cluster": {"purpose": "p", "size": 3}}))
+                .unwrap_err();
+        assert!(err.contains("unknown field `size`"), "{err}");
     }
 
     #[test]

@@ -6,12 +6,14 @@
 
 mod ids;
 mod job;
+#[cfg(feature = "pool")]
+pub mod pool;
 mod queue;
 mod run;
 #[cfg(feature = "storage")]
 pub mod storage;
 
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
-pub use job::{FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
+pub use job::{ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
 pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_arguments, QueueArgument, RunMessage};
 pub use run::{RunStatus, TriggerRequest, UnknownStatus};

@@ -290,3 +290,68 @@ async fn sigterm_drains_the_agent_and_a_second_one_aborts(pool: PgPool) {
     assert!(stack.agent_exit(next, Duration::from_secs(30)).await);
     assert_eq!(leftovers(&run_id(&third)).await, (0, 0));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_with_a_cluster_gets_one_and_gives_it_back(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let added = stack.api.get("/addcluster?cluster=e2e-cluster-1&region=us-west&name=admin").await;
+    assert_eq!(added.status, 201, "{}", added.body);
+    let mut with_cluster = job("echo testing on $CIMASTER_CLUSTER in $CIMASTER_CLUSTER_REGION; sleep 2");
+    with_cluster["cluster"] = json!({"purpose": "tess-ci"});
+    stack.put_job("on-cluster", with_cluster).await;
+
+    let first = stack.trigger("on-cluster").await;
+    stack.wait_for(&first, Duration::from_secs(60), |s| s == "running").await;
+    // The only cluster is taken: the second run waits for it, and says so.
+    let second = stack.trigger("on-cluster").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let run = stack.api.get(&second).await.body;
+        if run["message"].as_str().is_some_and(|m| m.contains("waiting for a test cluster")) {
+            assert_eq!(run["status"], "running");
+            assert_eq!(run["message"], "waiting for a test cluster with purpose `tess-ci`");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the waiting run never said so: {run}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cluster = stack.api.get("/pool/clusters/e2e-cluster-1").await.body;
+    assert_eq!(cluster["status"], "leased");
+    assert_eq!(cluster["lease"]["run"], run_id(&first).as_str());
+
+    let run = stack.wait_finished(&first, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let console = stack.console(&first).await;
+    assert!(console.contains("testing on e2e-cluster-1 in us-west"), "{console}");
+    assert!(console.contains("released cluster e2e-cluster-1"), "{console}");
+    let run = stack.wait_finished(&second, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(run["message"].is_null(), "the waiting note is cleared once the cluster is leased: {run}");
+    let second_console = stack.console(&second).await;
+    assert!(second_console.contains("waiting for a test cluster with purpose `tess-ci`"), "{second_console}");
+
+    // Aborted mid-run: the cluster is vacant again.
+    let mut long = job("echo on $CIMASTER_CLUSTER; sleep 120");
+    long["cluster"] = json!({"purpose": "tess-ci"});
+    stack.put_job("long-on-cluster", long).await;
+    let third = stack.trigger("long-on-cluster").await;
+    stack.wait_for(&third, Duration::from_secs(60), |s| s == "running").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stack.api.get("/pool/clusters/e2e-cluster-1").await.body["status"] != "leased" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stack.api.post(&format!("{third}/abort"), json!({})).await.status, 202);
+    let run = stack.wait_finished(&third, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "aborted");
+    let cluster = stack.api.get("/pool/clusters/e2e-cluster-1").await.body;
+    assert_eq!(cluster["status"], "vacant", "{cluster}");
+    let kinds: Vec<String> = stack.api.get("/pool/events?cluster=e2e-cluster-1").await.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["added", "leased", "released", "leased", "released", "leased", "released"]);
+}

@@ -3,6 +3,6 @@
 //! master replica serves any request without retries.
 
 pub mod expiry;
-pub mod store;
 
+pub use cimaster_common::pool as store;
 pub use store::{AcquireRequest, ClusterView, Lease, PoolError, ReleaseOutcome};

@@ -1,4 +1,5 @@
-//! Pool operations on Postgres.
+//! The test-cluster pool's operations on Postgres, shared by the master (API) and the agent (jobs
+//! that need a cluster). Each operation is one statement or one short transaction.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -53,7 +54,8 @@ struct ClusterRow {
 }
 
 /// A cluster as the API shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterView {
     pub name: String,
@@ -72,7 +74,8 @@ pub struct ClusterView {
     pub last_trigger_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Lease {
     pub cluster: String,
@@ -86,7 +89,8 @@ pub struct Lease {
     pub expires: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Hold {
     pub by: String,
@@ -94,7 +98,8 @@ pub struct Hold {
     pub until: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Disabled {
     pub reason: String,
@@ -466,7 +471,8 @@ pub async fn unhold(pool: &PgPool, name: &str, by: &str) -> Result<ClusterView, 
 }
 
 /// One event of the history.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Event {
     pub id: i64,
