@@ -45,6 +45,8 @@ CREATE TABLE cluster_events (
     job      TEXT,
     build    TEXT,
     detail   TEXT,
+    -- On `leased`: how long the acquire waited for a vacant cluster.
+    wait_ms  BIGINT,
     at       TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX cluster_events_by_cluster ON cluster_events (cluster, id);

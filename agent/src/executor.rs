@@ -157,7 +157,8 @@ impl Executor {
         console: &ConsoleTx,
         interrupted: &mut (impl std::future::Future<Output = Stop> + Unpin),
     ) -> Result<ClusterView, Stop> {
-        let request = AcquireRequest {
+        let started = std::time::Instant::now();
+        let mut request = AcquireRequest {
             purpose: requirement.purpose.clone(),
             osimage: requirement.osimage.clone(),
             job: format!("run:{}", claim.run),
@@ -165,9 +166,11 @@ impl Executor {
             holder: self.agent.clone(),
             run: Some(claim.run.0),
             ttl: self.lease,
+            waited: Duration::ZERO,
         };
         let mut waiting = false;
         loop {
+            request.waited = started.elapsed();
             match pool::acquire(&self.pool, &request).await {
                 Ok(Some(lease)) => {
                     if waiting {

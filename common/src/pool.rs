@@ -273,6 +273,8 @@ pub struct AcquireRequest {
     pub holder: String,
     pub run: Option<Uuid>,
     pub ttl: Duration,
+    /// How long the caller has waited so far (recorded on the lease, for wait-time reports).
+    pub waited: Duration,
 }
 
 /// Purposes whose clusters must match the requested OS image (as `tnet-ci` in the original CIMaster).
@@ -307,8 +309,8 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
                  FROM pick WHERE c.name = pick.name
                  RETURNING {}
              ), event AS (
-                 INSERT INTO cluster_events (cluster, kind, actor, token, job, build)
-                 SELECT name, 'leased', $3, lease_token, $4, $5 FROM leased
+                 INSERT INTO cluster_events (cluster, kind, actor, token, job, build, wait_ms)
+                 SELECT name, 'leased', $3, lease_token, $4, $5, $8 FROM leased
              )
              SELECT * FROM leased",
             COLUMNS.split(", ").map(|c| format!("c.{c}")).collect::<Vec<_>>().join(", ")
@@ -320,6 +322,7 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
         .bind(&request.build)
         .bind(request.run)
         .bind(request.ttl.as_secs_f64())
+        .bind(i64::try_from(request.waited.as_millis()).unwrap_or(i64::MAX))
         .fetch_optional(pool)
         .await;
         match result {
@@ -494,6 +497,101 @@ pub async fn events(pool: &PgPool, cluster: Option<&str>, after: i64, limit: i64
     .bind(cluster)
     .bind(after)
     .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Usage of one purpose over the report's window.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct PurposeUsage {
+    pub purpose: String,
+    pub clusters: i64,
+    pub leases: i64,
+    /// Leased time over available cluster time, 0–1.
+    pub utilisation: f64,
+    pub wait_p50_ms: Option<f64>,
+    pub wait_p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct HoldUsage {
+    pub person: String,
+    pub holds: i64,
+    pub hours: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct UsageReport {
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    pub purposes: Vec<PurposeUsage>,
+    pub holds: Vec<HoldUsage>,
+}
+
+/// Utilisation and wait times per purpose, and hold hours per person, from the event history.
+pub async fn report(pool: &PgPool, since: DateTime<Utc>) -> Result<UsageReport, PoolError> {
+    let until = Utc::now();
+    let purposes: Vec<PurposeUsage> = sqlx::query_as(
+        "WITH lease_events AS (
+             SELECT e.cluster, e.kind, e.at, e.wait_ms,
+                    lead(e.at) OVER (PARTITION BY e.cluster ORDER BY e.id) AS ended_at
+             FROM cluster_events e
+             WHERE e.kind IN ('leased', 'released', 'lease_expired') AND e.at >= $1
+         ), leases AS (
+             SELECT cluster, wait_ms,
+                    extract(epoch FROM coalesce(ended_at, $2) - at) AS seconds
+             FROM lease_events WHERE kind = 'leased'
+         )
+         SELECT c.purpose,
+                count(DISTINCT c.name) AS clusters,
+                count(l.cluster) AS leases,
+                coalesce(sum(l.seconds), 0)::float8
+                    / greatest(count(DISTINCT c.name) * extract(epoch FROM $2 - $1), 1)::float8 AS utilisation,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY l.wait_ms)::float8 AS wait_p50_ms,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY l.wait_ms)::float8 AS wait_p99_ms
+         FROM clusters c LEFT JOIN leases l ON l.cluster = c.name
+         GROUP BY c.purpose ORDER BY c.purpose",
+    )
+    .bind(since)
+    .bind(until)
+    .fetch_all(pool)
+    .await?;
+    let holds: Vec<HoldUsage> = sqlx::query_as(
+        "WITH hold_events AS (
+             SELECT cluster, kind, actor, at,
+                    lead(at) OVER (PARTITION BY cluster ORDER BY id) AS ended_at
+             FROM cluster_events
+             WHERE kind IN ('held', 'unheld', 'hold_expired') AND at >= $1
+         )
+         SELECT actor AS person, count(*) AS holds,
+                (sum(extract(epoch FROM coalesce(ended_at, $2) - at)) / 3600)::float8 AS hours
+         FROM hold_events WHERE kind = 'held'
+         GROUP BY actor ORDER BY hours DESC",
+    )
+    .bind(since)
+    .bind(until)
+    .fetch_all(pool)
+    .await?;
+    Ok(UsageReport { since, until, purposes, holds })
+}
+
+/// Clusters by purpose and state (`vacant`, `leased`, `held`, `disabled`), for metrics.
+pub async fn census(pool: &PgPool) -> Result<Vec<(String, String, i64)>, PoolError> {
+    Ok(sqlx::query_as(
+        "SELECT purpose,
+                CASE WHEN disabled_reason IS NOT NULL THEN 'disabled'
+                     WHEN lease_token IS NOT NULL THEN 'leased'
+                     WHEN hold_until > now() THEN 'held'
+                     ELSE 'vacant' END AS state,
+                count(*)
+         FROM clusters GROUP BY 1, 2",
+    )
     .fetch_all(pool)
     .await?)
 }

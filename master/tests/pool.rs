@@ -299,6 +299,7 @@ async fn contention_never_gives_one_cluster_to_two_holders(pool: PgPool) {
                     holder: format!("w{worker}"),
                     run: None,
                     ttl: Duration::from_secs(60),
+                    waited: Duration::ZERO,
                 };
                 tries += 1;
                 match store::acquire(&pool, &request).await.unwrap() {
@@ -337,4 +338,53 @@ async fn contention_never_gives_one_cluster_to_two_holders(pool: PgPool) {
     assert_eq!(leases, workers * cycles_each);
     assert!(open.is_empty());
     println!("10,000 cycles by 200 workers over 20 clusters in {elapsed:?}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn usage_is_reported_from_the_history(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let api = app.admin();
+    add(&api, "cluster=c1&region=r").await;
+    add(&api, "cluster=c2&region=r").await;
+    add(&api, "cluster=n1&region=r&purpose=tnet-ci&osimage=img").await;
+    assert_eq!(text(&api, "/getvacant?build=1&job=j").await.0, 200);
+    assert_eq!(text(&api, "/getvacant?build=2&job=j").await.0, 200);
+    // The third waits until one is finished.
+    let waiter = {
+        let api = api.clone();
+        tokio::spawn(async move { text(&api, "/getvacant?build=3&job=j&wait=10").await })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let first = api.get("/pool/clusters/c1").await;
+    let freed = if first.body["lease"]["build"] == "1" { "c1" } else { "c2" };
+    assert_eq!(text(&api, &format!("/finishtest?cluster={freed}")).await.0, 200);
+    assert_eq!(waiter.await.unwrap().0, 200);
+    assert_eq!(text(&api, "/holdcluster?cluster=n1&desc=look").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(text(&api, "/releasecluster?cluster=n1").await.0, 200);
+
+    let report = api.get("/pool/report?window=1h").await;
+    assert_eq!(report.status, 200, "{}", report.body);
+    let purposes = report.body["purposes"].as_array().unwrap();
+    let tess = purposes.iter().find(|p| p["purpose"] == "tess-ci").unwrap();
+    assert_eq!(tess["clusters"], 2);
+    assert_eq!(tess["leases"], 3);
+    assert!(tess["utilisation"].as_f64().unwrap() > 0.0);
+    assert!(tess["waitP99Ms"].as_f64().unwrap() >= 400.0, "{tess}");
+    assert_eq!(tess["waitP50Ms"].as_f64().unwrap(), 0.0);
+    let tnet = purposes.iter().find(|p| p["purpose"] == "tnet-ci").unwrap();
+    assert_eq!(tnet["leases"], 0);
+    let holds = report.body["holds"].as_array().unwrap();
+    assert_eq!(holds.len(), 1);
+    assert_eq!(holds[0]["person"], "tester");
+    assert!(holds[0]["hours"].as_f64().unwrap() > 0.0);
+    api.get("/pool/report?window=soon").await.expect_problem(400, "window `soon`");
+
+    let metrics = eventually(Duration::from_secs(5), || async {
+        let text = app.anonymous().get("/metrics").await.body.as_str().unwrap().to_owned();
+        text.contains("cimaster_pool_clusters{purpose=\"tess-ci\",state=\"leased\"} 2").then_some(text)
+    })
+    .await;
+    assert!(metrics.contains("cimaster_pool_acquire_wait_seconds"), "{metrics}");
+    app.stop().await;
 }

@@ -38,6 +38,7 @@ pub fn router() -> Router<AppState> {
         .route("/pool/leases/{token}/heartbeat", post(heartbeat))
         .route("/pool/leases/{token}/release", post(release))
         .route("/pool/events", get(list_events))
+        .route("/pool/report", get(usage_report))
 }
 
 impl From<PoolError> for ApiError {
@@ -110,6 +111,7 @@ async fn getvacant(
         holder: optional(&params, "email").map_or_else(|| caller.subject.clone(), str::to_owned),
         run: None,
         ttl: state.pool_config.lease_ttl,
+        waited: Duration::ZERO,
     };
     let wait = match optional(&params, "wait") {
         Some(seconds) => Duration::from_secs(
@@ -125,10 +127,12 @@ async fn getvacant(
 /// Tries to lease; while nothing is vacant, waits (up to `wait`) to be woken when a cluster frees.
 async fn acquire_waiting(state: &AppState, request: &AcquireRequest, wait: Duration) -> Result<Lease, ApiError> {
     let started = std::time::Instant::now();
+    let mut request = request.clone();
     let deadline = tokio::time::Instant::now() + wait;
     let mut listener = None;
     loop {
-        if let Some(lease) = store::acquire(&state.pool, request).await? {
+        request.waited = started.elapsed();
+        if let Some(lease) = store::acquire(&state.pool, &request).await? {
             metrics::histogram!("cimaster_pool_acquire_wait_seconds", "purpose" => request.purpose.clone())
                 .record(started.elapsed().as_secs_f64());
             return Ok(lease);
@@ -424,6 +428,7 @@ async fn acquire(
         holder: caller.subject.clone(),
         run: body.run,
         ttl,
+        waited: Duration::ZERO,
     };
     let lease = acquire_waiting(&state, &request, Duration::from_secs(body.wait_seconds.min(300))).await?;
     Ok((StatusCode::CREATED, Json(lease)))
@@ -514,4 +519,31 @@ async fn list_events(
     let limit = filter.limit.unwrap_or(500).clamp(1, 10_000);
     let events = store::events(&state.pool, filter.cluster.as_deref(), filter.after.unwrap_or(0), limit).await?;
     Ok(Json(EventPage { events }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ReportQuery {
+    /// Window length back from now, e.g. `24h`, `7d` (default `24h`).
+    window: Option<String>,
+}
+
+/// Utilisation and acquire wait times per purpose, hold hours per person.
+#[utoipa::path(get, path = "/pool/report", tag = "pool", params(ReportQuery),
+    responses((status = 200, body = store::UsageReport)), security(("bearer" = [])))]
+async fn usage_report(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<ReportQuery>,
+) -> Result<Json<store::UsageReport>, ApiError> {
+    caller.require(Role::Read)?;
+    let window = match query.window.as_deref() {
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|err| ApiError::BadRequest(format!("window `{text}`: {err}; e.g. 24h or 7d")))?,
+        None => Duration::from_secs(24 * 3600),
+    };
+    let since = chrono::Utc::now()
+        - chrono::Duration::from_std(window).map_err(|_| ApiError::BadRequest("window is too long".into()))?;
+    Ok(Json(store::report(&state.pool, since).await?))
 }

@@ -23,6 +23,16 @@ pub async fn run_expiry(pool: PgPool, interval: Duration, cancel: CancellationTo
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "pool expiry pass failed"),
         }
+        if let Ok(census) = cimaster_common::pool::census(&pool).await {
+            for state in ["vacant", "leased", "held", "disabled"] {
+                let purposes: std::collections::BTreeSet<&str> = census.iter().map(|(p, _, _)| p.as_str()).collect();
+                for purpose in purposes {
+                    let count = census.iter().find(|(p, s, _)| p == purpose && s == state).map_or(0, |(_, _, n)| *n);
+                    metrics::gauge!("cimaster_pool_clusters", "purpose" => purpose.to_owned(), "state" => state)
+                        .set(count as f64);
+                }
+            }
+        }
     }
 }
 
