@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use cimaster_common::{JobName, QueueName, RunId, RunMessage};
 use cimaster_master::auth::{Role, Signer};
 use cimaster_master::broker::{connect, Topology};
+use cimaster_master::pool::store;
 use clap::Parser;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::publisher_confirm::Confirmation;
@@ -22,9 +23,25 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Semaphore;
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// `POST /jobs/{name}/runs` against one insert plus one confirmed publish.
+    Trigger,
+    /// Pool acquire+release over HTTP against the same operations called directly.
+    Pool,
+}
+
 #[derive(Parser)]
-#[command(about = "Benchmark run triggering against a raw insert+publish baseline")]
+#[command(about = "Benchmarks of the master, each beside a baseline measured in the same run")]
 struct Args {
+    #[arg(value_enum, default_value = "trigger")]
+    mode: Mode,
+    /// Pool mode: clusters in the pool.
+    #[arg(long, default_value_t = 1000)]
+    clusters: usize,
+    /// Pool mode: acquire+release cycles per measurement.
+    #[arg(long, default_value_t = 5000)]
+    cycles: usize,
     /// Runs per measurement.
     #[arg(long, default_value_t = 5000)]
     runs: usize,
@@ -155,6 +172,11 @@ async fn run(args: &Args, database_url: &str, prefix: &str) -> anyhow::Result<()
     }
     let (_, idle_hwm) = rss_kib(pid);
     let token = Signer::hs256(&secret)?.mint("bench", &[Role::Admin], Duration::from_secs(3600));
+    if args.mode == Mode::Pool {
+        let result = bench_pool(args, &pool, &http, &base, &token).await;
+        let _ = master.kill().await;
+        return result;
+    }
     let put = http
         .put(format!("{base}/jobs/bench"))
         .bearer_auth(&token)
@@ -257,4 +279,101 @@ async fn raw_insert_and_publish(pool: PgPool, channel: lapin::Channel, queue: St
         Confirmation::Ack(None) => Ok(()),
         other => bail!("publish not confirmed: {other:?}"),
     }
+}
+
+async fn bench_pool(args: &Args, pool: &PgPool, http: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO clusters (name, region, purpose) SELECT 'bench-' || i, 'r', 'tess-ci' FROM generate_series(1, $1) i",
+    )
+    .bind(args.clusters as i64)
+    .execute(pool)
+    .await?;
+
+    let cycle = {
+        let (http, base, token) = (http.clone(), base.to_owned(), token.to_owned());
+        move |i: usize| {
+            let (http, base, token) = (http.clone(), base.clone(), token.clone());
+            async move {
+                let lease = http
+                    .post(format!("{base}/pool/leases"))
+                    .bearer_auth(&token)
+                    .json(
+                        &json!({"purpose": "tess-ci", "job": "bench-http", "build": i.to_string(), "ttlSeconds": 600}),
+                    )
+                    .send()
+                    .await?;
+                if lease.status() != 201 {
+                    bail!("acquire answered {}", lease.status());
+                }
+                let lease: serde_json::Value = lease.json().await?;
+                let token_id = lease["token"].as_i64().context("lease token")?;
+                let released =
+                    http.post(format!("{base}/pool/leases/{token_id}/release")).bearer_auth(&token).send().await?;
+                if released.status() != 200 {
+                    bail!("release answered {}", released.status());
+                }
+                Ok(())
+            }
+        }
+    };
+    drive(args.cycles / 10, args.clients, {
+        let cycle = cycle.clone();
+        move |i| cycle(i + 10_000_000)
+    })
+    .await?;
+    let (latencies, elapsed) = drive(args.cycles, args.clients, cycle).await?;
+    let api = figures(latencies, elapsed);
+
+    let direct = {
+        let pool = pool.clone();
+        move |i: usize| {
+            let pool = pool.clone();
+            async move {
+                let request = store::AcquireRequest {
+                    purpose: "tess-ci".into(),
+                    osimage: None,
+                    job: "bench-direct".into(),
+                    build: i.to_string(),
+                    holder: "bench".into(),
+                    run: None,
+                    ttl: Duration::from_secs(600),
+                    waited: Duration::ZERO,
+                };
+                let lease = store::acquire(&pool, &request).await?.context("no vacant cluster")?;
+                store::release(&pool, store::Release::Token(lease.token), store::ReleaseOutcome::Ok, "bench", 3)
+                    .await?;
+                Ok(())
+            }
+        }
+    };
+    let (latencies, elapsed) = drive(args.cycles, args.clients, direct).await?;
+    let raw = figures(latencies, elapsed);
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "pool benchmark: {} acquire+release cycles, {} concurrent clients, {} clusters",
+        args.cycles, args.clients, args.clusters
+    );
+    println!("{:<34} {:>10} {:>10} {:>10}", "", "cycles/s", "p50 ms", "p99 ms");
+    println!(
+        "{:<34} {:>10.0} {:>10.2} {:>10.2}",
+        "REST acquire + release (master)",
+        api.runs_per_second,
+        ms(api.p50),
+        ms(api.p99)
+    );
+    println!(
+        "{:<34} {:>10.0} {:>10.2} {:>10.2}",
+        "same operations, no HTTP",
+        raw.runs_per_second,
+        ms(raw.p50),
+        ms(raw.p99)
+    );
+    println!("ratio master/direct p99: {:.2}", ms(api.p99) / ms(raw.p99));
+    println!(
+        "p99 {:.2} ms against the original CIMaster's published 100-300 ms; target <= 10 ms: {}",
+        ms(api.p99),
+        if ms(api.p99) <= 10.0 { "met" } else { "NOT met" }
+    );
+    Ok(())
 }
