@@ -50,3 +50,18 @@ CREATE TABLE cluster_events (
     at       TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX cluster_events_by_cluster ON cluster_events (cluster, id);
+
+-- Acquires waiting for a cluster: served by priority (higher first), then first come, first served.
+CREATE TABLE cluster_waiters (
+    id          BIGSERIAL PRIMARY KEY,
+    purpose     TEXT NOT NULL,
+    osimage     TEXT,
+    priority    INTEGER NOT NULL DEFAULT 0,
+    holder      TEXT NOT NULL,
+    job         TEXT NOT NULL,
+    build       TEXT NOT NULL,
+    since       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- A waiter that vanished without leaving stops blocking others at this time.
+    expires_at  TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX cluster_waiters_queue ON cluster_waiters (purpose, priority DESC, id);

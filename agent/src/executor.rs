@@ -167,12 +167,17 @@ impl Executor {
             run: Some(claim.run.0),
             ttl: self.lease,
             waited: Duration::ZERO,
+            priority: 0,
+            waiter: None,
         };
         let mut waiting = false;
         loop {
             request.waited = started.elapsed();
             match pool::acquire(&self.pool, &request).await {
                 Ok(Some(lease)) => {
+                    if let Some(waiter) = request.waiter {
+                        let _ = pool::dequeue(&self.pool, waiter).await;
+                    }
                     if waiting {
                         let _ = store::set_message(&self.pool, claim, None).await;
                     }
@@ -185,12 +190,24 @@ impl Executor {
                         console.note(&note).await;
                         let _ = store::set_message(&self.pool, claim, Some(&note)).await;
                     }
+                    // Keep (or take) this attempt's place in the queue.
+                    match request.waiter {
+                        Some(waiter) => {
+                            let _ = pool::touch(&self.pool, waiter, self.lease).await;
+                        }
+                        None => request.waiter = pool::enqueue(&self.pool, &request, self.lease).await.ok(),
+                    }
                 }
                 Err(PoolError::Invalid(message)) => return Err(Stop::Failed(message)),
                 Err(err) => tracing::warn!(error = %err, "cannot lease a cluster yet"),
             }
             tokio::select! {
-                stop = &mut *interrupted => return Err(stop),
+                stop = &mut *interrupted => {
+                    if let Some(waiter) = request.waiter {
+                        let _ = pool::dequeue(&self.pool, waiter).await;
+                    }
+                    return Err(stop);
+                }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }

@@ -275,6 +275,10 @@ pub struct AcquireRequest {
     pub ttl: Duration,
     /// How long the caller has waited so far (recorded on the lease, for wait-time reports).
     pub waited: Duration,
+    /// Higher is served first among waiters.
+    pub priority: i32,
+    /// This request's place in the waiting queue, once it has one ([`enqueue`]).
+    pub waiter: Option<i64>,
 }
 
 /// Purposes whose clusters must match the requested OS image (as `tnet-ci` in the original CIMaster).
@@ -287,7 +291,7 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
     if needs_image && request.osimage.is_none() {
         return Err(PoolError::Invalid(format!("purpose `{}` needs `osimage`", request.purpose)));
     }
-    let osimage = if needs_image { request.osimage.as_deref() } else { None };
+    let osimage = matched_osimage(request);
     for _ in 0..3 {
         if let Some(existing) = lease_of(pool, &request.job, &request.build).await? {
             return Ok(Some(existing));
@@ -298,6 +302,12 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
                  WHERE lease_token IS NULL AND disabled_reason IS NULL
                    AND (hold_until IS NULL OR hold_until <= now())
                    AND purpose = $1 AND ($2::text IS NULL OR osimage = $2)
+                   -- Nobody is waiting ahead of this request.
+                   AND NOT EXISTS (
+                       SELECT 1 FROM cluster_waiters w
+                       WHERE w.purpose = $1 AND w.osimage IS NOT DISTINCT FROM $2 AND w.expires_at > now()
+                         AND w.id IS DISTINCT FROM $10
+                         AND (w.priority > $9 OR (w.priority = $9 AND w.id < coalesce($10, 9223372036854775807))))
                  ORDER BY vacant_since, name
                  LIMIT 1
                  FOR UPDATE SKIP LOCKED
@@ -323,6 +333,8 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
         .bind(request.run)
         .bind(request.ttl.as_secs_f64())
         .bind(i64::try_from(request.waited.as_millis()).unwrap_or(i64::MAX))
+        .bind(request.priority)
+        .bind(request.waiter)
         .fetch_optional(pool)
         .await;
         match result {
@@ -333,6 +345,77 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
         }
     }
     Err(PoolError::Conflict("the lease kept changing; retry".into()))
+}
+
+/// The OS image a request is matched on: only for purposes that match on it.
+fn matched_osimage(request: &AcquireRequest) -> Option<&str> {
+    if OSIMAGE_PURPOSES.contains(&request.purpose.as_str()) {
+        request.osimage.as_deref()
+    } else {
+        None
+    }
+}
+
+/// Takes a place in the waiting queue, kept until `expires_in` unless renewed with [`touch`].
+pub async fn enqueue(pool: &PgPool, request: &AcquireRequest, expires_in: Duration) -> Result<i64, PoolError> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO cluster_waiters (purpose, osimage, priority, holder, job, build, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) RETURNING id",
+    )
+    .bind(&request.purpose)
+    .bind(matched_osimage(request))
+    .bind(request.priority)
+    .bind(&request.holder)
+    .bind(&request.job)
+    .bind(&request.build)
+    .bind(expires_in.as_secs_f64())
+    .fetch_one(pool)
+    .await?)
+}
+
+pub async fn touch(pool: &PgPool, waiter: i64, expires_in: Duration) -> Result<(), PoolError> {
+    sqlx::query("UPDATE cluster_waiters SET expires_at = now() + make_interval(secs => $2) WHERE id = $1")
+        .bind(waiter)
+        .bind(expires_in.as_secs_f64())
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn dequeue(pool: &PgPool, waiter: i64) -> Result<(), PoolError> {
+    sqlx::query("DELETE FROM cluster_waiters WHERE id = $1").bind(waiter).execute(pool).await?;
+    // The next waiter may be able to go now.
+    let _ = sqlx::query("SELECT pg_notify('cimaster_cluster_freed', '')").execute(pool).await;
+    Ok(())
+}
+
+/// One waiting acquire and its place in its queue (1 = next).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Waiter {
+    pub id: i64,
+    pub purpose: String,
+    pub osimage: Option<String>,
+    pub priority: i32,
+    pub holder: String,
+    pub job: String,
+    pub build: String,
+    pub since: DateTime<Utc>,
+    pub position: i64,
+}
+
+pub async fn waiters(pool: &PgPool, purpose: Option<&str>) -> Result<Vec<Waiter>, PoolError> {
+    Ok(sqlx::query_as(
+        "SELECT id, purpose, osimage, priority, holder, job, build, since,
+                row_number() OVER (PARTITION BY purpose, osimage ORDER BY priority DESC, id) AS position
+         FROM cluster_waiters
+         WHERE expires_at > now() AND ($1::text IS NULL OR purpose = $1)
+         ORDER BY purpose, osimage, position",
+    )
+    .bind(purpose)
+    .fetch_all(pool)
+    .await?)
 }
 
 async fn lease_of(pool: &PgPool, job: &str, build: &str) -> Result<Option<Lease>, sqlx::Error> {

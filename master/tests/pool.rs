@@ -300,6 +300,8 @@ async fn contention_never_gives_one_cluster_to_two_holders(pool: PgPool) {
                     run: None,
                     ttl: Duration::from_secs(60),
                     waited: Duration::ZERO,
+                    priority: 0,
+                    waiter: None,
                 };
                 tries += 1;
                 match store::acquire(&pool, &request).await.unwrap() {
@@ -386,5 +388,53 @@ async fn usage_is_reported_from_the_history(pool: PgPool) {
     })
     .await;
     assert!(metrics.contains("cimaster_pool_acquire_wait_seconds"), "{metrics}");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn waiters_are_served_by_priority_then_in_order(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let api = app.admin();
+    add(&api, "cluster=c1&region=r").await;
+    assert_eq!(text(&api, "/getvacant?build=0&job=j").await.1, "c1");
+
+    let wait = |build: &'static str, priority: i32| {
+        let api = api.clone();
+        tokio::spawn(async move {
+            let got = text(&api, &format!("/getvacant?build={build}&job=j&wait=60&priority={priority}")).await;
+            assert_eq!(got.0, 200, "{}", got.1);
+            build
+        })
+    };
+    let positions = |expected: usize| {
+        let api = api.clone();
+        async move {
+            eventually(Duration::from_secs(10), || async {
+                let waiters =
+                    api.get("/pool/waiters?purpose=tess-ci").await.body["waiters"].as_array().unwrap().clone();
+                (waiters.len() == expected).then_some(waiters)
+            })
+            .await
+        }
+    };
+    let a = wait("a", 0);
+    positions(1).await;
+    let b = wait("b", 0);
+    positions(2).await;
+    let c = wait("c", 5);
+    let queue = positions(3).await;
+    let order: Vec<(String, i64)> =
+        queue.iter().map(|w| (w["build"].as_str().unwrap().to_owned(), w["position"].as_i64().unwrap())).collect();
+    assert_eq!(order, [("c".to_owned(), 1), ("a".to_owned(), 2), ("b".to_owned(), 3)]);
+    // A newcomer without waiting does not jump the queue.
+    api.get("/getvacant?build=z&job=j").await.expect_problem(503, "no vacant");
+
+    let mut served = Vec::new();
+    for waiter in [c, a, b] {
+        assert_eq!(text(&api, "/finishtest?cluster=c1").await.0, 200);
+        served.push(tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap());
+    }
+    assert_eq!(served, ["c", "a", "b"]);
+    positions(0).await;
     app.stop().await;
 }

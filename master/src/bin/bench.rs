@@ -338,6 +338,8 @@ async fn bench_pool(args: &Args, pool: &PgPool, http: &reqwest::Client, base: &s
                     run: None,
                     ttl: Duration::from_secs(600),
                     waited: Duration::ZERO,
+                    priority: 0,
+                    waiter: None,
                 };
                 let lease = store::acquire(&pool, &request).await?.context("no vacant cluster")?;
                 store::release(&pool, store::Release::Token(lease.token), store::ReleaseOutcome::Ok, "bench", 3)

@@ -39,6 +39,7 @@ pub fn router() -> Router<AppState> {
         .route("/pool/leases/{token}/release", post(release))
         .route("/pool/events", get(list_events))
         .route("/pool/report", get(usage_report))
+        .route("/pool/waiters", get(list_waiters))
 }
 
 impl From<PoolError> for ApiError {
@@ -112,6 +113,13 @@ async fn getvacant(
         run: None,
         ttl: state.pool_config.lease_ttl,
         waited: Duration::ZERO,
+        priority: match optional(&params, "priority") {
+            Some(priority) => {
+                priority.parse().map_err(|_| ApiError::BadRequest("`priority` is a whole number".into()))?
+            }
+            None => 0,
+        },
+        waiter: None,
     };
     let wait = match optional(&params, "wait") {
         Some(seconds) => Duration::from_secs(
@@ -124,40 +132,93 @@ async fn getvacant(
     Ok(answer(&headers, lease.cluster.clone(), cluster))
 }
 
-/// Tries to lease; while nothing is vacant, waits (up to `wait`) to be woken when a cluster frees.
+/// Tries to lease; while nothing is vacant, takes a place in the waiting queue (priority, then
+/// first come, first served) and waits, up to `wait`, woken whenever a cluster frees.
 async fn acquire_waiting(state: &AppState, request: &AcquireRequest, wait: Duration) -> Result<Lease, ApiError> {
     let started = std::time::Instant::now();
     let mut request = request.clone();
+    if let Some(lease) = store::acquire(&state.pool, &request).await? {
+        record_wait(&request, started);
+        return Ok(lease);
+    }
+    if wait.is_zero() {
+        return Err(no_vacancy(&request));
+    }
+    let mut listener = sqlx::postgres::PgListener::connect_with(&state.pool).await?;
+    listener.listen("cimaster_cluster_freed").await?;
+    let waiter = WaiterGuard {
+        pool: state.pool.clone(),
+        id: store::enqueue(&state.pool, &request, wait + Duration::from_secs(5)).await?,
+    };
+    request.waiter = Some(waiter.id);
     let deadline = tokio::time::Instant::now() + wait;
-    let mut listener = None;
     loop {
         request.waited = started.elapsed();
         if let Some(lease) = store::acquire(&state.pool, &request).await? {
-            metrics::histogram!("cimaster_pool_acquire_wait_seconds", "purpose" => request.purpose.clone())
-                .record(started.elapsed().as_secs_f64());
+            record_wait(&request, started);
             return Ok(lease);
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(ApiError::Unavailable(format!(
-                "no vacant cluster with purpose `{}`{}; retry, or pass wait=<seconds>",
-                request.purpose,
-                request.osimage.as_deref().map(|image| format!(" and osimage `{image}`")).unwrap_or_default()
-            )));
+            return Err(no_vacancy(&request));
         }
-        if listener.is_none() {
-            let mut new = sqlx::postgres::PgListener::connect_with(&state.pool).await?;
-            new.listen("cimaster_cluster_freed").await?;
-            listener = Some(new);
-        }
-        if let Some(listener) = listener.as_mut() {
-            // Woken when any cluster frees; a slow tick covers a missed notification.
-            let _ = tokio::time::timeout_at(
-                deadline.min(tokio::time::Instant::now() + Duration::from_secs(2)),
-                listener.recv(),
-            )
-            .await;
-        }
+        // Woken when a cluster frees or a waiter leaves; a slow tick covers a missed notification.
+        let wake = deadline.min(tokio::time::Instant::now() + Duration::from_secs(2));
+        let _ = tokio::time::timeout_at(wake, listener.recv()).await;
     }
+}
+
+/// Leaves the waiting queue however the wait ends (also when the client goes away).
+struct WaiterGuard {
+    pool: sqlx::PgPool,
+    id: i64,
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        let (pool, id) = (self.pool.clone(), self.id);
+        tokio::spawn(async move {
+            if let Err(err) = store::dequeue(&pool, id).await {
+                tracing::warn!(error = %err, waiter = id, "cannot leave the waiting queue; the entry expires");
+            }
+        });
+    }
+}
+
+fn record_wait(request: &AcquireRequest, started: std::time::Instant) {
+    metrics::histogram!("cimaster_pool_acquire_wait_seconds", "purpose" => request.purpose.clone())
+        .record(started.elapsed().as_secs_f64());
+}
+
+fn no_vacancy(request: &AcquireRequest) -> ApiError {
+    ApiError::Unavailable(format!(
+        "no vacant cluster with purpose `{}`{}; retry, or pass wait=<seconds>",
+        request.purpose,
+        request.osimage.as_deref().map(|image| format!(" and osimage `{image}`")).unwrap_or_default()
+    ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WaiterFilter {
+    purpose: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct WaiterList {
+    pub waiters: Vec<store::Waiter>,
+}
+
+/// Acquires waiting for a cluster, with their position in their queue.
+#[utoipa::path(get, path = "/pool/waiters", tag = "pool", params(WaiterFilter),
+    responses((status = 200, body = WaiterList)), security(("bearer" = [])))]
+async fn list_waiters(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(filter): Query<WaiterFilter>,
+) -> Result<Json<WaiterList>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(WaiterList { waiters: store::waiters(&state.pool, filter.purpose.as_deref()).await? }))
 }
 
 /// `GET /finishtest?cluster=[&result=infra_failure]`: return a leased cluster to the pool.
@@ -404,6 +465,9 @@ pub struct AcquireBody {
     /// Wait up to this long (max 300) for a cluster to free.
     #[serde(default)]
     pub wait_seconds: u64,
+    /// Among waiters, higher is served first (default 0); equal priorities are first come, first served.
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// Lease a cluster (optionally waiting for one).
@@ -429,6 +493,8 @@ async fn acquire(
         run: body.run,
         ttl,
         waited: Duration::ZERO,
+        priority: body.priority,
+        waiter: None,
     };
     let lease = acquire_waiting(&state, &request, Duration::from_secs(body.wait_seconds.min(300))).await?;
     Ok((StatusCode::CREATED, Json(lease)))

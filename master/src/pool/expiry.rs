@@ -69,6 +69,7 @@ pub async fn expire(pool: &PgPool) -> Result<(u64, u64), sqlx::Error> {
     )
     .fetch_all(pool)
     .await?;
+    sqlx::query("DELETE FROM cluster_waiters WHERE expires_at < now() - interval '1 minute'").execute(pool).await?;
     for (_, purpose) in leases.iter().chain(&holds) {
         let _ = sqlx::query("SELECT pg_notify('cimaster_cluster_freed', $1)").bind(purpose).execute(pool).await;
     }
