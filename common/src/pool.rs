@@ -177,6 +177,40 @@ pub async fn add(pool: &PgPool, cluster: NewCluster, actor: &str) -> Result<Clus
     row.map(ClusterView::from).ok_or(PoolError::Exists(cluster.name))
 }
 
+/// Creates or updates a cluster's inventory fields (not its lease, hold or health). Returns the
+/// cluster and whether it was `created`, `updated` or `unchanged`.
+pub async fn apply(pool: &PgPool, cluster: NewCluster, actor: &str) -> Result<(ClusterView, &'static str), PoolError> {
+    let row: Option<(bool,)> = sqlx::query_as(
+        "WITH applied AS (
+             INSERT INTO clusters (name, region, purpose, osimage, labels) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (name) DO UPDATE
+                 SET region = EXCLUDED.region, purpose = EXCLUDED.purpose, osimage = EXCLUDED.osimage,
+                     labels = EXCLUDED.labels, updated_at = now()
+                 WHERE (clusters.region, clusters.purpose, clusters.osimage, clusters.labels)
+                       IS DISTINCT FROM (EXCLUDED.region, EXCLUDED.purpose, EXCLUDED.osimage, EXCLUDED.labels)
+             RETURNING name, (xmax = 0) AS inserted
+         ), event AS (
+             INSERT INTO cluster_events (cluster, kind, actor)
+             SELECT name, CASE WHEN inserted THEN 'added' ELSE 'updated' END, $6 FROM applied
+         )
+         SELECT inserted FROM applied",
+    )
+    .bind(&cluster.name)
+    .bind(&cluster.region)
+    .bind(&cluster.purpose)
+    .bind(&cluster.osimage)
+    .bind(Json(&cluster.labels))
+    .bind(actor)
+    .fetch_optional(pool)
+    .await?;
+    let change = match row {
+        Some((true,)) => "created",
+        Some((false,)) => "updated",
+        None => "unchanged",
+    };
+    Ok((get(pool, &cluster.name).await?, change))
+}
+
 pub async fn get(pool: &PgPool, name: &str) -> Result<ClusterView, PoolError> {
     let row: Option<ClusterRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM clusters WHERE name = $1"))
         .bind(name)

@@ -438,3 +438,31 @@ async fn waiters_are_served_by_priority_then_in_order(pool: PgPool) {
     positions(0).await;
     app.stop().await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn clusters_are_configured_idempotently_over_rest(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let api = app.admin();
+    let body = json!({"region": "us-west", "purpose": "tess-ci", "labels": {"k8s": "1.32"}});
+    let created = api.put("/pool/clusters/c1", body.clone()).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(created.body["change"], "created");
+    assert_eq!(created.body["labels"], json!({"k8s": "1.32"}));
+    let again = api.put("/pool/clusters/c1", body).await;
+    assert_eq!((again.status, again.body["change"].as_str()), (200, Some("unchanged")));
+    let moved = api.put("/pool/clusters/c1", json!({"region": "eu-central"})).await;
+    assert_eq!(moved.body["change"], "updated");
+    assert_eq!(moved.body["region"], "eu-central");
+    assert_eq!(moved.body["labels"], json!({}));
+    api.put("/pool/clusters/c2", json!({"region": "r", "purpose": "tnet-ci"}))
+        .await
+        .expect_problem(422, "needs `osimage`");
+    api.put("/pool/clusters/c2", json!({"region": "r", "size": 3})).await.expect_problem(422, "unknown field `size`");
+    app.as_role(Role::Trigger).put("/pool/clusters/c2", json!({"region": "r"})).await.expect_problem(403, "admin");
+    assert_eq!(text(&api, "/getvacant?build=1&job=j").await.1, "c1");
+    api.delete("/pool/clusters/c1").await.expect_problem(409, "is leased");
+    assert_eq!(text(&api, "/finishtest?cluster=c1").await.0, 200);
+    assert_eq!(api.delete("/pool/clusters/c1").await.status, 204);
+    api.get("/pool/clusters/c1").await.expect_problem(404, "does not exist");
+    app.stop().await;
+}

@@ -33,7 +33,7 @@ pub fn router() -> Router<AppState> {
         .route("/enablecluster", get(enablecluster).post(enablecluster))
         .route("/createcluster", get(createcluster).post(createcluster))
         .route("/pool/clusters", get(list_clusters))
-        .route("/pool/clusters/{name}", get(get_cluster))
+        .route("/pool/clusters/{name}", get(get_cluster).put(put_cluster).delete(delete_cluster))
         .route("/pool/leases", post(acquire))
         .route("/pool/leases/{token}/heartbeat", post(heartbeat))
         .route("/pool/leases/{token}/release", post(release))
@@ -449,6 +449,69 @@ async fn get_cluster(
 ) -> Result<Json<ClusterView>, ApiError> {
     caller.require(Role::Read)?;
     Ok(Json(store::get(&state.pool, &name).await?))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterBody {
+    pub region: String,
+    #[serde(default = "default_purpose")]
+    pub purpose: String,
+    pub osimage: Option<String>,
+    /// Passed to jobs as `CIMASTER_CLUSTER_LABELS`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_purpose() -> String {
+    "tess-ci".to_owned()
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct AppliedCluster {
+    #[serde(flatten)]
+    pub cluster: ClusterView,
+    /// `created`, `updated` or `unchanged`.
+    pub change: &'static str,
+}
+
+/// Create or update a cluster's inventory entry (idempotent; admin).
+#[utoipa::path(put, path = "/pool/clusters/{name}", tag = "pool", request_body = ClusterBody, params(("name" = String, Path)),
+    responses((status = 201, body = AppliedCluster), (status = 200, body = AppliedCluster),
+        (status = 400, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn put_cluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<ClusterBody>,
+) -> Result<(StatusCode, Json<AppliedCluster>), ApiError> {
+    caller.require(Role::Admin)?;
+    check_name("cluster", &name)?;
+    check_name("region", &body.region)?;
+    check_name("purpose", &body.purpose)?;
+    if store::OSIMAGE_PURPOSES.contains(&body.purpose.as_str()) && body.osimage.is_none() {
+        return Err(ApiError::Unprocessable(format!("purpose `{}` needs `osimage`", body.purpose)));
+    }
+    let cluster =
+        NewCluster { name, region: body.region, purpose: body.purpose, osimage: body.osimage, labels: body.labels };
+    let (cluster, change) = store::apply(&state.pool, cluster, &caller.subject).await?;
+    let status = if change == "created" { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(AppliedCluster { cluster, change })))
+}
+
+/// Remove a cluster from the pool (admin); refused while it is leased.
+#[utoipa::path(delete, path = "/pool/clusters/{name}", tag = "pool", params(("name" = String, Path)),
+    responses((status = 204), (status = 409, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn delete_cluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Admin)?;
+    store::delete(&state.pool, &name, &caller.subject).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
