@@ -62,6 +62,10 @@ pub struct AgentConfig {
     #[arg(long = "registry-password", env = "CIMASTER_REGISTRY_PASSWORD", hide_env_values = true)]
     pub registry_password: Option<SecretString>,
 
+    /// Key for job secrets (the master's CIMASTER_SECRETS_KEY).
+    #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
+    pub secrets_key: Option<SecretString>,
+
     #[command(flatten)]
     pub s3: S3Config,
 }

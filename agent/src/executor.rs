@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use cimaster_common::pool::{self, AcquireRequest, ClusterView, PoolError, ReleaseOutcome};
+use cimaster_common::secrets::{Masker, SecretBox};
 use cimaster_common::storage::console_key;
-use cimaster_common::{ClusterRequirement, JobSpec, RunStatus};
+use cimaster_common::{ClusterRequirement, EnvName, JobSpec, RunStatus};
 use futures::StreamExt;
+use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +33,15 @@ pub struct Executor {
     pub stop_grace: Duration,
     pub max_timeout: Duration,
     pub work_dir: PathBuf,
+    pub secrets: Option<SecretBox>,
+}
+
+fn masked(masker: &Masker, lines: BytesMut) -> bytes::Bytes {
+    if masker.is_empty() {
+        lines.freeze()
+    } else {
+        bytes::Bytes::from(masker.mask(&lines))
+    }
 }
 
 /// What an attempt holds and gives back at its end.
@@ -148,6 +159,36 @@ impl Executor {
         self.docker.remove(held.container.as_deref(), held.network.as_deref()).await;
     }
 
+    /// Decrypts the secrets the job names into `env`; a missing one fails the run before it starts.
+    async fn open_secrets(&self, claim: &Claim, names: &[EnvName], env: &mut Vec<String>) -> Result<Masker, String> {
+        if names.is_empty() {
+            return Ok(Masker::default());
+        }
+        let secrets = self
+            .secrets
+            .as_ref()
+            .ok_or_else(|| "the job uses secrets, but this agent has no CIMASTER_SECRETS_KEY".to_owned())?;
+        let wanted: Vec<String> = names.iter().map(ToString::to_string).collect();
+        let sealed = store::sealed_secrets(&self.pool, &claim.job, &wanted)
+            .await
+            .map_err(|err| format!("cannot read the job's secrets: {err}"))?;
+        let mut values = Vec::new();
+        for name in &wanted {
+            let (_, nonce, ciphertext) = sealed.iter().find(|(stored, _, _)| stored == name).ok_or_else(|| {
+                format!(
+                    "secret `{name}` is not set for job `{job}`; set it with PUT /jobs/{job}/secrets/{name}",
+                    job = claim.job
+                )
+            })?;
+            let value = secrets
+                .open(&format!("{}/{name}", claim.job), nonce, ciphertext)
+                .map_err(|err| format!("secret `{name}`: {err}"))?;
+            env.push(format!("{name}={}", value.expose_secret()));
+            values.push(value);
+        }
+        Ok(Masker::new(values.iter().map(|value| value.expose_secret())))
+    }
+
     /// Leases a test cluster for the attempt, waiting while none is vacant (the run's message says
     /// so). `Err` ends the attempt with that stop.
     async fn lease_cluster(
@@ -244,6 +285,13 @@ impl Executor {
         tokio::pin!(aborted);
 
         let mut env: Vec<String> = job.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let masker = match self.open_secrets(claim, &job.secrets, &mut env).await {
+            Ok(masker) => masker,
+            Err(message) => {
+                console.note(&message).await;
+                return Stop::Failed(message);
+            }
+        };
         if let Some(requirement) = &job.cluster {
             let mut interrupted = Box::pin(async {
                 tokio::select! {
@@ -327,13 +375,14 @@ impl Executor {
                             break;
                         }
                     }
+                    // Lines are complete here, so a secret written in pieces is whole again.
                     if !lines.is_empty() {
-                        console.send(lines.split().freeze()).await;
+                        console.send(masked(&masker, lines.split())).await;
                     }
                 }
                 stamper.finish(&mut lines);
                 if !lines.is_empty() {
-                    console.send(lines.freeze()).await;
+                    console.send(masked(&masker, lines)).await;
                 }
             })
         };

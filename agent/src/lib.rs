@@ -73,6 +73,12 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         stop_grace: config.stop_grace,
         max_timeout: config.max_timeout,
         work_dir,
+        secrets: config
+            .secrets_key
+            .as_ref()
+            .map(cimaster_common::secrets::SecretBox::from_base64)
+            .transpose()
+            .context("CIMASTER_SECRETS_KEY")?,
     };
     let aborts = worker::AbortRegistry::default();
     let listener = tokio::spawn(worker::listen_for_aborts(pool.clone(), aborts.clone(), background.clone()));

@@ -94,6 +94,19 @@ pub async fn renew(pool: &PgPool, claim: &Claim, agent: &str, lease: Duration) -
     })
 }
 
+/// The encrypted secrets of a job among `names`: (name, nonce, ciphertext).
+pub async fn sealed_secrets(
+    pool: &PgPool,
+    job: &str,
+    names: &[String],
+) -> Result<Vec<(String, Vec<u8>, Vec<u8>)>, sqlx::Error> {
+    sqlx::query_as("SELECT name, nonce, ciphertext FROM job_secrets WHERE job = $1 AND name = ANY($2)")
+        .bind(job)
+        .bind(names)
+        .fetch_all(pool)
+        .await
+}
+
 /// Shows what the running attempt waits for (or clears it).
 pub async fn set_message(pool: &PgPool, claim: &Claim, message: Option<&str>) -> Result<(), sqlx::Error> {
     sqlx::query(

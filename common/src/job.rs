@@ -56,6 +56,11 @@ pub struct FreestyleJob {
     /// A test cluster from the pool, leased for the run and released when it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterRequirement>,
+    /// Names of the job's secrets (`PUT /jobs/{name}/secrets/{KEY}`) injected as env vars, one each.
+    /// A run fails before it starts if one is not set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
+    pub secrets: Vec<EnvName>,
 }
 
 /// Which kind of test cluster a job needs.

@@ -10,6 +10,8 @@ mod job;
 pub mod pool;
 mod queue;
 mod run;
+#[cfg(feature = "secrets")]
+pub mod secrets;
 #[cfg(feature = "storage")]
 pub mod storage;
 

@@ -355,3 +355,45 @@ async fn a_job_with_a_cluster_gets_one_and_gives_it_back(pool: PgPool) {
         .collect();
     assert_eq!(kinds, ["added", "leased", "released", "leased", "released", "leased", "released"]);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn secrets_reach_the_job_and_never_its_log(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let value = "hunter2-very-secret-value";
+    let mut with_secret = job(concat!(
+        "echo whole=$DB_PASSWORD; ",
+        "printf 'split=%s' \"$(echo $DB_PASSWORD | cut -c1-8)\"; sleep 0.5; ",
+        "printf '%s\\n' \"$(echo $DB_PASSWORD | cut -c9-)\"; ",
+        "printf 'b64=%s\\n' \"$(printf %s \"$DB_PASSWORD\" | base64)\"; ",
+        "test ${#DB_PASSWORD} -eq 25 && echo length-ok"
+    ));
+    with_secret["secrets"] = json!(["DB_PASSWORD"]);
+    stack.put_job("uses-secret", with_secret).await;
+    let set = stack.api.put("/jobs/uses-secret/secrets/DB_PASSWORD", json!({"value": value})).await;
+    assert_eq!(set.status, 201, "{}", set.body);
+
+    let path = stack.trigger("uses-secret").await;
+    let run = stack.wait_finished(&path, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let console = stack.console(&path).await;
+    assert!(console.contains("length-ok"), "the job saw the secret: {console}");
+    assert!(!console.contains(value), "{console}");
+    assert!(!console.contains("hunter2-"), "{console}");
+    assert!(console.contains("whole=***"), "{console}");
+    assert!(console.contains("split=***"), "{console}");
+    assert!(console.contains("b64=***"), "{console}");
+
+    // A secret the job names but nobody set: the run fails before it starts, saying which.
+    let mut missing = job("echo never");
+    missing["secrets"] = json!(["API_TOKEN"]);
+    stack.put_job("missing-secret", missing).await;
+    let path = stack.trigger("missing-secret").await;
+    let run = stack.wait_finished(&path, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "error", "{run}");
+    assert!(
+        run["message"].as_str().unwrap().contains("secret `API_TOKEN` is not set for job `missing-secret`"),
+        "{run}"
+    );
+    assert!(!stack.console(&path).await.contains("never"));
+}

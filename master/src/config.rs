@@ -34,6 +34,11 @@ pub struct Config {
     #[command(flatten)]
     pub pool: PoolConfig,
 
+    /// Key for job secrets at rest: 32 bytes, base64 (`openssl rand -base64 32`). Without it the
+    /// secrets API is unavailable.
+    #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
+    pub secrets_key: Option<SecretString>,
+
     /// Upper bound for any job's `timeoutSeconds`.
     #[arg(long, env = "CIMASTER_MAX_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_timeout: Duration,

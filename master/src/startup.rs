@@ -27,6 +27,12 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let verifier = Verifier::from_config(&config.auth).context("JWT configuration")?;
+        let secrets = config
+            .secrets_key
+            .as_ref()
+            .map(cimaster_common::secrets::SecretBox::from_base64)
+            .transpose()
+            .context("CIMASTER_SECRETS_KEY")?;
         let pool = db::pool(&config.database).context("CIMASTER_DATABASE_URL")?;
         if config.migrate_on_start {
             db::migrate(&pool).await.context("applying database migrations")?;
@@ -61,6 +67,7 @@ impl Application {
             s3: config.s3.client(),
             bucket: config.s3.bucket.clone(),
             pool_config: config.pool.clone(),
+            secrets,
         };
         Ok(Self { listener, state, cancel, tasks })
     }

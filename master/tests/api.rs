@@ -445,3 +445,34 @@ async fn runs_whose_agent_is_lost_are_retried_then_given_up(pool: PgPool) {
     assert!(failed.body["finishedAt"].is_string());
     app.stop().await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn secrets_are_write_only_and_encrypted_at_rest(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let api = app.admin();
+    assert_eq!(api.put("/jobs/unit-test", freestyle("default")).await.status, 201);
+    let set = api.put("/jobs/unit-test/secrets/DB_PASSWORD", json!({"value": "p4ssw0rd-value"})).await;
+    assert_eq!(set.status, 201, "{}", set.body);
+    assert_eq!(set.body["name"], "DB_PASSWORD");
+    assert!(set.body.get("value").is_none());
+    assert_eq!(api.put("/jobs/unit-test/secrets/DB_PASSWORD", json!({"value": "rotated-value"})).await.status, 200);
+
+    let list = api.get("/jobs/unit-test/secrets").await;
+    assert_eq!(list.status, 200);
+    let text = list.body.to_string();
+    assert!(text.contains("DB_PASSWORD") && !text.contains("rotated-value"), "{text}");
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT ciphertext FROM job_secrets").fetch_one(&pool).await.unwrap();
+    assert!(!stored.windows(13).any(|w| w == b"rotated-value"), "stored in the clear");
+
+    api.put("/jobs/unit-test/secrets/1BAD", json!({"value": "x"})).await.expect_problem(400, "variable name");
+    api.put("/jobs/unit-test/secrets/OK", json!({"value": ""})).await.expect_problem(422, "1 to");
+    api.put("/jobs/unit-test/secrets/OK", json!({"val": "x"})).await.expect_problem(422, "unknown field `val`");
+    api.put("/jobs/nope/secrets/OK", json!({"value": "x"})).await.expect_problem(404, "does not exist");
+    app.as_role(Role::Trigger)
+        .put("/jobs/unit-test/secrets/OK", json!({"value": "x"}))
+        .await
+        .expect_problem(403, "admin");
+    assert_eq!(api.delete("/jobs/unit-test/secrets/DB_PASSWORD").await.status, 204);
+    api.delete("/jobs/unit-test/secrets/DB_PASSWORD").await.expect_problem(404, "has no secret");
+    app.stop().await;
+}

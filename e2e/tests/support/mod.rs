@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
 pub const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-e2e";
+pub const SECRETS_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
 fn binary(name: &str) -> PathBuf {
     // Test executables live in target/<profile>/deps; the workspace's binaries one level up.
@@ -71,6 +72,7 @@ impl Stack {
             .env("CIMASTER_DATABASE_URL", &database_url)
             .env("CIMASTER_QUEUE_PREFIX", &prefix)
             .env("CIMASTER_JWT_SECRET", SECRET)
+            .env("CIMASTER_SECRETS_KEY", SECRETS_KEY)
             .env("CIMASTER_DISPATCH_INTERVAL", "200ms")
             .env("CIMASTER_DISPATCH_GRACE", "500ms")
             .env("CIMASTER_LEASE_CHECK_INTERVAL", "200ms")
@@ -104,6 +106,7 @@ impl Stack {
             .env("CIMASTER_QUEUE_PREFIX", &self.prefix)
             .env("CIMASTER_LEASE_TTL", options.lease)
             .env("CIMASTER_STOP_GRACE", options.stop_grace)
+            .env("CIMASTER_SECRETS_KEY", SECRETS_KEY)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .kill_on_drop(true);

@@ -8,6 +8,7 @@ mod openapi;
 mod pool;
 mod results;
 mod runs;
+mod secrets;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,6 +44,7 @@ pub struct AppState {
     pub s3: aws_sdk_s3::Client,
     pub bucket: String,
     pub pool_config: crate::config::PoolConfig,
+    pub secrets: Option<cimaster_common::secrets::SecretBox>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -51,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(runs::router())
         .merge(results::router())
         .merge(pool::router())
+        .merge(secrets::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(not_found)

@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// 32 bytes, base64.
+pub const SECRETS_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 
 pub fn amqp_url() -> String {
@@ -66,6 +68,7 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
         },
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
+        secrets_key: Some(SecretString::from(SECRETS_KEY)),
     }
 }
 

@@ -1,0 +1,149 @@
+//! `/jobs/{name}/secrets`: write-only job secrets, encrypted at rest.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use cimaster_common::EnvName;
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiError, Problem};
+use super::jobs::{job_name, job_not_found};
+use super::json::ApiJson;
+use super::AppState;
+use crate::auth::{Caller, Role};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/jobs/{name}/secrets", get(list_secrets))
+        .route("/jobs/{name}/secrets/{key}", put(put_secret).delete(delete_secret))
+}
+
+const MAX_SECRET: usize = 64 * 1024;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretBody {
+    pub value: String,
+}
+
+/// A secret as listed: never its value.
+#[derive(Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretInfo {
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub updated_by: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SecretList {
+    pub secrets: Vec<SecretInfo>,
+}
+
+fn secret_name(raw: &str) -> Result<EnvName, ApiError> {
+    EnvName::parse(raw).map_err(|err| ApiError::BadRequest(err.to_string()))
+}
+
+async fn require_job(state: &AppState, job: &cimaster_common::JobName) -> Result<(), ApiError> {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE name = $1)")
+        .bind(job.as_str())
+        .fetch_one(&state.pool)
+        .await?;
+    if exists {
+        Ok(())
+    } else {
+        Err(job_not_found(job))
+    }
+}
+
+/// Set a secret (admin). Stored encrypted; reaches runs as the env var of the same name.
+#[utoipa::path(put, path = "/jobs/{name}/secrets/{key}", tag = "secrets", request_body = SecretBody,
+    params(("name" = String, Path), ("key" = String, Path)),
+    responses((status = 201, body = SecretInfo), (status = 200, body = SecretInfo),
+        (status = 503, description = "no secrets key configured", body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn put_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, key)): Path<(String, String)>,
+    ApiJson(body): ApiJson<SecretBody>,
+) -> Result<(StatusCode, Json<SecretInfo>), ApiError> {
+    caller.require(Role::Admin)?;
+    let job = job_name(&name)?;
+    let key = secret_name(&key)?;
+    let secrets = state
+        .secrets
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("secrets are not configured here: set CIMASTER_SECRETS_KEY".into()))?;
+    if body.value.is_empty() || body.value.len() > MAX_SECRET {
+        return Err(ApiError::Unprocessable(format!("a secret value is 1 to {MAX_SECRET} bytes")));
+    }
+    require_job(&state, &job).await?;
+    let (nonce, ciphertext) = secrets.seal(&format!("{job}/{key}"), &body.value);
+    let (info, inserted): (SecretInfo, bool) =
+        sqlx::query_as::<_, (String, DateTime<Utc>, DateTime<Utc>, String, bool)>(
+            "INSERT INTO job_secrets (job, name, nonce, ciphertext, updated_by) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (job, name) DO UPDATE SET nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext,
+             updated_at = now(), updated_by = EXCLUDED.updated_by
+         RETURNING name, created_at, updated_at, updated_by, (xmax = 0)",
+        )
+        .bind(job.as_str())
+        .bind(key.as_str())
+        .bind(nonce)
+        .bind(ciphertext)
+        .bind(&caller.subject)
+        .fetch_one(&state.pool)
+        .await
+        .map(|(name, created_at, updated_at, updated_by, inserted)| {
+            (SecretInfo { name, created_at, updated_at, updated_by }, inserted)
+        })?;
+    tracing::info!(job = %job, secret = %key, by = %caller.subject, "secret set");
+    Ok((if inserted { StatusCode::CREATED } else { StatusCode::OK }, Json(info)))
+}
+
+/// The job's secrets: names and dates only.
+#[utoipa::path(get, path = "/jobs/{name}/secrets", tag = "secrets", params(("name" = String, Path)),
+    responses((status = 200, body = SecretList)), security(("bearer" = [])))]
+async fn list_secrets(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<SecretList>, ApiError> {
+    caller.require(Role::Read)?;
+    let job = job_name(&name)?;
+    require_job(&state, &job).await?;
+    let secrets =
+        sqlx::query_as("SELECT name, created_at, updated_at, updated_by FROM job_secrets WHERE job = $1 ORDER BY name")
+            .bind(job.as_str())
+            .fetch_all(&state.pool)
+            .await?;
+    Ok(Json(SecretList { secrets }))
+}
+
+/// Delete a secret (admin).
+#[utoipa::path(delete, path = "/jobs/{name}/secrets/{key}", tag = "secrets",
+    params(("name" = String, Path), ("key" = String, Path)),
+    responses((status = 204), (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn delete_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Admin)?;
+    let job = job_name(&name)?;
+    let key = secret_name(&key)?;
+    let deleted = sqlx::query("DELETE FROM job_secrets WHERE job = $1 AND name = $2")
+        .bind(job.as_str())
+        .bind(key.as_str())
+        .execute(&state.pool)
+        .await?
+        .rows_affected();
+    if deleted == 0 {
+        return Err(ApiError::NotFound(format!("job `{job}` has no secret `{key}`")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
