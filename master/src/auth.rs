@@ -242,6 +242,45 @@ mod tests {
         assert!(matches!(v.verify_header(Some("Basic abc")), Err(AuthError::Malformed)));
     }
 
+    fn key(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys").join(name)
+    }
+
+    #[test]
+    fn public_key_algorithms_verify_their_own_tokens_only() {
+        for (algorithm, private, public) in [
+            (JwtAlgorithm::EdDsa, "ed25519-test.pem", "ed25519-test.pub.pem"),
+            (JwtAlgorithm::Rs256, "rsa-test.pem", "rsa-test.pub.pem"),
+        ] {
+            let verifier = Verifier::from_config(&AuthConfig {
+                jwt_secret: None,
+                jwt_public_key_file: Some(key(public)),
+                jwt_algorithm: Some(algorithm),
+            })
+            .unwrap();
+            let token = Signer::from_private_key(&key(private), algorithm).unwrap().mint(
+                "ci-bot",
+                &[Role::Trigger],
+                Duration::from_secs(60),
+            );
+            let caller = verifier.verify_header(Some(&format!("Bearer {token}"))).unwrap();
+            assert_eq!(caller.subject, "ci-bot");
+            // The pinned algorithm refuses an HS256 token, even one signed with the public key's bytes.
+            let forged = Signer::hs256(&std::fs::read_to_string(key(public)).unwrap()).unwrap().mint(
+                "mallory",
+                &[Role::Admin],
+                Duration::from_secs(60),
+            );
+            assert!(matches!(verifier.verify_header(Some(&format!("Bearer {forged}"))), Err(AuthError::Invalid(_))));
+        }
+        let missing = AuthConfig {
+            jwt_secret: None,
+            jwt_public_key_file: Some(key("ed25519-test.pub.pem")),
+            jwt_algorithm: None,
+        };
+        assert!(matches!(Verifier::from_config(&missing), Err(KeyError::AlgorithmMissing)));
+    }
+
     #[test]
     fn short_secrets_are_refused() {
         assert!(matches!(Signer::hs256("short"), Err(KeyError::SecretTooShort)));
