@@ -269,8 +269,8 @@ pub async fn set_disabled(
     .await?;
     let row = row.ok_or_else(|| PoolError::NotFound(name.to_owned()))?;
     event(&mut tx, name, if reason.is_some() { "disabled" } else { "enabled" }, actor, None, reason).await?;
+    notify_freed(&mut tx, &row.purpose).await?;
     tx.commit().await?;
-    notify_freed(pool, &row.purpose).await;
     Ok(row.into())
 }
 
@@ -293,8 +293,10 @@ async fn event(
     Ok(())
 }
 
-async fn notify_freed(pool: &PgPool, purpose: &str) {
-    let _ = sqlx::query("SELECT pg_notify('cimaster_cluster_freed', $1)").bind(purpose).execute(pool).await;
+/// Wakes waiters when the transaction commits.
+async fn notify_freed(tx: &mut sqlx::PgConnection, purpose: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify('cimaster_cluster_freed', $1)").bind(purpose).execute(&mut *tx).await?;
+    Ok(())
 }
 
 /// What a lease is for.
@@ -327,9 +329,6 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
     }
     let osimage = matched_osimage(request);
     for _ in 0..3 {
-        if let Some(existing) = lease_of(pool, &request.job, &request.build).await? {
-            return Ok(Some(existing));
-        }
         let result: Result<Option<ClusterRow>, sqlx::Error> = sqlx::query_as(&format!(
             "WITH pick AS (
                  SELECT name FROM clusters
@@ -372,9 +371,15 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
         .fetch_optional(pool)
         .await;
         match result {
-            Ok(row) => return Ok(row.and_then(|row| ClusterView::from(row).lease)),
-            // A concurrent acquire for the same (job, build) won; read its lease.
-            Err(sqlx::Error::Database(db)) if db.constraint() == Some("clusters_lease_identity") => continue,
+            Ok(Some(row)) => return Ok(ClusterView::from(row).lease),
+            // Nothing vacant, unless this (job, build) already holds a lease: a retried request.
+            Ok(None) => return Ok(lease_of(pool, &request.job, &request.build).await?),
+            // This (job, build) already holds a lease (a retry, or a concurrent twin that won).
+            Err(sqlx::Error::Database(db)) if db.constraint() == Some("clusters_lease_identity") => {
+                if let Some(existing) = lease_of(pool, &request.job, &request.build).await? {
+                    return Ok(Some(existing));
+                }
+            }
             Err(err) => return Err(err.into()),
         }
     }
@@ -543,8 +548,8 @@ pub async fn release(
             event(&mut tx, &row.name, "auto_disabled", "cimaster", None, Some(reason)).await?;
         }
     }
+    notify_freed(&mut tx, &row.purpose).await?;
     tx.commit().await?;
-    notify_freed(pool, &row.purpose).await;
     Ok(row.into())
 }
 
@@ -585,8 +590,8 @@ pub async fn unhold(pool: &PgPool, name: &str, by: &str) -> Result<ClusterView, 
     .await?;
     let row = row.ok_or_else(|| PoolError::NotFound(name.to_owned()))?;
     event(&mut tx, name, "unheld", by, None, None).await?;
+    notify_freed(&mut tx, &row.purpose).await?;
     tx.commit().await?;
-    notify_freed(pool, &row.purpose).await;
     Ok(row.into())
 }
 
