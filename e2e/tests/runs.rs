@@ -397,3 +397,29 @@ async fn secrets_reach_the_job_and_never_its_log(pool: PgPool) {
     );
     assert!(!stack.console(&path).await.contains("never"));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_run_lists_its_results(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    let queued_only = {
+        stack.put_job("listed", job("echo listed")).await;
+        stack.trigger("listed").await
+    };
+    // Queued, no agent yet: nothing to list.
+    let listing = stack.api.get(&format!("{queued_only}/results")).await;
+    assert_eq!(listing.status, 200);
+    assert_eq!(listing.body["results"], json!([]));
+    stack.add_agent(AgentOptions::default()).await;
+    let run = stack.wait_finished(&queued_only, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded");
+    let listing = stack.api.get(&format!("{queued_only}/results")).await;
+    let results = listing.body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{}", listing.body);
+    assert_eq!(results[0]["kind"], "console");
+    assert_eq!(results[0]["state"], "stored");
+    let console = stack.console(&queued_only).await;
+    assert_eq!(results[0]["size"].as_u64().unwrap() as usize, console.len());
+    let junit = stack.api.get(&format!("{queued_only}/results/junit")).await;
+    assert_eq!(junit.status, 404);
+    assert!(junit.body["detail"].as_str().unwrap().contains("no JUnit results"));
+}

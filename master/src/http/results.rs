@@ -23,7 +23,114 @@ use super::AppState;
 use crate::auth::{Caller, Role};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/jobs/{name}/runs/{id}/results/console", get(console))
+    Router::new()
+        .route("/jobs/{name}/runs/{id}/results", get(list_results))
+        .route("/jobs/{name}/runs/{id}/results/console", get(console))
+        .route("/jobs/{name}/runs/{id}/results/junit", get(junit))
+}
+
+/// One result a run has.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultEntry {
+    /// `console` (more kinds, such as `junit` and `artifact`, come with result collection).
+    pub kind: &'static str,
+    pub name: String,
+    pub attempt: i32,
+    /// Bytes; absent while the attempt runs.
+    pub size: Option<i64>,
+    pub content_type: &'static str,
+    /// `live` while the attempt runs (served from Postgres), `stored` once in S3.
+    pub state: &'static str,
+    pub href: String,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ResultList {
+    pub results: Vec<ResultEntry>,
+}
+
+async fn run_attempts(
+    state: &AppState,
+    job: &str,
+    run: Uuid,
+) -> Result<Option<(i32, String, Option<i64>, Option<String>)>, sqlx::Error> {
+    sqlx::query_as("SELECT attempt, status, console_bytes, console_key FROM runs WHERE id = $1 AND job = $2")
+        .bind(run)
+        .bind(job)
+        .fetch_optional(&state.pool)
+        .await
+}
+
+/// What results the run has, per attempt.
+#[utoipa::path(get, path = "/jobs/{name}/runs/{id}/results", tag = "results",
+    params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id")),
+    responses((status = 200, body = ResultList), (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn list_results(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<axum::Json<ResultList>, ApiError> {
+    caller.require(Role::Read)?;
+    let job = job_name(&name)?;
+    let run: Uuid = id.parse().map_err(|_| ApiError::BadRequest(format!("invalid run id `{id}`: must be a UUID")))?;
+    let (attempt, status, bytes, key) = run_attempts(&state, job.as_str(), run)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("job `{job}` has no run {id}")))?;
+    let base = format!("/jobs/{job}/runs/{run}/results/console");
+    let mut results = Vec::new();
+    if status != "queued" || attempt > 1 {
+        results.push(ResultEntry {
+            kind: "console",
+            name: "console.log".into(),
+            attempt,
+            size: key.as_ref().and(bytes),
+            content_type: "text/plain; charset=utf-8",
+            state: if key.is_some() { "stored" } else { "live" },
+            href: base.clone(),
+        });
+    }
+    // Earlier attempts keep their logs.
+    let earlier: Vec<(i32,)> =
+        sqlx::query_as("SELECT attempt FROM run_attempts WHERE run_id = $1 AND attempt < $2 ORDER BY attempt")
+            .bind(run)
+            .bind(attempt)
+            .fetch_all(&state.pool)
+            .await?;
+    for (number,) in earlier {
+        results.push(ResultEntry {
+            kind: "console",
+            name: "console.log".into(),
+            attempt: number,
+            size: None,
+            content_type: "text/plain; charset=utf-8",
+            state: "stored",
+            href: format!("{base}?attempt={number}"),
+        });
+    }
+    Ok(axum::Json(ResultList { results }))
+}
+
+/// JUnit results. Collecting result files from runs is not available yet, so every run answers 404.
+#[utoipa::path(get, path = "/jobs/{name}/runs/{id}/results/junit", tag = "results",
+    params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id")),
+    responses((status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn junit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    let job = job_name(&name)?;
+    let run: Uuid = id.parse().map_err(|_| ApiError::BadRequest(format!("invalid run id `{id}`: must be a UUID")))?;
+    if run_attempts(&state, job.as_str(), run).await?.is_none() {
+        return Err(ApiError::NotFound(format!("job `{job}` has no run {id}")));
+    }
+    Err(ApiError::NotFound(format!(
+        "run {id} has no JUnit results: result files are not collected from runs yet (see GET /jobs/{job}/runs/{id}/results)"
+    )))
 }
 
 const POLL: Duration = Duration::from_millis(250);
