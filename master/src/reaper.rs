@@ -99,8 +99,3 @@ async fn reap_expired(pool: &PgPool, max_attempts: u32) -> Result<Vec<Reaped>, s
     metrics::counter!("cimaster_runs_reaped_total").increment(reaped.len() as u64);
     Ok(reaped)
 }
-
-/// Used by tests and tools to force a pass.
-pub async fn reap_now(pool: &PgPool, max_attempts: u32) -> Result<usize, sqlx::Error> {
-    reap_expired(pool, max_attempts).await.map(|reaped| reaped.len())
-}

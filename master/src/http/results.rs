@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, Problem};
 use super::jobs::job_name;
+use super::runs::run_id;
 use super::AppState;
 use crate::auth::{Caller, Role};
 
@@ -74,7 +75,7 @@ async fn list_results(
 ) -> Result<axum::Json<ResultList>, ApiError> {
     caller.require(Role::Read)?;
     let job = job_name(&name)?;
-    let run: Uuid = id.parse().map_err(|_| ApiError::BadRequest(format!("invalid run id `{id}`: must be a UUID")))?;
+    let run: Uuid = run_id(&id)?.0;
     let (attempt, status, bytes, key) = run_attempts(&state, job.as_str(), run)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("job `{job}` has no run {id}")))?;
@@ -124,7 +125,7 @@ async fn junit(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
     let job = job_name(&name)?;
-    let run: Uuid = id.parse().map_err(|_| ApiError::BadRequest(format!("invalid run id `{id}`: must be a UUID")))?;
+    let run: Uuid = run_id(&id)?.0;
     if run_attempts(&state, job.as_str(), run).await?.is_none() {
         return Err(ApiError::NotFound(format!("job `{job}` has no run {id}")));
     }
@@ -171,7 +172,7 @@ async fn console(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
     let job = job_name(&name)?;
-    let run: Uuid = id.parse().map_err(|_| ApiError::BadRequest(format!("invalid run id `{id}`: must be a UUID")))?;
+    let run: Uuid = run_id(&id)?.0;
     let Query(query) = query.map_err(|err| ApiError::BadRequest(err.body_text()))?;
     let current: Option<(i32,)> = sqlx::query_as("SELECT attempt FROM runs WHERE id = $1 AND job = $2")
         .bind(run)

@@ -134,7 +134,7 @@ impl TryFrom<RunRow> for RunView {
     }
 }
 
-fn run_id(raw: &str) -> Result<RunId, ApiError> {
+pub(super) fn run_id(raw: &str) -> Result<RunId, ApiError> {
     raw.parse::<RunId>().map_err(|err| ApiError::BadRequest(err.to_string()))
 }
 
@@ -232,7 +232,7 @@ pub(crate) async fn create_run(
     request: &TriggerRequest,
     key: Option<String>,
 ) -> Result<(StatusCode, RunView), ApiError> {
-    let (state, job) = (state, job.clone());
+    let job = job.clone();
     let hash = key.as_ref().map(|_| request_hash(request));
 
     let mut tries = 0;
