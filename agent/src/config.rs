@@ -62,6 +62,10 @@ pub struct AgentConfig {
     #[arg(long = "registry-password", env = "CIMASTER_REGISTRY_PASSWORD", hide_env_values = true)]
     pub registry_password: Option<SecretString>,
 
+    /// Image with git (and ssh) that checks out git jobs' repositories into the run's workspace.
+    #[arg(long = "git-image", env = "CIMASTER_AGENT_GIT_IMAGE", default_value = "cimaster-git:bookworm")]
+    pub git_image: String,
+
     /// Key for job secrets (the master's CIMASTER_SECRETS_KEY).
     #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
     pub secrets_key: Option<SecretString>,

@@ -8,10 +8,15 @@ use std::time::Duration;
 use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HostConfig, HostConfigLogConfig, Mount, MountTypeEnum, NetworkCreateRequest,
+    NetworkingConfig, VolumeCreateOptions,
+};
 use bollard::query_parameters::{
-    AttachContainerOptions, CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListNetworksOptions,
-    RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
+    AttachContainerOptions, BuildImageOptions, CreateContainerOptions, CreateImageOptions, DownloadFromContainerOptions,
+    InspectContainerOptions, ListContainersOptions, ListNetworksOptions, ListVolumesOptions, RemoveContainerOptions,
+    RemoveVolumeOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -48,6 +53,10 @@ pub enum DockerError {
     Wait(#[source] BollardError),
     #[error("stopping container {id} failed: {source}")]
     Stop { id: String, source: BollardError },
+    #[error("creating the workspace volume failed: {0}")]
+    Volume(#[source] BollardError),
+    #[error("building the image failed: {0}")]
+    Build(String),
     #[error("listing leftovers failed: {0}")]
     List(#[source] BollardError),
 }
@@ -76,15 +85,23 @@ impl RunLabels {
     }
 }
 
-/// A job container to create.
+/// A container of an attempt to create: the job itself, a sidecar service or the checkout helper.
+#[derive(Default)]
 pub struct JobContainer {
+    /// Suffix of the container's name after the attempt's (`cimaster-RUN-ATTEMPT`); empty for the job.
+    pub role: String,
     pub image: String,
-    pub script: String,
+    /// Script run by `sh -c`; the image's own command when absent.
+    pub script: Option<String>,
     pub env: Vec<String>,
     pub working_dir: Option<String>,
-    pub nano_cpus: i64,
-    pub memory_bytes: i64,
+    pub nano_cpus: Option<i64>,
+    pub memory_bytes: Option<i64>,
     pub network: String,
+    /// DNS names of the container on the run's network.
+    pub aliases: Vec<String>,
+    /// The run's workspace volume, mounted at /workspace.
+    pub workspace: Option<String>,
 }
 
 #[derive(Clone)]
@@ -139,10 +156,19 @@ impl DockerClient {
     /// Its output is attached before it starts, so nothing is missed, and goes only to the agent
     /// (the engine keeps no log file that could rotate lines away).
     pub async fn start_job(&self, labels: &RunLabels, spec: JobContainer) -> Result<(String, Output), DockerError> {
+        let mounts = spec.workspace.map(|volume| {
+            vec![Mount {
+                target: Some(crate::plan::WORKSPACE.to_owned()),
+                source: Some(volume),
+                typ: Some(MountTypeEnum::VOLUME),
+                ..Default::default()
+            }]
+        });
         let host_config = HostConfig {
-            nano_cpus: Some(spec.nano_cpus),
-            memory: Some(spec.memory_bytes),
-            memory_swap: Some(spec.memory_bytes),
+            nano_cpus: spec.nano_cpus,
+            memory: spec.memory_bytes,
+            memory_swap: spec.memory_bytes,
+            mounts,
             pids_limit: Some(4096),
             privileged: Some(false),
             network_mode: Some(spec.network.clone()),
@@ -151,29 +177,37 @@ impl DockerClient {
             log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
             ..Default::default()
         };
+        let networking_config = (!spec.aliases.is_empty()).then(|| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                spec.network.clone(),
+                EndpointSettings { aliases: Some(spec.aliases.clone()), ..Default::default() },
+            )])),
+        });
         let body = ContainerCreateBody {
             image: Some(spec.image),
-            cmd: Some(vec!["sh".to_owned(), "-c".to_owned(), spec.script]),
+            cmd: spec.script.map(|script| vec!["sh".to_owned(), "-c".to_owned(), script]),
             env: Some(spec.env),
             working_dir: spec.working_dir,
             labels: Some(labels.map()),
             host_config: Some(host_config),
+            networking_config,
             ..Default::default()
         };
-        let options = CreateContainerOptions { name: Some(labels.name()), ..Default::default() };
+        let name = if spec.role.is_empty() { labels.name() } else { format!("{}-{}", labels.name(), spec.role) };
+        let options = CreateContainerOptions { name: Some(name), ..Default::default() };
         let created = self.docker.create_container(Some(options), body).await.map_err(DockerError::CreateContainer)?;
         let attach = AttachContainerOptions { stream: true, stdout: true, stderr: true, ..Default::default() };
         let attached = match self.docker.attach_container(&created.id, Some(attach)).await {
             Ok(attached) => attached,
             Err(err) => {
-                self.remove(Some(&created.id), None).await;
+                self.remove_container(&created.id).await;
                 return Err(DockerError::Attach(err));
             }
         };
         if let Err(err) =
             self.docker.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>).await
         {
-            self.remove(Some(&created.id), None).await;
+            self.remove_container(&created.id).await;
             return Err(DockerError::StartContainer(err));
         }
         let output: Output = Box::pin(attached.output.map(|item| {
@@ -209,20 +243,117 @@ impl DockerClient {
         }
     }
 
-    /// Removes a container and a network, logging (not failing) on errors: cleanup is best effort
-    /// here and complete at the next sweep.
-    pub async fn remove(&self, container: Option<&str>, network: Option<&str>) {
-        if let Some(id) = container {
-            let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
-            if let Err(err) = self.docker.remove_container(id, Some(options)).await {
-                tracing::warn!(container = id, error = %err, "cannot remove container");
+    /// Removes a container, logging (not failing) on errors: cleanup is best effort here and
+    /// complete at the next sweep.
+    pub async fn remove_container(&self, id: &str) {
+        let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        if let Err(err) = self.docker.remove_container(id, Some(options)).await {
+            tracing::warn!(container = id, error = %err, "cannot remove container");
+        }
+    }
+
+    pub async fn remove_network(&self, name: &str) {
+        if let Err(err) = self.docker.remove_network(name).await {
+            tracing::warn!(network = name, error = %err, "cannot remove network");
+        }
+    }
+
+    pub async fn remove_volume(&self, name: &str) {
+        if let Err(err) = self.docker.remove_volume(name, Some(RemoveVolumeOptions { force: true })).await {
+            tracing::warn!(volume = name, error = %err, "cannot remove volume");
+        }
+    }
+
+    /// The run's workspace: a labelled volume named like the attempt.
+    pub async fn create_volume(&self, labels: &RunLabels) -> Result<String, DockerError> {
+        let request =
+            VolumeCreateOptions { name: Some(labels.name()), labels: Some(labels.map()), ..Default::default() };
+        let volume = self.docker.create_volume(request).await.map_err(DockerError::Volume)?;
+        Ok(volume.name)
+    }
+
+    pub async fn image_exists(&self, image: &str) -> bool {
+        self.docker.inspect_image(image).await.is_ok()
+    }
+
+    /// Builds `tag` from a tar of the build context, passing each line of build output to `line`.
+    pub async fn build_image(
+        &self,
+        context: Bytes,
+        dockerfile: &str,
+        tag: &str,
+        labels: HashMap<String, String>,
+        mut line: impl FnMut(String),
+    ) -> Result<(), DockerError> {
+        let options = BuildImageOptions {
+            dockerfile: dockerfile.to_owned(),
+            t: Some(tag.to_owned()),
+            rm: true,
+            forcerm: true,
+            labels: Some(labels),
+            ..Default::default()
+        };
+        let credentials = self.credentials.clone().map(|creds| HashMap::from([(String::new(), creds)]));
+        let mut build = self.docker.build_image(options, credentials, Some(bollard::body_full(context)));
+        while let Some(info) = build.next().await {
+            let info = info.map_err(|err| DockerError::Build(err.to_string()))?;
+            if let Some(error) = info.error {
+                return Err(DockerError::Build(error));
+            }
+            if let Some(text) = info.stream.or(info.status) {
+                for part in text.lines().filter(|part| !part.trim().is_empty()) {
+                    line(part.to_owned());
+                }
             }
         }
-        if let Some(name) = network {
-            if let Err(err) = self.docker.remove_network(name).await {
-                tracing::warn!(network = name, error = %err, "cannot remove network");
-            }
+        if self.image_exists(tag).await {
+            Ok(())
+        } else {
+            Err(DockerError::Build(format!("the engine ended the build without an image tagged {tag}")))
         }
+    }
+
+    /// A tar stream of `path` in a container (running or stopped), as `docker cp` gives it.
+    pub fn download(&self, id: &str, path: &str) -> impl Stream<Item = Result<Bytes, BollardError>> + Send + 'static {
+        self.docker.download_from_container(id, Some(DownloadFromContainerOptions { path: path.to_owned() }))
+    }
+
+    /// The container's address on `network`.
+    pub async fn address(&self, id: &str, network: &str) -> Option<std::net::IpAddr> {
+        let inspected = self.docker.inspect_container(id, None::<InspectContainerOptions>).await.ok()?;
+        let networks = inspected.network_settings?.networks?;
+        networks.get(network)?.ip_address.as_deref()?.parse().ok()
+    }
+
+    /// Whether the container still runs, and its exit code when it does not.
+    pub async fn exited(&self, id: &str) -> Option<i64> {
+        let inspected = self.docker.inspect_container(id, None::<InspectContainerOptions>).await.ok()?;
+        let state = inspected.state?;
+        if state.running == Some(true) {
+            None
+        } else {
+            Some(state.exit_code.unwrap_or(-1))
+        }
+    }
+
+    /// Runs `sh -c command` inside a running container; its exit code.
+    pub async fn exec(&self, id: &str, command: &str) -> Result<i64, BollardError> {
+        let exec = self
+            .docker
+            .create_exec(
+                id,
+                CreateExecOptions {
+                    cmd: Some(vec!["sh".to_owned(), "-c".to_owned(), command.to_owned()]),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if let StartExecResults::Attached { mut output, .. } = self.docker.start_exec(&exec.id, None).await? {
+            while output.next().await.is_some() {}
+        }
+        Ok(self.docker.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1))
     }
 
     /// Removes every container and network labelled with this agent id (left by an earlier crash),
@@ -242,16 +373,24 @@ impl DockerClient {
             }))
             .await
             .map_err(DockerError::List)?;
-        for container in &containers {
-            self.remove(container.id.as_deref(), None).await;
+        for id in containers.iter().filter_map(|container| container.id.as_deref()) {
+            self.remove_container(id).await;
+        }
+        let volumes = self
+            .docker
+            .list_volumes(Some(ListVolumesOptions { filters: Some(filters.clone()) }))
+            .await
+            .map_err(DockerError::List)?;
+        for volume in volumes.volumes.unwrap_or_default() {
+            self.remove_volume(&volume.name).await;
         }
         let networks = self
             .docker
             .list_networks(Some(ListNetworksOptions { filters: Some(filters) }))
             .await
             .map_err(DockerError::List)?;
-        for network in networks {
-            self.remove(None, network.name.as_deref()).await;
+        for name in networks.iter().filter_map(|network| network.name.as_deref()) {
+            self.remove_network(name).await;
         }
         Ok(containers.len())
     }

@@ -1,6 +1,8 @@
 //! Executes one claimed attempt: network, container, console, timeout, abort, lease, cleanup, and
 //! the fenced final status.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,18 +10,21 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use cimaster_common::pool::{self, AcquireRequest, ClusterView, PoolError, ReleaseOutcome};
 use cimaster_common::secrets::{Masker, SecretBox};
-use cimaster_common::storage::console_key;
-use cimaster_common::{ClusterRequirement, EnvName, JobSpec, RunStatus};
+use cimaster_common::results::{JunitSummary, KIND_JUNIT, KIND_SERVICE_LOG};
+use cimaster_common::storage::{console_key, result_key};
+use cimaster_common::{BuildSpec, ClusterRequirement, EnvName, HttpCheck, Readiness, Results, RunStatus};
 use futures::StreamExt;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::console::{self, ConsoleTx, Timestamper};
-use crate::docker::{Chunk, DockerClient, JobContainer, RunLabels};
-use crate::store::{self, Claim, Lease, Outcome, StoredConsole};
+use crate::archive;
+use crate::docker::{Chunk, DockerClient, JobContainer, Output, RunLabels};
+use crate::plan::{ImageSource, Plan, CHECKOUT_SCRIPT, WORKSPACE};
+use crate::store::{self, Claim, Lease, Outcome, StoredConsole, StoredResult};
 
 /// What every execution shares.
 #[derive(Clone)]
@@ -33,6 +38,8 @@ pub struct Executor {
     pub stop_grace: Duration,
     pub max_timeout: Duration,
     pub work_dir: PathBuf,
+    /// Image with git that checks out git runs.
+    pub git_image: String,
     pub secrets: Option<SecretBox>,
 }
 
@@ -47,8 +54,14 @@ fn masked(masker: &Masker, lines: BytesMut) -> bytes::Bytes {
 /// What an attempt holds and gives back at its end.
 #[derive(Default)]
 struct Held {
-    container: Option<String>,
+    /// Every container of the attempt: checkout helper, services, the job.
+    containers: Vec<String>,
+    /// The finished checkout helper, whose workspace a `build` reads.
+    checkout: Option<String>,
+    /// Running sidecars: name, container and the task collecting their output.
+    services: Vec<(String, String, tokio::task::JoinHandle<Vec<u8>>)>,
     network: Option<String>,
+    volume: Option<String>,
     /// The cluster lease's token and the task renewing it.
     cluster: Option<(i64, tokio::task::JoinHandle<()>)>,
 }
@@ -153,16 +166,32 @@ impl Executor {
                 }
             }
         }
-        // The container has stopped and the result is recorded; removing the container and network
-        // (a few hundred ms of engine work) does not hold up the run's status. A crash here leaves
-        // labelled leftovers that the next start of this agent sweeps.
-        self.docker.remove(held.container.as_deref(), held.network.as_deref()).await;
+        // The container has stopped and the result is recorded; removing the containers, volume and
+        // network (a few hundred ms of engine work) does not hold up the run's status. A crash here
+        // leaves labelled leftovers that the next start of this agent sweeps.
+        for (_, _, pump) in held.services.drain(..) {
+            pump.abort();
+        }
+        for id in held.containers.iter().rev() {
+            self.docker.remove_container(id).await;
+        }
+        if let Some(volume) = &held.volume {
+            self.docker.remove_volume(volume).await;
+        }
+        if let Some(network) = &held.network {
+            self.docker.remove_network(network).await;
+        }
     }
 
-    /// Decrypts the secrets the job names into `env`; a missing one fails the run before it starts.
-    async fn open_secrets(&self, claim: &Claim, names: &[EnvName], env: &mut Vec<String>) -> Result<Masker, String> {
+    /// Decrypts the named secrets; a missing one fails the run before it starts. The masker hides
+    /// every value (and its base64 form) in all output of the attempt.
+    async fn open_secrets(
+        &self,
+        claim: &Claim,
+        names: &[EnvName],
+    ) -> Result<(Masker, HashMap<String, SecretString>), String> {
         if names.is_empty() {
-            return Ok(Masker::default());
+            return Ok((Masker::default(), HashMap::new()));
         }
         let secrets = self
             .secrets
@@ -172,7 +201,7 @@ impl Executor {
         let sealed = store::sealed_secrets(&self.pool, &claim.job, &wanted)
             .await
             .map_err(|err| format!("cannot read the job's secrets: {err}"))?;
-        let mut values = Vec::new();
+        let mut values = HashMap::new();
         for name in &wanted {
             let (_, nonce, ciphertext) = sealed.iter().find(|(stored, _, _)| stored == name).ok_or_else(|| {
                 format!(
@@ -183,10 +212,10 @@ impl Executor {
             let value = secrets
                 .open(&format!("{}/{name}", claim.job), nonce, ciphertext)
                 .map_err(|err| format!("secret `{name}`: {err}"))?;
-            env.push(format!("{name}={}", value.expose_secret()));
-            values.push(value);
+            values.insert(name.clone(), value);
         }
-        Ok(Masker::new(values.iter().map(|value| value.expose_secret())))
+        let masker = Masker::new(values.values().map(|value| value.expose_secret()));
+        Ok((masker, values))
     }
 
     /// Leases a test cluster for the attempt, waiting while none is vacant (the run's message says
@@ -275,24 +304,54 @@ impl Executor {
         lost: &CancellationToken,
         held: &mut Held,
     ) -> Stop {
-        let JobSpec::Freestyle(job) = &claim.spec else {
-            return Stop::Failed(
-                "git jobs need the repository checkout, which this agent version does not perform".into(),
-            );
-        };
-        let timeout = Duration::from_secs(u64::from(job.timeout_seconds)).min(self.max_timeout);
-        let aborted = abort.notified();
-        tokio::pin!(aborted);
-
-        let mut env: Vec<String> = job.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let masker = match self.open_secrets(claim, &job.secrets, &mut env).await {
-            Ok(masker) => masker,
+        let plan = match Plan::of(claim) {
+            Ok(plan) => plan,
             Err(message) => {
                 console.note(&message).await;
                 return Stop::Failed(message);
             }
         };
-        if let Some(requirement) = &job.cluster {
+        // The timeout covers the whole attempt: checkout, image build, services and the script.
+        let timeout = Duration::from_secs(u64::from(plan.timeout_seconds)).min(self.max_timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let aborted = abort.notified();
+        tokio::pin!(aborted);
+        // Awaits a preparation step unless the attempt is stopped first.
+        macro_rules! interruptible {
+            ($step:expr) => {
+                tokio::select! {
+                    value = $step => value,
+                    _ = &mut aborted => return Stop::Aborted,
+                    _ = lost.cancelled() => return Stop::LeaseLost,
+                    _ = hard_stop.cancelled() => return Stop::Shutdown,
+                    _ = tokio::time::sleep_until(deadline) => return Stop::TimedOut(timeout),
+                }
+            };
+        }
+        // Ends the attempt with an error the console shows too.
+        macro_rules! fail {
+            ($message:expr) => {{
+                let message: String = $message;
+                console.note(&message).await;
+                return Stop::Failed(message);
+            }};
+        }
+
+        let mut env: Vec<String> = plan.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut names = plan.secrets.clone();
+        if let Some(checkout) = &plan.checkout {
+            names.extend(checkout.token_secret.iter().chain(&checkout.ssh_key_secret).cloned());
+        }
+        let (masker, mut values) = match self.open_secrets(claim, &names).await {
+            Ok(opened) => opened,
+            Err(message) => fail!(message),
+        };
+        for name in &plan.secrets {
+            if let Some(value) = values.get(name.as_str()) {
+                env.push(format!("{name}={}", value.expose_secret()));
+            }
+        }
+        if let Some(requirement) = &plan.cluster {
             let mut interrupted = Box::pin(async {
                 tokio::select! {
                     _ = &mut aborted => Stop::Aborted,
@@ -326,33 +385,127 @@ impl Executor {
             held.cluster = Some((lease.token, heartbeat));
         }
 
-        console.note(&format!("agent {} runs attempt {} in {}", self.agent, claim.attempt, job.image)).await;
-        if let Err(err) = self.docker.ensure_image(&job.image).await {
-            console.note(&err.to_string()).await;
-            return Stop::Failed(err.to_string());
+        let network = match interruptible!(self.docker.create_network(labels)) {
+            Ok(name) => name,
+            Err(err) => fail!(err.to_string()),
+        };
+        held.network = Some(network.clone());
+
+        // A git run's workspace: the repository at the run's commit, cloned by the helper image.
+        if let Some(checkout) = &plan.checkout {
+            let volume = match interruptible!(self.docker.create_volume(labels)) {
+                Ok(volume) => volume,
+                Err(err) => fail!(err.to_string()),
+            };
+            held.volume = Some(volume.clone());
+            console.note(&format!("checking out {} at {}", checkout.repository, checkout.commit)).await;
+            if let Err(err) = interruptible!(self.docker.ensure_image(&self.git_image)) {
+                fail!(format!("the checkout image is missing: {err}"));
+            }
+            let mut checkout_env = vec![
+                format!("CIMASTER_GIT_REPOSITORY={}", checkout.repository),
+                format!("CIMASTER_GIT_COMMIT={}", checkout.commit),
+            ];
+            if let Some(token) = checkout.token_secret.as_ref().and_then(|name| values.remove(name.as_str())) {
+                checkout_env.push(format!("CIMASTER_GIT_TOKEN={}", token.expose_secret()));
+            }
+            if let Some(key) = checkout.ssh_key_secret.as_ref().and_then(|name| values.remove(name.as_str())) {
+                checkout_env.push(format!("CIMASTER_GIT_SSH_KEY={}", key.expose_secret()));
+            }
+            let helper = JobContainer {
+                role: "checkout".into(),
+                image: self.git_image.clone(),
+                script: Some(CHECKOUT_SCRIPT.to_owned()),
+                env: checkout_env,
+                network: network.clone(),
+                workspace: Some(volume),
+                ..Default::default()
+            };
+            let (id, output) = match interruptible!(self.docker.start_job(labels, helper)) {
+                Ok(started) => started,
+                Err(err) => fail!(err.to_string()),
+            };
+            held.containers.push(id.clone());
+            let pump = pump_to_console(output, masker.clone(), console.clone());
+            let exit = interruptible!(self.docker.wait(&id));
+            let _ = tokio::time::timeout(Duration::from_secs(10), pump).await;
+            match exit {
+                Ok(0) => {}
+                Ok(code) => fail!(format!("the checkout of {} failed (git exited with {code})", checkout.commit)),
+                Err(err) => fail!(err.to_string()),
+            }
+            held.checkout = Some(id);
         }
-        match self.docker.create_network(labels).await {
-            Ok(name) => held.network = Some(name),
-            Err(err) => return Stop::Failed(err.to_string()),
+
+        let image = match &plan.image {
+            ImageSource::Image(image) => {
+                if let Err(err) = interruptible!(self.docker.ensure_image(image)) {
+                    fail!(err.to_string());
+                }
+                image.clone()
+            }
+            ImageSource::Build(build) => match interruptible!(self.build_image(claim, build, held, console)) {
+                Ok(tag) => tag,
+                Err(message) => fail!(message),
+            },
+        };
+
+        for (name, service) in &plan.services {
+            console.note(&format!("starting service {name} ({})", service.image)).await;
+            if let Err(err) = interruptible!(self.docker.ensure_image(&service.image)) {
+                fail!(format!("service `{name}`: {err}"));
+            }
+            let spec = JobContainer {
+                role: format!("svc-{name}"),
+                image: service.image.clone(),
+                script: service.command.clone(),
+                env: service.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                network: network.clone(),
+                aliases: vec![name.to_string()],
+                ..Default::default()
+            };
+            let (id, output) = match interruptible!(self.docker.start_job(labels, spec)) {
+                Ok(started) => started,
+                Err(err) => fail!(format!("service `{name}`: {err}")),
+            };
+            held.containers.push(id.clone());
+            held.services.push((name.to_string(), id, pump_to_memory(output, masker.clone())));
         }
+        for (name, service) in &plan.services {
+            let Some(ready) = &service.ready else { continue };
+            let id = held.services.iter().find(|(n, _, _)| n == name.as_str()).map(|(_, id, _)| id.clone());
+            let Some(id) = id else { continue };
+            match interruptible!(self.wait_ready(name.as_str(), &id, &network, ready)) {
+                Ok(waited) => console.note(&format!("service {name} is ready ({:.1}s)", waited.as_secs_f64())).await,
+                Err(message) => fail!(message),
+            }
+        }
+
+        console.note(&format!("agent {} runs attempt {} in {image}", self.agent, claim.attempt)).await;
         env.extend(claim.parameters.iter().map(|(k, v)| format!("{k}={v}")));
         env.push(format!("CIMASTER_RUN_ID={}", claim.run));
         env.push(format!("CIMASTER_JOB={}", claim.job));
         env.push(format!("CIMASTER_ATTEMPT={}", claim.attempt));
+        if let Some(checkout) = &plan.checkout {
+            env.push(format!("CIMASTER_COMMIT={}", checkout.commit));
+        }
         let spec = JobContainer {
-            image: job.image.clone(),
-            script: job.script.to_shell(),
+            role: String::new(),
+            image,
+            script: Some(plan.script.clone()),
             env,
-            working_dir: job.working_dir.clone(),
-            nano_cpus: (job.resources.cpus * 1e9) as i64,
-            memory_bytes: i64::try_from(job.resources.memory.bytes()).unwrap_or(i64::MAX),
-            network: held.network.clone().unwrap_or_default(),
+            working_dir: plan.working_dir.clone(),
+            nano_cpus: Some((plan.resources.cpus * 1e9) as i64),
+            memory_bytes: Some(i64::try_from(plan.resources.memory.bytes()).unwrap_or(i64::MAX)),
+            network: network.clone(),
+            aliases: Vec::new(),
+            workspace: held.volume.clone(),
         };
-        let (id, mut output) = match self.docker.start_job(labels, spec).await {
+        let (id, output) = match self.docker.start_job(labels, spec).await {
             Ok(started) => started,
             Err(err) => return Stop::Failed(err.to_string()),
         };
-        held.container = Some(id.clone());
+        held.containers.push(id.clone());
         {
             let (pool, claim) = (self.pool.clone(), claim.clone());
             tokio::spawn(async move {
@@ -361,38 +514,14 @@ impl Executor {
                 }
             });
         }
-        let mut logs = {
-            let console = console.clone();
-            tokio::spawn(async move {
-                let mut stamper = Timestamper::default();
-                let mut lines = BytesMut::new();
-                while let Some(chunk) = output.next().await {
-                    match chunk {
-                        Ok(Chunk::Stdout(data)) => stamper.push(0, &data, &mut lines),
-                        Ok(Chunk::Stderr(data)) => stamper.push(1, &data, &mut lines),
-                        Err(err) => {
-                            console.note(&format!("console stream interrupted: {err}")).await;
-                            break;
-                        }
-                    }
-                    // Lines are complete here, so a secret written in pieces is whole again.
-                    if !lines.is_empty() {
-                        console.send(masked(&masker, lines.split())).await;
-                    }
-                }
-                stamper.finish(&mut lines);
-                if !lines.is_empty() {
-                    console.send(masked(&masker, lines)).await;
-                }
-            })
-        };
+        let mut logs = pump_to_console(output, masker.clone(), console.clone());
 
         let stop = tokio::select! {
             exit = self.docker.wait(&id) => match exit {
                 Ok(code) => Stop::Exited(code),
                 Err(err) => Stop::Failed(err.to_string()),
             },
-            _ = tokio::time::sleep(timeout) => Stop::TimedOut(timeout),
+            _ = tokio::time::sleep_until(deadline) => Stop::TimedOut(timeout),
             _ = &mut aborted => Stop::Aborted,
             _ = lost.cancelled() => Stop::LeaseLost,
             _ = hard_stop.cancelled() => Stop::Shutdown,
@@ -415,7 +544,199 @@ impl Executor {
             logs.abort();
             console.note("the container's output did not end with it; the log may be incomplete").await;
         }
+        if !matches!(stop, Stop::LeaseLost) {
+            if !plan.results.is_empty() {
+                self.collect_results(claim, &id, &plan.results, console).await;
+            }
+            self.keep_service_logs(claim, held, console).await;
+        }
         stop
+    }
+
+    /// Builds the run's image from the repository's Dockerfile, or reuses the image an earlier run
+    /// built from the same Dockerfile and context (tagged with the context's digest).
+    async fn build_image(
+        &self,
+        claim: &Claim,
+        build: &BuildSpec,
+        held: &Held,
+        console: &ConsoleTx,
+    ) -> Result<String, String> {
+        let Some(helper) = &held.checkout else { return Err("`build` needs the repository's checkout".into()) };
+        let archive = self.docker.download(helper, WORKSPACE);
+        let reader = tokio_util::io::StreamReader::new(archive.map(|chunk| chunk.map_err(std::io::Error::other)));
+        let (context, dockerfile) = (build.context.clone(), build.dockerfile.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            archive::build_context(tokio_util::io::SyncIoBridge::new(reader), &context, &dockerfile)
+        })
+        .await
+        .map_err(|err| format!("reading the build context failed: {err}"))??;
+        let tag = format!("cimaster-build:{}", &built.digest[..32]);
+        if self.docker.image_exists(&tag).await {
+            console.note(&format!("reusing image {tag}: the Dockerfile and its context are unchanged")).await;
+            return Ok(tag);
+        }
+        console
+            .note(&format!("building {} (context `{}`) as {tag}", build.dockerfile, build.context))
+            .await;
+        let labels = std::collections::HashMap::from([
+            ("cimaster.job".to_owned(), claim.job.clone()),
+            ("cimaster.context-digest".to_owned(), built.digest.clone()),
+        ]);
+        let (lines, mut printed) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let printer = {
+            let console = console.clone();
+            tokio::spawn(async move {
+                while let Some(line) = printed.recv().await {
+                    console.note(&line).await;
+                }
+            })
+        };
+        let result = self
+            .docker
+            .build_image(bytes::Bytes::from(built.tar), &built.dockerfile, &tag, labels, |line| {
+                let _ = lines.send(line);
+            })
+            .await;
+        drop(lines);
+        let _ = printer.await;
+        result.map(|()| tag).map_err(|err| err.to_string())
+    }
+
+    /// Polls a service's readiness check until it passes, the service exits, or the check's timeout.
+    async fn wait_ready(&self, name: &str, id: &str, network: &str, ready: &Readiness) -> Result<Duration, String> {
+        let started = Instant::now();
+        let limit = Duration::from_secs(u64::from(ready.timeout_seconds));
+        loop {
+            if let Some(code) = self.docker.exited(id).await {
+                return Err(format!("service `{name}` exited with code {code} before it was ready"));
+            }
+            let outcome = if let Some(command) = &ready.command {
+                match self.docker.exec(id, command).await {
+                    Ok(0) => Ok(()),
+                    Ok(code) => Err(format!("`{command}` exited with {code}")),
+                    Err(err) => Err(err.to_string()),
+                }
+            } else {
+                match self.docker.address(id, network).await {
+                    None => Err("the service has no address on the run's network yet".to_owned()),
+                    Some(ip) => match (&ready.tcp, &ready.http) {
+                        (Some(port), _) => probe_tcp(ip, *port).await,
+                        (None, Some(http)) => probe_http(ip, http).await,
+                        (None, None) => Ok(()),
+                    },
+                }
+            };
+            let last = match outcome {
+                Ok(()) => return Ok(started.elapsed()),
+                Err(why) => why,
+            };
+            if started.elapsed() >= limit {
+                return Err(format!("service `{name}` was not ready after {}s (last check: {last})", limit.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Copies the result files out of the (stopped) job container into S3 and records them.
+    async fn collect_results(&self, claim: &Claim, container: &str, results: &Results, console: &ConsoleTx) {
+        let (junit, artifacts) = match (archive::globs(&results.junit), archive::globs(&results.artifacts)) {
+            (Ok(junit), Ok(artifacts)) => (junit, artifacts),
+            (Err(err), _) | (_, Err(err)) => return console.note(&err).await,
+        };
+        let archive = self.docker.download(container, WORKSPACE);
+        let reader = tokio_util::io::StreamReader::new(archive.map(|chunk| chunk.map_err(std::io::Error::other)));
+        let selected = tokio::task::spawn_blocking(move || {
+            let mut skipped = Vec::new();
+            archive::select_results(tokio_util::io::SyncIoBridge::new(reader), &junit, &artifacts, &mut skipped)
+                .map(|found| (found, skipped))
+        })
+        .await;
+        let (found, skipped) = match selected {
+            Ok(Ok(selected)) => selected,
+            Ok(Err(message)) => return console.note(&format!("cannot collect results: {message}")).await,
+            Err(err) => return console.note(&format!("cannot collect results: {err}")).await,
+        };
+        for why in skipped {
+            console.note(&format!("result skipped: {why}")).await;
+        }
+        let mut stored = Vec::new();
+        for file in found {
+            let summary = if file.kind == KIND_JUNIT {
+                match JunitSummary::parse(&file.data) {
+                    Ok(summary) => serde_json::to_value(summary).ok(),
+                    Err(why) => {
+                        console.note(&format!("{} is not a readable JUnit report: {why}", file.name)).await;
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let content_type = archive::content_type(&file.name);
+            match self.put_result(claim, file.kind, &file.name, content_type, file.data).await {
+                Ok(mut result) => {
+                    result.summary = summary;
+                    stored.push(result);
+                }
+                Err(err) => console.note(&format!("cannot store result {}: {err}", file.name)).await,
+            }
+        }
+        let names: Vec<String> = stored.iter().map(|r| format!("{} ({})", r.name, r.kind)).collect();
+        console
+            .note(&if names.is_empty() {
+                "no result files matched the `results` patterns".to_owned()
+            } else {
+                format!("collected results: {}", names.join(", "))
+            })
+            .await;
+        if let Err(err) = store::record_results(&self.pool, claim, &self.agent, &stored).await {
+            tracing::error!(error = %err, "cannot record the run's results");
+        }
+    }
+
+    /// Stops the sidecars and keeps each one's (masked) output as a result.
+    async fn keep_service_logs(&self, claim: &Claim, held: &mut Held, console: &ConsoleTx) {
+        let mut stored = Vec::new();
+        for (name, id, pump) in held.services.drain(..) {
+            if let Err(err) = self.docker.stop(&id, Duration::from_secs(2)).await {
+                tracing::warn!(error = %err, service = name, "cannot stop the service");
+            }
+            let log = match tokio::time::timeout(Duration::from_secs(10), pump).await {
+                Ok(Ok(log)) => log,
+                _ => continue,
+            };
+            match self.put_result(claim, KIND_SERVICE_LOG, &format!("{name}.log"), "text/plain; charset=utf-8", log).await
+            {
+                Ok(result) => stored.push(result),
+                Err(err) => console.note(&format!("cannot store the log of service {name}: {err}")).await,
+            }
+        }
+        if let Err(err) = store::record_results(&self.pool, claim, &self.agent, &stored).await {
+            tracing::error!(error = %err, "cannot record the service logs");
+        }
+    }
+
+    async fn put_result(
+        &self,
+        claim: &Claim,
+        kind: &'static str,
+        name: &str,
+        content_type: &str,
+        data: Vec<u8>,
+    ) -> Result<StoredResult, String> {
+        let key = result_key(claim.run, claim.attempt, kind, name);
+        let bytes = data.len() as i64;
+        self.s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_type(content_type)
+            .body(data.into())
+            .send()
+            .await
+            .map_err(|err| format!("{}", aws_sdk_s3::error::DisplayErrorContext(err)))?;
+        Ok(StoredResult { kind, name: name.to_owned(), bytes, content_type: content_type.to_owned(), key, summary: None })
     }
 
     async fn store_console(&self, claim: &Claim, path: &std::path::Path, bytes: u64) -> Option<StoredConsole> {
@@ -451,5 +772,101 @@ async fn heartbeat(
             }
             Err(err) => tracing::warn!(error = %err, "cannot renew the lease"),
         }
+    }
+}
+
+/// Streams a container's output into the console: timestamped lines, secrets masked.
+fn pump_to_console(mut output: Output, masker: Masker, console: ConsoleTx) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut stamper = Timestamper::default();
+        let mut lines = BytesMut::new();
+        while let Some(chunk) = output.next().await {
+            match chunk {
+                Ok(Chunk::Stdout(data)) => stamper.push(0, &data, &mut lines),
+                Ok(Chunk::Stderr(data)) => stamper.push(1, &data, &mut lines),
+                Err(err) => {
+                    console.note(&format!("console stream interrupted: {err}")).await;
+                    break;
+                }
+            }
+            // Lines are complete here, so a secret written in pieces is whole again.
+            if !lines.is_empty() {
+                console.send(masked(&masker, lines.split())).await;
+            }
+        }
+        stamper.finish(&mut lines);
+        if !lines.is_empty() {
+            console.send(masked(&masker, lines)).await;
+        }
+    })
+}
+
+/// Largest service log kept; later output is dropped with a note.
+const MAX_SERVICE_LOG: usize = 16 << 20;
+
+/// Collects a sidecar's output (timestamped, masked) until it stops.
+fn pump_to_memory(mut output: Output, masker: Masker) -> tokio::task::JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
+        let mut stamper = Timestamper::default();
+        let mut lines = BytesMut::new();
+        let mut log = Vec::new();
+        let mut full = false;
+        while let Some(chunk) = output.next().await {
+            match chunk {
+                Ok(Chunk::Stdout(data)) => stamper.push(0, &data, &mut lines),
+                Ok(Chunk::Stderr(data)) => stamper.push(1, &data, &mut lines),
+                Err(_) => break,
+            }
+            if !lines.is_empty() && !full {
+                log.extend_from_slice(&masked(&masker, lines.split()));
+                if log.len() > MAX_SERVICE_LOG {
+                    log.extend_from_slice(b"\n[cimaster] the service log was cut at 16 MiB\n");
+                    full = true;
+                }
+            }
+            lines.clear();
+        }
+        stamper.finish(&mut lines);
+        if !full {
+            log.extend_from_slice(&masked(&masker, lines));
+        }
+        log
+    })
+}
+
+async fn probe_tcp(ip: IpAddr, port: u16) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect((ip, port))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(format!("tcp {port}: {err}")),
+        Err(_) => Err(format!("tcp {port}: no answer within 2s")),
+    }
+}
+
+/// `GET path` over HTTP/1.0; ready on a 2xx or 3xx status.
+async fn probe_http(ip: IpAddr, check: &HttpCheck) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect((ip, check.port)).await?;
+        stream.write_all(format!("GET {} HTTP/1.0\r\nHost: {ip}\r\n\r\n", check.path).as_bytes()).await?;
+        let mut head = vec![0u8; 64];
+        let mut read = 0;
+        while read < 12 {
+            let n = stream.read(&mut head[read..]).await?;
+            if n == 0 {
+                break;
+            }
+            read += n;
+        }
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..read]).into_owned())
+    };
+    let head = tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .map_err(|_| format!("http {}: no answer within 2s", check.port))?
+        .map_err(|err| format!("http {}: {err}", check.port))?;
+    let status = head.split_whitespace().nth(1).and_then(|code| code.parse::<u16>().ok());
+    match status {
+        Some(code) if (200..400).contains(&code) => Ok(()),
+        Some(code) => Err(format!("GET {} answered {code}", check.path)),
+        None => Err(format!("GET {} did not answer HTTP", check.path)),
     }
 }

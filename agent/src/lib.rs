@@ -2,10 +2,12 @@
 //! writes status and console straight to Postgres and stores logs in S3.
 
 pub mod admission;
+mod archive;
 pub mod config;
 pub mod console;
 mod docker;
 pub mod executor;
+pub mod plan;
 pub mod store;
 pub mod worker;
 
@@ -73,6 +75,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         stop_grace: config.stop_grace,
         max_timeout: config.max_timeout,
         work_dir,
+        git_image: config.git_image.clone(),
         secrets: config
             .secrets_key
             .as_ref()

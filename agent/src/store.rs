@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cimaster_common::{JobSpec, RunId, RunStatus};
+use cimaster_common::{JobSpec, RepoConfig, Resources, RunId, RunStatus};
 use sqlx::types::Json;
 use sqlx::PgPool;
 
@@ -17,6 +17,9 @@ pub struct Claim {
     pub attempt: u32,
     pub spec: JobSpec,
     pub parameters: BTreeMap<String, String>,
+    /// Git runs: the commit and the job config file read there at trigger time.
+    pub commit: Option<String>,
+    pub config: Option<RepoConfig>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -24,17 +27,23 @@ struct ClaimRow {
     job: String,
     spec: Json<JobSpec>,
     parameters: Json<BTreeMap<String, String>>,
+    commit_sha: Option<String>,
+    config: Option<Json<RepoConfig>>,
 }
 
 /// The declared needs of a queued run, read before deciding whether it fits.
-pub async fn queued_spec(pool: &PgPool, run: RunId, attempt: u32) -> Result<Option<JobSpec>, sqlx::Error> {
-    let spec: Option<Json<JobSpec>> =
-        sqlx::query_scalar("SELECT spec FROM runs WHERE id = $1 AND attempt = $2 AND status = 'queued'")
+pub async fn queued_resources(pool: &PgPool, run: RunId, attempt: u32) -> Result<Option<Resources>, sqlx::Error> {
+    let row: Option<(Json<JobSpec>, Option<Json<RepoConfig>>)> =
+        sqlx::query_as("SELECT spec, config FROM runs WHERE id = $1 AND attempt = $2 AND status = 'queued'")
             .bind(run.0)
             .bind(attempt as i32)
             .fetch_optional(pool)
             .await?;
-    Ok(spec.map(|spec| spec.0))
+    Ok(row.map(|(spec, config)| match (spec.0, config) {
+        (_, Some(config)) => config.0.resources,
+        (JobSpec::Freestyle(job), None) => job.resources,
+        (JobSpec::Git(_), None) => Resources::default(),
+    }))
 }
 
 /// Queued → running for exactly this attempt, in one statement. `None`: nothing to claim (stale or
@@ -51,11 +60,11 @@ pub async fn claim(
              UPDATE runs SET status = 'running', agent = $3, started_at = now(), updated_at = now(),
                              lease_expires_at = now() + make_interval(secs => $4)
              WHERE id = $1 AND attempt = $2 AND status = 'queued' AND NOT abort_requested
-             RETURNING id, attempt, job, spec, parameters
+             RETURNING id, attempt, job, spec, parameters, commit_sha, config
          ), attempt AS (
              INSERT INTO run_attempts (run_id, attempt, agent) SELECT id, attempt, $3 FROM claimed
          )
-         SELECT job, spec, parameters FROM claimed",
+         SELECT job, spec, parameters, commit_sha, config FROM claimed",
     )
     .bind(run.0)
     .bind(attempt as i32)
@@ -63,7 +72,15 @@ pub async fn claim(
     .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|row| Claim { run, job: row.job, attempt, spec: row.spec.0, parameters: row.parameters.0 }))
+    Ok(row.map(|row| Claim {
+        run,
+        job: row.job,
+        attempt,
+        spec: row.spec.0,
+        parameters: row.parameters.0,
+        commit: row.commit_sha,
+        config: row.config.map(|config| config.0),
+    }))
 }
 
 /// What a heartbeat learned.
@@ -206,4 +223,45 @@ pub async fn finish(
     sqlx::query("SELECT pg_notify('cimaster_run_finished', $1)").bind(claim.run.to_string()).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// One collected result file, stored in S3.
+pub struct StoredResult {
+    pub kind: &'static str,
+    pub name: String,
+    pub bytes: i64,
+    pub content_type: String,
+    pub key: String,
+    pub summary: Option<serde_json::Value>,
+}
+
+/// Records collected result files, fenced like every other write of the attempt.
+pub async fn record_results(
+    pool: &PgPool,
+    claim: &Claim,
+    agent: &str,
+    results: &[StoredResult],
+) -> Result<(), sqlx::Error> {
+    for result in results {
+        sqlx::query(
+            "INSERT INTO run_results (run_id, attempt, kind, name, bytes, content_type, object_key, summary)
+             SELECT id, attempt, $4, $5, $6, $7, $8, $9 FROM runs
+             WHERE id = $1 AND attempt = $2 AND agent = $3 AND status = 'running'
+             ON CONFLICT (run_id, attempt, kind, name) DO UPDATE
+             SET bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type, object_key = EXCLUDED.object_key,
+                 summary = EXCLUDED.summary",
+        )
+        .bind(claim.run.0)
+        .bind(claim.attempt as i32)
+        .bind(agent)
+        .bind(result.kind)
+        .bind(&result.name)
+        .bind(result.bytes)
+        .bind(&result.content_type)
+        .bind(&result.key)
+        .bind(result.summary.as_ref().map(Json))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
 }

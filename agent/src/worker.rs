@@ -189,8 +189,8 @@ impl Worker {
             }
         };
         let pool = &self.executor.pool;
-        let spec = match store::queued_spec(pool, message.run_id, message.attempt).await {
-            Ok(Some(spec)) => spec,
+        let resources = match store::queued_resources(pool, message.run_id, message.attempt).await {
+            Ok(Some(resources)) => resources,
             Ok(None) => {
                 tracing::debug!(run_id = %message.run_id, attempt = message.attempt, "nothing to claim; dropping message");
                 let _ = delivery.ack(BasicAckOptions::default()).await;
@@ -203,10 +203,7 @@ impl Worker {
                 return;
             }
         };
-        let (cpus, memory) = match &spec {
-            cimaster_common::JobSpec::Freestyle(job) => (job.resources.cpus, job.resources.memory.bytes()),
-            cimaster_common::JobSpec::Git(_) => (1.0, 512 << 20),
-        };
+        let (cpus, memory) = (resources.cpus, resources.memory.bytes());
         let reservation = match self.admission.reserve(cpus, memory, stop_taking).await {
             Ok(Some(reservation)) => reservation,
             Ok(None) => {

@@ -105,9 +105,27 @@ pub struct GitJob {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
     pub parameters: BTreeMap<EnvName, String>,
-    /// Resource class, chosen by the platform team rather than the repository.
+    /// Resource class, chosen by the platform team rather than the repository (the config file's
+    /// `queue` overrides it).
     #[serde(default)]
     pub queue: QueueName,
+    /// Name of a job secret holding an HTTPS token for a private repository (sent as basic auth
+    /// `x-access-token:TOKEN`, as GitHub, GitLab and Gitea accept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub token_secret: Option<EnvName>,
+    /// Name of a job secret holding an SSH deploy key (private key, OpenSSH format) for `ssh://` or
+    /// `user@host:path` repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub ssh_key_secret: Option<EnvName>,
+}
+
+impl GitJob {
+    /// The secret names the checkout needs.
+    pub fn credential_secrets(&self) -> impl Iterator<Item = &EnvName> {
+        self.token_secret.iter().chain(self.ssh_key_secret.iter())
+    }
 }
 
 impl JobSpec {
@@ -151,7 +169,7 @@ impl JobSpec {
     }
 }
 
-fn default_timeout() -> u32 {
+pub(crate) fn default_timeout() -> u32 {
     DEFAULT_TIMEOUT_SECONDS
 }
 
@@ -163,7 +181,7 @@ fn default_branch() -> BranchName {
     BranchName::parse("main").expect("valid default")
 }
 
-fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+pub(crate) fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let value = u32::deserialize(d)?;
     if value == 0 || value > MAX_TIMEOUT_SECONDS {
         return Err(de::Error::custom(format!(
@@ -173,7 +191,7 @@ fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     Ok(value)
 }
 
-fn image_ref<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+pub(crate) fn image_ref<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let value = String::deserialize(d)?;
     if value.is_empty() || value.len() > 512 {
         return Err(de::Error::custom("image must be 1 to 512 characters"));

@@ -9,6 +9,8 @@ mod job;
 #[cfg(feature = "pool")]
 pub mod pool;
 mod queue;
+mod repo;
+pub mod results;
 mod run;
 #[cfg(feature = "secrets")]
 pub mod secrets;
@@ -18,4 +20,5 @@ pub mod storage;
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
 pub use job::{ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
 pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_arguments, QueueArgument, RunMessage};
+pub use repo::{BuildSpec, ConfigError, HttpCheck, Readiness, RepoConfig, Results, ServiceName, ServiceSpec};
 pub use run::{RunStatus, TriggerRequest, UnknownStatus};

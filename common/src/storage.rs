@@ -45,3 +45,8 @@ impl S3Config {
 pub fn console_key(run: RunId, attempt: u32) -> String {
     format!("runs/{run}/{attempt}/console.log")
 }
+
+/// Where a collected result file of an attempt is stored.
+pub fn result_key(run: RunId, attempt: u32, kind: &str, name: &str) -> String {
+    format!("runs/{run}/{attempt}/results/{kind}/{name}")
+}

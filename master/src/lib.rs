@@ -8,6 +8,7 @@ pub mod dispatch;
 pub mod http;
 pub mod pool;
 pub mod reaper;
+pub mod repo;
 pub mod startup;
 pub mod telemetry;
 

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -68,6 +69,7 @@ impl Application {
             bucket: config.s3.bucket.clone(),
             pool_config: config.pool.clone(),
             secrets,
+            repos: Arc::new(crate::repo::RepoReader::new(Duration::from_secs(60))),
         };
         Ok(Self { listener, state, cancel, tasks })
     }

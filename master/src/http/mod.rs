@@ -45,6 +45,7 @@ pub struct AppState {
     pub bucket: String,
     pub pool_config: crate::config::PoolConfig,
     pub secrets: Option<cimaster_common::secrets::SecretBox>,
+    pub repos: Arc<crate::repo::RepoReader>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use cimaster_common::{JobName, JobSpec, RunId, RunMessage, RunStatus, TriggerRequest};
+use cimaster_common::{
+    EnvName, GitJob, JobName, JobSpec, QueueName, RepoConfig, RunId, RunMessage, RunStatus, TriggerRequest,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::types::Json as SqlJson;
@@ -21,6 +23,7 @@ use super::jobs::{job_name, job_not_found, CachedJob};
 use super::json::OptionalJson;
 use super::AppState;
 use crate::auth::{Caller, Role};
+use crate::repo::{Credentials, RepoError};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -236,7 +239,7 @@ pub(crate) async fn create_run(
     let hash = key.as_ref().map(|_| request_hash(request));
 
     let mut tries = 0;
-    let (spec, row) = loop {
+    let row = loop {
         tries += 1;
         let cached = match state.jobs.get(&job) {
             Some(cached) => cached,
@@ -255,13 +258,25 @@ pub(crate) async fn create_run(
             return Ok((StatusCode::OK, existing));
         }
         let parameters = plan_run(&job, &spec, &request)?;
+        let resolved = match spec.as_ref() {
+            JobSpec::Git(git) => Some(read_repo_config(state, &job, git, request).await?),
+            JobSpec::Freestyle(_) => None,
+        };
+        let queue = match &resolved {
+            Some((_, config)) => config.queue.as_ref().unwrap_or(spec.queue()),
+            None => spec.queue(),
+        };
+        let commit_sha = match &resolved {
+            Some((sha, _)) => Some(sha.as_str()),
+            None => request.commit_sha.as_ref().map(|sha| sha.as_str()),
+        };
         // One statement: the job row is locked FOR SHARE while the run is inserted, so a concurrent
         // DELETE waits for it, and the version check makes sure the run was planned against the job
         // as it is now — the cached spec is only a hint that this statement verifies.
         let inserted: Option<RunRow> = sqlx::query_as(&format!(
             "INSERT INTO runs (id, job, queue, commit_sha, branch_name, parameters, spec, triggered_by,
-                               idempotency_key, request_hash)
-             SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9 FROM jobs
+                               idempotency_key, request_hash, config)
+             SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12 FROM jobs
              WHERE name = $2 AND version = $10 AND updated_at = $11
              FOR SHARE
              ON CONFLICT (job, idempotency_key) DO NOTHING
@@ -269,8 +284,8 @@ pub(crate) async fn create_run(
         ))
         .bind(RunId::new().0)
         .bind(job.as_str())
-        .bind(spec.queue().as_str())
-        .bind(request.commit_sha.as_ref().map(|sha| sha.as_str()))
+        .bind(queue.as_str())
+        .bind(commit_sha)
         .bind(request.branch_name.as_ref().map(|branch| branch.as_str()))
         .bind(SqlJson(&parameters))
         .bind(&caller.subject)
@@ -278,10 +293,11 @@ pub(crate) async fn create_run(
         .bind(hash.as_deref())
         .bind(cached.version)
         .bind(cached.updated_at)
+        .bind(resolved.as_ref().map(|(_, config)| SqlJson(config)))
         .fetch_optional(&state.pool)
         .await?;
         if let Some(row) = inserted {
-            break (spec, row);
+            break row;
         }
         // Either a request with the same Idempotency-Key won the race, or the job changed or was
         // deleted between the two statements.
@@ -295,9 +311,10 @@ pub(crate) async fn create_run(
     };
     let id = RunId(row.id);
     let span = tracing::info_span!("trigger", run_id = %id, job = %job);
-    metrics::counter!("cimaster_runs_created_total", "queue" => spec.queue().to_string()).increment(1);
+    let queue: QueueName = row.queue.parse().map_err(|err| ApiError::Internal(anyhow::anyhow!("run {id}: {err}")))?;
+    metrics::counter!("cimaster_runs_created_total", "queue" => queue.to_string()).increment(1);
 
-    let message = RunMessage { run_id: id, job: job.clone(), attempt: 1, queue: spec.queue().clone() };
+    let message = RunMessage { run_id: id, job: job.clone(), attempt: 1, queue };
     match state.broker.publish(&message).instrument(span.clone()).await {
         Ok(()) => state.confirms.confirmed(id),
         Err(err) => {
@@ -307,6 +324,73 @@ pub(crate) async fn create_run(
     }
     span.in_scope(|| tracing::info!(by = %caller.subject, "run triggered"));
     Ok((StatusCode::CREATED, RunView::try_from(row)?))
+}
+
+/// Resolves the trigger's branch to a commit and reads the job config file there. Every problem
+/// with the repository or the file is the trigger's 422.
+async fn read_repo_config(
+    state: &AppState,
+    job: &JobName,
+    git: &GitJob,
+    request: &TriggerRequest,
+) -> Result<(String, RepoConfig), ApiError> {
+    let creds = repo_credentials(state, job, git).await?;
+    let url = git.repository.as_str();
+    let unprocessable = |err: RepoError| ApiError::Unprocessable(format!("repository {url}: {err}"));
+    let sha = match (&request.commit_sha, &request.branch_name) {
+        (Some(sha), _) => sha.as_str().to_owned(),
+        (None, Some(branch)) => state.repos.resolve_branch(url, branch.as_str(), &creds).await.map_err(unprocessable)?,
+        (None, None) => unreachable!("plan_run asks for a commit or a branch"),
+    };
+    let path = git.config_path.as_str();
+    let text = state
+        .repos
+        .read_file(url, &sha, path, &creds)
+        .await
+        .map_err(unprocessable)?
+        .ok_or_else(|| ApiError::Unprocessable(format!("job config file `{path}` does not exist at commit {sha}")))?;
+    let config = RepoConfig::parse(&text)
+        .map_err(|err| ApiError::Unprocessable(format!("job config file `{path}` at commit {sha}, {err}")))?;
+    if config.timeout_seconds > state.max_timeout_seconds {
+        return Err(ApiError::Unprocessable(format!(
+            "job config file `{path}` at commit {sha}: timeoutSeconds {} is above this installation's maximum of {}",
+            config.timeout_seconds, state.max_timeout_seconds
+        )));
+    }
+    Ok((sha, config))
+}
+
+/// The job's repository credentials, decrypted from its secrets.
+async fn repo_credentials(state: &AppState, job: &JobName, git: &GitJob) -> Result<Credentials, ApiError> {
+    let mut creds = Credentials::default();
+    let names: Vec<String> = git.credential_secrets().map(ToString::to_string).collect();
+    if names.is_empty() {
+        return Ok(creds);
+    }
+    let secrets = state.secrets.as_ref().ok_or_else(|| {
+        ApiError::Unprocessable(format!(
+            "job `{job}` reads its repository with secrets, but this server has no CIMASTER_SECRETS_KEY"
+        ))
+    })?;
+    let sealed: Vec<(String, Vec<u8>, Vec<u8>)> =
+        sqlx::query_as("SELECT name, nonce, ciphertext FROM job_secrets WHERE job = $1 AND name = ANY($2)")
+            .bind(job.as_str())
+            .bind(&names)
+            .fetch_all(&state.pool)
+            .await?;
+    let open = |name: &EnvName| -> Result<secrecy::SecretString, ApiError> {
+        let (_, nonce, ciphertext) = sealed.iter().find(|(stored, _, _)| stored == name.as_str()).ok_or_else(|| {
+            ApiError::Unprocessable(format!(
+                "secret `{name}` is not set for job `{job}`; set it with PUT /jobs/{job}/secrets/{name}"
+            ))
+        })?;
+        secrets
+            .open(&format!("{job}/{name}"), nonce, ciphertext)
+            .map_err(|err| ApiError::Internal(anyhow::anyhow!("secret `{name}` of job `{job}`: {err}")))
+    };
+    creds.token = git.token_secret.as_ref().map(&open).transpose()?;
+    creds.ssh_key = git.ssh_key_secret.as_ref().map(&open).transpose()?;
+    Ok(creds)
 }
 
 fn respond(status: StatusCode, view: RunView) -> Response {

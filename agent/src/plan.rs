@@ -1,0 +1,114 @@
+//! What an attempt executes, whichever kind of job it came from: a freestyle job's spec as
+//! configured through the API, or a git job's config file read from its repository at the run's
+//! commit.
+
+use std::collections::BTreeMap;
+
+use cimaster_common::{
+    BuildSpec, ClusterRequirement, EnvName, JobSpec, RepositoryUrl, Resources, Results, ServiceName, ServiceSpec,
+};
+
+use crate::store::Claim;
+
+/// Where the workspace of a git run is mounted in its containers.
+pub const WORKSPACE: &str = "/workspace";
+
+pub enum ImageSource {
+    Image(String),
+    Build(BuildSpec),
+}
+
+/// The repository and commit a git run checks out.
+pub struct Checkout {
+    pub repository: RepositoryUrl,
+    pub commit: String,
+    pub token_secret: Option<EnvName>,
+    pub ssh_key_secret: Option<EnvName>,
+}
+
+pub struct Plan {
+    pub image: ImageSource,
+    pub script: String,
+    pub env: BTreeMap<String, String>,
+    pub secrets: Vec<EnvName>,
+    pub timeout_seconds: u32,
+    pub resources: Resources,
+    pub working_dir: Option<String>,
+    pub cluster: Option<ClusterRequirement>,
+    pub services: BTreeMap<ServiceName, ServiceSpec>,
+    pub results: Results,
+    pub checkout: Option<Checkout>,
+}
+
+impl Plan {
+    pub fn of(claim: &Claim) -> Result<Plan, String> {
+        match &claim.spec {
+            JobSpec::Freestyle(job) => Ok(Plan {
+                image: ImageSource::Image(job.image.clone()),
+                script: job.script.to_shell(),
+                env: job.env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+                secrets: job.secrets.clone(),
+                timeout_seconds: job.timeout_seconds,
+                resources: job.resources.clone(),
+                working_dir: job.working_dir.clone(),
+                cluster: job.cluster.clone(),
+                services: BTreeMap::new(),
+                results: Results::default(),
+                checkout: None,
+            }),
+            JobSpec::Git(git) => {
+                let (Some(commit), Some(config)) = (&claim.commit, &claim.config) else {
+                    return Err("the git run has no resolved commit and config file; trigger it again".into());
+                };
+                let image = match (&config.image, &config.build) {
+                    (Some(image), _) => ImageSource::Image(image.clone()),
+                    (None, Some(build)) => ImageSource::Build(build.clone()),
+                    (None, None) => return Err("the job config file names neither `image` nor `build`".into()),
+                };
+                Ok(Plan {
+                    image,
+                    script: config.script.to_shell(),
+                    env: config.env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+                    secrets: config.secrets.clone(),
+                    timeout_seconds: config.timeout_seconds,
+                    resources: config.resources.clone(),
+                    working_dir: Some(WORKSPACE.to_owned()),
+                    cluster: config.cluster.clone(),
+                    services: config.services.clone(),
+                    results: config.results.clone(),
+                    checkout: Some(Checkout {
+                        repository: git.repository.clone(),
+                        commit: commit.clone(),
+                        token_secret: git.token_secret.clone(),
+                        ssh_key_secret: git.ssh_key_secret.clone(),
+                    }),
+                })
+            }
+        }
+    }
+}
+
+/// The checkout helper's script: the whole repository, then the run's commit, detached. The
+/// repository, commit and credentials arrive in the environment, never on the command line.
+pub const CHECKOUT_SCRIPT: &str = r#"set -eu
+cd /workspace
+if [ -n "${CIMASTER_GIT_SSH_KEY:-}" ]; then
+  umask 077
+  printf '%s\n' "$CIMASTER_GIT_SSH_KEY" > /tmp/deploy-key
+  export GIT_SSH_COMMAND="ssh -i /tmp/deploy-key -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/dev/null -o BatchMode=yes"
+fi
+if [ -n "${CIMASTER_GIT_TOKEN:-}" ]; then
+  export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=http.extraHeader
+  export GIT_CONFIG_VALUE_0="Authorization: Basic $(printf 'x-access-token:%s' "$CIMASTER_GIT_TOKEN" | base64 -w0)"
+fi
+export GIT_TERMINAL_PROMPT=0
+git init --quiet .
+git config --global --add safe.directory /workspace
+git remote add origin "$CIMASTER_GIT_REPOSITORY"
+echo "fetching $CIMASTER_GIT_REPOSITORY"
+git fetch --quiet --tags origin '+refs/heads/*:refs/remotes/origin/*'
+git cat-file -e "$CIMASTER_GIT_COMMIT^{commit}" 2>/dev/null || git fetch --quiet origin "$CIMASTER_GIT_COMMIT"
+git -c advice.detachedHead=false checkout --quiet --detach "$CIMASTER_GIT_COMMIT"
+git log -1 --format='checked out %H (%s)'
+chmod -R a+rwX /workspace
+"#;

@@ -1,0 +1,183 @@
+//! Result files a run keeps besides its console log, and the JUnit summary the agent computes when it
+//! collects a report.
+
+use serde::{Deserialize, Serialize};
+
+/// What kind of result file a run has.
+pub const KIND_JUNIT: &str = "junit";
+pub const KIND_ARTIFACT: &str = "artifact";
+pub const KIND_SERVICE_LOG: &str = "service-log";
+
+/// Totals and failed cases of one or more JUnit reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct JunitSummary {
+    pub tests: u64,
+    pub failures: u64,
+    pub errors: u64,
+    pub skipped: u64,
+    /// Sum of the cases' `time` attributes, in seconds.
+    pub time_seconds: f64,
+    /// Every case that failed or errored, in report order.
+    pub failed: Vec<FailedCase>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct FailedCase {
+    pub suite: String,
+    pub classname: String,
+    pub name: String,
+    /// `failure` or `error`.
+    pub kind: String,
+    pub message: String,
+}
+
+impl JunitSummary {
+    pub fn add(&mut self, other: &JunitSummary) {
+        self.tests += other.tests;
+        self.failures += other.failures;
+        self.errors += other.errors;
+        self.skipped += other.skipped;
+        self.time_seconds += other.time_seconds;
+        self.failed.extend(other.failed.iter().cloned());
+    }
+
+    /// Reads a JUnit XML report (`<testsuites>` or a single `<testsuite>`), counting `<testcase>`s.
+    #[cfg(feature = "junit")]
+    pub fn parse(xml: &[u8]) -> Result<Self, String> {
+        use quick_xml::events::{BytesStart, Event};
+        use quick_xml::Reader;
+
+        fn attr(element: &BytesStart<'_>, name: &[u8]) -> String {
+            element
+                .attributes()
+                .flatten()
+                .find(|a| a.key.as_ref() == name)
+                .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+                .unwrap_or_default()
+        }
+
+        let mut reader = Reader::from_reader(xml);
+        let mut summary = JunitSummary::default();
+        let mut suites: Vec<String> = Vec::new();
+        // The open <testcase>: (classname, name), and an open <failure>/<error> collecting its text.
+        let mut case: Option<(String, String)> = None;
+        let mut failing: Option<FailedCase> = None;
+        let mut seen_root = false;
+        let mut buf = Vec::new();
+        loop {
+            let event = reader
+                .read_event_into(&mut buf)
+                .map_err(|err| format!("not well-formed XML at byte {}: {err}", reader.buffer_position()))?;
+            match event {
+                Event::Start(ref e) | Event::Empty(ref e) => {
+                    let empty = matches!(event, Event::Empty(_));
+                    let name = e.name().as_ref().to_vec();
+                    if !seen_root {
+                        seen_root = true;
+                        if name != b"testsuites" && name != b"testsuite" {
+                            return Err("not a JUnit report: the root element is neither testsuites nor testsuite".into());
+                        }
+                    }
+                    match name.as_slice() {
+                        b"testsuite" if !empty => suites.push(attr(e, b"name")),
+                        b"testcase" => {
+                            summary.tests += 1;
+                            summary.time_seconds += attr(e, b"time").parse::<f64>().unwrap_or(0.0);
+                            if !empty {
+                                case = Some((attr(e, b"classname"), attr(e, b"name")));
+                            }
+                        }
+                        b"skipped" if case.is_some() => summary.skipped += 1,
+                        kind @ (b"failure" | b"error") if case.is_some() => {
+                            let (classname, name) = case.clone().unwrap_or_default();
+                            let kind = String::from_utf8_lossy(kind).into_owned();
+                            if kind == "failure" {
+                                summary.failures += 1;
+                            } else {
+                                summary.errors += 1;
+                            }
+                            let failed = FailedCase {
+                                suite: suites.last().cloned().unwrap_or_default(),
+                                classname,
+                                name,
+                                kind,
+                                message: attr(e, b"message"),
+                            };
+                            if empty {
+                                summary.failed.push(failed);
+                            } else {
+                                failing = Some(failed);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Event::Text(text) => {
+                    if let Some(failed) = failing.as_mut().filter(|f| f.message.is_empty()) {
+                        failed.message = text.unescape().map(|t| t.trim().to_owned()).unwrap_or_default();
+                    }
+                }
+                Event::CData(text) => {
+                    if let Some(failed) = failing.as_mut().filter(|f| f.message.is_empty()) {
+                        failed.message = String::from_utf8_lossy(&text).trim().to_owned();
+                    }
+                }
+                Event::End(e) => match e.name().as_ref() {
+                    b"testsuite" => {
+                        suites.pop();
+                    }
+                    b"testcase" => case = None,
+                    b"failure" | b"error" => summary.failed.extend(failing.take()),
+                    _ => {}
+                },
+                Event::Eof => break,
+                _ => {}
+            }
+            buf.clear();
+        }
+        if !seen_root {
+            return Err("not a JUnit report: the file is empty".into());
+        }
+        Ok(summary)
+    }
+}
+
+#[cfg(all(test, feature = "junit"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_cases_and_keeps_failure_messages() {
+        let xml = br#"<?xml version="1.0"?>
+<testsuites>
+  <testsuite name="math" tests="4">
+    <testcase classname="math.Add" name="adds" time="0.5"/>
+    <testcase classname="math.Add" name="overflows" time="0.25">
+      <failure message="expected 2, got 3" type="AssertionError">trace</failure>
+    </testcase>
+    <testcase classname="math.Div" name="by zero"><error>panicked &amp; died</error></testcase>
+    <testcase classname="math.Div" name="later"><skipped/></testcase>
+  </testsuite>
+</testsuites>"#;
+        let summary = JunitSummary::parse(xml).unwrap();
+        assert_eq!((summary.tests, summary.failures, summary.errors, summary.skipped), (4, 1, 1, 1));
+        assert!((summary.time_seconds - 0.75).abs() < 1e-9);
+        assert_eq!(summary.failed.len(), 2);
+        assert_eq!(summary.failed[0].name, "overflows");
+        assert_eq!(summary.failed[0].message, "expected 2, got 3");
+        assert_eq!(summary.failed[0].suite, "math");
+        assert_eq!(summary.failed[1].kind, "error");
+        assert_eq!(summary.failed[1].message, "panicked & died");
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_report() {
+        assert!(JunitSummary::parse(b"<html></html>").unwrap_err().contains("not a JUnit report"));
+        assert!(JunitSummary::parse(b"").is_err());
+        assert!(JunitSummary::parse(b"<testsuite><testcase></testsuite>").is_err());
+    }
+}

@@ -1,0 +1,209 @@
+//! Reading a git job's repository at trigger time: a branch resolved to its commit with
+//! `git ls-remote`, and the one config file read from a shallow, single-commit fetch (never a full
+//! clone). The `git` program does the talking, so every transport git knows works.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::process::Command;
+
+/// Credentials for a private repository.
+#[derive(Default)]
+pub struct Credentials {
+    /// HTTPS token, sent as basic auth `x-access-token:TOKEN`.
+    pub token: Option<SecretString>,
+    /// SSH private key (OpenSSH format).
+    pub ssh_key: Option<SecretString>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("branch `{0}` does not exist in the repository")]
+    NoSuchBranch(String),
+    #[error("commit {0} is not in the repository")]
+    NoSuchCommit(String),
+    #[error("cannot read the repository: {0}")]
+    Unreadable(String),
+}
+
+/// Reads repositories for the trigger path; config files are cached by (repository, commit, path),
+/// which never change.
+pub struct RepoReader {
+    timeout: Duration,
+    files: Mutex<HashMap<(String, String, String), Option<String>>>,
+}
+
+const CACHED_FILES: usize = 512;
+
+impl RepoReader {
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout, files: Mutex::new(HashMap::new()) }
+    }
+
+    /// The commit a branch points at now.
+    pub async fn resolve_branch(&self, url: &str, branch: &str, creds: &Credentials) -> Result<String, RepoError> {
+        let dir = tempdir()?;
+        let reference = format!("refs/heads/{branch}");
+        let out = self.git(dir.path(), creds, &["ls-remote", "--", url, &reference]).await?;
+        out.lines()
+            .filter_map(|line| line.split_once('\t'))
+            .find(|(_, name)| *name == reference)
+            .map(|(sha, _)| sha.to_owned())
+            .ok_or_else(|| RepoError::NoSuchBranch(branch.to_owned()))
+    }
+
+    /// The text of `path` at `commit`; `None` when the commit has no such file.
+    pub async fn read_file(
+        &self,
+        url: &str,
+        commit: &str,
+        path: &str,
+        creds: &Credentials,
+    ) -> Result<Option<String>, RepoError> {
+        let key = (url.to_owned(), commit.to_owned(), path.to_owned());
+        if let Some(hit) = self.files.lock().expect("cache lock").get(&key) {
+            return Ok(hit.clone());
+        }
+        let dir = tempdir()?;
+        self.git(dir.path(), creds, &["init", "--quiet", "--bare", "."]).await?;
+        let fetched = self.git(dir.path(), creds, &["fetch", "--quiet", "--depth=1", "--no-tags", "--", url, commit]).await;
+        if let Err(RepoError::Unreadable(message)) = &fetched {
+            if message.contains("not our ref") || message.contains("couldn't find remote ref") {
+                return Err(RepoError::NoSuchCommit(commit.to_owned()));
+            }
+        }
+        fetched?;
+        let text = match self.git(dir.path(), creds, &["show", &format!("{commit}:{path}")]).await {
+            Ok(text) => Some(text),
+            Err(RepoError::Unreadable(message))
+                if message.contains("does not exist") || message.contains("exists on disk, but not in") =>
+            {
+                None
+            }
+            Err(err) => return Err(err),
+        };
+        let mut files = self.files.lock().expect("cache lock");
+        if files.len() >= CACHED_FILES {
+            files.clear();
+        }
+        files.insert(key, text.clone());
+        Ok(text)
+    }
+
+    /// Runs git in `dir` and returns its stdout; stderr becomes the error, with credentials kept out of
+    /// the command line (they travel in the environment).
+    async fn git(&self, dir: &Path, creds: &Credentials, args: &[&str]) -> Result<String, RepoError> {
+        let mut command = Command::new("git");
+        command
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut config = Vec::new();
+        if let Some(token) = &creds.token {
+            let basic = base64::engine::general_purpose::STANDARD
+                .encode(format!("x-access-token:{}", token.expose_secret()));
+            config.push(("http.extraHeader".to_owned(), format!("Authorization: Basic {basic}")));
+        }
+        if let Some(key) = &creds.ssh_key {
+            let file = dir.join(".cimaster-deploy-key");
+            write_private(&file, key.expose_secret())?;
+            command.env(
+                "GIT_SSH_COMMAND",
+                format!(
+                    "ssh -i {} -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/dev/null -o BatchMode=yes",
+                    file.display()
+                ),
+            );
+        }
+        command.env("GIT_CONFIG_COUNT", config.len().to_string());
+        for (i, (key, value)) in config.iter().enumerate() {
+            command.env(format!("GIT_CONFIG_KEY_{i}"), key).env(format!("GIT_CONFIG_VALUE_{i}"), value);
+        }
+        let output = tokio::time::timeout(self.timeout, command.output())
+            .await
+            .map_err(|_| RepoError::Unreadable(format!("git {} took longer than {:?}", args[0], self.timeout)))?
+            .map_err(|err| RepoError::Unreadable(format!("cannot run git: {err}")))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let message = stderr.lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join("; ");
+            Err(RepoError::Unreadable(if message.is_empty() { format!("git {} failed", args[0]) } else { message }))
+        }
+    }
+}
+
+fn tempdir() -> Result<tempfile::TempDir, RepoError> {
+    tempfile::Builder::new()
+        .prefix("cimaster-git-")
+        .tempdir()
+        .map_err(|err| RepoError::Unreadable(format!("cannot create a scratch directory: {err}")))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), RepoError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|err| RepoError::Unreadable(format!("cannot write the deploy key: {err}")))?;
+    let mut text = text.to_owned();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    file.write_all(text.as_bytes()).map_err(|err| RepoError::Unreadable(format!("cannot write the deploy key: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(dir: &Path, script: &str) -> String {
+        let out = std::process::Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[tokio::test]
+    async fn resolves_branches_and_reads_one_file_at_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        sh(
+            dir.path(),
+            "git init -q -b main repo && cd repo && git config user.email t@e && git config user.name t \
+             && printf 'one\\n' > .cimaster.yml && git add . && git commit -qm one \
+             && git checkout -qb feature && printf 'two\\n' > .cimaster.yml && git commit -qam two",
+        );
+        let repo = dir.path().join("repo");
+        let url = format!("file://{}", repo.display());
+        let main = sh(&repo, "git rev-parse main");
+        let reader = RepoReader::new(Duration::from_secs(20));
+        let creds = Credentials::default();
+        assert_eq!(reader.resolve_branch(&url, "main", &creds).await.unwrap(), main);
+        let feature = reader.resolve_branch(&url, "feature", &creds).await.unwrap();
+        assert_ne!(feature, main);
+        assert!(matches!(reader.resolve_branch(&url, "nope", &creds).await, Err(RepoError::NoSuchBranch(_))));
+        assert_eq!(reader.read_file(&url, &main, ".cimaster.yml", &creds).await.unwrap().as_deref(), Some("one\n"));
+        assert_eq!(
+            reader.read_file(&url, &feature, ".cimaster.yml", &creds).await.unwrap().as_deref(),
+            Some("two\n")
+        );
+        assert_eq!(reader.read_file(&url, &main, "missing.yml", &creds).await.unwrap(), None);
+        let err = reader.read_file(&url, &"0".repeat(40), ".cimaster.yml", &creds).await.unwrap_err();
+        assert!(matches!(err, RepoError::NoSuchCommit(_)), "{err}");
+        let err = reader.resolve_branch("file:///nowhere/at/all", "main", &creds).await.unwrap_err();
+        assert!(matches!(err, RepoError::Unreadable(_)), "{err}");
+    }
+}
