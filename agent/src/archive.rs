@@ -208,7 +208,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, ["Dockerfile", "src", "src/a"]);
+        assert_eq!(names, ["Dockerfile", "src/a"]);
     }
 
     #[test]

@@ -14,9 +14,9 @@ use bollard::models::{
     NetworkingConfig, VolumeCreateOptions,
 };
 use bollard::query_parameters::{
-    AttachContainerOptions, BuildImageOptions, CreateContainerOptions, CreateImageOptions, DownloadFromContainerOptions,
-    InspectContainerOptions, ListContainersOptions, ListNetworksOptions, ListVolumesOptions, RemoveContainerOptions,
-    RemoveVolumeOptions, StopContainerOptions, WaitContainerOptions,
+    AttachContainerOptions, BuildImageOptions, CreateContainerOptions, CreateImageOptions,
+    DownloadFromContainerOptions, InspectContainerOptions, ListContainersOptions, ListNetworksOptions,
+    ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use cimaster_common::pool::{self, AcquireRequest, ClusterView, PoolError, ReleaseOutcome};
-use cimaster_common::secrets::{Masker, SecretBox};
 use cimaster_common::results::{JunitSummary, KIND_JUNIT, KIND_SERVICE_LOG};
+use cimaster_common::secrets::{Masker, SecretBox};
 use cimaster_common::storage::{console_key, result_key};
 use cimaster_common::{BuildSpec, ClusterRequirement, EnvName, HttpCheck, Readiness, Results, RunStatus};
 use futures::StreamExt;
@@ -20,8 +20,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::console::{self, ConsoleTx, Timestamper};
 use crate::archive;
+use crate::console::{self, ConsoleTx, Timestamper};
 use crate::docker::{Chunk, DockerClient, JobContainer, Output, RunLabels};
 use crate::plan::{ImageSource, Plan, CHECKOUT_SCRIPT, WORKSPACE};
 use crate::store::{self, Claim, Lease, Outcome, StoredConsole, StoredResult};
@@ -576,9 +576,7 @@ impl Executor {
             console.note(&format!("reusing image {tag}: the Dockerfile and its context are unchanged")).await;
             return Ok(tag);
         }
-        console
-            .note(&format!("building {} (context `{}`) as {tag}", build.dockerfile, build.context))
-            .await;
+        console.note(&format!("building {} (context `{}`) as {tag}", build.dockerfile, build.context)).await;
         let labels = std::collections::HashMap::from([
             ("cimaster.job".to_owned(), claim.job.clone()),
             ("cimaster.context-digest".to_owned(), built.digest.clone()),
@@ -706,7 +704,9 @@ impl Executor {
                 Ok(Ok(log)) => log,
                 _ => continue,
             };
-            match self.put_result(claim, KIND_SERVICE_LOG, &format!("{name}.log"), "text/plain; charset=utf-8", log).await
+            match self
+                .put_result(claim, KIND_SERVICE_LOG, &format!("{name}.log"), "text/plain; charset=utf-8", log)
+                .await
             {
                 Ok(result) => stored.push(result),
                 Err(err) => console.note(&format!("cannot store the log of service {name}: {err}")).await,
@@ -736,7 +736,14 @@ impl Executor {
             .send()
             .await
             .map_err(|err| format!("{}", aws_sdk_s3::error::DisplayErrorContext(err)))?;
-        Ok(StoredResult { kind, name: name.to_owned(), bytes, content_type: content_type.to_owned(), key, summary: None })
+        Ok(StoredResult {
+            kind,
+            name: name.to_owned(),
+            bytes,
+            content_type: content_type.to_owned(),
+            key,
+            summary: None,
+        })
     }
 
     async fn store_console(&self, claim: &Claim, path: &std::path::Path, bytes: u64) -> Option<StoredConsole> {

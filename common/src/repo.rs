@@ -229,8 +229,9 @@ impl RepoConfig {
         }
         for (name, service) in &self.services {
             if let Some(ready) = &service.ready {
-                let checks =
-                    usize::from(ready.command.is_some()) + usize::from(ready.tcp.is_some()) + usize::from(ready.http.is_some());
+                let checks = usize::from(ready.command.is_some())
+                    + usize::from(ready.tcp.is_some())
+                    + usize::from(ready.http.is_some());
                 if checks != 1 {
                     return Err(format!("service `{name}`: `ready` needs exactly one of `command`, `tcp` and `http`"));
                 }

@@ -79,7 +79,9 @@ impl JunitSummary {
                     if !seen_root {
                         seen_root = true;
                         if name != b"testsuites" && name != b"testsuite" {
-                            return Err("not a JUnit report: the root element is neither testsuites nor testsuite".into());
+                            return Err(
+                                "not a JUnit report: the root element is neither testsuites nor testsuite".into()
+                            );
                         }
                     }
                     match name.as_slice() {

@@ -71,7 +71,8 @@ impl RepoReader {
         }
         let dir = tempdir()?;
         self.git(dir.path(), creds, &["init", "--quiet", "--bare", "."]).await?;
-        let fetched = self.git(dir.path(), creds, &["fetch", "--quiet", "--depth=1", "--no-tags", "--", url, commit]).await;
+        let fetched =
+            self.git(dir.path(), creds, &["fetch", "--quiet", "--depth=1", "--no-tags", "--", url, commit]).await;
         if let Err(RepoError::Unreadable(message)) = &fetched {
             if message.contains("not our ref") || message.contains("couldn't find remote ref") {
                 return Err(RepoError::NoSuchCommit(commit.to_owned()));
@@ -111,8 +112,8 @@ impl RepoReader {
             .kill_on_drop(true);
         let mut config = Vec::new();
         if let Some(token) = &creds.token {
-            let basic = base64::engine::general_purpose::STANDARD
-                .encode(format!("x-access-token:{}", token.expose_secret()));
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{}", token.expose_secret()));
             config.push(("http.extraHeader".to_owned(), format!("Authorization: Basic {basic}")));
         }
         if let Some(key) = &creds.ssh_key {
@@ -196,10 +197,7 @@ mod tests {
         assert_ne!(feature, main);
         assert!(matches!(reader.resolve_branch(&url, "nope", &creds).await, Err(RepoError::NoSuchBranch(_))));
         assert_eq!(reader.read_file(&url, &main, ".cimaster.yml", &creds).await.unwrap().as_deref(), Some("one\n"));
-        assert_eq!(
-            reader.read_file(&url, &feature, ".cimaster.yml", &creds).await.unwrap().as_deref(),
-            Some("two\n")
-        );
+        assert_eq!(reader.read_file(&url, &feature, ".cimaster.yml", &creds).await.unwrap().as_deref(), Some("two\n"));
         assert_eq!(reader.read_file(&url, &main, "missing.yml", &creds).await.unwrap(), None);
         let err = reader.read_file(&url, &"0".repeat(40), ".cimaster.yml", &creds).await.unwrap_err();
         assert!(matches!(err, RepoError::NoSuchCommit(_)), "{err}");

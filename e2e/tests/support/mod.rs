@@ -184,7 +184,11 @@ impl Drop for Stack {
         for agent in &self.agents {
             let _ = std::process::Command::new("sh")
                 .arg("-c")
-                .arg(format!("docker ps -aq --filter label=cimaster.agent={} | xargs -r docker rm -f", agent.id))
+                .arg(format!(
+                    "f=label=cimaster.agent={}; docker ps -aq --filter $f | xargs -r docker rm -f; \
+                     docker volume ls -q --filter $f | xargs -r docker volume rm -f",
+                    agent.id
+                ))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
@@ -235,6 +239,7 @@ impl Api {
 
 /// Containers and networks still labelled with the run, once the agent has had 10 s to remove them
 /// (removal follows the final status).
+/// Containers, and networks plus volumes, of a run still present.
 pub async fn leftovers(run_id: &str) -> (usize, usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -252,7 +257,10 @@ fn leftovers_now(run_id: &str) -> (usize, usize) {
         String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()).count()
     };
     let filter = format!("label=cimaster.run={run_id}");
-    (count(&["ps", "-aq", "--filter", &filter]), count(&["network", "ls", "-q", "--filter", &filter]))
+    (
+        count(&["ps", "-aq", "--filter", &filter]),
+        count(&["network", "ls", "-q", "--filter", &filter]) + count(&["volume", "ls", "-q", "--filter", &filter]),
+    )
 }
 
 pub fn containers_of_agent(agent: &str) -> usize {
@@ -265,4 +273,88 @@ pub fn containers_of_agent(agent: &str) -> usize {
 
 pub fn run_id(path: &str) -> String {
     path.rsplit('/').next().unwrap().to_owned()
+}
+
+/// A git repository served over `git daemon` on the Docker bridge's gateway address, which both the
+/// master (on this host) and the agent's containers (on their run networks) reach.
+pub struct GitServer {
+    pub dir: tempfile::TempDir,
+    pub host: String,
+    pub port: u16,
+    daemon: std::process::Child,
+}
+
+impl GitServer {
+    pub fn start() -> Self {
+        // The bridge's gateway is this host's address on it: the first address of its subnet.
+        let output = std::process::Command::new("docker")
+            .args(["network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Subnet}}"])
+            .output()
+            .unwrap();
+        let subnet = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let network: std::net::Ipv4Addr =
+            subnet.split('/').next().unwrap().parse().unwrap_or_else(|_| panic!("bridge subnet `{subnet}`"));
+        let host = std::net::Ipv4Addr::from(u32::from(network) + 1).to_string();
+        let port = std::net::TcpListener::bind((host.as_str(), 0)).unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = std::process::Command::new("git")
+            .args(["daemon", "--reuseaddr", "--export-all", "--informative-errors"])
+            .arg(format!("--base-path={}", dir.path().display()))
+            .arg(format!("--listen={host}"))
+            .arg(format!("--port={port}"))
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((host.as_str(), port)).is_err() {
+            assert!(Instant::now() < deadline, "git daemon did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { dir, host, port, daemon }
+    }
+
+    /// Creates repository `name` (a working copy, served as is) and returns its URL.
+    pub fn repo(&self, name: &str) -> String {
+        self.git(name, &["init", "-q", "-b", "main"]);
+        self.git(name, &["config", "user.email", "e2e@cimaster.test"]);
+        self.git(name, &["config", "user.name", "e2e"]);
+        format!("git://{}:{}/{name}", self.host, self.port)
+    }
+
+    /// Writes files on `branch` (created from the current one if new) and commits; the commit's SHA.
+    pub fn commit(&self, name: &str, branch: &str, files: &[(&str, &str)]) -> String {
+        let path = self.dir.path().join(name);
+        if self.git(name, &["rev-parse", "--verify", "-q", branch]).is_empty() {
+            let has_commits = !self.git(name, &["rev-parse", "--verify", "-q", "HEAD"]).is_empty();
+            if has_commits {
+                self.git(name, &["checkout", "-q", "-b", branch]);
+            }
+        } else {
+            self.git(name, &["checkout", "-q", branch]);
+        }
+        for (file, text) in files {
+            let target = path.join(file);
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::write(target, text).unwrap();
+        }
+        self.git(name, &["add", "-A"]);
+        self.git(name, &["commit", "-q", "-m", &format!("change on {branch}")]);
+        self.git(name, &["rev-parse", "HEAD"])
+    }
+
+    fn git(&self, name: &str, args: &[&str]) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        let output = std::process::Command::new("git").args(args).current_dir(&path).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
 }

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
+use cimaster_common::results::{JunitSummary, KIND_ARTIFACT, KIND_JUNIT, KIND_SERVICE_LOG};
 use cimaster_common::storage::console_key;
 use cimaster_common::RunStatus;
 use serde::Deserialize;
@@ -28,19 +29,22 @@ pub fn router() -> Router<AppState> {
         .route("/jobs/{name}/runs/{id}/results", get(list_results))
         .route("/jobs/{name}/runs/{id}/results/console", get(console))
         .route("/jobs/{name}/runs/{id}/results/junit", get(junit))
+        .route("/jobs/{name}/runs/{id}/results/artifacts/{*file}", get(artifact))
+        .route("/jobs/{name}/runs/{id}/results/services/{service}", get(service_log))
 }
 
 /// One result a run has.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResultEntry {
-    /// `console` (more kinds, such as `junit` and `artifact`, come with result collection).
-    pub kind: &'static str,
+    /// `console`, `junit`, `artifact` or `service-log`.
+    pub kind: String,
+    /// File name; for `junit` and `artifact` its path relative to the workspace.
     pub name: String,
     pub attempt: i32,
     /// Bytes; absent while the attempt runs.
     pub size: Option<i64>,
-    pub content_type: &'static str,
+    pub content_type: String,
     /// `live` while the attempt runs (served from Postgres), `stored` once in S3.
     pub state: &'static str,
     pub href: String,
@@ -83,11 +87,11 @@ async fn list_results(
     let mut results = Vec::new();
     if status != "queued" || attempt > 1 {
         results.push(ResultEntry {
-            kind: "console",
+            kind: "console".into(),
             name: "console.log".into(),
             attempt,
             size: key.as_ref().and(bytes),
-            content_type: "text/plain; charset=utf-8",
+            content_type: "text/plain; charset=utf-8".into(),
             state: if key.is_some() { "stored" } else { "live" },
             href: base.clone(),
         });
@@ -101,37 +105,243 @@ async fn list_results(
             .await?;
     for (number,) in earlier {
         results.push(ResultEntry {
-            kind: "console",
+            kind: "console".into(),
             name: "console.log".into(),
             attempt: number,
             size: None,
-            content_type: "text/plain; charset=utf-8",
+            content_type: "text/plain; charset=utf-8".into(),
             state: "stored",
             href: format!("{base}?attempt={number}"),
+        });
+    }
+    let files: Vec<(i32, String, String, i64, String)> = sqlx::query_as(
+        "SELECT attempt, kind, name, bytes, content_type FROM run_results WHERE run_id = $1
+         ORDER BY attempt DESC, kind, name",
+    )
+    .bind(run)
+    .fetch_all(&state.pool)
+    .await?;
+    let root = format!("/jobs/{job}/runs/{run}/results");
+    for (number, kind, name, size, content_type) in files {
+        let href = match kind.as_str() {
+            KIND_SERVICE_LOG => format!("{root}/services/{}", name.trim_end_matches(".log")),
+            _ => format!("{root}/artifacts/{name}"),
+        };
+        results.push(ResultEntry {
+            href: if number == attempt { href } else { format!("{href}?attempt={number}") },
+            kind,
+            name,
+            attempt: number,
+            size: Some(size),
+            content_type,
+            state: "stored",
         });
     }
     Ok(axum::Json(ResultList { results }))
 }
 
-/// JUnit results. Collecting result files from runs is not available yet, so every run answers 404.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AttemptQuery {
+    /// Which attempt's results (default: the current one).
+    attempt: Option<i32>,
+}
+
+/// The attempt a results request is about, after checking the run exists; and whether it is still
+/// running.
+async fn chosen_attempt(
+    state: &AppState,
+    name: &str,
+    id: &str,
+    query: Result<Query<AttemptQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(Uuid, i32, bool), ApiError> {
+    let job = job_name(name)?;
+    let run: Uuid = run_id(id)?.0;
+    let Query(query) = query.map_err(|err| ApiError::BadRequest(err.body_text()))?;
+    let (current, status, _, _) = run_attempts(state, job.as_str(), run)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("job `{job}` has no run {id}")))?;
+    let attempt = query.attempt.unwrap_or(current);
+    if attempt < 1 || attempt > current {
+        return Err(ApiError::NotFound(format!("run {id} has attempts 1 to {current}, not {attempt}")));
+    }
+    let live = attempt == current && !status.parse::<RunStatus>().is_ok_and(RunStatus::is_terminal);
+    Ok((run, attempt, live))
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredFile {
+    name: String,
+    bytes: i64,
+    content_type: String,
+    object_key: String,
+    summary: Option<sqlx::types::Json<JunitSummary>>,
+}
+
+async fn stored_files(
+    state: &AppState,
+    run: Uuid,
+    attempt: i32,
+    kinds: &[&str],
+    name: Option<&str>,
+) -> Result<Vec<StoredFile>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT name, bytes, content_type, object_key, summary FROM run_results
+         WHERE run_id = $1 AND attempt = $2 AND kind = ANY($3) AND ($4::text IS NULL OR name = $4)
+         ORDER BY name",
+    )
+    .bind(run)
+    .bind(attempt)
+    .bind(kinds.iter().map(|kind| kind.to_string()).collect::<Vec<_>>())
+    .bind(name)
+    .fetch_all(&state.pool)
+    .await
+}
+
+/// The JUnit summary of an attempt (`Accept: application/json`, the default).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JunitReport {
+    pub attempt: i32,
+    /// The report files the summary adds up.
+    pub files: Vec<String>,
+    #[serde(flatten)]
+    pub summary: JunitSummary,
+}
+
+/// JUnit results of an attempt: the summary as JSON (totals, failed cases with their messages), or
+/// with `Accept: application/zip` the report files themselves.
 #[utoipa::path(get, path = "/jobs/{name}/runs/{id}/results/junit", tag = "results",
-    params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id")),
-    responses((status = 404, body = Problem, content_type = "application/problem+json")),
+    params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id"), AttemptQuery),
+    responses((status = 200, body = JunitReport), (status = 200, description = "the report files", content_type = "application/zip"),
+        (status = 404, body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn junit(
     State(state): State<AppState>,
     caller: Caller,
     Path((name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    query: Result<Query<AttemptQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
-    let job = job_name(&name)?;
-    let run: Uuid = run_id(&id)?.0;
-    if run_attempts(&state, job.as_str(), run).await?.is_none() {
-        return Err(ApiError::NotFound(format!("job `{job}` has no run {id}")));
+    let (run, attempt, live) = chosen_attempt(&state, &name, &id, query).await?;
+    let files = stored_files(&state, run, attempt, &[KIND_JUNIT], None).await?;
+    if files.is_empty() {
+        return Err(ApiError::NotFound(if live {
+            format!("run {id} has no JUnit results yet: they are collected when its script ends")
+        } else {
+            format!("attempt {attempt} of run {id} has no JUnit results (none matched `results.junit`)")
+        }));
     }
-    Err(ApiError::NotFound(format!(
-        "run {id} has no JUnit results: result files are not collected from runs yet (see GET /jobs/{job}/runs/{id}/results)"
-    )))
+    let accept = headers.get(header::ACCEPT).and_then(|value| value.to_str().ok()).unwrap_or("");
+    if accept.contains("application/zip") {
+        let zip = zip_files(&state, &files).await?;
+        let disposition = format!("attachment; filename=\"junit-{run}-{attempt}.zip\"");
+        return Ok((
+            [(header::CONTENT_TYPE, "application/zip".to_owned()), (header::CONTENT_DISPOSITION, disposition)],
+            zip,
+        )
+            .into_response());
+    }
+    let mut summary = JunitSummary::default();
+    for file in &files {
+        if let Some(one) = &file.summary {
+            summary.add(&one.0);
+        }
+    }
+    let report = JunitReport { attempt, files: files.iter().map(|file| file.name.clone()).collect(), summary };
+    Ok(axum::Json(report).into_response())
+}
+
+async fn zip_files(state: &AppState, files: &[StoredFile]) -> Result<Vec<u8>, ApiError> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for file in files {
+        let object = state.s3.get_object().bucket(&state.bucket).key(&file.object_key).send().await.map_err(|err| {
+            ApiError::Internal(anyhow::anyhow!(
+                "reading {}: {}",
+                file.object_key,
+                aws_sdk_s3::error::DisplayErrorContext(err)
+            ))
+        })?;
+        let data = object.body.collect().await.map_err(|err| ApiError::Internal(err.into()))?.into_bytes();
+        zip.start_file(file.name.as_str(), options).map_err(|err| ApiError::Internal(err.into()))?;
+        zip.write_all(&data).map_err(|err| ApiError::Internal(err.into()))?;
+    }
+    let cursor = zip.finish().map_err(|err| ApiError::Internal(err.into()))?;
+    Ok(cursor.into_inner())
+}
+
+/// One collected file (artifact or JUnit report), by its path in the workspace.
+#[utoipa::path(get, path = "/jobs/{name}/runs/{id}/results/artifacts/{file}", tag = "results",
+    params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id"),
+        ("file" = String, Path, description = "the file's path in the workspace, e.g. dist/app.tar.gz"), AttemptQuery),
+    responses((status = 200, description = "the file", content_type = "application/octet-stream"),
+        (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn artifact(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, id, file)): Path<(String, String, String)>,
+    query: Result<Query<AttemptQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    let (run, attempt, _) = chosen_attempt(&state, &name, &id, query).await?;
+    let found = stored_files(&state, run, attempt, &[KIND_ARTIFACT, KIND_JUNIT], Some(&file)).await?;
+    let stored = found
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::NotFound(format!("attempt {attempt} of run {id} has no result file `{file}`")))?;
+    download(&state, stored).await
+}
+
+/// The output of one of the run's sidecar services.
+#[utoipa::path(get, path = "/jobs/{name}/runs/{id}/results/services/{service}", tag = "results",
+    params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id"),
+        ("service" = String, Path, description = "service name"), AttemptQuery),
+    responses((status = 200, description = "the service's log", content_type = "text/plain"),
+        (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn service_log(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, id, service)): Path<(String, String, String)>,
+    query: Result<Query<AttemptQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    let (run, attempt, _) = chosen_attempt(&state, &name, &id, query).await?;
+    let file = format!("{}.log", service.trim_end_matches(".log"));
+    let found = stored_files(&state, run, attempt, &[KIND_SERVICE_LOG], Some(&file)).await?;
+    let stored = found.into_iter().next().ok_or_else(|| {
+        ApiError::NotFound(format!("attempt {attempt} of run {id} has no log of a service `{service}`"))
+    })?;
+    download(&state, stored).await
+}
+
+/// Streams a stored result file from S3.
+async fn download(state: &AppState, file: StoredFile) -> Result<Response, ApiError> {
+    let object = state.s3.get_object().bucket(&state.bucket).key(&file.object_key).send().await.map_err(|err| {
+        ApiError::Internal(anyhow::anyhow!(
+            "reading {}: {}",
+            file.object_key,
+            aws_sdk_s3::error::DisplayErrorContext(err)
+        ))
+    })?;
+    let body = Body::from_stream(futures::stream::unfold(object.body, |mut body| async move {
+        body.next().await.map(|chunk| (chunk.map_err(std::io::Error::other), body))
+    }));
+    let base = file.name.rsplit('/').next().unwrap_or(&file.name).replace('"', "");
+    Ok((
+        [
+            (header::CONTENT_TYPE, file.content_type),
+            (header::CONTENT_LENGTH, file.bytes.to_string()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{base}\"")),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 const POLL: Duration = Duration::from_millis(250);

@@ -339,16 +339,16 @@ async fn read_repo_config(
     let unprocessable = |err: RepoError| ApiError::Unprocessable(format!("repository {url}: {err}"));
     let sha = match (&request.commit_sha, &request.branch_name) {
         (Some(sha), _) => sha.as_str().to_owned(),
-        (None, Some(branch)) => state.repos.resolve_branch(url, branch.as_str(), &creds).await.map_err(unprocessable)?,
+        (None, Some(branch)) => {
+            state.repos.resolve_branch(url, branch.as_str(), &creds).await.map_err(unprocessable)?
+        }
         (None, None) => unreachable!("plan_run asks for a commit or a branch"),
     };
     let path = git.config_path.as_str();
-    let text = state
-        .repos
-        .read_file(url, &sha, path, &creds)
-        .await
-        .map_err(unprocessable)?
-        .ok_or_else(|| ApiError::Unprocessable(format!("job config file `{path}` does not exist at commit {sha}")))?;
+    let text =
+        state.repos.read_file(url, &sha, path, &creds).await.map_err(unprocessable)?.ok_or_else(|| {
+            ApiError::Unprocessable(format!("job config file `{path}` does not exist at commit {sha}"))
+        })?;
     let config = RepoConfig::parse(&text)
         .map_err(|err| ApiError::Unprocessable(format!("job config file `{path}` at commit {sha}, {err}")))?;
     if config.timeout_seconds > state.max_timeout_seconds {
