@@ -298,3 +298,43 @@ async fn results_of_a_failing_run_are_collected_and_summarised(pool: PgPool) {
     assert_eq!(missing.status, 404);
     assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_private_repository_is_read_and_cloned_with_the_jobs_token(pool: PgPool) {
+    let git = GitServer::start();
+    git.repo("private");
+    let head = git.commit(
+        "private",
+        "main",
+        &[
+            (".cimaster.yml", "image: busybox:latest\nscript: cat secret-sauce\n"),
+            ("secret-sauce", "only for the token holder\n"),
+        ],
+    );
+    let token = "ghp_private-token-0123456789";
+    let (base, _server) = git.http(token);
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let url = format!("{base}/private/.git");
+    stack.put_job("private", json!({"kind": "git", "repository": url, "tokenSecret": "GIT_TOKEN"})).await;
+
+    let reply = trigger_with(&stack, "private", json!({"branchName": "main"})).await;
+    assert_eq!(reply.status, 422, "{}", reply.body);
+    assert!(reply.body["detail"].as_str().unwrap().contains("secret `GIT_TOKEN` is not set"), "{}", reply.body);
+
+    stack.api.put("/jobs/private/secrets/GIT_TOKEN", json!({"value": "wrong-token"})).await;
+    let reply = trigger_with(&stack, "private", json!({"branchName": "main"})).await;
+    assert_eq!(reply.status, 422, "{}", reply.body);
+    let detail = reply.body["detail"].as_str().unwrap();
+    assert!(detail.contains("cannot read the repository") && !detail.contains("wrong-token"), "{detail}");
+
+    stack.api.put("/jobs/private/secrets/GIT_TOKEN", json!({"value": token})).await;
+    let path = started(&stack, "private", json!({"branchName": "main"})).await;
+    let run = stack.wait_finished(&path, WAIT).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["commitSha"], head.as_str());
+    let console = stack.console(&path).await;
+    assert!(console.contains("only for the token holder"), "{console}");
+    assert!(!console.contains(token), "{console}");
+    assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
+}

@@ -10,9 +10,7 @@ use cimaster_master::auth::Role;
 use reqwest::Method;
 use serde_json::json;
 use sqlx::PgPool;
-use support::{drain_queue, eventually, freestyle, git_job, TestApp, SECRET};
-
-const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+use support::{drain_queue, eventually, freestyle, git_job, LocalRepo, TestApp, SECRET};
 
 #[sqlx::test(migrations = "../migrations")]
 async fn jobs_are_created_replaced_and_deleted(pool: PgPool) {
@@ -40,7 +38,8 @@ async fn jobs_are_created_replaced_and_deleted(pool: PgPool) {
     assert_eq!(updated.body["script"], json!(["make", "make test"]));
 
     // Replacing a freestyle job by a git job of the same name is a replace too.
-    assert_eq!(api.put("/jobs/e2e", git_job()).await.status, 201);
+    let repo = LocalRepo::new(&[]);
+    assert_eq!(api.put("/jobs/e2e", git_job(&repo)).await.status, 201);
     let fetched = api.get("/jobs/e2e").await;
     assert_eq!(fetched.body["kind"], "git");
     assert_eq!(fetched.body["configPath"], ".cimaster.yml");
@@ -96,16 +95,19 @@ async fn freestyle_runs_reach_their_queue(pool: PgPool) {
 async fn git_runs_take_exactly_one_of_commit_and_branch(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let api = app.admin();
-    assert_eq!(api.put("/jobs/e2e", git_job()).await.status, 201);
+    let repo = LocalRepo::new(&["master"]);
+    assert_eq!(api.put("/jobs/e2e", git_job(&repo)).await.status, 201);
+    let sha = repo.sha("master");
 
     let by_branch = api.post("/jobs/e2e/runs", json!({"branchName": "master"})).await;
     assert_eq!(by_branch.status, 201, "{}", by_branch.body);
     assert_eq!(by_branch.body["branchName"], "master");
-    let by_commit = api.post("/jobs/e2e/runs", json!({"commitSha": SHA.to_uppercase()})).await;
-    assert_eq!(by_commit.status, 201);
-    assert_eq!(by_commit.body["commitSha"], SHA);
+    assert_eq!(by_branch.body["commitSha"], sha, "the branch is resolved at trigger time");
+    let by_commit = api.post("/jobs/e2e/runs", json!({"commitSha": sha.to_uppercase()})).await;
+    assert_eq!(by_commit.status, 201, "{}", by_commit.body);
+    assert_eq!(by_commit.body["commitSha"], sha);
 
-    api.post("/jobs/e2e/runs", json!({"commitSha": SHA, "branchName": "main"})).await.expect_problem(422, "not both");
+    api.post("/jobs/e2e/runs", json!({"commitSha": sha, "branchName": "main"})).await.expect_problem(422, "not both");
     api.post("/jobs/e2e/runs", json!({})).await.expect_problem(422, "needs `commitSha`");
     api.post_empty("/jobs/e2e/runs").await.expect_problem(422, "needs `commitSha`");
     api.post("/jobs/e2e/runs", json!({"commitSha": "abc123"})).await.expect_problem(422, "40 hex digits");
@@ -272,7 +274,8 @@ async fn tokens_are_checked(pool: PgPool) {
 async fn runs_are_listed_with_filters_and_pages(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let api = app.admin();
-    assert_eq!(api.put("/jobs/e2e", git_job()).await.status, 201);
+    let repo = LocalRepo::new(&["feature/x"]);
+    assert_eq!(api.put("/jobs/e2e", git_job(&repo)).await.status, 201);
     let mut ids = Vec::new();
     for i in 0..5 {
         let branch = if i % 2 == 0 { "main" } else { "feature/x" };

@@ -232,8 +232,8 @@ async fn createcluster_runs_the_provisioning_job(pool: PgPool) {
     assert_eq!(run.body["parameters"]["AUTHOR"], "john");
     assert_eq!(run.body["status"], "queued");
 
-    let git = json!({"kind": "git", "repository": "https://git.example/infra.git", "parameters": {"AUTHOR": ""}});
-    assert_eq!(api.put("/jobs/e2e-k8s", git).await.status, 201);
+    let repo = support::LocalRepo::new(&["release-1"]);
+    assert_eq!(api.put("/jobs/e2e-k8s", support::git_job(&repo)).await.status, 201);
     let made = api
         .send(
             api.request(Method::GET, "/createcluster?user=ann&branch=release-1&job=e2e-k8s")

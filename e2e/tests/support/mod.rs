@@ -344,6 +344,26 @@ impl GitServer {
         self.git(name, &["rev-parse", "HEAD"])
     }
 
+    /// Serves the repositories over smart HTTP too, only to `x-access-token:TOKEN`; the base URL and
+    /// the server process (killed on drop).
+    pub fn http(&self, token: &str) -> (String, tokio::process::Child) {
+        let port = std::net::TcpListener::bind((self.host.as_str(), 0)).unwrap().local_addr().unwrap().port();
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/git_http.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args([self.host.as_str(), &port.to_string(), &self.dir.path().display().to_string(), token])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((self.host.as_str(), port)).is_err() {
+            assert!(Instant::now() < deadline, "the git HTTP server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (format!("http://{}:{port}", self.host), child)
+    }
+
     fn git(&self, name: &str, args: &[&str]) -> String {
         let path = self.dir.path().join(name);
         std::fs::create_dir_all(&path).unwrap();

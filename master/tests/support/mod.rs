@@ -233,9 +233,48 @@ pub fn freestyle(queue: &str) -> Value {
            "parameters": {"TARGET": "all"}})
 }
 
-pub fn git_job() -> Value {
-    json!({"kind": "git", "repository": "https://git.example/org/repo.git", "configPath": ".cimaster.yml",
-           "defaultBranch": "main"})
+/// A git job over `repo`, whose branches hold a valid `.cimaster.yml`.
+pub fn git_job(repo: &LocalRepo) -> Value {
+    json!({"kind": "git", "repository": repo.url, "configPath": ".cimaster.yml", "defaultBranch": "main",
+           "parameters": {"AUTHOR": ""}})
+}
+
+/// A repository on disk (`file://`) with one commit per branch, each holding a job config file.
+pub struct LocalRepo {
+    _dir: tempfile::TempDir,
+    pub url: String,
+    shas: std::collections::HashMap<String, String>,
+}
+
+impl LocalRepo {
+    pub fn new(branches: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git").args(args).current_dir(dir.path()).output().unwrap();
+            assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        git(&["init", "-q", "-b", "main"]);
+        git(&["config", "user.email", "test@cimaster.test"]);
+        git(&["config", "user.name", "test"]);
+        let mut shas = std::collections::HashMap::new();
+        for branch in ["main"].iter().chain(branches.iter().filter(|b| **b != "main")) {
+            if *branch != "main" {
+                git(&["checkout", "-q", "--orphan", branch]);
+            }
+            std::fs::write(dir.path().join(".cimaster.yml"), format!("image: busybox:latest\nscript: echo {branch}\n"))
+                .unwrap();
+            git(&["add", "-A"]);
+            git(&["commit", "-q", "--allow-empty", "-m", branch]);
+            shas.insert(branch.to_string(), git(&["rev-parse", "HEAD"]));
+        }
+        let url = format!("file://{}", dir.path().display());
+        Self { _dir: dir, url, shas }
+    }
+
+    pub fn sha(&self, branch: &str) -> &str {
+        &self.shas[branch]
+    }
 }
 
 pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
