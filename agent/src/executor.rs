@@ -693,13 +693,18 @@ impl Executor {
         }
     }
 
-    /// Stops the sidecars and keeps each one's (masked) output as a result.
+    /// Stops the sidecars (at once: their work is done) and keeps each one's (masked) output as a
+    /// result.
     async fn keep_service_logs(&self, claim: &Claim, held: &mut Held, console: &ConsoleTx) {
-        let mut stored = Vec::new();
-        for (name, id, pump) in held.services.drain(..) {
-            if let Err(err) = self.docker.stop(&id, Duration::from_secs(2)).await {
+        let services: Vec<_> = held.services.drain(..).collect();
+        futures::future::join_all(services.iter().map(|(name, id, _)| async move {
+            if let Err(err) = self.docker.stop(id, Duration::ZERO).await {
                 tracing::warn!(error = %err, service = name, "cannot stop the service");
             }
+        }))
+        .await;
+        let mut stored = Vec::new();
+        for (name, _, pump) in services {
             let log = match tokio::time::timeout(Duration::from_secs(10), pump).await {
                 Ok(Ok(log)) => log,
                 _ => continue,

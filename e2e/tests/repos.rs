@@ -167,6 +167,10 @@ services:
     command: "sleep 1; while true; do echo db-ok | nc -l -p 5432; done"
     env: {ROLE: database}
     ready: {tcp: 5432, timeoutSeconds: 30}
+  queue:
+    image: busybox:latest
+    command: "sleep 2; touch /tmp/up; exec sleep 600"
+    ready: {command: "test -f /tmp/up", timeoutSeconds: 30}
 resources: {cpus: 0.25, memory: 64Mi}
 "#;
 
@@ -179,7 +183,8 @@ async fn sidecars_are_reached_by_name_once_ready_and_runs_do_not_collide(pool: P
                  command: sleep 60\n    ready: {tcp: 5432, timeoutSeconds: 2}\n";
     git.commit("svc", "never-ready", &[(".cimaster.yml", never)]);
     let mut stack = Stack::start(pool).await;
-    stack.add_agent(AgentOptions::default()).await;
+    // Host CPU use must not hold back the second run: this test wants both at once.
+    stack.add_agent(AgentOptions { cpus: Some(2.0), max_cpu: Some(1.0), ..AgentOptions::default() }).await;
     stack.put_job("svc", json!({"kind": "git", "repository": url})).await;
 
     // Two runs of the same job at once on one agent, with the same service names.
@@ -191,7 +196,9 @@ async fn sidecars_are_reached_by_name_once_ready_and_runs_do_not_collide(pool: P
         let console = stack.console(path).await;
         assert!(console.contains("pong"), "{console}");
         assert!(console.contains("db says: db-ok"), "{console}");
-        assert!(console.contains("service web is ready") && console.contains("service db is ready"), "{console}");
+        for service in ["web", "db", "queue"] {
+            assert!(console.contains(&format!("service {service} is ready")), "{console}");
+        }
         // The services' output is kept as results.
         let results = stack.api.get(&format!("{path}/results")).await.body;
         let logs: Vec<&str> = results["results"]
@@ -201,13 +208,17 @@ async fn sidecars_are_reached_by_name_once_ready_and_runs_do_not_collide(pool: P
             .filter(|r| r["kind"] == "service-log")
             .map(|r| r["name"].as_str().unwrap())
             .collect();
-        assert_eq!(logs, ["db.log", "web.log"], "{results}");
+        assert_eq!(logs, ["db.log", "queue.log", "web.log"], "{results}");
         let web =
             stack.api.request(reqwest::Method::GET, &format!("{path}/results/services/web")).send().await.unwrap();
         assert_eq!(web.status(), 200);
         assert!(web.text().await.unwrap().contains("web starting"));
         assert_eq!(leftovers(&run_id(path)).await, (0, 0));
     }
+    // They ran at the same time, each with its own `web`, `db` and `queue`.
+    let (a, b) = (stack.api.get(&one).await.body, stack.api.get(&two).await.body);
+    let at = |run: &Value, field: &str| run[field].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert!(at(&a, "startedAt") < at(&b, "finishedAt") && at(&b, "startedAt") < at(&a, "finishedAt"), "{a}\n{b}");
 
     // A service that never becomes ready fails the run clearly, and the script never starts.
     let path = started(&stack, "svc", json!({"branchName": "never-ready"})).await;

@@ -53,11 +53,13 @@ pub struct AgentOptions {
     pub cpus: Option<f64>,
     pub lease: &'static str,
     pub stop_grace: &'static str,
+    /// Host CPU use above which the agent takes no new run.
+    pub max_cpu: Option<f64>,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        Self { cpus: None, lease: "3s", stop_grace: "1s" }
+        Self { cpus: None, lease: "3s", stop_grace: "1s", max_cpu: None }
     }
 }
 
@@ -112,6 +114,9 @@ impl Stack {
             .kill_on_drop(true);
         if let Some(cpus) = options.cpus {
             command.env("CIMASTER_AGENT_CPUS", cpus.to_string());
+        }
+        if let Some(max_cpu) = options.max_cpu {
+            command.env("CIMASTER_AGENT_MAX_CPU", max_cpu.to_string());
         }
         let child = command.spawn().unwrap();
         self.agents.push(Agent { id: id.to_owned(), child });
