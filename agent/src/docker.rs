@@ -318,13 +318,6 @@ impl DockerClient {
         self.docker.download_from_container(id, Some(DownloadFromContainerOptions { path: path.to_owned() }))
     }
 
-    /// The container's address on `network`.
-    pub async fn address(&self, id: &str, network: &str) -> Option<std::net::IpAddr> {
-        let inspected = self.docker.inspect_container(id, None::<InspectContainerOptions>).await.ok()?;
-        let networks = inspected.network_settings?.networks?;
-        networks.get(network)?.ip_address.as_deref()?.parse().ok()
-    }
-
     /// Whether the container still runs, and its exit code when it does not.
     pub async fn exited(&self, id: &str) -> Option<i64> {
         let inspected = self.docker.inspect_container(id, None::<InspectContainerOptions>).await.ok()?;
@@ -336,14 +329,15 @@ impl DockerClient {
         }
     }
 
-    /// Runs `sh -c command` inside a running container; its exit code.
-    pub async fn exec(&self, id: &str, command: &str) -> Result<i64, BollardError> {
+    /// Runs `cmd` inside a running container; its exit code.
+    pub async fn exec(&self, id: &str, cmd: Vec<String>, env: Vec<String>) -> Result<i64, BollardError> {
         let exec = self
             .docker
             .create_exec(
                 id,
                 CreateExecOptions {
-                    cmd: Some(vec!["sh".to_owned(), "-c".to_owned(), command.to_owned()]),
+                    cmd: Some(cmd),
+                    env: Some(env),
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
                     ..Default::default()

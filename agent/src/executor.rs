@@ -2,7 +2,6 @@
 //! the fenced final status.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +11,7 @@ use cimaster_common::pool::{self, AcquireRequest, ClusterView, PoolError, Releas
 use cimaster_common::results::{JunitSummary, KIND_JUNIT, KIND_SERVICE_LOG};
 use cimaster_common::secrets::{Masker, SecretBox};
 use cimaster_common::storage::{console_key, result_key};
-use cimaster_common::{BuildSpec, ClusterRequirement, EnvName, HttpCheck, Readiness, Results, RunStatus};
+use cimaster_common::{BuildSpec, ClusterRequirement, EnvName, Readiness, Results, RunStatus};
 use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
@@ -471,11 +470,36 @@ impl Executor {
             held.containers.push(id.clone());
             held.services.push((name.to_string(), id, pump_to_memory(output, masker.clone())));
         }
+        // TCP and HTTP checks run from a probe container on the run's network, the way the job will
+        // reach the services, wherever the agent itself runs.
+        let needs_probe =
+            plan.services.values().filter_map(|s| s.ready.as_ref()).any(|r| r.tcp.is_some() || r.http.is_some());
+        let probe = if needs_probe {
+            let spec = JobContainer {
+                role: "probe".into(),
+                image: self.git_image.clone(),
+                script: Some("exec sleep infinity".into()),
+                network: network.clone(),
+                ..Default::default()
+            };
+            if let Err(err) = interruptible!(self.docker.ensure_image(&self.git_image)) {
+                fail!(format!("the probe image for readiness checks is missing: {err}"));
+            }
+            match interruptible!(self.docker.start_job(labels, spec)) {
+                Ok((id, _)) => {
+                    held.containers.push(id.clone());
+                    Some(id)
+                }
+                Err(err) => fail!(format!("cannot start the readiness probe: {err}")),
+            }
+        } else {
+            None
+        };
         for (name, service) in &plan.services {
             let Some(ready) = &service.ready else { continue };
             let id = held.services.iter().find(|(n, _, _)| n == name.as_str()).map(|(_, id, _)| id.clone());
             let Some(id) = id else { continue };
-            match interruptible!(self.wait_ready(name.as_str(), &id, &network, ready)) {
+            match interruptible!(self.wait_ready(name.as_str(), &id, probe.as_deref(), ready)) {
                 Ok(waited) => console.note(&format!("service {name} is ready ({:.1}s)", waited.as_secs_f64())).await,
                 Err(message) => fail!(message),
             }
@@ -602,28 +626,45 @@ impl Executor {
     }
 
     /// Polls a service's readiness check until it passes, the service exits, or the check's timeout.
-    async fn wait_ready(&self, name: &str, id: &str, network: &str, ready: &Readiness) -> Result<Duration, String> {
+    async fn wait_ready(
+        &self,
+        name: &str,
+        id: &str,
+        probe: Option<&str>,
+        ready: &Readiness,
+    ) -> Result<Duration, String> {
         let started = Instant::now();
         let limit = Duration::from_secs(u64::from(ready.timeout_seconds));
         loop {
             if let Some(code) = self.docker.exited(id).await {
                 return Err(format!("service `{name}` exited with code {code} before it was ready"));
             }
-            let outcome = if let Some(command) = &ready.command {
-                match self.docker.exec(id, command).await {
-                    Ok(0) => Ok(()),
-                    Ok(code) => Err(format!("`{command}` exited with {code}")),
-                    Err(err) => Err(err.to_string()),
+            let (container, cmd, env, what) = match (&ready.command, &ready.tcp, &ready.http, probe) {
+                (Some(command), _, _, _) => {
+                    (id, vec!["sh".into(), "-c".into(), command.clone()], Vec::new(), format!("`{command}`"))
                 }
-            } else {
-                match self.docker.address(id, network).await {
-                    None => Err("the service has no address on the run's network yet".to_owned()),
-                    Some(ip) => match (&ready.tcp, &ready.http) {
-                        (Some(port), _) => probe_tcp(ip, *port).await,
-                        (None, Some(http)) => probe_http(ip, http).await,
-                        (None, None) => Ok(()),
-                    },
-                }
+                (None, Some(port), _, Some(probe)) => (
+                    probe,
+                    bash(PROBE_TCP),
+                    vec![format!("PROBE_HOST={name}"), format!("PROBE_PORT={port}")],
+                    format!("tcp {name}:{port}"),
+                ),
+                (None, None, Some(http), Some(probe)) => (
+                    probe,
+                    bash(PROBE_HTTP),
+                    vec![
+                        format!("PROBE_HOST={name}"),
+                        format!("PROBE_PORT={}", http.port),
+                        format!("PROBE_PATH={}", http.path),
+                    ],
+                    format!("GET http://{name}:{}{}", http.port, http.path),
+                ),
+                _ => return Ok(started.elapsed()),
+            };
+            let outcome = match self.docker.exec(container, cmd, env).await {
+                Ok(0) => Ok(()),
+                Ok(code) => Err(format!("{what} failed (exit {code})")),
+                Err(err) => Err(format!("{what}: {err}")),
             };
             let last = match outcome {
                 Ok(()) => return Ok(started.elapsed()),
@@ -846,39 +887,14 @@ fn pump_to_memory(mut output: Output, masker: Masker) -> tokio::task::JoinHandle
     })
 }
 
-async fn probe_tcp(ip: IpAddr, port: u16) -> Result<(), String> {
-    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect((ip, port))).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(err)) => Err(format!("tcp {port}: {err}")),
-        Err(_) => Err(format!("tcp {port}: no answer within 2s")),
-    }
-}
+/// Readiness checks run by bash in the probe container: a TCP connect, and an HTTP GET answered
+/// 2xx or 3xx, each within 2 s. Host, port and path arrive in the environment.
+const PROBE_TCP: &str = r#"exec 3<>"/dev/tcp/$PROBE_HOST/$PROBE_PORT""#;
+const PROBE_HTTP: &str = r#"exec 3<>"/dev/tcp/$PROBE_HOST/$PROBE_PORT" || exit 1
+printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$PROBE_PATH" "$PROBE_HOST" >&3
+read -r _ code _ <&3
+[ "$code" -ge 200 ] 2>/dev/null && [ "$code" -lt 400 ]"#;
 
-/// `GET path` over HTTP/1.0; ready on a 2xx or 3xx status.
-async fn probe_http(ip: IpAddr, check: &HttpCheck) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect((ip, check.port)).await?;
-        stream.write_all(format!("GET {} HTTP/1.0\r\nHost: {ip}\r\n\r\n", check.path).as_bytes()).await?;
-        let mut head = vec![0u8; 64];
-        let mut read = 0;
-        while read < 12 {
-            let n = stream.read(&mut head[read..]).await?;
-            if n == 0 {
-                break;
-            }
-            read += n;
-        }
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..read]).into_owned())
-    };
-    let head = tokio::time::timeout(Duration::from_secs(2), attempt)
-        .await
-        .map_err(|_| format!("http {}: no answer within 2s", check.port))?
-        .map_err(|err| format!("http {}: {err}", check.port))?;
-    let status = head.split_whitespace().nth(1).and_then(|code| code.parse::<u16>().ok());
-    match status {
-        Some(code) if (200..400).contains(&code) => Ok(()),
-        Some(code) => Err(format!("GET {} answered {code}", check.path)),
-        None => Err(format!("GET {} did not answer HTTP", check.path)),
-    }
+fn bash(script: &str) -> Vec<String> {
+    ["timeout", "2", "bash", "-c", script].iter().map(|part| (*part).to_owned()).collect()
 }

@@ -66,6 +66,7 @@ async fn branch_and_commit_triggers_run_the_config_at_that_commit(pool: PgPool) 
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["commitSha"], main.as_str());
     assert_eq!(run["branchName"], "main");
+    assert_eq!(run["config"]["env"]["COLOUR"], "blue", "the run shows the config it executed: {run}");
     let console = stack.console(&path).await;
     assert!(console.contains(&format!("version one at {main}")), "{console}");
     assert!(console.contains("greeting=hi colour=blue"), "parameters and env reach the job: {console}");

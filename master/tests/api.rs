@@ -390,6 +390,13 @@ async fn runs_whose_agent_is_lost_are_retried_then_given_up(pool: PgPool) {
     let lose = |attempt: i32| {
         let (pool, id) = (pool.clone(), id.clone());
         async move {
+            // The attempt row first, as a claim writes both at once: the reaper may run in between.
+            sqlx::query("INSERT INTO run_attempts (run_id, attempt, agent) VALUES ($1::uuid, $2, 'agent-x')")
+                .bind(&id)
+                .bind(attempt)
+                .execute(&pool)
+                .await
+                .unwrap();
             sqlx::query(
                 "UPDATE runs SET status = 'running', agent = 'agent-x', started_at = now(),
                         lease_expires_at = now() - interval '1 second' WHERE id = $1::uuid AND attempt = $2",
@@ -399,12 +406,6 @@ async fn runs_whose_agent_is_lost_are_retried_then_given_up(pool: PgPool) {
             .execute(&pool)
             .await
             .unwrap();
-            sqlx::query("INSERT INTO run_attempts (run_id, attempt, agent) VALUES ($1::uuid, $2, 'agent-x')")
-                .bind(&id)
-                .bind(attempt)
-                .execute(&pool)
-                .await
-                .unwrap();
         }
     };
     lose(1).await;

@@ -33,7 +33,7 @@ pub fn router() -> Router<AppState> {
 }
 
 const RUN_COLUMNS: &str = "id, job, status, attempt, queue, commit_sha, branch_name, parameters, triggered_by, \
-    agent, exit_code, message, abort_requested, created_at, published_at, started_at, finished_at, updated_at";
+    agent, exit_code, message, abort_requested, created_at, published_at, started_at, finished_at, updated_at, config";
 
 #[derive(sqlx::FromRow)]
 struct RunRow {
@@ -55,6 +55,7 @@ struct RunRow {
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
     updated_at: DateTime<Utc>,
+    config: Option<SqlJson<serde_json::Value>>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -85,6 +86,10 @@ pub struct RunView {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// Git runs: the job config file as read from the repository at `commitSha` when triggered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub config: Option<serde_json::Value>,
     pub links: RunLinks,
 }
 
@@ -126,6 +131,7 @@ impl TryFrom<RunRow> for RunView {
             started_at: row.started_at,
             finished_at: row.finished_at,
             updated_at: row.updated_at,
+            config: row.config.map(|config| config.0),
             links: RunLinks {
                 abort: format!("{base}/abort"),
                 results: format!("{base}/results"),
