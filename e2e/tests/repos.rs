@@ -350,3 +350,34 @@ async fn a_private_repository_is_read_and_cloned_with_the_jobs_token(pool: PgPoo
     assert!(!console.contains(token), "{console}");
     assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_private_repository_is_read_and_cloned_over_ssh_with_a_deploy_key(pool: PgPool) {
+    let git = GitServer::start();
+    git.repo("deploy");
+    let head = git.commit(
+        "deploy",
+        "main",
+        &[(".cimaster.yml", "image: busybox:latest\nscript: cat ssh-only\n"), ("ssh-only", "fetched over ssh\n")],
+    );
+    let (base, key, _sshd) = git.ssh();
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let url = format!("{base}/deploy");
+    stack.put_job("deploy", json!({"kind": "git", "repository": url, "sshKeySecret": "DEPLOY_KEY"})).await;
+
+    // Without the key the repository cannot be read.
+    let reply = trigger_with(&stack, "deploy", json!({"branchName": "main"})).await;
+    assert_eq!(reply.status, 422, "{}", reply.body);
+    assert!(reply.body["detail"].as_str().unwrap().contains("secret `DEPLOY_KEY` is not set"), "{}", reply.body);
+
+    stack.api.put("/jobs/deploy/secrets/DEPLOY_KEY", json!({"value": key})).await;
+    let path = started(&stack, "deploy", json!({"branchName": "main"})).await;
+    let run = stack.wait_finished(&path, WAIT).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["commitSha"], head.as_str());
+    let console = stack.console(&path).await;
+    assert!(console.contains("fetched over ssh"), "{console}");
+    assert!(!console.contains("PRIVATE KEY"), "{console}");
+    assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
+}

@@ -117,8 +117,11 @@ impl RepoReader {
             config.push(("http.extraHeader".to_owned(), format!("Authorization: Basic {basic}")));
         }
         if let Some(key) = &creds.ssh_key {
+            // One scratch directory serves several git commands; the key is written once.
             let file = dir.join(".cimaster-deploy-key");
-            write_private(&file, key.expose_secret())?;
+            if !file.exists() {
+                write_private(&file, key.expose_secret())?;
+            }
             command.env(
                 "GIT_SSH_COMMAND",
                 format!(

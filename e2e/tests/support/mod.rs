@@ -369,6 +369,52 @@ impl GitServer {
         (format!("http://{}:{port}", self.host), child)
     }
 
+    /// Serves the repositories over SSH: an sshd of the test's own (on the bridge address, key
+    /// only) that lets in a fresh deploy key. The repositories' ssh:// base URL, the deploy key's
+    /// private half, and what keeps the server alive.
+    pub fn ssh(&self) -> (String, String, SshServer) {
+        let dir = tempfile::tempdir().unwrap();
+        let keygen = |file: &str| {
+            let status = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.path().join(file))
+                .status()
+                .unwrap();
+            assert!(status.success(), "ssh-keygen");
+        };
+        keygen("host_key");
+        keygen("deploy_key");
+        std::fs::copy(dir.path().join("deploy_key.pub"), dir.path().join("authorized_keys")).unwrap();
+        let port = std::net::TcpListener::bind((self.host.as_str(), 0)).unwrap().local_addr().unwrap().port();
+        let config = format!(
+            "Port {port}\nListenAddress {host}\nHostKey {dir}/host_key\nPidFile {dir}/sshd.pid\n\
+             AuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n",
+            host = self.host,
+            dir = dir.path().display()
+        );
+        std::fs::write(dir.path().join("sshd_config"), config).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(dir.path().join("sshd_config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((self.host.as_str(), port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let user = std::process::Command::new("id").arg("-un").output().unwrap();
+        let user = String::from_utf8_lossy(&user.stdout).trim().to_owned();
+        let key = std::fs::read_to_string(dir.path().join("deploy_key")).unwrap();
+        let base = format!("ssh://{user}@{}:{port}{}", self.host, self.dir.path().display());
+        (base, key, SshServer { _dir: dir, _child: child })
+    }
+
     fn git(&self, name: &str, args: &[&str]) -> String {
         let path = self.dir.path().join(name);
         std::fs::create_dir_all(&path).unwrap();
@@ -382,4 +428,10 @@ impl Drop for GitServer {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
     }
+}
+
+/// A test's own sshd, stopped on drop.
+pub struct SshServer {
+    _dir: tempfile::TempDir,
+    _child: tokio::process::Child,
 }
