@@ -411,6 +411,9 @@ impl Executor {
             if let Some(key) = checkout.ssh_key_secret.as_ref().and_then(|name| values.remove(name.as_str())) {
                 checkout_env.push(format!("CIMASTER_GIT_SSH_KEY={}", key.expose_secret()));
             }
+            if let Some(lines) = &checkout.ssh_known_hosts {
+                checkout_env.push(format!("CIMASTER_GIT_KNOWN_HOSTS={lines}"));
+            }
             let helper = JobContainer {
                 role: "checkout".into(),
                 image: self.git_image.clone(),

@@ -24,6 +24,7 @@ pub struct Checkout {
     pub commit: String,
     pub token_secret: Option<EnvName>,
     pub ssh_key_secret: Option<EnvName>,
+    pub ssh_known_hosts: Option<String>,
 }
 
 pub struct Plan {
@@ -81,6 +82,7 @@ impl Plan {
                         commit: commit.clone(),
                         token_secret: git.token_secret.clone(),
                         ssh_key_secret: git.ssh_key_secret.clone(),
+                        ssh_known_hosts: git.ssh_known_hosts.clone(),
                     }),
                 })
             }
@@ -92,11 +94,20 @@ impl Plan {
 /// repository, commit and credentials arrive in the environment, never on the command line.
 pub const CHECKOUT_SCRIPT: &str = r#"set -eu
 cd /workspace
+umask 077
+ssh="ssh -o BatchMode=yes"
 if [ -n "${CIMASTER_GIT_SSH_KEY:-}" ]; then
-  umask 077
   printf '%s\n' "$CIMASTER_GIT_SSH_KEY" > /tmp/deploy-key
-  export GIT_SSH_COMMAND="ssh -i /tmp/deploy-key -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/dev/null -o BatchMode=yes"
+  ssh="$ssh -i /tmp/deploy-key -o IdentitiesOnly=yes"
 fi
+if [ -n "${CIMASTER_GIT_KNOWN_HOSTS:-}" ]; then
+  printf '%s\n' "$CIMASTER_GIT_KNOWN_HOSTS" > /tmp/known-hosts
+  ssh="$ssh -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/tmp/known-hosts"
+else
+  ssh="$ssh -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/dev/null"
+fi
+export GIT_SSH_COMMAND="$ssh"
+umask 022
 if [ -n "${CIMASTER_GIT_TOKEN:-}" ]; then
   export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=http.extraHeader
   export GIT_CONFIG_VALUE_0="Authorization: Basic $(printf 'x-access-token:%s' "$CIMASTER_GIT_TOKEN" | base64 -w0)"

@@ -119,6 +119,10 @@ pub struct GitJob {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub ssh_key_secret: Option<EnvName>,
+    /// `known_hosts` lines for the repository's SSH server. When set, the server's host key must match
+    /// one of them; when absent, the key the server presents is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_known_hosts: Option<String>,
 }
 
 impl GitJob {
@@ -152,6 +156,11 @@ impl JobSpec {
 
     /// Checks that need more than one field. `max_timeout` is the installation's cap.
     pub fn check(&self, max_timeout_seconds: u32) -> Result<(), String> {
+        if let JobSpec::Git(GitJob { ssh_known_hosts: Some(lines), .. }) = self {
+            if lines.trim().is_empty() || lines.len() > MAX_ENV_VALUE || lines.contains('\0') {
+                return Err(format!("sshKnownHosts must be 1 to {MAX_ENV_VALUE} bytes of known_hosts lines"));
+            }
+        }
         if let JobSpec::Freestyle(job) = self {
             if job.timeout_seconds > max_timeout_seconds {
                 return Err(format!(

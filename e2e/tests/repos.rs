@@ -360,7 +360,7 @@ async fn a_private_repository_is_read_and_cloned_over_ssh_with_a_deploy_key(pool
         "main",
         &[(".cimaster.yml", "image: busybox:latest\nscript: cat ssh-only\n"), ("ssh-only", "fetched over ssh\n")],
     );
-    let (base, key, _sshd) = git.ssh();
+    let (base, key, sshd) = git.ssh();
     let mut stack = Stack::start(pool).await;
     stack.add_agent(AgentOptions::default()).await;
     let url = format!("{base}/deploy");
@@ -372,6 +372,15 @@ async fn a_private_repository_is_read_and_cloned_over_ssh_with_a_deploy_key(pool
     assert!(reply.body["detail"].as_str().unwrap().contains("secret `DEPLOY_KEY` is not set"), "{}", reply.body);
 
     stack.api.put("/jobs/deploy/secrets/DEPLOY_KEY", json!({"value": key})).await;
+    // A pinned host key that does not match: the server is not trusted.
+    let pinned =
+        |known: &str| json!({"kind": "git", "repository": url, "sshKeySecret": "DEPLOY_KEY", "sshKnownHosts": known});
+    stack.put_job("deploy", pinned(&sshd.wrong_known_hosts)).await;
+    let reply = trigger_with(&stack, "deploy", json!({"branchName": "main"})).await;
+    assert_eq!(reply.status, 422, "{}", reply.body);
+    assert!(reply.body["detail"].as_str().unwrap().contains("Host key verification failed"), "{}", reply.body);
+
+    stack.put_job("deploy", pinned(&sshd.known_hosts)).await;
     let path = started(&stack, "deploy", json!({"branchName": "main"})).await;
     let run = stack.wait_finished(&path, WAIT).await;
     assert_eq!(run["status"], "succeeded", "{run}");

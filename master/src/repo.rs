@@ -19,6 +19,8 @@ pub struct Credentials {
     pub token: Option<SecretString>,
     /// SSH private key (OpenSSH format).
     pub ssh_key: Option<SecretString>,
+    /// `known_hosts` lines the SSH server's key must match; any key is accepted without them.
+    pub known_hosts: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,19 +118,27 @@ impl RepoReader {
                 base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{}", token.expose_secret()));
             config.push(("http.extraHeader".to_owned(), format!("Authorization: Basic {basic}")));
         }
-        if let Some(key) = &creds.ssh_key {
-            // One scratch directory serves several git commands; the key is written once.
-            let file = dir.join(".cimaster-deploy-key");
-            if !file.exists() {
-                write_private(&file, key.expose_secret())?;
+        if creds.ssh_key.is_some() || creds.known_hosts.is_some() {
+            // One scratch directory serves several git commands; the files are written once.
+            let mut ssh = String::from("ssh -o BatchMode=yes");
+            if let Some(key) = &creds.ssh_key {
+                let file = dir.join(".cimaster-deploy-key");
+                if !file.exists() {
+                    write_private(&file, key.expose_secret())?;
+                }
+                ssh.push_str(&format!(" -i {} -o IdentitiesOnly=yes", file.display()));
             }
-            command.env(
-                "GIT_SSH_COMMAND",
-                format!(
-                    "ssh -i {} -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/dev/null -o BatchMode=yes",
-                    file.display()
-                ),
-            );
+            match &creds.known_hosts {
+                Some(lines) => {
+                    let file = dir.join(".cimaster-known-hosts");
+                    if !file.exists() {
+                        write_private(&file, lines)?;
+                    }
+                    ssh.push_str(&format!(" -o StrictHostKeyChecking=yes -o UserKnownHostsFile={}", file.display()));
+                }
+                None => ssh.push_str(" -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/dev/null"),
+            }
+            command.env("GIT_SSH_COMMAND", ssh);
         }
         command.env("GIT_CONFIG_COUNT", config.len().to_string());
         for (i, (key, value)) in config.iter().enumerate() {
@@ -163,12 +173,13 @@ fn write_private(path: &Path, text: &str) -> Result<(), RepoError> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|err| RepoError::Unreadable(format!("cannot write the deploy key: {err}")))?;
+        .map_err(|err| RepoError::Unreadable(format!("cannot write {}: {err}", path.display())))?;
     let mut text = text.to_owned();
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    file.write_all(text.as_bytes()).map_err(|err| RepoError::Unreadable(format!("cannot write the deploy key: {err}")))
+    file.write_all(text.as_bytes())
+        .map_err(|err| RepoError::Unreadable(format!("cannot write {}: {err}", path.display())))
 }
 
 #[cfg(test)]

@@ -412,7 +412,13 @@ impl GitServer {
         let user = String::from_utf8_lossy(&user.stdout).trim().to_owned();
         let key = std::fs::read_to_string(dir.path().join("deploy_key")).unwrap();
         let base = format!("ssh://{user}@{}:{port}{}", self.host, self.dir.path().display());
-        (base, key, SshServer { _dir: dir, _child: child })
+        let line = |file: &str| {
+            let public = std::fs::read_to_string(dir.path().join(file)).unwrap();
+            format!("[{}]:{port} {}", self.host, public.trim())
+        };
+        // Another key under the server's name: what a man in the middle would present.
+        let (known_hosts, wrong_known_hosts) = (line("host_key.pub"), line("deploy_key.pub"));
+        (base, key, SshServer { known_hosts, wrong_known_hosts, _dir: dir, _child: child })
     }
 
     fn git(&self, name: &str, args: &[&str]) -> String {
@@ -432,6 +438,10 @@ impl Drop for GitServer {
 
 /// A test's own sshd, stopped on drop.
 pub struct SshServer {
+    /// The server's real host key, as a known_hosts line.
+    pub known_hosts: String,
+    /// A different key under the server's name.
+    pub wrong_known_hosts: String,
     _dir: tempfile::TempDir,
     _child: tokio::process::Child,
 }

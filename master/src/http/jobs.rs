@@ -157,6 +157,7 @@ async fn put_job(
         Some((row, false)) => (row, Change::Updated),
         None => (fetch_job(&state, &name).await?.ok_or_else(|| job_not_found(&name))?, Change::Unchanged),
     };
+    state.jobs.forget(&name);
     tracing::info!(job = %name, ?change, by = %caller.subject, "job applied");
     let status = if change == Change::Created { StatusCode::CREATED } else { StatusCode::OK };
     let mut view = JobView::from(row);
@@ -233,6 +234,7 @@ async fn delete_job(
     }
     sqlx::query("DELETE FROM jobs WHERE name = $1").bind(name.as_str()).execute(&mut *tx).await?;
     tx.commit().await?;
+    state.jobs.forget(&name);
     tracing::info!(job = %name, by = %caller.subject, "job deleted");
     Ok(StatusCode::NO_CONTENT)
 }

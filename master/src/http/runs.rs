@@ -247,9 +247,11 @@ pub(crate) async fn create_run(
     let mut tries = 0;
     let row = loop {
         tries += 1;
+        // Git jobs are always read afresh: their repository is read before the insert verifies the
+        // version, and reading it with another replica's stale settings would refuse the trigger.
         let cached = match state.jobs.get(&job) {
-            Some(cached) => cached,
-            None => {
+            Some(cached) if !matches!(*cached.spec, JobSpec::Git(_)) => cached,
+            _ => {
                 let row: (SqlJson<JobSpec>, i64, DateTime<Utc>) =
                     sqlx::query_as("SELECT spec, version, updated_at FROM jobs WHERE name = $1")
                         .bind(job.as_str())
@@ -368,7 +370,7 @@ async fn read_repo_config(
 
 /// The job's repository credentials, decrypted from its secrets.
 async fn repo_credentials(state: &AppState, job: &JobName, git: &GitJob) -> Result<Credentials, ApiError> {
-    let mut creds = Credentials::default();
+    let mut creds = Credentials { known_hosts: git.ssh_known_hosts.clone(), ..Credentials::default() };
     let names: Vec<String> = git.credential_secrets().map(ToString::to_string).collect();
     if names.is_empty() {
         return Ok(creds);
