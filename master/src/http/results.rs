@@ -259,13 +259,7 @@ async fn zip_files(state: &AppState, files: &[StoredFile]) -> Result<Vec<u8>, Ap
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
     for file in files {
-        let object = state.s3.get_object().bucket(&state.bucket).key(&file.object_key).send().await.map_err(|err| {
-            ApiError::Internal(anyhow::anyhow!(
-                "reading {}: {}",
-                file.object_key,
-                aws_sdk_s3::error::DisplayErrorContext(err)
-            ))
-        })?;
+        let object = stored_object(state, &file.object_key).await?;
         let data = object.body.collect().await.map_err(|err| ApiError::Internal(err.into()))?.into_bytes();
         zip.start_file(file.name.as_str(), options).map_err(|err| ApiError::Internal(err.into()))?;
         zip.write_all(&data).map_err(|err| ApiError::Internal(err.into()))?;
@@ -320,15 +314,19 @@ async fn service_log(
     download(&state, stored).await
 }
 
+/// A stored result file's object; a missing one is a server fault, since the row says it was stored.
+async fn stored_object(
+    state: &AppState,
+    key: &str,
+) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, ApiError> {
+    state.s3.get_object().bucket(&state.bucket).key(key).send().await.map_err(|err| {
+        ApiError::Internal(anyhow::anyhow!("reading {key}: {}", aws_sdk_s3::error::DisplayErrorContext(err)))
+    })
+}
+
 /// Streams a stored result file from S3.
 async fn download(state: &AppState, file: StoredFile) -> Result<Response, ApiError> {
-    let object = state.s3.get_object().bucket(&state.bucket).key(&file.object_key).send().await.map_err(|err| {
-        ApiError::Internal(anyhow::anyhow!(
-            "reading {}: {}",
-            file.object_key,
-            aws_sdk_s3::error::DisplayErrorContext(err)
-        ))
-    })?;
+    let object = stored_object(state, &file.object_key).await?;
     let body = Body::from_stream(futures::stream::unfold(object.body, |mut body| async move {
         body.next().await.map(|chunk| (chunk.map_err(std::io::Error::other), body))
     }));
