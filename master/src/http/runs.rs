@@ -262,10 +262,10 @@ pub(crate) async fn create_run(
             }
         };
         let spec = cached.spec.clone();
-        if let Some(existing) = replayed(&state, &job, &key, &hash).await? {
+        if let Some(existing) = replayed(state, &job, &key, &hash).await? {
             return Ok((StatusCode::OK, existing));
         }
-        let parameters = plan_run(&job, &spec, &request)?;
+        let parameters = plan_run(&job, &spec, request)?;
         let resolved = match spec.as_ref() {
             JobSpec::Git(git) => Some(read_repo_config(state, &job, git, request).await?),
             JobSpec::Freestyle(_) => None,
@@ -309,7 +309,7 @@ pub(crate) async fn create_run(
         }
         // Either a request with the same Idempotency-Key won the race, or the job changed or was
         // deleted between the two statements.
-        if let Some(existing) = replayed(&state, &job, &key, &hash).await? {
+        if let Some(existing) = replayed(state, &job, &key, &hash).await? {
             return Ok((StatusCode::OK, existing));
         }
         state.jobs.forget(&job);
