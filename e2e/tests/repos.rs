@@ -308,6 +308,14 @@ async fn results_of_a_failing_run_are_collected_and_summarised(pool: PgPool) {
     assert_eq!(artifact.text().await.unwrap(), "artifact body\n");
     let missing = stack.api.get(&format!("{path}/results/artifacts/dist/nope.txt")).await;
     assert_eq!(missing.status, 404);
+    assert!(missing.body["detail"].as_str().unwrap().contains("no result file `dist/nope.txt`"), "{}", missing.body);
+    let later = stack.api.get(&format!("{path}/results/junit?attempt=2")).await;
+    assert_eq!(later.status, 404, "{}", later.body);
+    assert!(later.body["detail"].as_str().unwrap().contains("attempts 1 to 1"), "{}", later.body);
+    let earlier = stack.api.get(&format!("{path}/results/artifacts/dist/app.txt?attempt=1")).await;
+    assert_eq!(earlier.status, 200);
+    assert_eq!(stack.api.get(&format!("{path}/results/junit?attempt=one")).await.status, 400);
+    assert_eq!(stack.api.get(&format!("{path}/results/services/db")).await.status, 404);
     assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
 }
 
