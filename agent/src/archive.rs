@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 
 /// Largest build context sent to the engine.
 pub const MAX_CONTEXT_BYTES: u64 = 512 << 20;
-/// Largest single result file, and all of a run's result files together.
-pub const MAX_RESULT_BYTES: u64 = 256 << 20;
+/// Most bytes of result files one run keeps (they pass through the agent's disk on their way to S3).
+pub const MAX_RESULT_BYTES: u64 = 4 << 30;
 
 /// The path of an entry inside the workspace, without the archive's leading `workspace/`.
 fn relative(entry: &tar::Entry<'_, impl Read>) -> Option<String> {
@@ -100,11 +100,12 @@ pub fn build_context(archive: impl Read, context: &str, dockerfile: &str) -> Res
     Ok(BuildContext { tar, digest: hex::encode(digest.finalize()), dockerfile: inner_dockerfile })
 }
 
-/// A result file found in the workspace.
+/// A result file found in the workspace, copied to `path`.
 pub struct Found {
     pub kind: &'static str,
     pub name: String,
-    pub data: Vec<u8>,
+    pub path: std::path::PathBuf,
+    pub size: u64,
 }
 
 pub fn globs(patterns: &[String]) -> Result<GlobSet, String> {
@@ -119,12 +120,14 @@ pub fn globs(patterns: &[String]) -> Result<GlobSet, String> {
     set.build().map_err(|err| err.to_string())
 }
 
-/// The regular files matching the JUnit or artifact patterns (a file matching both is a JUnit
-/// report). Files above the size limits are skipped and reported in `skipped`.
+/// Copies the regular files matching the JUnit or artifact patterns (a file matching both is a JUnit
+/// report) into `dir`, streaming. Files beyond the run's size limit are skipped and reported in
+/// `skipped`.
 pub fn select_results(
     archive: impl Read,
     junit: &GlobSet,
     artifacts: &GlobSet,
+    dir: &std::path::Path,
     skipped: &mut Vec<String>,
 ) -> Result<Vec<Found>, String> {
     let mut found = Vec::new();
@@ -144,14 +147,17 @@ pub fn select_results(
             continue;
         };
         let size = entry.header().size().unwrap_or(0);
-        if size > MAX_RESULT_BYTES || total + size > MAX_RESULT_BYTES {
-            skipped.push(format!("{path} ({size} bytes) is over the result size limit"));
+        if total + size > MAX_RESULT_BYTES {
+            skipped
+                .push(format!("{path} ({size} bytes) is beyond the run's {} GiB of results", MAX_RESULT_BYTES >> 30));
             continue;
         }
         total += size;
-        let mut data = Vec::with_capacity(size as usize);
-        entry.read_to_end(&mut data).map_err(|err| format!("cannot read `{path}`: {err}"))?;
-        found.push(Found { kind, name: path, data });
+        // Flat names in `dir`: nothing in the archive decides where a file lands.
+        let copy = dir.join(found.len().to_string());
+        let mut file = std::fs::File::create(&copy).map_err(|err| format!("cannot keep `{path}`: {err}"))?;
+        std::io::copy(&mut entry, &mut file).map_err(|err| format!("cannot keep `{path}`: {err}"))?;
+        found.push(Found { kind, name: path, path: copy, size });
     }
     Ok(found)
 }
@@ -233,8 +239,11 @@ mod tests {
         let junit = globs(&["reports/*.xml".into()]).unwrap();
         let artifacts = globs(&["dist/**".into(), "reports/**".into()]).unwrap();
         let mut skipped = Vec::new();
-        let found = select_results(ws.as_slice(), &junit, &artifacts, &mut skipped).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let found = select_results(ws.as_slice(), &junit, &artifacts, dir.path(), &mut skipped).unwrap();
         let got: Vec<(&str, &str)> = found.iter().map(|f| (f.kind, f.name.as_str())).collect();
+        assert_eq!(std::fs::read_to_string(&found[2].path).unwrap(), "bin");
+        assert_eq!(found[2].size, 3);
         assert_eq!(
             got,
             [("junit", "reports/junit.xml"), ("artifact", "reports/deep/other.xml"), ("artifact", "dist/app.tar.gz")]

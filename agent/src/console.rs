@@ -149,20 +149,27 @@ async fn flush(pool: &PgPool, claim: &Claim, seq: &mut i64, pending: &mut BytesM
 }
 
 /// Uploads a file to S3 without loading it into memory: one PUT when small, multipart when large.
-pub async fn upload(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, path: &Path) -> anyhow::Result<()> {
+/// Uploads a file to S3 without loading it into memory: one request, or a multipart upload above one
+/// part's size.
+pub async fn upload(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    path: &Path,
+    content_type: &str,
+) -> anyhow::Result<()> {
     let size = tokio::fs::metadata(path).await?.len();
     if size <= PART_BYTES as u64 {
         s3.put_object()
             .bucket(bucket)
             .key(key)
-            .content_type("text/plain; charset=utf-8")
+            .content_type(content_type)
             .body(ByteStream::from_path(path).await?)
             .send()
             .await?;
         return Ok(());
     }
-    let upload =
-        s3.create_multipart_upload().bucket(bucket).key(key).content_type("text/plain; charset=utf-8").send().await?;
+    let upload = s3.create_multipart_upload().bucket(bucket).key(key).content_type(content_type).send().await?;
     let upload_id = upload.upload_id().ok_or_else(|| anyhow::anyhow!("S3 returned no upload id"))?.to_owned();
     let result = async {
         let mut file = tokio::fs::File::open(path).await?;

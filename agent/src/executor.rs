@@ -686,14 +686,31 @@ impl Executor {
             (Ok(junit), Ok(artifacts)) => (junit, artifacts),
             (Err(err), _) | (_, Err(err)) => return console.note(&err).await,
         };
+        let dir = self.work_dir.join(format!("{}-{}-results", claim.run, claim.attempt));
+        if let Err(err) = tokio::fs::create_dir_all(&dir).await {
+            return console.note(&format!("cannot collect results: {err}")).await;
+        }
         let archive = self.docker.download(container, WORKSPACE);
         let reader = tokio_util::io::StreamReader::new(archive.map(|chunk| chunk.map_err(std::io::Error::other)));
-        let selected = tokio::task::spawn_blocking(move || {
-            let mut skipped = Vec::new();
-            archive::select_results(tokio_util::io::SyncIoBridge::new(reader), &junit, &artifacts, &mut skipped)
-                .map(|found| (found, skipped))
-        })
-        .await;
+        let selected = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut skipped = Vec::new();
+                let bridge = tokio_util::io::SyncIoBridge::new(reader);
+                archive::select_results(bridge, &junit, &artifacts, &dir, &mut skipped).map(|found| (found, skipped))
+            })
+            .await
+        };
+        self.store_results(claim, selected, console).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    }
+
+    async fn store_results(
+        &self,
+        claim: &Claim,
+        selected: Result<Result<(Vec<archive::Found>, Vec<String>), String>, tokio::task::JoinError>,
+        console: &ConsoleTx,
+    ) {
         let (found, skipped) = match selected {
             Ok(Ok(selected)) => selected,
             Ok(Err(message)) => return console.note(&format!("cannot collect results: {message}")).await,
@@ -705,7 +722,11 @@ impl Executor {
         let mut stored = Vec::new();
         for file in found {
             let summary = if file.kind == KIND_JUNIT {
-                match JunitSummary::parse(&file.data) {
+                let read = match tokio::fs::read(&file.path).await {
+                    Ok(xml) => JunitSummary::parse(&xml),
+                    Err(err) => Err(err.to_string()),
+                };
+                match read {
                     Ok(summary) => serde_json::to_value(summary).ok(),
                     Err(why) => {
                         console.note(&format!("{} is not a readable JUnit report: {why}", file.name)).await;
@@ -716,7 +737,10 @@ impl Executor {
                 None
             };
             let content_type = archive::content_type(&file.name);
-            match self.put_result(claim, file.kind, &file.name, content_type, file.data).await {
+            match self
+                .put_result(claim, file.kind, &file.name, content_type, ResultBody::File(&file.path, file.size))
+                .await
+            {
                 Ok(mut result) => {
                     result.summary = summary;
                     stored.push(result);
@@ -754,7 +778,13 @@ impl Executor {
                 _ => continue,
             };
             match self
-                .put_result(claim, KIND_SERVICE_LOG, &format!("{name}.log"), "text/plain; charset=utf-8", log)
+                .put_result(
+                    claim,
+                    KIND_SERVICE_LOG,
+                    &format!("{name}.log"),
+                    "text/plain; charset=utf-8",
+                    ResultBody::Bytes(log),
+                )
                 .await
             {
                 Ok(result) => stored.push(result),
@@ -772,19 +802,30 @@ impl Executor {
         kind: &'static str,
         name: &str,
         content_type: &str,
-        data: Vec<u8>,
+        body: ResultBody<'_>,
     ) -> Result<StoredResult, String> {
         let key = result_key(claim.run, claim.attempt, kind, name);
-        let bytes = data.len() as i64;
-        self.s3
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .content_type(content_type)
-            .body(data.into())
-            .send()
-            .await
-            .map_err(|err| format!("{}", aws_sdk_s3::error::DisplayErrorContext(err)))?;
+        let bytes = match body {
+            ResultBody::Bytes(data) => {
+                let bytes = data.len() as i64;
+                self.s3
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .content_type(content_type)
+                    .body(data.into())
+                    .send()
+                    .await
+                    .map_err(|err| format!("{}", aws_sdk_s3::error::DisplayErrorContext(err)))?;
+                bytes
+            }
+            ResultBody::File(path, size) => {
+                console::upload(&self.s3, &self.bucket, &key, path, content_type)
+                    .await
+                    .map_err(|err| format!("{err:#}"))?;
+                size as i64
+            }
+        };
         Ok(StoredResult {
             kind,
             name: name.to_owned(),
@@ -797,7 +838,7 @@ impl Executor {
 
     async fn store_console(&self, claim: &Claim, path: &std::path::Path, bytes: u64) -> Option<StoredConsole> {
         let key = console_key(claim.run, claim.attempt);
-        match console::upload(&self.s3, &self.bucket, &key, path).await {
+        match console::upload(&self.s3, &self.bucket, &key, path, "text/plain; charset=utf-8").await {
             Ok(()) => Some(StoredConsole { key, bytes: bytes as i64 }),
             Err(err) => {
                 tracing::error!(error = ?err, "cannot upload the console log; it stays readable from Postgres");
@@ -829,6 +870,12 @@ async fn heartbeat(
             Err(err) => tracing::warn!(error = %err, "cannot renew the lease"),
         }
     }
+}
+
+/// A result file's content: small ones in memory, collected files on disk.
+enum ResultBody<'a> {
+    Bytes(Vec<u8>),
+    File(&'a std::path::Path, u64),
 }
 
 /// Streams a container's output into the console: timestamped lines, secrets masked.
