@@ -879,27 +879,57 @@ enum ResultBody<'a> {
 }
 
 /// Streams a container's output into the console: timestamped lines, secrets masked.
-fn pump_to_console(mut output: Output, masker: Masker, console: ConsoleTx) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut stamper = Timestamper::default();
-        let mut lines = BytesMut::new();
-        while let Some(chunk) = output.next().await {
-            match chunk {
-                Ok(Chunk::Stdout(data)) => stamper.push(0, &data, &mut lines),
-                Ok(Chunk::Stderr(data)) => stamper.push(1, &data, &mut lines),
-                Err(err) => {
-                    console.note(&format!("console stream interrupted: {err}")).await;
-                    break;
+/// Turns a container's output chunks into timestamped, masked lines. Lines are complete when they
+/// come out, so a secret written in pieces is whole again before masking.
+struct MaskedLines {
+    output: Output,
+    masker: Masker,
+    stamper: Timestamper,
+    lines: BytesMut,
+    ended: bool,
+}
+
+impl MaskedLines {
+    fn new(output: Output, masker: Masker) -> Self {
+        Self { output, masker, stamper: Timestamper::default(), lines: BytesMut::new(), ended: false }
+    }
+
+    /// The next complete lines; `Err` once if the stream broke (the lines so far follow it); `None`
+    /// at the end.
+    async fn next(&mut self) -> Option<Result<bytes::Bytes, String>> {
+        loop {
+            if !self.lines.is_empty() {
+                return Some(Ok(masked(&self.masker, self.lines.split())));
+            }
+            if self.ended {
+                return None;
+            }
+            match self.output.next().await {
+                Some(Ok(Chunk::Stdout(data))) => self.stamper.push(0, &data, &mut self.lines),
+                Some(Ok(Chunk::Stderr(data))) => self.stamper.push(1, &data, &mut self.lines),
+                Some(Err(err)) => {
+                    self.ended = true;
+                    self.stamper.finish(&mut self.lines);
+                    return Some(Err(err.to_string()));
+                }
+                None => {
+                    self.ended = true;
+                    self.stamper.finish(&mut self.lines);
                 }
             }
-            // Lines are complete here, so a secret written in pieces is whole again.
-            if !lines.is_empty() {
-                console.send(masked(&masker, lines.split())).await;
-            }
         }
-        stamper.finish(&mut lines);
-        if !lines.is_empty() {
-            console.send(masked(&masker, lines)).await;
+    }
+}
+
+/// Streams a container's output into the console.
+fn pump_to_console(output: Output, masker: Masker, console: ConsoleTx) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut lines = MaskedLines::new(output, masker);
+        while let Some(next) = lines.next().await {
+            match next {
+                Ok(data) => console.send(data).await,
+                Err(err) => console.note(&format!("console stream interrupted: {err}")).await,
+            }
         }
     })
 }
@@ -908,30 +938,18 @@ fn pump_to_console(mut output: Output, masker: Masker, console: ConsoleTx) -> to
 const MAX_SERVICE_LOG: usize = 16 << 20;
 
 /// Collects a sidecar's output (timestamped, masked) until it stops.
-fn pump_to_memory(mut output: Output, masker: Masker) -> tokio::task::JoinHandle<Vec<u8>> {
+fn pump_to_memory(output: Output, masker: Masker) -> tokio::task::JoinHandle<Vec<u8>> {
     tokio::spawn(async move {
-        let mut stamper = Timestamper::default();
-        let mut lines = BytesMut::new();
+        let mut lines = MaskedLines::new(output, masker);
         let mut log = Vec::new();
-        let mut full = false;
-        while let Some(chunk) = output.next().await {
-            match chunk {
-                Ok(Chunk::Stdout(data)) => stamper.push(0, &data, &mut lines),
-                Ok(Chunk::Stderr(data)) => stamper.push(1, &data, &mut lines),
-                Err(_) => break,
-            }
-            if !lines.is_empty() && !full {
-                log.extend_from_slice(&masked(&masker, lines.split()));
+        while let Some(next) = lines.next().await {
+            let Ok(data) = next else { continue };
+            if log.len() <= MAX_SERVICE_LOG {
+                log.extend_from_slice(&data);
                 if log.len() > MAX_SERVICE_LOG {
                     log.extend_from_slice(b"\n[cimaster] the service log was cut at 16 MiB\n");
-                    full = true;
                 }
             }
-            lines.clear();
-        }
-        stamper.finish(&mut lines);
-        if !full {
-            log.extend_from_slice(&masked(&masker, lines));
         }
         log
     })
