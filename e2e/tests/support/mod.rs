@@ -191,7 +191,8 @@ impl Drop for Stack {
                 .arg("-c")
                 .arg(format!(
                     "f=label=cimaster.agent={}; docker ps -aq --filter $f | xargs -r docker rm -f; \
-                     docker volume ls -q --filter $f | xargs -r docker volume rm -f",
+                     docker volume ls -q --filter $f | xargs -r docker volume rm -f; \
+                     docker network ls -q --filter $f | xargs -r docker network rm",
                     agent.id
                 ))
                 .stdout(Stdio::null())
