@@ -55,6 +55,11 @@ pub struct AgentConfig {
     #[arg(long = "drain-grace", env = "CIMASTER_AGENT_DRAIN_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]
     pub drain_grace: Duration,
 
+    /// Idle networks kept for the agent's next runs (each lent to one run at a time, and only once
+    /// nothing is attached to it). 0: every run gets a new network, removed after it.
+    #[arg(long = "idle-networks", env = "CIMASTER_AGENT_IDLE_NETWORKS", default_value_t = 2)]
+    pub idle_networks: usize,
+
     /// Registry credentials for pulling job images that are not present locally.
     #[arg(long = "registry-username", env = "CIMASTER_REGISTRY_USERNAME")]
     pub registry_username: Option<String>,

@@ -15,8 +15,9 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     AttachContainerOptions, BuildImageOptions, CreateContainerOptions, CreateImageOptions,
-    DownloadFromContainerOptions, InspectContainerOptions, ListContainersOptions, ListNetworksOptions,
-    ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions, WaitContainerOptions,
+    DownloadFromContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions,
+    ListNetworksOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
+    WaitContainerOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -26,6 +27,8 @@ pub const LABEL_AGENT: &str = "cimaster.agent";
 pub const LABEL_JOB: &str = "cimaster.job";
 pub const LABEL_RUN: &str = "cimaster.run";
 pub const LABEL_ATTEMPT: &str = "cimaster.attempt";
+/// Marks a network this agent lends to its runs one at a time (see `networks`).
+pub const LABEL_REUSABLE: &str = "cimaster.reusable";
 
 /// Output of the job container, as the engine delivers it.
 pub enum Chunk {
@@ -150,6 +153,32 @@ impl DockerClient {
             .await
             .map_err(|source| DockerError::CreateNetwork { name: name.clone(), source })?;
         Ok(name)
+    }
+
+    /// A bridge network any run of `agent` may borrow (one run at a time): labelled with the agent,
+    /// not with a run.
+    pub async fn create_reusable_network(&self, agent: &str) -> Result<String, DockerError> {
+        let name = format!("cimaster-net-{}", uuid::Uuid::new_v4().simple());
+        let request = NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".to_owned()),
+            labels: Some(HashMap::from([
+                (LABEL_AGENT.to_owned(), agent.to_owned()),
+                (LABEL_REUSABLE.to_owned(), "true".to_owned()),
+            ])),
+            ..Default::default()
+        };
+        self.docker
+            .create_network(request)
+            .await
+            .map_err(|source| DockerError::CreateNetwork { name: name.clone(), source })?;
+        Ok(name)
+    }
+
+    /// How many containers are attached to the network; `None` when it cannot be inspected.
+    pub async fn network_endpoints(&self, name: &str) -> Option<usize> {
+        let network = self.docker.inspect_network(name, None::<InspectNetworkOptions>).await.ok()?;
+        Some(network.containers.map_or(0, |containers| containers.len()))
     }
 
     /// Creates and starts the job container: unprivileged, no mounts, no published ports, limited.

@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::archive;
 use crate::console::{self, ConsoleTx, Timestamper};
 use crate::docker::{Chunk, DockerClient, JobContainer, Output, RunLabels};
+use crate::networks::{Networks, RunNetwork};
 use crate::plan::{ImageSource, Plan, CHECKOUT_SCRIPT, WORKSPACE};
 use crate::store::{self, Claim, Lease, Outcome, StoredConsole, StoredResult};
 
@@ -30,6 +31,7 @@ use crate::store::{self, Claim, Lease, Outcome, StoredConsole, StoredResult};
 pub struct Executor {
     pub pool: PgPool,
     pub(crate) docker: DockerClient,
+    pub(crate) networks: Arc<Networks>,
     pub s3: aws_sdk_s3::Client,
     pub bucket: String,
     pub agent: String,
@@ -59,7 +61,7 @@ struct Held {
     checkout: Option<String>,
     /// Running sidecars: name, container and the task collecting their output.
     services: Vec<(String, String, tokio::task::JoinHandle<Vec<u8>>)>,
-    network: Option<String>,
+    network: Option<RunNetwork>,
     volume: Option<String>,
     /// The cluster lease's token and the task renewing it.
     cluster: Option<(i64, tokio::task::JoinHandle<()>)>,
@@ -165,9 +167,9 @@ impl Executor {
                 }
             }
         }
-        // The container has stopped and the result is recorded; removing the containers, volume and
-        // network (a few hundred ms of engine work) does not hold up the run's status. A crash here
-        // leaves labelled leftovers that the next start of this agent sweeps.
+        // The container has stopped and the result is recorded; removing the containers and volume
+        // and giving the network back do not hold up the run's status. A crash here leaves labelled
+        // leftovers that the next start of this agent sweeps.
         for (_, _, pump) in held.services.drain(..) {
             pump.abort();
         }
@@ -177,8 +179,8 @@ impl Executor {
         if let Some(volume) = &held.volume {
             self.docker.remove_volume(volume).await;
         }
-        if let Some(network) = &held.network {
-            self.docker.remove_network(network).await;
+        if let Some(network) = held.network.take() {
+            self.networks.give_back(network).await;
         }
     }
 
@@ -384,11 +386,10 @@ impl Executor {
             held.cluster = Some((lease.token, heartbeat));
         }
 
-        let network = match interruptible!(self.docker.create_network(labels)) {
-            Ok(name) => name,
+        let network = match interruptible!(self.networks.take(labels)) {
+            Ok(network) => held.network.insert(network).name.clone(),
             Err(err) => fail!(err.to_string()),
         };
-        held.network = Some(network.clone());
 
         // A git run's workspace: the repository at the run's commit, cloned by the helper image.
         if let Some(checkout) = &plan.checkout {

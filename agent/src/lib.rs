@@ -7,6 +7,7 @@ pub mod config;
 pub mod console;
 mod docker;
 pub mod executor;
+mod networks;
 pub mod plan;
 pub mod store;
 pub mod worker;
@@ -65,9 +66,11 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let work_dir = std::env::temp_dir().join(format!("cimaster-agent-{agent}"));
     tokio::fs::create_dir_all(&work_dir).await?;
 
+    let networks = std::sync::Arc::new(networks::Networks::new(docker.clone(), agent.clone(), config.idle_networks));
     let executor = executor::Executor {
         pool: pool.clone(),
         docker,
+        networks: networks.clone(),
         s3,
         bucket: config.s3.bucket.clone(),
         agent: agent.clone(),
@@ -107,6 +110,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         }
         while running.join_next().await.is_some() {}
     }
+    networks.clear().await;
     background.cancel();
     let _ = sampler.await;
     let _ = listener.await;

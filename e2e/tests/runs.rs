@@ -60,6 +60,10 @@ async fn a_job_succeeds_or_fails_with_its_exit_code_and_leaves_nothing_behind(po
     for path in [&good, &bad] {
         assert_eq!(leftovers(&run_id(path)).await, (0, 0), "containers or networks left for {path}");
     }
+    // The networks the agent keeps for its next runs (at most 2 by default) have nothing on them.
+    let networks = support::networks_of_agent(&stack.agents[0].id);
+    assert!(!networks.is_empty() && networks.len() <= 2, "{networks:?}");
+    assert!(networks.iter().all(|(_, attached)| *attached == 0), "{networks:?}");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -250,7 +254,7 @@ async fn a_killed_agent_s_run_is_retried_elsewhere_and_its_container_swept(pool:
     // The first agent comes back under the same id and sweeps what it left.
     stack.start_agent(&first_id, AgentOptions::default()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while support::containers_of_agent(&first_id) > 0 {
+    while support::containers_of_agent(&first_id) > 0 || !support::networks_of_agent(&first_id).is_empty() {
         assert!(Instant::now() < deadline, "the restarted agent did not sweep its leftovers");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -272,6 +276,8 @@ async fn sigterm_drains_the_agent_and_a_second_one_aborts(pool: PgPool) {
     assert_eq!(run["status"], "succeeded", "{run}");
     assert!(stack.console(&first).await.contains("finished"));
     assert!(stack.agent_exit(agent, Duration::from_secs(30)).await, "the agent exits cleanly after draining");
+    let networks = support::networks_of_agent(&stack.agents[agent].id);
+    assert!(networks.is_empty(), "a stopped agent keeps no networks: {networks:?}");
     assert_eq!(stack.api.get(&second).await.body["status"], "queued");
 
     // A new agent takes the waiting run; two SIGTERMs abort it and mark it.

@@ -149,7 +149,7 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     }
     let ours_elapsed = started.elapsed();
     let busy_rss = rss_mib(agent_pid);
-    // SIGTERM: the agent removes its networks (warm ones included) before it exits.
+    // SIGTERM: the agent removes its idle networks before it exits.
     let _ = std::process::Command::new("kill").args(["-TERM", &agent_pid.to_string()]).status();
     if tokio::time::timeout(Duration::from_secs(30), agent.wait()).await.is_err() {
         let _ = agent.kill().await;

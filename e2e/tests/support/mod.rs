@@ -277,6 +277,24 @@ pub fn containers_of_agent(agent: &str) -> usize {
     String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()).count()
 }
 
+/// The agent's networks, each with the number of containers attached to it.
+pub fn networks_of_agent(agent: &str) -> Vec<(String, usize)> {
+    let output = std::process::Command::new("docker")
+        .args(["network", "ls", "-q", "--filter", &format!("label=cimaster.agent={agent}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(|id| {
+            let inspect = std::process::Command::new("docker")
+                .args(["network", "inspect", id, "-f", "{{len .Containers}}"])
+                .output()
+                .unwrap();
+            (id.to_owned(), String::from_utf8_lossy(&inspect.stdout).trim().parse().unwrap_or(usize::MAX))
+        })
+        .collect()
+}
+
 pub fn run_id(path: &str) -> String {
     path.rsplit('/').next().unwrap().to_owned()
 }

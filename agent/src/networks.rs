@@ -1,0 +1,161 @@
+//! Run networks. Every run has a bridge network to itself for as long as it runs: its job, services
+//! and probes reach each other there, and no other run is on it.
+//!
+//! Creating and removing a bridge network is most of what a short run costs the engine (hundreds of
+//! milliseconds each on some hosts, and removal holds locks the next container start waits for), so
+//! the agent keeps up to `keep` idle networks and lends them to its next runs. A network goes back
+//! to the idle set only once the run's containers are gone and the engine reports nothing attached
+//! to it; otherwise, or when the set is full, it is removed. With `keep` at 0 every run gets a new
+//! network labelled with the run, removed after it. Idle networks carry the agent's label: a
+//! graceful stop removes them, and the start-up sweep removes those a killed agent left.
+
+use std::sync::Mutex;
+
+use crate::docker::{DockerClient, DockerError, RunLabels};
+
+/// The network a run holds.
+pub(crate) struct RunNetwork {
+    pub name: String,
+    reusable: bool,
+}
+
+pub(crate) struct Networks {
+    docker: DockerClient,
+    agent: String,
+    keep: usize,
+    idle: Mutex<Vec<String>>,
+}
+
+impl Networks {
+    pub fn new(docker: DockerClient, agent: String, keep: usize) -> Self {
+        Self { docker, agent, keep, idle: Mutex::new(Vec::new()) }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// An idle network, or a new one.
+    pub async fn take(&self, labels: &RunLabels) -> Result<RunNetwork, DockerError> {
+        if self.keep == 0 {
+            return Ok(RunNetwork { name: self.docker.create_network(labels).await?, reusable: false });
+        }
+        let idle = self.idle().pop();
+        let name = match idle {
+            Some(name) => name,
+            None => self.docker.create_reusable_network(&self.agent).await?,
+        };
+        Ok(RunNetwork { name, reusable: true })
+    }
+
+    /// Takes the network back once the run's containers are removed.
+    pub async fn give_back(&self, network: RunNetwork) {
+        if network.reusable && self.idle().len() < self.keep {
+            if self.docker.network_endpoints(&network.name).await == Some(0) {
+                let mut idle = self.idle();
+                if idle.len() < self.keep {
+                    idle.push(network.name);
+                    return;
+                }
+            } else {
+                tracing::warn!(network = network.name, "containers are still attached; the network is not reused");
+            }
+        }
+        self.docker.remove_network(&network.name).await;
+    }
+
+    /// Removes the idle networks (at shutdown).
+    pub async fn clear(&self) {
+        let idle = std::mem::take(&mut *self.idle());
+        for name in idle {
+            self.docker.remove_network(&name).await;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! Against the local Docker engine.
+    use std::process::Command;
+
+    use super::*;
+
+    fn docker(args: &[&str]) -> String {
+        let output = Command::new("docker").args(args).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    fn networks_of(agent: &str) -> Vec<String> {
+        let filter = format!("label=cimaster.agent={agent}");
+        let mut names: Vec<String> = docker(&["network", "ls", "--filter", &filter, "--format", "{{.Name}}"])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn labels(agent: &str) -> RunLabels {
+        RunLabels { agent: agent.to_owned(), job: "net".to_owned(), run: uuid::Uuid::new_v4().to_string(), attempt: 1 }
+    }
+
+    #[tokio::test]
+    async fn an_empty_network_is_lent_again_and_an_occupied_one_is_removed() {
+        let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
+        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 1);
+
+        let first = networks.take(&labels(&agent)).await.unwrap();
+        let second = networks.take(&labels(&agent)).await.unwrap();
+        assert_ne!(first.name, second.name, "two runs at once share a network");
+        let (first_name, second_name) = (first.name.clone(), second.name.clone());
+        networks.give_back(first).await;
+        // The idle set is full: the second network is removed, not kept.
+        networks.give_back(second).await;
+        assert_eq!(networks_of(&agent), vec![first_name.clone()]);
+        assert!(!networks_of(&agent).contains(&second_name));
+
+        // The next run gets the idle network.
+        let again = networks.take(&labels(&agent)).await.unwrap();
+        assert_eq!(again.name, first_name);
+
+        // Something still attached (a container whose removal failed): never lent again.
+        let container = format!("{agent}-left");
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &container,
+            "--label",
+            &format!("cimaster.agent={agent}"),
+            "--network",
+            &again.name,
+            "busybox:latest",
+            "sleep",
+            "60",
+        ]);
+        networks.give_back(again).await;
+        let next = networks.take(&labels(&agent)).await.unwrap();
+        assert_ne!(next.name, first_name, "a network with a container on it was lent again");
+        docker(&["rm", "-f", &container]);
+        docker(&["network", "rm", &first_name]);
+
+        // A graceful stop removes the idle networks.
+        networks.give_back(next).await;
+        assert_eq!(networks_of(&agent).len(), 1);
+        networks.clear().await;
+        assert!(networks_of(&agent).is_empty(), "{:?}", networks_of(&agent));
+    }
+
+    #[tokio::test]
+    async fn with_none_kept_each_run_gets_its_own_network_removed_after_it() {
+        let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
+        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 0);
+        let run = labels(&agent);
+        let network = networks.take(&run).await.unwrap();
+        let filter = format!("label=cimaster.run={}", run.run);
+        assert_eq!(docker(&["network", "ls", "--filter", &filter, "--format", "{{.Name}}"]), network.name);
+        networks.give_back(network).await;
+        assert!(networks_of(&agent).is_empty());
+    }
+}
