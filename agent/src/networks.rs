@@ -40,11 +40,18 @@ impl Networks {
         if self.keep == 0 {
             return Ok(RunNetwork { name: self.docker.create_network(labels).await?, reusable: false });
         }
-        let idle = self.idle().pop();
-        let name = match idle {
-            Some(name) => name,
-            None => self.docker.create_reusable_network(&self.agent).await?,
-        };
+        // An idle network is checked again before it is lent: someone may have removed it, or
+        // attached something to it, while it sat idle.
+        loop {
+            let idle = self.idle().pop();
+            let Some(name) = idle else { break };
+            match self.docker.network_endpoints(&name).await {
+                Some(0) => return Ok(RunNetwork { name, reusable: true }),
+                Some(_) => self.docker.remove_network(&name).await,
+                None => tracing::info!(network = name, "an idle network is gone; not lending it"),
+            }
+        }
+        let name = self.docker.create_reusable_network(&self.agent).await?;
         Ok(RunNetwork { name, reusable: true })
     }
 
@@ -140,8 +147,17 @@ mod tests {
         docker(&["rm", "-f", &container]);
         docker(&["network", "rm", &first_name]);
 
-        // A graceful stop removes the idle networks.
+        // An idle network removed behind the agent's back is not lent.
         networks.give_back(next).await;
+        let idle = networks_of(&agent);
+        assert_eq!(idle.len(), 1);
+        docker(&["network", "rm", &idle[0]]);
+        let fresh = networks.take(&labels(&agent)).await.unwrap();
+        assert_ne!(fresh.name, idle[0]);
+        assert_eq!(networks_of(&agent), vec![fresh.name.clone()]);
+
+        // A graceful stop removes the idle networks.
+        networks.give_back(fresh).await;
         assert_eq!(networks_of(&agent).len(), 1);
         networks.clear().await;
         assert!(networks_of(&agent).is_empty(), "{:?}", networks_of(&agent));
