@@ -140,32 +140,25 @@ impl DockerClient {
         Ok(())
     }
 
+    /// A network for this attempt only, labelled with the run.
     pub async fn create_network(&self, labels: &RunLabels) -> Result<String, DockerError> {
-        let name = labels.name();
-        let request = NetworkCreateRequest {
-            name: name.clone(),
-            driver: Some("bridge".to_owned()),
-            labels: Some(labels.map()),
-            ..Default::default()
-        };
-        self.docker
-            .create_network(request)
-            .await
-            .map_err(|source| DockerError::CreateNetwork { name: name.clone(), source })?;
-        Ok(name)
+        self.create_bridge(labels.name(), labels.map()).await
     }
 
     /// A bridge network any run of `agent` may borrow (one run at a time): labelled with the agent,
     /// not with a run.
     pub async fn create_reusable_network(&self, agent: &str) -> Result<String, DockerError> {
         let name = format!("cimaster-net-{}", uuid::Uuid::new_v4().simple());
+        let labels =
+            HashMap::from([(LABEL_AGENT.to_owned(), agent.to_owned()), (LABEL_REUSABLE.to_owned(), "true".to_owned())]);
+        self.create_bridge(name, labels).await
+    }
+
+    async fn create_bridge(&self, name: String, labels: HashMap<String, String>) -> Result<String, DockerError> {
         let request = NetworkCreateRequest {
             name: name.clone(),
             driver: Some("bridge".to_owned()),
-            labels: Some(HashMap::from([
-                (LABEL_AGENT.to_owned(), agent.to_owned()),
-                (LABEL_REUSABLE.to_owned(), "true".to_owned()),
-            ])),
+            labels: Some(labels),
             ..Default::default()
         };
         self.docker
