@@ -4,8 +4,8 @@
 //! Creating and removing a bridge network is most of what a short run costs the engine (hundreds of
 //! milliseconds each on some hosts, and removal holds locks the next container start waits for), so
 //! the agent keeps up to `keep` idle networks and lends them to its next runs. A network goes back
-//! to the idle set only once the run's containers are gone and the engine reports nothing attached
-//! to it; otherwise, or when the set is full, it is removed. With `keep` at 0 every run gets a new
+//! to the idle set once the run's containers are removed (when the set is full it is removed
+//! instead), and is lent again only when the engine reports nothing attached to it. With `keep` at 0 every run gets a new
 //! network labelled with the run, removed after it. Idle networks carry the agent's label: a
 //! graceful stop removes them, and the start-up sweep removes those a killed agent left.
 
@@ -40,8 +40,8 @@ impl Networks {
         if self.keep == 0 {
             return Ok(RunNetwork { name: self.docker.create_network(labels).await?, reusable: false });
         }
-        // An idle network is checked again before it is lent: someone may have removed it, or
-        // attached something to it, while it sat idle.
+        // An idle network is lent only when the engine reports nothing attached to it: a container
+        // of the last run whose removal failed keeps it out, as does its removal by someone else.
         loop {
             let idle = self.idle().pop();
             let Some(name) = idle else { break };
@@ -55,17 +55,14 @@ impl Networks {
         Ok(RunNetwork { name, reusable: true })
     }
 
-    /// Takes the network back once the run's containers are removed.
+    /// Takes the network back once the run's containers are removed; `take` checks it before it is
+    /// lent again.
     pub async fn give_back(&self, network: RunNetwork) {
-        if network.reusable && self.idle().len() < self.keep {
-            if self.docker.network_endpoints(&network.name).await == Some(0) {
-                let mut idle = self.idle();
-                if idle.len() < self.keep {
-                    idle.push(network.name);
-                    return;
-                }
-            } else {
-                tracing::warn!(network = network.name, "containers are still attached; the network is not reused");
+        if network.reusable {
+            let mut idle = self.idle();
+            if idle.len() < self.keep {
+                idle.push(network.name);
+                return;
             }
         }
         self.docker.remove_network(&network.name).await;
