@@ -43,11 +43,17 @@ pub struct AgentConfig {
     #[arg(long = "max-timeout", env = "CIMASTER_MAX_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_timeout: Duration,
 
-    /// How long a claim holds without a heartbeat; the agent renews it every third of this.
+    /// How long a claim (and a test cluster's lease) holds without a renewal. The agent renews it
+    /// five times per fence window (`lease - stop grace - margin`).
     #[arg(long = "lease", env = "CIMASTER_LEASE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
 
-    /// Between SIGTERM and SIGKILL when a run is stopped (timeout, abort, drain).
+    /// How long before its lease could expire a run cut off from Postgres has been stopped: the
+    /// agent stops it after `lease - stop grace - margin` without a successful renewal (see `lease`).
+    #[arg(long = "lease-margin", env = "CIMASTER_LEASE_MARGIN", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_margin: Duration,
+
+    /// Between SIGTERM and SIGKILL when a run is stopped (timeout, abort, drain, lost lease).
     #[arg(long = "stop-grace", env = "CIMASTER_STOP_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stop_grace: Duration,
 

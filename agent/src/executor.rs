@@ -22,21 +22,25 @@ use tracing::Instrument;
 use crate::archive;
 use crate::console::{self, ConsoleTx, Timestamper};
 use crate::docker::{Chunk, DockerClient, JobContainer, Output, RunLabels};
+use crate::lease::{self, Fence, LeaseEnd, LeaseTiming, Renewal};
 use crate::networks::{Networks, RunNetwork};
 use crate::plan::{ImageSource, Plan, CHECKOUT_SCRIPT, WORKSPACE};
+use crate::storage;
 use crate::store::{self, Claim, Lease, Outcome, StoredConsole, StoredResult};
 
 /// What every execution shares.
 #[derive(Clone)]
 pub struct Executor {
     pub pool: PgPool,
+    /// For lease renewals only.
+    pub leases: PgPool,
     pub(crate) docker: DockerClient,
     pub(crate) networks: Arc<Networks>,
     pub s3: aws_sdk_s3::Client,
     pub bucket: String,
     pub agent: String,
-    pub lease: Duration,
-    pub stop_grace: Duration,
+    /// Lease, stop grace and when to fence (see `lease`).
+    pub timing: LeaseTiming,
     pub max_timeout: Duration,
     pub work_dir: PathBuf,
     /// Image with git that checks out git runs.
@@ -72,7 +76,7 @@ enum Stop {
     Exited(i64),
     TimedOut(Duration),
     Aborted,
-    LeaseLost,
+    LeaseLost(LeaseEnd),
     Shutdown,
     Failed(String),
 }
@@ -97,21 +101,26 @@ impl Executor {
         let log_path = self.work_dir.join(format!("{}-{}.log", claim.run, claim.attempt));
         let (console, pump) = console::start(self.pool.clone(), claim.clone(), log_path.clone());
 
-        // The lease is renewed for as long as the attempt runs; losing it stops the container.
-        let lost = CancellationToken::new();
+        // The lease is renewed for as long as the attempt runs; losing it, or failing to renew it
+        // for the fence window, stops the container.
+        let fence = Fence::default();
         let heartbeat = tokio::spawn(heartbeat(
-            self.pool.clone(),
+            self.leases.clone(),
             claim.clone(),
             self.agent.clone(),
-            self.lease,
+            self.timing,
             abort.clone(),
-            lost.clone(),
+            fence.clone(),
         ));
 
         let mut held = Held::default();
-        let stop = self.run_container(&claim, &labels, &console, &abort, &hard_stop, &lost, &mut held).await;
+        let stop = self.run_container(&claim, &labels, &console, &abort, &hard_stop, &fence, &mut held).await;
+        let lease_lost = matches!(stop, Stop::LeaseLost(_));
+        if lease_lost {
+            // The run may be someone else's already: nothing of this attempt may go on.
+            self.remove_containers(&mut held).await;
+        }
         self.release_cluster(&mut held, &console).await;
-        let lease_lost = matches!(stop, Stop::LeaseLost);
         let outcome = match stop {
             Stop::Exited(0) => Outcome { status: RunStatus::Succeeded, exit_code: Some(0), message: None },
             Stop::Exited(code) => Outcome {
@@ -130,11 +139,9 @@ impl Executor {
                 exit_code: None,
                 message: Some(format!("aborted: agent {} shut down before the run finished", self.agent)),
             },
-            Stop::LeaseLost => Outcome {
-                status: RunStatus::Error,
-                exit_code: None,
-                message: Some("this agent lost the run's lease".into()),
-            },
+            Stop::LeaseLost(why) => {
+                Outcome { status: RunStatus::Error, exit_code: None, message: Some(why.to_string()) }
+            }
             Stop::Failed(message) => Outcome { status: RunStatus::Error, exit_code: None, message: Some(message) },
         };
         console.note(&format!("run {} ({:.1}s)", outcome.status, started.elapsed().as_secs_f64())).await;
@@ -152,35 +159,61 @@ impl Executor {
             }
         };
         let _ = tokio::fs::remove_file(&log_path).await;
-        heartbeat.abort();
 
         if lease_lost {
-            tracing::warn!("lease lost; leaving the run to its next attempt");
+            tracing::warn!(outcome = outcome.message.as_deref(), "leaving the run to its next attempt");
         } else {
-            match store::finish(&self.pool, &claim, &self.agent, &outcome, stored.as_ref()).await {
-                Ok(true) => {
-                    tracing::info!(status = %outcome.status, exit_code = ?outcome.exit_code, "attempt finished")
-                }
-                Ok(false) => tracing::warn!("the attempt was taken over; its final status was not written"),
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot record the final status; the reaper will retry the run")
-                }
-            }
+            // The lease is still renewed while the status is written, so a short Postgres outage here
+            // delays the status instead of losing it.
+            self.finish(&claim, &outcome, stored.as_ref(), &fence).await;
         }
+        heartbeat.abort();
         // The container has stopped and the result is recorded; removing the containers and volume
         // and giving the network back do not hold up the run's status. A crash here leaves labelled
         // leftovers that the next start of this agent sweeps.
-        for (_, _, pump) in held.services.drain(..) {
-            pump.abort();
-        }
-        for id in held.containers.iter().rev() {
-            self.docker.remove_container(id).await;
-        }
+        self.remove_containers(&mut held).await;
         if let Some(volume) = &held.volume {
             self.docker.remove_volume(volume).await;
         }
         if let Some(network) = held.network.take() {
             self.networks.give_back(network).await;
+        }
+    }
+
+    /// Writes the final status, retrying while the run's lease holds (a fenced attempt writes nothing).
+    async fn finish(&self, claim: &Claim, outcome: &Outcome, console: Option<&StoredConsole>, fence: &Fence) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = tokio::time::timeout(
+                self.timing.renew_every(),
+                store::finish(&self.pool, claim, &self.agent, outcome, console),
+            );
+            let error = match attempt.await {
+                Ok(Ok(true)) => {
+                    return tracing::info!(status = %outcome.status, exit_code = ?outcome.exit_code, "attempt finished")
+                }
+                Ok(Ok(false)) => return tracing::warn!("the attempt was taken over; its final status was not written"),
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => "Postgres did not answer in time".to_owned(),
+            };
+            tracing::warn!(error, retry_in = ?backoff, "cannot record the final status yet");
+            tokio::select! {
+                why = fence.tripped() => {
+                    return tracing::error!(%why, "the final status was not recorded; the reaper retries the run");
+                }
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Removes the attempt's containers (stopped or not) at once.
+    async fn remove_containers(&self, held: &mut Held) {
+        for (_, _, pump) in held.services.drain(..) {
+            pump.abort();
+        }
+        for id in held.containers.drain(..).rev() {
+            self.docker.remove_container(&id).await;
         }
     }
 
@@ -227,7 +260,7 @@ impl Executor {
         requirement: &ClusterRequirement,
         console: &ConsoleTx,
         interrupted: &mut (impl std::future::Future<Output = Stop> + Unpin),
-    ) -> Result<ClusterView, Stop> {
+    ) -> Result<(ClusterView, tokio::time::Instant), Stop> {
         let started = std::time::Instant::now();
         let mut request = AcquireRequest {
             purpose: requirement.purpose.clone(),
@@ -236,7 +269,7 @@ impl Executor {
             build: claim.attempt.to_string(),
             holder: self.agent.clone(),
             run: Some(claim.run.0),
-            ttl: self.lease,
+            ttl: self.timing.lease(),
             waited: Duration::ZERO,
             priority: 0,
             waiter: None,
@@ -244,6 +277,7 @@ impl Executor {
         let mut waiting = false;
         loop {
             request.waited = started.elapsed();
+            let granted = tokio::time::Instant::now();
             match pool::acquire(&self.pool, &request).await {
                 Ok(Some(lease)) => {
                     if let Some(waiter) = request.waiter {
@@ -252,7 +286,9 @@ impl Executor {
                     if waiting {
                         let _ = store::set_message(&self.pool, claim, None).await;
                     }
-                    return pool::get(&self.pool, &lease.cluster).await.map_err(|err| Stop::Failed(err.to_string()));
+                    let cluster =
+                        pool::get(&self.pool, &lease.cluster).await.map_err(|err| Stop::Failed(err.to_string()))?;
+                    return Ok((cluster, granted));
                 }
                 Ok(None) => {
                     if !waiting {
@@ -264,9 +300,9 @@ impl Executor {
                     // Keep (or take) this attempt's place in the queue.
                     match request.waiter {
                         Some(waiter) => {
-                            let _ = pool::touch(&self.pool, waiter, self.lease).await;
+                            let _ = pool::touch(&self.pool, waiter, self.timing.lease()).await;
                         }
-                        None => request.waiter = pool::enqueue(&self.pool, &request, self.lease).await.ok(),
+                        None => request.waiter = pool::enqueue(&self.pool, &request, self.timing.lease()).await.ok(),
                     }
                 }
                 Err(PoolError::Invalid(message)) => return Err(Stop::Failed(message)),
@@ -288,9 +324,11 @@ impl Executor {
     async fn release_cluster(&self, held: &mut Held, console: &ConsoleTx) {
         let Some((token, heartbeat)) = held.cluster.take() else { return };
         heartbeat.abort();
-        match pool::release(&self.pool, pool::Release::Token(token), ReleaseOutcome::Ok, &self.agent, 3).await {
-            Ok(cluster) => console.note(&format!("released cluster {}", cluster.name)).await,
-            Err(err) => tracing::warn!(error = %err, "cannot release the cluster; its lease will expire"),
+        let release = pool::release(&self.pool, pool::Release::Token(token), ReleaseOutcome::Ok, &self.agent, 3);
+        match tokio::time::timeout(self.timing.renew_every(), release).await {
+            Ok(Ok(cluster)) => console.note(&format!("released cluster {}", cluster.name)).await,
+            Ok(Err(err)) => tracing::warn!(error = %err, "cannot release the cluster; its lease will expire"),
+            Err(_) => tracing::warn!("releasing the cluster did not answer in time; its lease will expire"),
         }
     }
 
@@ -302,7 +340,7 @@ impl Executor {
         console: &ConsoleTx,
         abort: &Notify,
         hard_stop: &CancellationToken,
-        lost: &CancellationToken,
+        fence: &Fence,
         held: &mut Held,
     ) -> Stop {
         let plan = match Plan::of(claim) {
@@ -323,7 +361,7 @@ impl Executor {
                 tokio::select! {
                     value = $step => value,
                     _ = &mut aborted => return Stop::Aborted,
-                    _ = lost.cancelled() => return Stop::LeaseLost,
+                    why = fence.tripped() => return Stop::LeaseLost(why),
                     _ = hard_stop.cancelled() => return Stop::Shutdown,
                     _ = tokio::time::sleep_until(deadline) => return Stop::TimedOut(timeout),
                 }
@@ -356,12 +394,12 @@ impl Executor {
             let mut interrupted = Box::pin(async {
                 tokio::select! {
                     _ = &mut aborted => Stop::Aborted,
-                    _ = lost.cancelled() => Stop::LeaseLost,
+                    why = fence.tripped() => Stop::LeaseLost(why),
                     _ = hard_stop.cancelled() => Stop::Shutdown,
                 }
             });
-            let cluster = match self.lease_cluster(claim, requirement, console, &mut interrupted).await {
-                Ok(cluster) => cluster,
+            let (cluster, granted) = match self.lease_cluster(claim, requirement, console, &mut interrupted).await {
+                Ok(leased) => leased,
                 Err(stop) => return stop,
             };
             drop(interrupted);
@@ -372,16 +410,20 @@ impl Executor {
             env.push(format!("CIMASTER_CLUSTER={}", cluster.name));
             env.push(format!("CIMASTER_CLUSTER_REGION={}", cluster.region));
             env.push(format!("CIMASTER_CLUSTER_LABELS={}", serde_json::to_string(&cluster.labels).unwrap_or_default()));
+            // A cluster whose lease cannot be renewed stops the attempt before the pool can hand it on.
             let heartbeat = {
-                let (pool, ttl) = (self.pool.clone(), self.lease);
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(ttl / 3).await;
-                        if let Err(err) = pool::heartbeat(&pool, lease.token, ttl).await {
-                            tracing::warn!(error = %err, "cannot renew the cluster lease");
+                let (pool, timing, token) = (self.leases.clone(), self.timing, lease.token);
+                let renew = move || {
+                    let pool = pool.clone();
+                    async move {
+                        match pool::heartbeat(&pool, token, timing.lease()).await {
+                            Ok(_) => Ok(Renewal::Held),
+                            Err(PoolError::Conflict(_) | PoolError::NotFound(_)) => Ok(Renewal::Lost),
+                            Err(err) => Err(err),
                         }
                     }
-                })
+                };
+                tokio::spawn(lease::keep("cluster", timing, granted, renew, fence.clone()))
             };
             held.cluster = Some((lease.token, heartbeat));
         }
@@ -551,19 +593,22 @@ impl Executor {
             },
             _ = tokio::time::sleep_until(deadline) => Stop::TimedOut(timeout),
             _ = &mut aborted => Stop::Aborted,
-            _ = lost.cancelled() => Stop::LeaseLost,
+            why = fence.tripped() => Stop::LeaseLost(why),
             _ = hard_stop.cancelled() => Stop::Shutdown,
         };
         if !matches!(stop, Stop::Exited(_)) {
             let why = match &stop {
                 Stop::TimedOut(limit) => format!("timed out after {}s", limit.as_secs()),
                 Stop::Aborted => "abort requested".into(),
-                Stop::LeaseLost => "lease lost".into(),
+                Stop::LeaseLost(why) => why.to_string(),
                 Stop::Shutdown => "agent shutting down".into(),
                 _ => "stopping".into(),
             };
-            console.note(&format!("{why}: sending SIGTERM, SIGKILL after {}s", self.stop_grace.as_secs())).await;
-            if let Err(err) = self.docker.stop(&id, self.stop_grace).await {
+            let grace = self.timing.stop_grace();
+            // Stopped first, told after: the note must not delay the stop (the fence counts on it).
+            let stopped = self.docker.stop(&id, grace).await;
+            console.note(&format!("{why}: sent SIGTERM, SIGKILL after {}s", grace.as_secs_f64())).await;
+            if let Err(err) = stopped {
                 tracing::warn!(error = %err, "cannot stop the job container");
             }
         }
@@ -572,7 +617,7 @@ impl Executor {
             logs.abort();
             console.note("the container's output did not end with it; the log may be incomplete").await;
         }
-        if !matches!(stop, Stop::LeaseLost) {
+        if !matches!(stop, Stop::LeaseLost(_)) {
             if !plan.results.is_empty() {
                 self.collect_results(claim, &id, &plan.results, console).await;
             }
@@ -821,7 +866,7 @@ impl Executor {
                 bytes
             }
             ResultBody::File(path, size) => {
-                console::upload(&self.s3, &self.bucket, &key, path, content_type)
+                storage::upload(&self.s3, &self.bucket, &key, path, content_type)
                     .await
                     .map_err(|err| format!("{err:#}"))?;
                 size as i64
@@ -839,7 +884,7 @@ impl Executor {
 
     async fn store_console(&self, claim: &Claim, path: &std::path::Path, bytes: u64) -> Option<StoredConsole> {
         let key = console_key(claim.run, claim.attempt);
-        match console::upload(&self.s3, &self.bucket, &key, path, "text/plain; charset=utf-8").await {
+        match storage::upload(&self.s3, &self.bucket, &key, path, "text/plain; charset=utf-8").await {
             Ok(()) => Some(StoredConsole { key, bytes: bytes as i64 }),
             Err(err) => {
                 tracing::error!(error = ?err, "cannot upload the console log; it stays readable from Postgres");
@@ -849,28 +894,24 @@ impl Executor {
     }
 }
 
-async fn heartbeat(
-    pool: PgPool,
-    claim: Claim,
-    agent: String,
-    lease: Duration,
-    abort: Arc<Notify>,
-    lost: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(lease / 3);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        match store::renew(&pool, &claim, &agent, lease).await {
-            Ok(Lease::Held { abort_requested: true }) => abort.notify_one(),
-            Ok(Lease::Held { abort_requested: false }) => {}
-            Ok(Lease::Lost) => {
-                lost.cancel();
-                return;
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot renew the lease"),
+/// Keeps the run's lease (see `lease`) and passes on an abort requested meanwhile.
+async fn heartbeat(pool: PgPool, claim: Claim, agent: String, timing: LeaseTiming, abort: Arc<Notify>, fence: Fence) {
+    let granted = claim.granted;
+    let renew = move || {
+        let (pool, claim, agent, abort) = (pool.clone(), claim.clone(), agent.clone(), abort.clone());
+        async move {
+            Ok::<_, sqlx::Error>(match store::renew(&pool, &claim, &agent, timing.lease()).await? {
+                Lease::Held { abort_requested } => {
+                    if abort_requested {
+                        abort.notify_one();
+                    }
+                    Renewal::Held
+                }
+                Lease::Lost => Renewal::Lost,
+            })
         }
-    }
+    };
+    lease::keep("run", timing, granted, renew, fence).await
 }
 
 /// A result file's content: small ones in memory, collected files on disk.

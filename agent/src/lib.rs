@@ -7,8 +7,11 @@ pub mod config;
 pub mod console;
 mod docker;
 pub mod executor;
+pub mod lease;
+mod live;
 mod networks;
 pub mod plan;
+pub mod storage;
 pub mod store;
 pub mod worker;
 
@@ -35,9 +38,18 @@ pub struct Shutdown {
 /// Runs the agent until `shutdown.drain` and the drain that follows.
 pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let agent = config.agent_id();
+    let timing = lease::LeaseTiming::new(config.lease, config.stop_grace, config.lease_margin)?;
     let options = PgConnectOptions::from_str_secret(&config.database_url)?.application_name("cimaster-agent");
-    let pool =
-        PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options);
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.clone());
+    // Lease renewals have connections of their own, so a busy agent's console and result writes
+    // cannot starve them into fencing its runs.
+    let leases = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(timing.renew_every())
+        .connect_lazy_with(options.application_name("cimaster-agent-leases"));
     let credentials = match (&config.registry_username, &config.registry_password) {
         (Some(username), Some(password)) => Some((username.clone(), password.expose_secret().to_owned())),
         (None, None) => None,
@@ -49,7 +61,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         tracing::info!(containers = swept, "removed leftovers of an earlier run of this agent");
     }
     let s3 = config.s3.client();
-    console::ensure_bucket(&s3, &config.s3.bucket).await.context("S3 bucket")?;
+    storage::ensure_bucket(&s3, &config.s3.bucket).await.context("S3 bucket")?;
 
     let total_cpus = config.cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as f64);
     let total_memory = match &config.memory {
@@ -69,13 +81,13 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let networks = std::sync::Arc::new(networks::Networks::new(docker.clone(), agent.clone(), config.idle_networks));
     let executor = executor::Executor {
         pool: pool.clone(),
+        leases,
         docker,
         networks: networks.clone(),
         s3,
         bucket: config.s3.bucket.clone(),
         agent: agent.clone(),
-        lease: config.lease,
-        stop_grace: config.stop_grace,
+        timing,
         max_timeout: config.max_timeout,
         work_dir,
         git_image: config.git_image.clone(),

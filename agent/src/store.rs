@@ -20,6 +20,8 @@ pub struct Claim {
     /// Git runs: the commit and the job config file read there at trigger time.
     pub commit: Option<String>,
     pub config: Option<RepoConfig>,
+    /// When the claim that granted the lease was sent: the fence window starts here.
+    pub granted: tokio::time::Instant,
 }
 
 #[derive(sqlx::FromRow)]
@@ -55,6 +57,7 @@ pub async fn claim(
     agent: &str,
     lease: Duration,
 ) -> Result<Option<Claim>, sqlx::Error> {
+    let granted = tokio::time::Instant::now();
     let row: Option<ClaimRow> = sqlx::query_as(
         "WITH claimed AS (
              UPDATE runs SET status = 'running', agent = $3, started_at = now(), updated_at = now(),
@@ -80,6 +83,7 @@ pub async fn claim(
         parameters: row.parameters.0,
         commit: row.commit_sha,
         config: row.config.map(|config| config.0),
+        granted,
     }))
 }
 

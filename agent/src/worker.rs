@@ -218,8 +218,14 @@ impl Worker {
                 return;
             }
         };
-        let claim = match store::claim(pool, message.run_id, message.attempt, &self.executor.agent, self.executor.lease)
-            .await
+        let claim = match store::claim(
+            pool,
+            message.run_id,
+            message.attempt,
+            &self.executor.agent,
+            self.executor.timing.lease(),
+        )
+        .await
         {
             Ok(Some(claim)) => claim,
             Ok(None) => {

@@ -2,6 +2,9 @@
 //! own database and queue prefix, on the shared Postgres, RabbitMQ, S3 server and Docker engine.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod history;
+pub mod partition;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -53,13 +56,27 @@ pub struct AgentOptions {
     pub cpus: Option<f64>,
     pub lease: &'static str,
     pub stop_grace: &'static str,
+    /// How long before its lease could expire a cut-off agent has stopped the run.
+    pub lease_margin: &'static str,
+    /// Runs the agent inside this network namespace (`partition::Host`).
+    pub netns: Option<String>,
+    /// More (or overriding) environment, e.g. service URLs as seen from a namespace.
+    pub env: Vec<(&'static str, String)>,
     /// Host CPU use above which the agent takes no new run.
     pub max_cpu: Option<f64>,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        Self { cpus: None, lease: "3s", stop_grace: "1s", max_cpu: None }
+        Self {
+            cpus: None,
+            lease: "5s",
+            stop_grace: "1s",
+            lease_margin: "1s",
+            max_cpu: None,
+            netns: None,
+            env: Vec::new(),
+        }
     }
 }
 
@@ -101,13 +118,21 @@ impl Stack {
 
     /// Starts an agent with the given id (a restart of an earlier one when the id repeats).
     pub async fn start_agent(&mut self, id: &str, options: AgentOptions) -> usize {
-        let mut command = Command::new(binary("cimaster-agent"));
+        let mut command = match &options.netns {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace]).arg(binary("cimaster-agent"));
+                command
+            }
+            None => Command::new(binary("cimaster-agent")),
+        };
         command
             .env("CIMASTER_AGENT_ID", id)
             .env("CIMASTER_DATABASE_URL", &self.database_url)
             .env("CIMASTER_QUEUE_PREFIX", &self.prefix)
             .env("CIMASTER_LEASE_TTL", options.lease)
             .env("CIMASTER_STOP_GRACE", options.stop_grace)
+            .env("CIMASTER_LEASE_MARGIN", options.lease_margin)
             .env("CIMASTER_SECRETS_KEY", SECRETS_KEY)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -117,6 +142,9 @@ impl Stack {
         }
         if let Some(max_cpu) = options.max_cpu {
             command.env("CIMASTER_AGENT_MAX_CPU", max_cpu.to_string());
+        }
+        for (name, value) in &options.env {
+            command.env(name, value);
         }
         let child = command.spawn().unwrap();
         self.agents.push(Agent { id: id.to_owned(), child });
