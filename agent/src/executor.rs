@@ -754,7 +754,7 @@ impl Executor {
     async fn store_results(
         &self,
         claim: &Claim,
-        selected: Result<Result<(Vec<archive::Found>, Vec<String>), String>, tokio::task::JoinError>,
+        selected: Result<Result<Selected, String>, tokio::task::JoinError>,
         console: &ConsoleTx,
     ) {
         let (found, skipped) = match selected {
@@ -913,6 +913,9 @@ async fn heartbeat(pool: PgPool, claim: Claim, agent: String, timing: LeaseTimin
     };
     lease::keep("run", timing, granted, renew, fence).await
 }
+
+/// Result files picked from the workspace, and why others were skipped.
+type Selected = (Vec<archive::Found>, Vec<String>);
 
 /// A result file's content: small ones in memory, collected files on disk.
 enum ResultBody<'a> {

@@ -225,7 +225,7 @@ mod tests {
     async fn a_renewal_that_hangs_counts_as_failed() {
         let fence = Fence::default();
         let start = Instant::now();
-        keep("cluster", timing(), start, || std::future::pending::<Result<Renewal, String>>(), fence.clone()).await;
+        keep("cluster", timing(), start, std::future::pending::<Result<Renewal, String>>, fence.clone()).await;
         assert!(matches!(fence.why(), Some(LeaseEnd::CutOff { lease: "cluster", .. })));
         assert!(start.elapsed() <= timing().fence_after(), "fenced after {:?}", start.elapsed());
     }

@@ -318,7 +318,7 @@ fn default_memory() -> Memory {
 
 fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     let value = f64::deserialize(d)?;
-    if !(value.is_finite() && value >= 0.01 && value <= 1024.0) {
+    if !(value.is_finite() && (0.01..=1024.0).contains(&value)) {
         return Err(de::Error::custom(format!("resources.cpus must be between 0.01 and 1024, got {value}")));
     }
     Ok(value)

@@ -220,10 +220,13 @@ async fn trigger(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Res
     Ok((id, at))
 }
 
+/// A run's status, when its container started and when it finished.
+type Timeline = (String, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 async fn wait_finished(pool: &sqlx::PgPool, id: uuid::Uuid) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let row: Option<(String, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let row: Option<Timeline> = sqlx::query_as(
             "SELECT r.status, a.container_started_at, r.finished_at FROM runs r
              LEFT JOIN run_attempts a ON a.run_id = r.id AND a.attempt = r.attempt WHERE r.id = $1",
         )
