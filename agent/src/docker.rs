@@ -36,7 +36,7 @@ pub enum Chunk {
     Stderr(Bytes),
 }
 
-pub type Output = Pin<Box<dyn Stream<Item = Result<Chunk, BollardError>> + Send>>;
+pub type Output = Pin<Box<dyn Stream<Item = Result<Chunk, DockerError>> + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -62,6 +62,10 @@ pub enum DockerError {
     Build(String),
     #[error("listing leftovers failed: {0}")]
     List(#[source] BollardError),
+    #[error("the container's output broke off: {0}")]
+    Output(#[source] BollardError),
+    #[error("running a command in the container failed: {0}")]
+    Exec(#[source] BollardError),
 }
 
 /// Labels of one attempt's resources.
@@ -233,7 +237,7 @@ impl DockerClient {
             return Err(DockerError::StartContainer(err));
         }
         let output: Output = Box::pin(attached.output.map(|item| {
-            item.map(|output| match output {
+            item.map_err(DockerError::Output).map(|output| match output {
                 LogOutput::StdErr { message } => Chunk::Stderr(message),
                 LogOutput::StdOut { message } | LogOutput::Console { message } | LogOutput::StdIn { message } => {
                     Chunk::Stdout(message)
@@ -336,8 +340,10 @@ impl DockerClient {
     }
 
     /// A tar stream of `path` in a container (running or stopped), as `docker cp` gives it.
-    pub fn download(&self, id: &str, path: &str) -> impl Stream<Item = Result<Bytes, BollardError>> + Send + 'static {
-        self.docker.download_from_container(id, Some(DownloadFromContainerOptions { path: path.to_owned() }))
+    pub fn download(&self, id: &str, path: &str) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+        self.docker
+            .download_from_container(id, Some(DownloadFromContainerOptions { path: path.to_owned() }))
+            .map(|chunk| chunk.map_err(std::io::Error::other))
     }
 
     /// Whether the container still runs, and its exit code when it does not.
@@ -352,7 +358,11 @@ impl DockerClient {
     }
 
     /// Runs `cmd` inside a running container; its exit code.
-    pub async fn exec(&self, id: &str, cmd: Vec<String>, env: Vec<String>) -> Result<i64, BollardError> {
+    pub async fn exec(&self, id: &str, cmd: Vec<String>, env: Vec<String>) -> Result<i64, DockerError> {
+        self.exec_inner(id, cmd, env).await.map_err(DockerError::Exec)
+    }
+
+    async fn exec_inner(&self, id: &str, cmd: Vec<String>, env: Vec<String>) -> Result<i64, BollardError> {
         let exec = self
             .docker
             .create_exec(
@@ -372,14 +382,10 @@ impl DockerClient {
         Ok(self.docker.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1))
     }
 
-    /// Removes every container and network labelled with this agent id (left by an earlier crash),
-    /// or with one run when `run` is given. Returns how many containers it removed.
-    pub async fn sweep(&self, agent: &str, run: Option<&str>) -> Result<usize, DockerError> {
-        let mut label = vec![format!("{LABEL_AGENT}={agent}")];
-        if let Some(run) = run {
-            label.push(format!("{LABEL_RUN}={run}"));
-        }
-        let filters = HashMap::from([("label".to_owned(), label)]);
+    /// Removes every container, volume and network labelled with this agent id (left by an earlier
+    /// crash). Returns how many containers it removed.
+    pub async fn sweep(&self, agent: &str) -> Result<usize, DockerError> {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_AGENT}={agent}")])]);
         let containers = self
             .docker
             .list_containers(Some(ListContainersOptions {

@@ -3,10 +3,10 @@
 
 pub mod admission;
 mod archive;
+pub mod attempt;
 pub mod config;
 pub mod console;
 mod docker;
-pub mod executor;
 pub mod lease;
 mod live;
 mod networks;
@@ -56,7 +56,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         _ => anyhow::bail!("set both CIMASTER_REGISTRY_USERNAME and CIMASTER_REGISTRY_PASSWORD, or neither"),
     };
     let docker = DockerClient::connect(credentials).await.context("Docker")?;
-    let swept = docker.sweep(&agent, None).await.context("sweeping leftovers")?;
+    let swept = docker.sweep(&agent).await.context("sweeping leftovers")?;
     if swept > 0 {
         tracing::info!(containers = swept, "removed leftovers of an earlier run of this agent");
     }
@@ -79,7 +79,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     tokio::fs::create_dir_all(&work_dir).await?;
 
     let networks = std::sync::Arc::new(networks::Networks::new(docker.clone(), agent.clone(), config.idle_networks));
-    let executor = executor::Executor {
+    let executor = attempt::Executor {
         pool: pool.clone(),
         leases,
         docker,

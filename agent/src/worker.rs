@@ -13,25 +13,24 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
-use crate::executor::Executor;
+use crate::attempt::Executor;
 use crate::store;
 
 /// Abort signals of the runs this agent executes, by run id.
 #[derive(Clone, Default)]
 pub struct AbortRegistry {
-    inner: Arc<Mutex<HashMap<RunId, Arc<Notify>>>>,
+    inner: Arc<Mutex<HashMap<RunId, CancellationToken>>>,
 }
 
 impl AbortRegistry {
-    pub fn register(&self, run: RunId) -> Arc<Notify> {
-        let notify = Arc::new(Notify::new());
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert(run, notify.clone());
-        notify
+    pub fn register(&self, run: RunId) -> CancellationToken {
+        let abort = CancellationToken::new();
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert(run, abort.clone());
+        abort
     }
 
     pub fn remove(&self, run: RunId) {
@@ -40,8 +39,8 @@ impl AbortRegistry {
 
     pub fn signal(&self, run: RunId) -> bool {
         match self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(&run) {
-            Some(notify) => {
-                notify.notify_one();
+            Some(abort) => {
+                abort.cancel();
                 true
             }
             None => false,

@@ -1,0 +1,71 @@
+//! A git run's workspace: a volume of the attempt's own, into which the helper image clones the
+//! repository at the run's commit over the run's network. Credentials reach the helper only, in its
+//! environment; the job sees the checked-out files at `/workspace`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::output::pump_to_console;
+use super::{Attempt, AttemptError, Stop};
+use crate::docker::JobContainer;
+use crate::plan::{Checkout, CHECKOUT_SCRIPT};
+
+impl Attempt<'_> {
+    pub(super) async fn check_out(
+        &mut self,
+        checkout: &Checkout,
+        secrets: &HashMap<String, SecretString>,
+        network: &str,
+    ) -> Result<(), Stop> {
+        let docker = &self.executor.docker;
+        let volume = self.interrupts.step(docker.create_volume(&self.labels)).await??;
+        self.held.volume = Some(volume.clone());
+        self.console.note(&format!("checking out {} at {}", checkout.repository, checkout.commit)).await;
+        self.interrupts
+            .step(docker.ensure_image(&self.executor.git_image))
+            .await?
+            .map_err(AttemptError::CheckoutImage)?;
+        let helper = JobContainer {
+            role: "checkout".into(),
+            image: self.executor.git_image.clone(),
+            script: Some(CHECKOUT_SCRIPT.to_owned()),
+            env: checkout_env(checkout, secrets),
+            network: network.to_owned(),
+            workspace: Some(volume),
+            ..Default::default()
+        };
+        let (id, output) = self.interrupts.step(docker.start_job(&self.labels, helper)).await??;
+        self.held.containers.push(id.clone());
+        let pump = pump_to_console(output, self.masker.clone(), self.console.clone());
+        let exit = self.interrupts.step(docker.wait(&id)).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(10), pump).await;
+        match exit? {
+            0 => {
+                self.held.checkout = Some(id);
+                Ok(())
+            }
+            code => Err(AttemptError::Checkout { commit: checkout.commit.clone(), code }.into()),
+        }
+    }
+}
+
+/// What the helper is told: where, which commit, and the credentials it needs.
+fn checkout_env(checkout: &Checkout, secrets: &HashMap<String, SecretString>) -> Vec<String> {
+    let mut env = vec![
+        format!("CIMASTER_GIT_REPOSITORY={}", checkout.repository),
+        format!("CIMASTER_GIT_COMMIT={}", checkout.commit),
+    ];
+    let secret = |name: &Option<cimaster_common::EnvName>| name.as_ref().and_then(|name| secrets.get(name.as_str()));
+    if let Some(token) = secret(&checkout.token_secret) {
+        env.push(format!("CIMASTER_GIT_TOKEN={}", token.expose_secret()));
+    }
+    if let Some(key) = secret(&checkout.ssh_key_secret) {
+        env.push(format!("CIMASTER_GIT_SSH_KEY={}", key.expose_secret()));
+    }
+    if let Some(lines) = &checkout.ssh_known_hosts {
+        env.push(format!("CIMASTER_GIT_KNOWN_HOSTS={lines}"));
+    }
+    env
+}

@@ -1,0 +1,128 @@
+//! The end of an attempt: its outcome, the console log stored, the final status written — fenced,
+//! and retried while the lease still holds — and everything the attempt made removed.
+//!
+//! A fenced attempt (its lease lost or cut off) removes its containers first and writes no status:
+//! the run may be someone else's already.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use super::{Attempt, Executor, Held, Stop};
+use crate::console::ConsoleFile;
+use crate::docker::DockerClient;
+use crate::lease::Fence;
+use crate::store::{self, Claim, Outcome, StoredConsole};
+
+/// Longest wait between tries to write the final status.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+impl Attempt<'_> {
+    /// Records how the attempt ended and removes what it made.
+    pub(super) async fn end(mut self, stop: Stop, started: Instant, pump: JoinHandle<std::io::Result<ConsoleFile>>) {
+        let lease_lost = matches!(stop, Stop::LeaseLost(_));
+        if lease_lost {
+            self.held.remove_containers(&self.executor.docker).await;
+        }
+        if let Stop::Failed(error) = &stop {
+            self.console.note(&error.to_string()).await;
+        }
+        self.release_cluster().await;
+        let outcome = stop.outcome(&self.executor.agent);
+        self.console.note(&format!("run {} ({:.1}s)", outcome.status, started.elapsed().as_secs_f64())).await;
+
+        let Attempt { executor, claim, console, held, interrupts, .. } = self;
+        drop(console);
+        let stored = executor.close_console(claim, pump).await;
+        if lease_lost {
+            tracing::warn!(outcome = outcome.message.as_deref(), "leaving the run to its next attempt");
+        } else {
+            // The lease is still renewed while the status is written, so a short Postgres outage
+            // here delays the status instead of losing it.
+            executor.finish(claim, &outcome, stored.as_ref(), &interrupts.fence).await;
+        }
+        // Removing the containers and volume and giving the network back do not hold up the run's
+        // status. A crash here leaves labelled leftovers that the next start of this agent sweeps.
+        held.clean_up(executor).await;
+    }
+}
+
+impl Executor {
+    /// Waits for the console to be written out, stores it in S3, and removes the local file.
+    async fn close_console(
+        &self,
+        claim: &Claim,
+        pump: JoinHandle<std::io::Result<ConsoleFile>>,
+    ) -> Option<StoredConsole> {
+        let stored = match pump.await {
+            Ok(Ok(file)) => {
+                let stored = self.store_console(claim, &file.path, file.bytes).await;
+                remove_file(&file.path).await;
+                stored
+            }
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "cannot write the console log");
+                None
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "console task failed");
+                None
+            }
+        };
+        stored
+    }
+
+    /// Writes the final status, retrying while the run's lease holds.
+    async fn finish(&self, claim: &Claim, outcome: &Outcome, console: Option<&StoredConsole>, fence: &Fence) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let write = store::finish(&self.pool, claim, &self.agent, outcome, console);
+            let error = match tokio::time::timeout(self.timing.renew_every(), write).await {
+                Ok(Ok(true)) => {
+                    return tracing::info!(status = %outcome.status, exit_code = ?outcome.exit_code, "attempt finished")
+                }
+                Ok(Ok(false)) => return tracing::warn!("the attempt was taken over; its final status was not written"),
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => "Postgres did not answer in time".to_owned(),
+            };
+            tracing::warn!(error, retry_in = ?backoff, "cannot record the final status yet");
+            tokio::select! {
+                why = fence.tripped() => {
+                    return tracing::error!(%why, "the final status was not recorded; the reaper retries the run");
+                }
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+impl Held {
+    /// Removes the attempt's containers (stopped or not) at once.
+    pub(super) async fn remove_containers(&mut self, docker: &DockerClient) {
+        for service in self.services.drain(..) {
+            service.stop_collecting();
+        }
+        for id in self.containers.drain(..).rev() {
+            docker.remove_container(&id).await;
+        }
+    }
+
+    /// Removes the containers and the volume and gives the network back.
+    async fn clean_up(mut self, executor: &Executor) {
+        self.remove_containers(&executor.docker).await;
+        if let Some(volume) = &self.volume {
+            executor.docker.remove_volume(volume).await;
+        }
+        if let Some(network) = self.network.take() {
+            executor.networks.give_back(network).await;
+        }
+    }
+}
+
+async fn remove_file(path: &Path) {
+    if let Err(err) = tokio::fs::remove_file(path).await {
+        tracing::warn!(path = %path.display(), error = %err, "cannot remove the local console log");
+    }
+}

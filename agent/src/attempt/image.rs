@@ -1,0 +1,68 @@
+//! The job's image: one that is present (or pulled), or one built from the repository's
+//! Dockerfile — reused when an earlier run built the same Dockerfile and context (the image is
+//! tagged with the context's digest).
+
+use std::collections::HashMap;
+
+use cimaster_common::BuildSpec;
+
+use super::{Attempt, AttemptError, Stop};
+use crate::archive;
+use crate::plan::{ImageSource, WORKSPACE};
+
+impl Attempt<'_> {
+    /// The image the job runs in.
+    pub(super) async fn image(&mut self, source: &ImageSource) -> Result<String, Stop> {
+        match source {
+            ImageSource::Image(image) => {
+                self.interrupts.step(self.executor.docker.ensure_image(image)).await??;
+                Ok(image.clone())
+            }
+            ImageSource::Build(build) => Ok(self.interrupts.step(self.build(build)).await??),
+        }
+    }
+
+    async fn build(&self, build: &BuildSpec) -> Result<String, AttemptError> {
+        let docker = &self.executor.docker;
+        let Some(helper) = &self.held.checkout else {
+            return Err(AttemptError::Build("`build` needs the repository's checkout".into()));
+        };
+        let reader = tokio_util::io::StreamReader::new(docker.download(helper, WORKSPACE));
+        let (context, dockerfile) = (build.context.clone(), build.dockerfile.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            archive::build_context(tokio_util::io::SyncIoBridge::new(reader), &context, &dockerfile)
+        })
+        .await
+        .map_err(|err| AttemptError::Build(format!("reading the build context failed: {err}")))?
+        .map_err(AttemptError::Build)?;
+        let tag = format!("cimaster-build:{}", &built.digest[..32]);
+        if docker.image_exists(&tag).await {
+            self.console.note(&format!("reusing image {tag}: the Dockerfile and its context are unchanged")).await;
+            return Ok(tag);
+        }
+        self.console.note(&format!("building {} (context `{}`) as {tag}", build.dockerfile, build.context)).await;
+        let labels = HashMap::from([
+            ("cimaster.job".to_owned(), self.claim.job.clone()),
+            ("cimaster.context-digest".to_owned(), built.digest.clone()),
+        ]);
+        // Build output goes to the console as it comes, without holding up the build.
+        let (lines, mut printed) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let printer = {
+            let console = self.console.clone();
+            tokio::spawn(async move {
+                while let Some(line) = printed.recv().await {
+                    console.note(&line).await;
+                }
+            })
+        };
+        let result = docker
+            .build_image(bytes::Bytes::from(built.tar), &built.dockerfile, &tag, labels, |line| {
+                let _ = lines.send(line);
+            })
+            .await;
+        drop(lines);
+        let _ = printer.await;
+        result.map_err(|err| AttemptError::Build(err.to_string()))?;
+        Ok(tag)
+    }
+}

@@ -1,0 +1,292 @@
+//! One claimed attempt, from its secrets to its fenced final status. Each phase has a file:
+//!
+//! - `secrets`: the job's secrets, decrypted, and the masker that hides them in all output;
+//! - `cluster`: a test cluster leased for the run and kept while it runs;
+//! - `checkout`: a git run's repository, cloned into the run's volume by the helper image;
+//! - `image`: the job's image, present or built from the repository's Dockerfile;
+//! - `services`: sidecars on the run's network, their readiness checks and their logs;
+//! - `job`: the job container itself, until it exits or is stopped;
+//! - `results`: result files and the console log, stored in S3 and recorded;
+//! - `cleanup`: the final status and removal of everything the attempt made.
+//!
+//! Every phase that waits goes through [`Interrupts::step`], so abort, timeout, a lost lease and
+//! the agent's shutdown stop it the same way; [`Stop`] says how the attempt ended and maps to the
+//! run's outcome in one place.
+
+mod checkout;
+mod cleanup;
+mod cluster;
+mod error;
+mod image;
+mod job;
+mod output;
+mod results;
+mod secrets;
+mod services;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cimaster_common::secrets::{Masker, SecretBox};
+use cimaster_common::RunStatus;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::console::{self, ConsoleTx};
+use crate::docker::{DockerClient, RunLabels};
+use crate::lease::{self, Fence, LeaseEnd, LeaseTiming, Renewal};
+use crate::networks::{Networks, RunNetwork};
+use crate::plan::Plan;
+use crate::store::{self, Claim, Lease, Outcome};
+
+pub use error::AttemptError;
+
+/// What every attempt on this agent shares.
+#[derive(Clone)]
+pub struct Executor {
+    pub pool: PgPool,
+    /// For lease renewals only.
+    pub leases: PgPool,
+    pub(crate) docker: DockerClient,
+    pub(crate) networks: Arc<Networks>,
+    pub s3: aws_sdk_s3::Client,
+    pub bucket: String,
+    pub agent: String,
+    /// Lease, stop grace and when to fence (see `lease`).
+    pub timing: LeaseTiming,
+    pub max_timeout: Duration,
+    pub work_dir: PathBuf,
+    /// Image with git that checks out git runs (and probes services' readiness).
+    pub git_image: String,
+    pub secrets: Option<SecretBox>,
+}
+
+/// Why an attempt ended.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    Exited(i64),
+    TimedOut(Duration),
+    Aborted,
+    LeaseLost(LeaseEnd),
+    Shutdown,
+    Failed(AttemptError),
+}
+
+impl From<AttemptError> for Stop {
+    fn from(error: AttemptError) -> Self {
+        Stop::Failed(error)
+    }
+}
+
+impl From<crate::docker::DockerError> for Stop {
+    fn from(error: crate::docker::DockerError) -> Self {
+        Stop::Failed(AttemptError::Docker(error))
+    }
+}
+
+impl Stop {
+    /// What the run records for this ending.
+    fn outcome(&self, agent: &str) -> Outcome {
+        let (status, exit_code, message) = match self {
+            Stop::Exited(0) => (RunStatus::Succeeded, Some(0), None),
+            Stop::Exited(code) => (RunStatus::Failed, Some(*code), Some(format!("the script exited with code {code}"))),
+            Stop::TimedOut(limit) => (RunStatus::TimedOut, None, Some(format!("timed out after {}s", limit.as_secs()))),
+            Stop::Aborted => (RunStatus::Aborted, None, Some("aborted".to_owned())),
+            Stop::Shutdown => {
+                (RunStatus::Aborted, None, Some(format!("aborted: agent {agent} shut down before the run finished")))
+            }
+            Stop::LeaseLost(why) => (RunStatus::Error, None, Some(why.to_string())),
+            Stop::Failed(error) => (RunStatus::Error, None, Some(error.to_string())),
+        };
+        Outcome { status, exit_code, message }
+    }
+
+    /// Why a running container is being stopped, for the console.
+    fn reason(&self) -> String {
+        match self {
+            Stop::TimedOut(limit) => format!("timed out after {}s", limit.as_secs()),
+            Stop::Aborted => "abort requested".to_owned(),
+            Stop::LeaseLost(why) => why.to_string(),
+            Stop::Shutdown => "agent shutting down".to_owned(),
+            Stop::Exited(_) | Stop::Failed(_) => "stopping".to_owned(),
+        }
+    }
+}
+
+/// Everything that can stop an attempt before its job ends on its own.
+pub(crate) struct Interrupts {
+    abort: CancellationToken,
+    shutdown: CancellationToken,
+    fence: Fence,
+    /// Set once the attempt's own time starts (after any wait for a test cluster).
+    deadline: Option<(tokio::time::Instant, Duration)>,
+}
+
+impl Interrupts {
+    /// Resolves with the first reason to stop.
+    async fn stopped(&self) -> Stop {
+        let timeout = async {
+            match self.deadline {
+                Some((at, limit)) => {
+                    tokio::time::sleep_until(at).await;
+                    limit
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.abort.cancelled() => Stop::Aborted,
+            why = self.fence.tripped() => Stop::LeaseLost(why),
+            _ = self.shutdown.cancelled() => Stop::Shutdown,
+            limit = timeout => Stop::TimedOut(limit),
+        }
+    }
+
+    /// Awaits a step of the attempt unless the attempt is stopped first.
+    async fn step<T>(&self, step: impl Future<Output = T>) -> Result<T, Stop> {
+        tokio::select! {
+            biased;
+            stop = self.stopped() => Err(stop),
+            value = step => Ok(value),
+        }
+    }
+}
+
+/// What an attempt holds and gives back at its end.
+#[derive(Default)]
+pub(crate) struct Held {
+    /// Every container of the attempt: checkout helper, services, probe, the job.
+    containers: Vec<String>,
+    /// The finished checkout helper, whose workspace a `build` reads.
+    checkout: Option<String>,
+    services: Vec<services::Running>,
+    network: Option<RunNetwork>,
+    volume: Option<String>,
+    cluster: Option<cluster::Leased>,
+}
+
+/// One attempt in progress: what it was given and what it holds.
+pub(crate) struct Attempt<'a> {
+    executor: &'a Executor,
+    claim: &'a Claim,
+    labels: RunLabels,
+    console: ConsoleTx,
+    interrupts: Interrupts,
+    /// Output of every container passes through it.
+    masker: Masker,
+    /// The job's environment, completed phase by phase.
+    env: Vec<String>,
+    held: Held,
+}
+
+impl Executor {
+    /// Runs the attempt to its end. `abort` is cancelled when the run's abort is requested;
+    /// `shutdown` is the agent's own hard stop.
+    pub async fn execute(&self, claim: Claim, abort: CancellationToken, shutdown: CancellationToken) {
+        let span = tracing::info_span!("run", run_id = %claim.run, job = %claim.job, attempt = claim.attempt);
+        self.execute_inner(claim, abort, shutdown).instrument(span).await
+    }
+
+    async fn execute_inner(&self, claim: Claim, abort: CancellationToken, shutdown: CancellationToken) {
+        let started = Instant::now();
+        tracing::info!("attempt started");
+        let log_path = self.work_dir.join(format!("{}-{}.log", claim.run, claim.attempt));
+        let (console, pump) = console::start(self.pool.clone(), claim.clone(), log_path);
+        // Renewed for as long as the attempt runs; losing it, or failing to renew it for the fence
+        // window, stops the attempt.
+        let fence = Fence::default();
+        let heartbeat = tokio::spawn(heartbeat(
+            self.leases.clone(),
+            claim.clone(),
+            self.agent.clone(),
+            self.timing,
+            abort.clone(),
+            fence.clone(),
+        ));
+
+        let mut attempt = Attempt {
+            executor: self,
+            claim: &claim,
+            labels: RunLabels {
+                agent: self.agent.clone(),
+                job: claim.job.clone(),
+                run: claim.run.to_string(),
+                attempt: claim.attempt,
+            },
+            console,
+            interrupts: Interrupts { abort, shutdown, fence: fence.clone(), deadline: None },
+            masker: Masker::default(),
+            env: Vec::new(),
+            held: Held::default(),
+        };
+        let stop = match attempt.run().await {
+            Ok(stop) | Err(stop) => stop,
+        };
+        attempt.end(stop, started, pump).await;
+        heartbeat.abort();
+    }
+}
+
+impl Attempt<'_> {
+    /// The attempt's phases in order; `Err` is how an earlier phase stopped it.
+    async fn run(&mut self) -> Result<Stop, Stop> {
+        let plan = Plan::of(self.claim).map_err(AttemptError::Plan)?;
+        let secrets = self.open_secrets(&plan).await?;
+        if let Some(requirement) = &plan.cluster {
+            self.lease_cluster(requirement).await?;
+        }
+        // The timeout covers the checkout, the image, the services and the script.
+        let timeout = Duration::from_secs(u64::from(plan.timeout_seconds)).min(self.executor.max_timeout);
+        self.interrupts.deadline = Some((tokio::time::Instant::now() + timeout, timeout));
+        let network = self.take_network().await?;
+        if let Some(checkout) = &plan.checkout {
+            self.check_out(checkout, &secrets, &network).await?;
+        }
+        let image = self.image(&plan.image).await?;
+        self.start_services(&plan.services, &network).await?;
+        let (id, stop) = self.run_job(&plan, image, network).await?;
+        if !matches!(stop, Stop::LeaseLost(_)) {
+            if !plan.results.is_empty() {
+                self.collect_results(&id, &plan.results).await;
+            }
+            self.keep_service_logs().await;
+        }
+        Ok(stop)
+    }
+
+    async fn take_network(&mut self) -> Result<String, Stop> {
+        let network = self.interrupts.step(self.executor.networks.take(&self.labels)).await?;
+        let network = network.map_err(AttemptError::Docker)?;
+        Ok(self.held.network.insert(network).name.clone())
+    }
+}
+
+/// Keeps the run's lease (see `lease`) and passes on an abort requested meanwhile.
+async fn heartbeat(
+    pool: PgPool,
+    claim: Claim,
+    agent: String,
+    timing: LeaseTiming,
+    abort: CancellationToken,
+    fence: Fence,
+) {
+    let granted = claim.granted;
+    let renew = move || {
+        let (pool, claim, agent, abort) = (pool.clone(), claim.clone(), agent.clone(), abort.clone());
+        async move {
+            Ok::<_, sqlx::Error>(match store::renew(&pool, &claim, &agent, timing.lease()).await? {
+                Lease::Held { abort_requested } => {
+                    if abort_requested {
+                        abort.cancel();
+                    }
+                    Renewal::Held
+                }
+                Lease::Lost => Renewal::Lost,
+            })
+        }
+    };
+    lease::keep("run", timing, granted, renew, fence).await
+}

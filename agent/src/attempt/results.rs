@@ -1,0 +1,141 @@
+//! What a run keeps: result files copied out of the stopped job container (JUnit reports, with
+//! their summary, and artifacts), sidecars' logs, and the console log — each stored in S3 through
+//! the agent's disk and recorded in Postgres, fenced like every write of the attempt.
+
+use std::path::Path;
+
+use cimaster_common::results::{JunitSummary, KIND_JUNIT};
+use cimaster_common::storage::{console_key, result_key};
+use cimaster_common::Results;
+
+use super::{Attempt, Executor};
+use crate::archive::{self, Found};
+use crate::plan::WORKSPACE;
+use crate::storage;
+use crate::store::{self, Claim, StoredConsole, StoredResult};
+
+/// A result's content: small ones in memory, collected files on disk.
+pub(super) enum Body<'a> {
+    Bytes(Vec<u8>),
+    File(&'a Path, u64),
+}
+
+impl Attempt<'_> {
+    /// Copies the result files out of the (stopped) job container into S3 and records them.
+    pub(super) async fn collect_results(&self, container: &str, results: &Results) {
+        let (junit, artifacts) = match (archive::globs(&results.junit), archive::globs(&results.artifacts)) {
+            (Ok(junit), Ok(artifacts)) => (junit, artifacts),
+            (Err(err), _) | (_, Err(err)) => return self.console.note(&err).await,
+        };
+        let claim = self.claim;
+        let dir = self.executor.work_dir.join(format!("{}-{}-results", claim.run, claim.attempt));
+        if let Err(err) = tokio::fs::create_dir_all(&dir).await {
+            return self.console.note(&format!("cannot collect results: {err}")).await;
+        }
+        let reader = tokio_util::io::StreamReader::new(self.executor.docker.download(container, WORKSPACE));
+        let selected = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut skipped = Vec::new();
+                let bridge = tokio_util::io::SyncIoBridge::new(reader);
+                archive::select_results(bridge, &junit, &artifacts, &dir, &mut skipped).map(|found| (found, skipped))
+            })
+            .await
+        };
+        match selected {
+            Ok(Ok((found, skipped))) => self.store_results(found, skipped).await,
+            Ok(Err(message)) => self.console.note(&format!("cannot collect results: {message}")).await,
+            Err(err) => self.console.note(&format!("cannot collect results: {err}")).await,
+        }
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    }
+
+    async fn store_results(&self, found: Vec<Found>, skipped: Vec<String>) {
+        for why in skipped {
+            self.console.note(&format!("result skipped: {why}")).await;
+        }
+        let mut stored = Vec::new();
+        for file in found {
+            let summary = if file.kind == KIND_JUNIT { self.junit_summary(&file).await } else { None };
+            let content_type = archive::content_type(&file.name);
+            match self.put_result(file.kind, &file.name, content_type, Body::File(&file.path, file.size)).await {
+                Ok(mut result) => {
+                    result.summary = summary;
+                    stored.push(result);
+                }
+                Err(err) => self.console.note(&format!("cannot store result {}: {err}", file.name)).await,
+            }
+        }
+        let names: Vec<String> = stored.iter().map(|r| format!("{} ({})", r.name, r.kind)).collect();
+        self.console
+            .note(&if names.is_empty() {
+                "no result files matched the `results` patterns".to_owned()
+            } else {
+                format!("collected results: {}", names.join(", "))
+            })
+            .await;
+        let executor = self.executor;
+        if let Err(err) = store::record_results(&executor.pool, self.claim, &executor.agent, &stored).await {
+            tracing::error!(error = %err, "cannot record the run's results");
+        }
+    }
+
+    async fn junit_summary(&self, file: &Found) -> Option<serde_json::Value> {
+        let read = match tokio::fs::read(&file.path).await {
+            Ok(xml) => JunitSummary::parse(&xml),
+            Err(err) => Err(err.to_string()),
+        };
+        match read {
+            Ok(summary) => serde_json::to_value(summary).ok(),
+            Err(why) => {
+                self.console.note(&format!("{} is not a readable JUnit report: {why}", file.name)).await;
+                None
+            }
+        }
+    }
+
+    pub(super) async fn put_result(
+        &self,
+        kind: &'static str,
+        name: &str,
+        content_type: &str,
+        body: Body<'_>,
+    ) -> Result<StoredResult, String> {
+        let (s3, bucket) = (&self.executor.s3, &self.executor.bucket);
+        let key = result_key(self.claim.run, self.claim.attempt, kind, name);
+        let bytes = match body {
+            Body::Bytes(data) => {
+                let bytes = data.len() as i64;
+                storage::put(s3, bucket, &key, data, content_type).await.map_err(|err| format!("{err:#}"))?;
+                bytes
+            }
+            Body::File(path, size) => {
+                storage::upload(s3, bucket, &key, path, content_type).await.map_err(|err| format!("{err:#}"))?;
+                size as i64
+            }
+        };
+        Ok(StoredResult {
+            kind,
+            name: name.to_owned(),
+            bytes,
+            content_type: content_type.to_owned(),
+            key,
+            summary: None,
+        })
+    }
+}
+
+impl Executor {
+    /// Uploads the console log; `None` leaves it readable from Postgres.
+    pub(super) async fn store_console(&self, claim: &Claim, path: &Path, bytes: u64) -> Option<StoredConsole> {
+        let key = console_key(claim.run, claim.attempt);
+        let (s3, bucket) = (&self.s3, &self.bucket);
+        match storage::upload(s3, bucket, &key, path, "text/plain; charset=utf-8").await {
+            Ok(()) => Some(StoredConsole { key, bytes: bytes as i64 }),
+            Err(err) => {
+                tracing::error!(error = ?err, "cannot upload the console log; it stays readable from Postgres");
+                None
+            }
+        }
+    }
+}
