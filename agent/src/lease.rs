@@ -22,6 +22,7 @@
 //! settings that break the inequality; the agent refuses to start with them.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -124,9 +125,16 @@ impl std::fmt::Display for LeaseEnd {
 pub struct Fence {
     tripped: CancellationToken,
     why: Arc<OnceLock<LeaseEnd>>,
+    /// Set while the final status is written: a renewal may then find the run ended by ourselves.
+    ending: Arc<AtomicBool>,
 }
 
 impl Fence {
+    /// The attempt is writing its final status.
+    pub fn ending(&self) {
+        self.ending.store(true, Ordering::SeqCst);
+    }
+
     pub fn trip(&self, why: LeaseEnd) {
         let _ = self.why.set(why);
         self.tripped.cancel();
@@ -166,7 +174,11 @@ where
         match tokio::time::timeout(budget, renew()).await {
             Ok(Ok(Renewal::Held)) => renewed = sent,
             Ok(Ok(Renewal::Lost)) => {
-                tracing::warn!(lease, "the lease is no longer ours");
+                if fence.ending.load(Ordering::SeqCst) {
+                    tracing::debug!(lease, "the lease ended with the attempt's final status");
+                } else {
+                    tracing::warn!(lease, "the lease is no longer ours");
+                }
                 return fence.trip(LeaseEnd::TakenOver { lease });
             }
             Ok(Err(err)) => tracing::warn!(lease, error = %err, "cannot renew the lease"),
@@ -186,7 +198,7 @@ fn cut_off(lease: &'static str, fence: &Fence, renewed: Instant) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::AtomicU32;
 
     use super::*;
 

@@ -10,6 +10,7 @@ mod docker;
 pub mod lease;
 mod live;
 mod networks;
+pub mod pending;
 pub mod plan;
 pub mod storage;
 pub mod store;
@@ -61,7 +62,19 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         tracing::info!(containers = swept, "removed leftovers of an earlier run of this agent");
     }
     let s3 = config.s3.client();
-    storage::ensure_bucket(&s3, &config.s3.bucket).await.context("S3 bucket")?;
+    // Without S3 the agent still runs jobs (their output waits on disk until S3 is back), so the
+    // bucket is checked beside the start, not before it.
+    {
+        let (s3, bucket) = (s3.clone(), config.s3.bucket.clone());
+        tokio::spawn(async move {
+            if let Err(err) = storage::ensure_bucket(&s3, &bucket).await {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "cannot reach the S3 bucket; output waits on disk until it can"
+                );
+            }
+        });
+    }
 
     let total_cpus = config.cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as f64);
     let total_memory = match &config.memory {
@@ -75,8 +88,16 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let admission = admission::Admission::new(total_cpus, total_memory, config.max_cpu);
     let background = CancellationToken::new();
     let sampler = admission.spawn_cpu_sampler(background.clone());
+    // Stable across restarts with the same id (output waiting for S3 is kept here), private.
     let work_dir = std::env::temp_dir().join(format!("cimaster-agent-{agent}"));
     tokio::fs::create_dir_all(&work_dir).await?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tokio::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700)).await?;
+    }
+    let pending = pending::Pending::new(&work_dir, pool.clone(), s3.clone(), config.s3.bucket.clone());
+    pending.discard_unsealed().await.context("the agent's work directory")?;
+    let uploader = tokio::spawn(pending.clone().run(background.clone()));
 
     let networks = std::sync::Arc::new(networks::Networks::new(docker.clone(), agent.clone(), config.idle_networks));
     let executor = attempt::Executor {
@@ -90,6 +111,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         timing,
         max_timeout: config.max_timeout,
         work_dir,
+        pending,
         git_image: config.git_image.clone(),
         secrets: config
             .secrets_key
@@ -125,6 +147,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     networks.clear().await;
     background.cancel();
     let _ = sampler.await;
+    let _ = uploader.await;
     let _ = listener.await;
     tracing::info!("agent stopped");
     Ok(())

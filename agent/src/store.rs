@@ -231,7 +231,7 @@ pub async fn finish(
 
 /// One collected result file, stored in S3.
 pub struct StoredResult {
-    pub kind: &'static str,
+    pub kind: String,
     pub name: String,
     pub bytes: i64,
     pub content_type: String,
@@ -258,7 +258,7 @@ pub async fn record_results(
         .bind(claim.run.0)
         .bind(claim.attempt as i32)
         .bind(agent)
-        .bind(result.kind)
+        .bind(&result.kind)
         .bind(&result.name)
         .bind(result.bytes)
         .bind(&result.content_type)
@@ -268,4 +268,70 @@ pub async fn record_results(
         .await?;
     }
     Ok(())
+}
+
+/// Records result files stored after the attempt ended (they waited for S3): fenced by (run,
+/// attempt, agent), whatever the run's status now.
+pub async fn record_late_results(
+    pool: &PgPool,
+    run: RunId,
+    attempt: u32,
+    agent: &str,
+    results: &[StoredResult],
+) -> Result<(), sqlx::Error> {
+    for result in results {
+        sqlx::query(
+            "INSERT INTO run_results (run_id, attempt, kind, name, bytes, content_type, object_key, summary)
+             SELECT run_id, attempt, $4, $5, $6, $7, $8, $9 FROM run_attempts
+             WHERE run_id = $1 AND attempt = $2 AND agent = $3
+             ON CONFLICT (run_id, attempt, kind, name) DO UPDATE
+             SET bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type, object_key = EXCLUDED.object_key,
+                 summary = EXCLUDED.summary",
+        )
+        .bind(run.0)
+        .bind(attempt as i32)
+        .bind(agent)
+        .bind(&result.kind)
+        .bind(&result.name)
+        .bind(result.bytes)
+        .bind(&result.content_type)
+        .bind(&result.key)
+        .bind(result.summary.as_ref().map(Json))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Points an ended attempt at its console log stored after it ended, and drops the live copy the
+/// master served meanwhile. Only this agent's attempt, and only while it is the run's current one.
+pub async fn record_late_console(
+    pool: &PgPool,
+    run: RunId,
+    attempt: u32,
+    agent: &str,
+    key: &str,
+    bytes: i64,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE runs SET console_key = $4, console_bytes = $5, updated_at = now()
+         WHERE id = $1 AND attempt = $2 AND agent = $3 AND console_key IS NULL AND finished_at IS NOT NULL",
+    )
+    .bind(run.0)
+    .bind(attempt as i32)
+    .bind(agent)
+    .bind(key)
+    .bind(bytes)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated > 0 {
+        sqlx::query("DELETE FROM run_console WHERE run_id = $1 AND attempt = $2")
+            .bind(run.0)
+            .bind(attempt as i32)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
 }

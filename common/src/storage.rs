@@ -1,6 +1,9 @@
 //! Where run output lives in S3, and how to reach it. Shared so the agent writes exactly where the
 //! master reads.
 
+use std::time::Duration;
+
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -33,7 +36,15 @@ impl S3Config {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(self.region.clone()))
             .credentials_provider(credentials)
-            .force_path_style(self.path_style);
+            .force_path_style(self.path_style)
+            // An unreachable S3 (packets dropped) fails a request instead of hanging it; the caller
+            // decides what waits.
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .read_timeout(Duration::from_secs(30))
+                    .build(),
+            );
         if let Some(endpoint) = &self.endpoint {
             builder = builder.endpoint_url(endpoint);
         }

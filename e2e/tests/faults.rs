@@ -1,4 +1,5 @@
-//! RabbitMQ restarted under load. Stops a shared service, so `scripts/test` runs it alone.
+//! RabbitMQ and Postgres restarted under load. Stops shared services, so `scripts/test` runs these
+//! alone.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -7,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sqlx::PgPool;
+use support::history::{self, Recorder};
 use support::{AgentOptions, Stack};
 
 fn dev(args: &[&str]) {
@@ -78,4 +80,40 @@ async fn every_run_ends_exactly_once_when_rabbitmq_restarts_mid_flight(pool: PgP
         .await
         .unwrap();
     assert_eq!((attempts, runs), (200, 200));
+}
+
+struct PostgresOutage;
+
+impl Drop for PostgresOutage {
+    fn drop(&mut self) {
+        dev(&["start-service", "postgres"]);
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn runs_in_flight_ride_out_a_postgres_restart_and_end_exactly_once(pool: PgPool) {
+    const RUNS: usize = 12;
+    let recorder = Recorder::start().await;
+    let mut stack = Stack::start(pool).await;
+    // A lease long enough to ride out the restart: the agent fences only after 12 s without renewal.
+    let options =
+        AgentOptions { cpus: Some(RUNS as f64 * 0.1 + 0.45), lease: "15s", lease_margin: "2s", ..Default::default() };
+    stack.add_agent(options).await;
+    history::put_beats_job(&stack, &recorder, 40).await;
+    let ids = history::trigger_beats(&stack, RUNS).await;
+    history::wait_started(&recorder, &ids, Duration::from_secs(90)).await;
+
+    dev(&["stop-service", "postgres"]);
+    let outage = PostgresOutage;
+    let stopped_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(outage);
+
+    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120)).await;
+    let events = recorder.events();
+    let verdict = history::check(&events, &runs);
+    history::report("Postgres restart", &verdict, &events, stopped_at);
+    assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary("Postgres restart"));
+    assert_eq!(verdict.retried, 0, "every run ended in its first attempt: {runs:?}");
+    assert!(runs.iter().all(|(_, status, _)| status == "succeeded"), "{runs:?}");
 }

@@ -9,10 +9,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use sqlx::PgPool;
 use support::history::{self, Event, Recorder};
-use support::partition::{self, Host};
+use support::partition::{self, Host, Link};
 use support::{AgentOptions, Stack};
 
 /// Runs in flight when the link is cut. Each needs a bridge network of its own, on both agents at
@@ -20,110 +19,178 @@ use support::{AgentOptions, Stack};
 const RUNS: usize = 12;
 /// Each job beats for about this many quarter seconds (some 16 s in all).
 const BEATS: u32 = 60;
+/// The agents' lease in these tests (`AgentOptions`' default).
+const LEASE: Duration = Duration::from_secs(5);
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} (scripts/test sets it)"))
 }
 
-async fn open_runs(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").fetch_one(pool).await.unwrap()
+/// An agent on a host of its own, and its links to Postgres, RabbitMQ and S3.
+struct CutOff {
+    host: Host,
+    database: Link,
+    amqp: Link,
+    s3: Link,
+    agent: String,
+    options: AgentOptions,
 }
+
+impl CutOff {
+    /// Starts an agent in a new namespace; `amqp_query` is appended to its AMQP URL.
+    async fn start(stack: &mut Stack, amqp_query: &str) -> Self {
+        let mut host = Host::create();
+        let amqp_url = env("CIMASTER_AMQP_URL");
+        let database = host.expose(partition::target_of(&stack.database_url)).await;
+        let amqp = host.expose(partition::target_of(&amqp_url)).await;
+        let s3 = host.expose(partition::target_of(&env("CIMASTER_S3_ENDPOINT"))).await;
+        let options = AgentOptions {
+            cpus: Some(CPUS),
+            netns: Some(host.namespace.clone()),
+            env: vec![
+                ("CIMASTER_DATABASE_URL", partition::through(&stack.database_url, database)),
+                ("CIMASTER_AMQP_URL", format!("{}{amqp_query}", partition::through(&amqp_url, amqp))),
+                ("CIMASTER_S3_ENDPOINT", partition::through(&env("CIMASTER_S3_ENDPOINT"), s3)),
+            ],
+            ..Default::default()
+        };
+        let index = stack.add_agent(options.clone()).await;
+        let agent = stack.agents[index].id.clone();
+        Self { host, database, amqp, s3, agent, options }
+    }
+
+    /// Kills the agent (SIGKILL) and starts it again with the same id, in the same namespace.
+    async fn restart(&self, stack: &mut Stack) {
+        let index = stack.agents.iter().position(|agent| agent.id == self.agent).unwrap();
+        stack.kill_agent(index);
+        stack.agent_exit(index, Duration::from_secs(10)).await;
+        stack.start_agent(&self.agent, self.options.clone()).await;
+    }
+
+    async fn running(&self, pool: &PgPool) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'running' AND agent = $1")
+            .bind(&self.agent)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// Room for every run at once (0.1 CPU each).
+const CPUS: f64 = RUNS as f64 * 0.1 + 0.45;
 
 #[sqlx::test(migrations = "../migrations")]
 async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgPool) {
     let recorder = Recorder::start().await;
-    let mut host = Host::create();
     let mut stack = Stack::start(pool).await;
-    let lease = Duration::from_secs(5);
-
-    // Agent 1 lives in the namespace and reaches every service through the veth pair.
-    let database = host.expose(partition::target_of(&stack.database_url)).await;
-    let amqp = host.expose(partition::target_of(&env("CIMASTER_AMQP_URL"))).await;
-    let s3 = host.expose(partition::target_of(&env("CIMASTER_S3_ENDPOINT"))).await;
-    let cut_off = stack
-        .add_agent(AgentOptions {
-            cpus: Some(RUNS as f64 * 0.1 + 0.05),
-            netns: Some(host.namespace.clone()),
-            env: vec![
-                ("CIMASTER_DATABASE_URL", partition::through(&stack.database_url, database)),
-                ("CIMASTER_AMQP_URL", partition::through(&env("CIMASTER_AMQP_URL"), amqp)),
-                ("CIMASTER_S3_ENDPOINT", partition::through(&env("CIMASTER_S3_ENDPOINT"), s3)),
-            ],
-            ..Default::default()
-        })
-        .await;
-    let cut_off_id = stack.agents[cut_off].id.clone();
-    stack
-        .put_job(
-            "beats",
-            json!({"kind": "freestyle", "image": "busybox:latest", "script": recorder.script(BEATS),
-                   "resources": {"cpus": 0.1, "memory": "16Mi"}}),
-        )
-        .await;
-    let paths: Vec<String> = futures::future::join_all((0..RUNS).map(|_| stack.trigger("beats"))).await;
-    let ids: Vec<String> = paths.iter().map(|path| support::run_id(path)).collect();
-
-    // Every run executes on the namespaced agent before the cut.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !ids.iter().all(|id| recorder.started(id) == 1) {
-        let started: Vec<usize> = ids.iter().map(|id| recorder.started(id)).collect();
-        assert!(Instant::now() < deadline, "the runs did not all start on agent 1 (attempts reported: {started:?})");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let on_cut_off: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'running' AND agent = $1")
-        .bind(&cut_off_id)
-        .fetch_one(&stack.pool)
-        .await
-        .unwrap();
-    assert_eq!(on_cut_off, RUNS as i64, "all runs in flight on agent 1 when the link is cut");
+    let cut_off = CutOff::start(&mut stack, "").await;
+    history::put_beats_job(&stack, &recorder, BEATS).await;
+    let ids = history::trigger_beats(&stack, RUNS).await;
+    history::wait_started(&recorder, &ids, Duration::from_secs(90)).await;
+    assert_eq!(cut_off.running(&stack.pool).await, RUNS as i64, "all runs in flight on the agent when it is cut off");
     // A healthy agent to take the retries.
-    stack.add_agent(AgentOptions { cpus: Some(RUNS as f64 * 0.1 + 0.05), ..Default::default() }).await;
+    stack.add_agent(AgentOptions { cpus: Some(CPUS), ..Default::default() }).await;
 
-    host.cut(database);
+    cut_off.host.cut(cut_off.database);
     let cut_at = Instant::now();
-    tokio::time::sleep(lease * 3).await;
-    host.heal(database);
+    tokio::time::sleep(LEASE * 3).await;
+    cut_off.host.heal(cut_off.database);
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while open_runs(&stack.pool).await > 0 {
-        assert!(Instant::now() < deadline, "runs still open: {}", open_runs(&stack.pool).await);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let runs: Vec<(String, String, i32)> =
-        sqlx::query_as("SELECT id::text, status, attempt FROM runs ORDER BY id").fetch_all(&stack.pool).await.unwrap();
-    let runs: Vec<(String, String, u32)> = runs.into_iter().map(|(id, status, n)| (id, status, n as u32)).collect();
+    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120)).await;
     let events = recorder.events();
     let verdict = history::check(&events, &runs);
-    report("agent <-> Postgres cut", &verdict, &events, cut_at);
+    history::report("agent <-> Postgres cut", &verdict, &events, cut_at);
     assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary("agent <-> Postgres cut"));
     assert_eq!(verdict.retried, RUNS, "every run was cut off mid-flight and finished as a retry");
     assert!(runs.iter().all(|(_, status, _)| status == "succeeded"), "{runs:?}");
 }
 
-/// Prints the scenario's figures: runs, retried, lost, double, and how long after the cut the old
-/// executions stopped and the runs finished elsewhere.
-fn report(scenario: &str, verdict: &history::Verdict, events: &[Event], cut_at: Instant) {
-    let old_stopped = verdict
-        .executions
-        .values()
-        .filter_map(|executions| executions.first())
-        .filter(|first| first.attempt == 1 && !first.ended)
-        .map(|first| first.last.saturating_duration_since(cut_at))
-        .max()
-        .unwrap_or_default();
-    let finished_elsewhere = events
-        .iter()
-        .filter(|e| e.what == "end" && e.attempt > 1)
-        .map(|e| e.at.saturating_duration_since(cut_at))
-        .max()
-        .unwrap_or_default();
-    println!(
-        "{}; cut -> old executions stopped {:.1}s; cut -> last run finished elsewhere {:.1}s",
-        verdict.summary(scenario),
-        old_stopped.as_secs_f64(),
-        finished_elsewhere.as_secs_f64()
-    );
+#[sqlx::test(migrations = "../migrations")]
+async fn runs_go_on_and_the_agent_consumes_again_when_it_is_cut_off_from_rabbitmq(pool: PgPool) {
+    let recorder = Recorder::start().await;
+    let mut stack = Stack::start(pool).await;
+    // Heartbeats every 2 s, so the broker gives up on the connection during the cut.
+    let cut_off = CutOff::start(&mut stack, "?heartbeat=2").await;
+    history::put_beats_job(&stack, &recorder, BEATS).await;
+    let before = history::trigger_beats(&stack, RUNS / 2).await;
+    history::wait_started(&recorder, &before, Duration::from_secs(90)).await;
+
+    cut_off.host.cut(cut_off.amqp);
+    let cut_at = Instant::now();
+    // Triggered while the only agent cannot hear the broker: they wait, then run on it once healed.
+    let during = history::trigger_beats(&stack, RUNS / 2).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    cut_off.host.heal(cut_off.amqp);
+
+    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120)).await;
+    let events = recorder.events();
+    let verdict = history::check(&events, &runs);
+    history::report("agent <-> RabbitMQ cut", &verdict, &events, cut_at);
+    assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary("agent <-> RabbitMQ cut"));
+    assert_eq!(verdict.retried, 0, "no run needed a second attempt: {runs:?}");
+    assert!(runs.iter().all(|(_, status, _)| status == "succeeded"), "{runs:?}");
+    assert!(during.iter().all(|id| recorder.started(id) == 1));
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM run_attempts WHERE agent = $1")
+        .bind(&cut_off.agent)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, RUNS as i64, "the cut-off agent ran every run, once");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn runs_end_and_their_output_follows_when_the_agent_is_cut_off_from_s3(pool: PgPool) {
+    const RUNS: usize = 6;
+    let recorder = Recorder::start().await;
+    let mut stack = Stack::start(pool).await;
+    let cut_off = CutOff::start(&mut stack, "").await;
+    history::put_beats_job(&stack, &recorder, 8).await;
+
+    cut_off.host.cut(cut_off.s3);
+    let cut_at = Instant::now();
+    let ids = history::trigger_beats(&stack, RUNS).await;
+    // The runs end and say so, though their console cannot be stored.
+    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(180)).await;
+    assert!(runs.iter().all(|(_, status, attempt)| status == "succeeded" && *attempt == 1), "{runs:?}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE console_key IS NOT NULL")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "no console reached S3 during the cut");
+    for id in &ids {
+        let console = stack.console(&format!("/jobs/beats/runs/{id}")).await;
+        assert!(console.contains("[cimaster] run succeeded"), "the live copy is served meanwhile: {console}");
+    }
+    // The output waits on the agent's disk, also across a restart of the agent.
+    cut_off.restart(&mut stack).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // the new process finds S3 still cut off
+    cut_off.host.heal(cut_off.s3);
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE console_key IS NOT NULL")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+        if stored == RUNS as i64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {stored} of {RUNS} consoles reached S3 after the heal");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM run_console").fetch_one(&stack.pool).await.unwrap();
+    assert_eq!(live, 0, "the live copies are dropped once the logs are stored");
+    for id in &ids {
+        let console = stack.console(&format!("/jobs/beats/runs/{id}")).await;
+        assert!(console.contains("[cimaster] run succeeded"), "{console}");
+        assert!(console.contains("runs attempt 1 in busybox:latest"), "{console}");
+    }
+    let events = recorder.events();
+    let verdict = history::check(&events, &runs);
+    history::report("agent <-> S3 cut", &verdict, &events, cut_at);
+    assert!(verdict.is_clean(), "{verdict:#?}");
+}
+
 #[test]
 fn the_history_checker_sees_overlaps_losses_and_unfinished_successes() {
     let t = Instant::now();

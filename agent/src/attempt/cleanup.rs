@@ -13,6 +13,7 @@ use super::{Attempt, Executor, Held, Stop};
 use crate::console::ConsoleFile;
 use crate::docker::DockerClient;
 use crate::lease::Fence;
+use crate::pending::Parcel;
 use crate::store::{self, Claim, Outcome, StoredConsole};
 
 /// Longest wait between tries to write the final status.
@@ -32,15 +33,19 @@ impl Attempt<'_> {
         let outcome = stop.outcome(&self.executor.agent);
         self.console.note(&format!("run {} ({:.1}s)", outcome.status, started.elapsed().as_secs_f64())).await;
 
-        let Attempt { executor, claim, console, held, interrupts, .. } = self;
+        let Attempt { executor, claim, console, held, interrupts, mut parcel, .. } = self;
         drop(console);
-        let stored = executor.close_console(claim, pump).await;
+        let stored = executor.close_console(claim, pump, &mut parcel).await;
         if lease_lost {
             tracing::warn!(outcome = outcome.message.as_deref(), "leaving the run to its next attempt");
         } else {
             // The lease is still renewed while the status is written, so a short Postgres outage
             // here delays the status instead of losing it.
             executor.finish(claim, &outcome, stored.as_ref(), &interrupts.fence).await;
+        }
+        // What S3 could not take goes up later, once the status it belongs to is written.
+        if let Err(err) = parcel.seal().await {
+            tracing::error!(error = %err, "cannot keep the output that waits for S3");
         }
         // Removing the containers and volume and giving the network back do not hold up the run's
         // status. A crash here leaves labelled leftovers that the next start of this agent sweeps.
@@ -49,15 +54,23 @@ impl Attempt<'_> {
 }
 
 impl Executor {
-    /// Waits for the console to be written out, stores it in S3, and removes the local file.
+    /// Waits for the console to be written out and stores it in S3 — or, when S3 cannot take it
+    /// now, in the parcel for later (the master serves the live copy meanwhile).
     async fn close_console(
         &self,
         claim: &Claim,
         pump: JoinHandle<std::io::Result<ConsoleFile>>,
+        parcel: &mut Parcel,
     ) -> Option<StoredConsole> {
         let stored = match pump.await {
             Ok(Ok(file)) => {
                 let stored = self.store_console(claim, &file.path, file.bytes).await;
+                if stored.is_none() {
+                    match parcel.console(&file.path, file.bytes).await {
+                        Ok(()) => tracing::warn!("the console log waits for S3; it is stored when S3 is back"),
+                        Err(err) => tracing::error!(error = %err, "cannot keep the console log for S3"),
+                    }
+                }
                 remove_file(&file.path).await;
                 stored
             }
@@ -75,6 +88,7 @@ impl Executor {
 
     /// Writes the final status, retrying while the run's lease holds.
     async fn finish(&self, claim: &Claim, outcome: &Outcome, console: Option<&StoredConsole>, fence: &Fence) {
+        fence.ending();
         let mut backoff = Duration::from_millis(100);
         loop {
             let write = store::finish(&self.pool, claim, &self.agent, outcome, console);
@@ -122,7 +136,11 @@ impl Held {
 }
 
 async fn remove_file(path: &Path) {
-    if let Err(err) = tokio::fs::remove_file(path).await {
-        tracing::warn!(path = %path.display(), error = %err, "cannot remove the local console log");
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            tracing::warn!(path = %path.display(), error = %err, "cannot remove the local console log")
+        }
     }
 }

@@ -39,6 +39,7 @@ use crate::console::{self, ConsoleTx};
 use crate::docker::{DockerClient, RunLabels};
 use crate::lease::{self, Fence, LeaseEnd, LeaseTiming, Renewal};
 use crate::networks::{Networks, RunNetwork};
+use crate::pending::{Parcel, Pending};
 use crate::plan::Plan;
 use crate::store::{self, Claim, Lease, Outcome};
 
@@ -62,6 +63,8 @@ pub struct Executor {
     /// Image with git that checks out git runs (and probes services' readiness).
     pub git_image: String,
     pub secrets: Option<SecretBox>,
+    /// Output waiting for S3.
+    pub pending: Pending,
 }
 
 /// Why an attempt ended.
@@ -180,6 +183,8 @@ pub(crate) struct Attempt<'a> {
     /// The job's environment, completed phase by phase.
     env: Vec<String>,
     held: Held,
+    /// Output S3 could not take, kept for later.
+    parcel: Parcel,
 }
 
 impl Executor {
@@ -221,6 +226,7 @@ impl Executor {
             masker: Masker::default(),
             env: Vec::new(),
             held: Held::default(),
+            parcel: self.pending.parcel(claim.run, claim.attempt, &self.agent),
         };
         let stop = match attempt.run().await {
             Ok(stop) | Err(stop) => stop,

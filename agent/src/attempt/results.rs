@@ -22,7 +22,7 @@ pub(super) enum Body<'a> {
 
 impl Attempt<'_> {
     /// Copies the result files out of the (stopped) job container into S3 and records them.
-    pub(super) async fn collect_results(&self, container: &str, results: &Results) {
+    pub(super) async fn collect_results(&mut self, container: &str, results: &Results) {
         let (junit, artifacts) = match (archive::globs(&results.junit), archive::globs(&results.artifacts)) {
             (Ok(junit), Ok(artifacts)) => (junit, artifacts),
             (Err(err), _) | (_, Err(err)) => return self.console.note(&err).await,
@@ -50,7 +50,7 @@ impl Attempt<'_> {
         let _ = tokio::fs::remove_dir_all(&dir).await;
     }
 
-    async fn store_results(&self, found: Vec<Found>, skipped: Vec<String>) {
+    async fn store_results(&mut self, found: Vec<Found>, skipped: Vec<String>) {
         for why in skipped {
             self.console.note(&format!("result skipped: {why}")).await;
         }
@@ -58,13 +58,8 @@ impl Attempt<'_> {
         for file in found {
             let summary = if file.kind == KIND_JUNIT { self.junit_summary(&file).await } else { None };
             let content_type = archive::content_type(&file.name);
-            match self.put_result(file.kind, &file.name, content_type, Body::File(&file.path, file.size)).await {
-                Ok(mut result) => {
-                    result.summary = summary;
-                    stored.push(result);
-                }
-                Err(err) => self.console.note(&format!("cannot store result {}: {err}", file.name)).await,
-            }
+            let body = Body::File(&file.path, file.size);
+            stored.extend(self.put_result(file.kind, &file.name, content_type, body, summary).await);
         }
         let names: Vec<String> = stored.iter().map(|r| format!("{} ({})", r.name, r.kind)).collect();
         self.console
@@ -94,34 +89,41 @@ impl Attempt<'_> {
         }
     }
 
+    /// Stores a result in S3 and returns it for recording. One that S3 cannot take now waits in the
+    /// attempt's parcel (see `pending`) and is recorded once stored.
     pub(super) async fn put_result(
-        &self,
-        kind: &'static str,
+        &mut self,
+        kind: &str,
         name: &str,
         content_type: &str,
         body: Body<'_>,
-    ) -> Result<StoredResult, String> {
+        summary: Option<serde_json::Value>,
+    ) -> Option<StoredResult> {
         let (s3, bucket) = (&self.executor.s3, &self.executor.bucket);
         let key = result_key(self.claim.run, self.claim.attempt, kind, name);
-        let bytes = match body {
-            Body::Bytes(data) => {
-                let bytes = data.len() as i64;
-                storage::put(s3, bucket, &key, data, content_type).await.map_err(|err| format!("{err:#}"))?;
-                bytes
-            }
-            Body::File(path, size) => {
-                storage::upload(s3, bucket, &key, path, content_type).await.map_err(|err| format!("{err:#}"))?;
-                size as i64
-            }
+        let (bytes, uploaded) = match &body {
+            Body::Bytes(data) => (data.len() as i64, storage::put(s3, bucket, &key, data.clone(), content_type).await),
+            Body::File(path, size) => (*size as i64, storage::upload(s3, bucket, &key, path, content_type).await),
         };
-        Ok(StoredResult {
-            kind,
+        let result = StoredResult {
+            kind: kind.to_owned(),
             name: name.to_owned(),
             bytes,
             content_type: content_type.to_owned(),
             key,
-            summary: None,
-        })
+            summary,
+        };
+        let Err(err) = uploaded else { return Some(result) };
+        tracing::warn!(error = format!("{err:#}"), result = name, "cannot store a result in S3 now; it waits on disk");
+        let parked = match body {
+            Body::Bytes(data) => self.parcel.result_bytes(result, &data).await,
+            Body::File(path, _) => self.parcel.result(result, path).await,
+        };
+        match parked {
+            Ok(()) => self.console.note(&format!("{name} waits for S3 ({err}); it is stored when S3 is back")).await,
+            Err(disk) => self.console.note(&format!("cannot store result {name}: {err}; nor keep it: {disk}")).await,
+        }
+        None
     }
 }
 
@@ -133,7 +135,7 @@ impl Executor {
         match storage::upload(s3, bucket, &key, path, "text/plain; charset=utf-8").await {
             Ok(()) => Some(StoredConsole { key, bytes: bytes as i64 }),
             Err(err) => {
-                tracing::error!(error = ?err, "cannot upload the console log; it stays readable from Postgres");
+                tracing::warn!(error = format!("{err:#}"), "cannot upload the console log now");
                 None
             }
         }

@@ -138,12 +138,8 @@ impl Attempt<'_> {
                 _ => continue,
             };
             let name = format!("{}.log", service.name);
-            match self.put_result(KIND_SERVICE_LOG, &name, "text/plain; charset=utf-8", Body::Bytes(log)).await {
-                Ok(result) => stored.push(result),
-                Err(err) => {
-                    self.console.note(&format!("cannot store the log of service {}: {err}", service.name)).await
-                }
-            }
+            let body = Body::Bytes(log);
+            stored.extend(self.put_result(KIND_SERVICE_LOG, &name, "text/plain; charset=utf-8", body, None).await);
         }
         let executor = self.executor;
         if let Err(err) = store::record_results(&executor.pool, self.claim, &executor.agent, &stored).await {

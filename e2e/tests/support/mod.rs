@@ -213,6 +213,13 @@ impl Drop for Stack {
             let _ = agent.child.start_kill();
         }
         let _ = self.master.start_kill();
+        // Gone before the test's database is dropped (their connections would keep it).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for child in self.agents.iter_mut().map(|agent| &mut agent.child).chain([&mut self.master]) {
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         // Whatever an agent of this stack left behind (a killed agent cannot clean up).
         for agent in &self.agents {
             let _ = std::process::Command::new("sh")

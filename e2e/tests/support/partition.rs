@@ -6,9 +6,10 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 /// One service of this machine as the namespace reaches it.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +25,8 @@ pub struct Host {
     host_veth: String,
     pub host_ip: Ipv4Addr,
     forwarders: Vec<JoinHandle<()>>,
+    /// Every forwarded connection, closed with the host.
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
 fn run(args: &[&str]) {
@@ -45,7 +48,13 @@ impl Host {
         let host_ip = Ipv4Addr::new(10, 213, third, fourth + 1);
         let ns_ip = Ipv4Addr::new(10, 213, third, fourth + 2);
         run(&["ip", "netns", "add", &namespace]);
-        let host = Self { namespace: namespace.clone(), host_veth: host_veth.clone(), host_ip, forwarders: Vec::new() };
+        let host = Self {
+            namespace: namespace.clone(),
+            host_veth: host_veth.clone(),
+            host_ip,
+            forwarders: Vec::new(),
+            connections: Arc::default(),
+        };
         run(&["ip", "link", "add", &host_veth, "type", "veth", "peer", "name", &ns_veth]);
         run(&["ip", "link", "set", &ns_veth, "netns", &namespace]);
         run(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_veth]);
@@ -67,13 +76,15 @@ impl Host {
     pub async fn expose(&mut self, target: SocketAddr) -> Link {
         let listener = TcpListener::bind((self.host_ip, 0)).await.unwrap();
         let exposed = listener.local_addr().unwrap();
+        let connections = self.connections.clone();
         self.forwarders.push(tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
+                connections.lock().unwrap().push(connection.abort_handle());
             }
         }));
         Link { exposed, target }
@@ -99,6 +110,9 @@ impl Drop for Host {
     fn drop(&mut self) {
         for forwarder in &self.forwarders {
             forwarder.abort();
+        }
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.namespace]).status();
         let _ = Command::new("ip").args(["link", "del", &self.host_veth]).output();
