@@ -6,6 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use serde_json::json;
 use sqlx::PgPool;
 use support::history::{self, Recorder};
@@ -116,4 +118,55 @@ async fn runs_in_flight_ride_out_a_postgres_restart_and_end_exactly_once(pool: P
     assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary("Postgres restart"));
     assert_eq!(verdict.retried, 0, "every run ended in its first attempt: {runs:?}");
     assert!(runs.iter().all(|(_, status, _)| status == "succeeded"), "{runs:?}");
+}
+
+/// Reads a console stream into `received` until it ends or `enough` says so.
+async fn read_stream(response: reqwest::Response, received: &mut Vec<u8>, enough: impl Fn(&[u8]) -> bool) {
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), stream.next()).await.expect("stream stalled")
+    {
+        let Ok(chunk) = chunk else { break };
+        received.extend_from_slice(&chunk);
+        if enough(received) {
+            break;
+        }
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_console_followed_through_a_killed_replica_resumes_on_another_without_gaps_or_repeats(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let mut first = stack.add_master().await;
+    let second = stack.add_master().await;
+    stack
+        .put_job(
+            "counter",
+            json!({"kind": "freestyle", "image": "busybox:latest",
+                   "script": "i=0; while [ $i -lt 60 ]; do echo line $i; i=$((i + 1)); sleep 0.1; done"}),
+        )
+        .await;
+    let path = stack.trigger("counter").await;
+    let follow = |api: &support::Api, after: usize| {
+        api.request(reqwest::Method::GET, &format!("{path}/results/console?follow=true&after={after}")).send()
+    };
+
+    // Half way through the run, the replica serving the stream is killed.
+    let mut received = Vec::new();
+    let halfway = |received: &[u8]| String::from_utf8_lossy(received).contains("line 20\n");
+    read_stream(follow(&first.api, 0).await.unwrap(), &mut received, halfway).await;
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+
+    // The client resumes from the bytes it has, on another replica, until the run ends.
+    read_stream(follow(&second.api, received.len()).await.unwrap(), &mut received, |_| false).await;
+    let run = stack.wait_finished(&path, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    let whole = stack.console(&path).await;
+    assert_eq!(String::from_utf8_lossy(&received), whole, "the resumed stream is the log, byte for byte");
+    let lines: Vec<&str> = whole.lines().filter_map(|line| line.split_once(' ').map(|(_, text)| text)).collect();
+    let counted: Vec<String> = (0..60).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines.iter().filter(|l| l.starts_with("line ")).copied().collect::<Vec<_>>(), counted);
 }

@@ -50,6 +50,41 @@ pub struct Agent {
     pub child: Child,
 }
 
+/// A master replica beside the stack's own.
+pub struct Replica {
+    pub child: Child,
+    pub api: Api,
+}
+
+/// Starts a master process and waits until it is ready.
+async fn spawn_master(database_url: &str, prefix: &str) -> (Child, Api) {
+    let port = free_port();
+    let master = Command::new(binary("cimaster"))
+        .arg("serve")
+        .env("CIMASTER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CIMASTER_DATABASE_URL", database_url)
+        .env("CIMASTER_QUEUE_PREFIX", prefix)
+        .env("CIMASTER_JWT_SECRET", SECRET)
+        .env("CIMASTER_SECRETS_KEY", SECRETS_KEY)
+        .env("CIMASTER_DISPATCH_INTERVAL", "200ms")
+        .env("CIMASTER_DISPATCH_GRACE", "500ms")
+        .env("CIMASTER_LEASE_CHECK_INTERVAL", "200ms")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let token = Signer::hs256(SECRET).unwrap().mint("e2e", &[Role::Admin], Duration::from_secs(3600));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let api = Api { base: format!("http://127.0.0.1:{port}"), http, token };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !api.http.get(api.url("/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(Instant::now() < deadline, "master never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (master, api)
+}
+
 /// Agent settings a test may change.
 #[derive(Clone)]
 pub struct AgentOptions {
@@ -84,30 +119,14 @@ impl Stack {
     pub async fn start(pool: PgPool) -> Self {
         let database_url = database_url(&pool);
         let prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let port = free_port();
-        let master = Command::new(binary("cimaster"))
-            .arg("serve")
-            .env("CIMASTER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("CIMASTER_DATABASE_URL", &database_url)
-            .env("CIMASTER_QUEUE_PREFIX", &prefix)
-            .env("CIMASTER_JWT_SECRET", SECRET)
-            .env("CIMASTER_SECRETS_KEY", SECRETS_KEY)
-            .env("CIMASTER_DISPATCH_INTERVAL", "200ms")
-            .env("CIMASTER_DISPATCH_GRACE", "500ms")
-            .env("CIMASTER_LEASE_CHECK_INTERVAL", "200ms")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let token = Signer::hs256(SECRET).unwrap().mint("e2e", &[Role::Admin], Duration::from_secs(3600));
-        let api = Api { base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new(), token };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !api.http.get(api.url("/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-            assert!(Instant::now() < deadline, "master never became ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (master, api) = spawn_master(&database_url, &prefix).await;
         Self { pool, database_url, prefix, api, master, agents: Vec::new() }
+    }
+
+    /// Another master replica over the same database and queues; it stops when dropped.
+    pub async fn add_master(&self) -> Replica {
+        let (child, api) = spawn_master(&self.database_url, &self.prefix).await;
+        Replica { child, api }
     }
 
     /// Starts an agent with a fresh id.

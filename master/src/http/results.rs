@@ -353,6 +353,10 @@ pub struct ConsoleQuery {
     follow: bool,
     /// Which attempt's log (default: the current one).
     attempt: Option<i32>,
+    /// Start after this many bytes of the log: a client that lost its stream (say, to a master
+    /// replica that went away) resumes where it was, from any replica, without gaps or repeats.
+    #[serde(default)]
+    after: u64,
 }
 
 #[derive(sqlx::FromRow, Clone)]
@@ -399,7 +403,8 @@ async fn console(
     let s3 = state.s3.clone();
     let bucket = state.bucket.clone();
     tokio::spawn(async move {
-        if let Err(err) = pump(&pool, &s3, &bucket, run, attempt, query.follow, &tx).await {
+        let from = Position { attempt, follow: query.follow, after: query.after };
+        if let Err(err) = pump(&pool, &s3, &bucket, run, from, &tx).await {
             tracing::warn!(run_id = %run, error = %err, "console stream failed");
             let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
         }
@@ -412,23 +417,35 @@ async fn console(
 
 type Tx = mpsc::Sender<Result<Bytes, std::io::Error>>;
 
+/// Which log a console request reads, and from where.
+struct Position {
+    attempt: i32,
+    follow: bool,
+    /// Bytes of the log the client already has.
+    after: u64,
+}
+
 /// Sends the log: Postgres chunks while the attempt is live, then the rest from S3 once stored.
 async fn pump(
     pool: &PgPool,
     s3: &aws_sdk_s3::Client,
     bucket: &str,
     run: Uuid,
-    attempt: i32,
-    follow: bool,
+    from: Position,
     tx: &Tx,
 ) -> anyhow::Result<()> {
-    let mut sent: u64 = 0;
+    let Position { attempt, follow, after } = from;
+    // Bytes of the log gone by: sent, or skipped because the client has them.
+    let mut passed: u64 = 0;
     let mut next_seq: i64 = 0;
     loop {
+        if tx.is_closed() {
+            return Ok(()); // the client went away
+        }
         let state = state_of(pool, run).await?.ok_or_else(|| anyhow::anyhow!("run vanished"))?;
         let stored = stored_key(&state, run, attempt);
         if let Some(key) = stored {
-            if stream_s3(s3, bucket, &key, sent, tx).await? {
+            if stream_s3(s3, bucket, &key, passed.max(after), tx).await? {
                 return Ok(());
             }
         }
@@ -448,8 +465,13 @@ async fn pump(
             }
             for (seq, data) in chunks {
                 next_seq = seq + 1;
-                sent += data.len() as u64;
-                if tx.send(Ok(Bytes::from(data))).await.is_err() {
+                let start = passed;
+                passed += data.len() as u64;
+                if passed <= after {
+                    continue;
+                }
+                let unseen = Bytes::from(data).slice(after.saturating_sub(start) as usize..);
+                if tx.send(Ok(unseen)).await.is_err() {
                     return Ok(()); // the client went away
                 }
             }
