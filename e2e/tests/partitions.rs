@@ -103,6 +103,18 @@ async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgP
     assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary("agent <-> Postgres cut"));
     assert_eq!(verdict.retried, RUNS, "every run was cut off mid-flight and finished as a retry");
     assert!(runs.iter().all(|(_, status, _)| status == "succeeded"), "{runs:?}");
+    // The cut-off attempt's console is kept, and says what happened to it.
+    let current = stack.console(&format!("/jobs/beats/runs/{}", ids[0])).await;
+    assert!(current.contains("runs attempt 2"), "the current attempt's console: {current}");
+    let response = stack
+        .api
+        .request(reqwest::Method::GET, &format!("/jobs/beats/runs/{}/results/console?attempt=1", ids[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let old = response.text().await.unwrap();
+    assert!(old.contains("could not renew the run lease") && old.contains("sending SIGTERM"), "{old}");
 }
 
 #[sqlx::test(migrations = "../migrations")]
