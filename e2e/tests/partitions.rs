@@ -14,9 +14,12 @@ use support::history::{self, Event, Recorder};
 use support::partition::{self, Host, Link};
 use support::{AgentOptions, Stack};
 
-/// Runs in flight when the link is cut. Each needs a bridge network of its own, on both agents at
-/// the turn-over, and Docker's default address pools hold about 31 (see the README's Failure model).
-const RUNS: usize = 12;
+/// Runs in flight when the link is cut (`CIMASTER_FAULTS_RUNS`, 12 by default). Each needs a bridge
+/// network of its own, on both agents at the turn-over, and Docker's default address pools hold
+/// about 31 (see the README's Failure model).
+fn runs() -> usize {
+    setting("CIMASTER_FAULTS_RUNS", 12) as usize
+}
 /// Each job beats for about this many quarter seconds (some 16 s in all).
 const BEATS: u32 = 60;
 /// The agents' lease in these tests (`AgentOptions`' default).
@@ -45,7 +48,7 @@ impl CutOff {
         let amqp = host.expose(partition::target_of(&amqp_url)).await;
         let s3 = host.expose(partition::target_of(&env("CIMASTER_S3_ENDPOINT"))).await;
         let options = AgentOptions {
-            cpus: Some(CPUS),
+            cpus: Some(cpus()),
             netns: Some(host.namespace.clone()),
             env: vec![
                 ("CIMASTER_DATABASE_URL", partition::through(&stack.database_url, database)),
@@ -77,19 +80,26 @@ impl CutOff {
 }
 
 /// Room for every run at once (0.1 CPU each).
-const CPUS: f64 = RUNS as f64 * 0.1 + 0.45;
+fn cpus() -> f64 {
+    runs() as f64 * 0.1 + 0.45
+}
 
 #[sqlx::test(migrations = "../migrations")]
 async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgPool) {
+    let runs_in_flight = runs();
     let recorder = Recorder::start().await;
     let mut stack = Stack::start(pool).await;
     let cut_off = CutOff::start(&mut stack, "").await;
     history::put_beats_job(&stack, &recorder, BEATS).await;
-    let ids = history::trigger_beats(&stack, RUNS).await;
+    let ids = history::trigger_beats(&stack, runs_in_flight).await;
     history::wait_started(&recorder, &ids, Duration::from_secs(90)).await;
-    assert_eq!(cut_off.running(&stack.pool).await, RUNS as i64, "all runs in flight on the agent when it is cut off");
+    assert_eq!(
+        cut_off.running(&stack.pool).await,
+        runs_in_flight as i64,
+        "all runs in flight on the agent when it is cut off"
+    );
     // A healthy agent to take the retries.
-    stack.add_agent(AgentOptions { cpus: Some(CPUS), ..Default::default() }).await;
+    stack.add_agent(AgentOptions { cpus: Some(cpus()), ..Default::default() }).await;
 
     cut_off.host.cut(cut_off.database);
     let cut_at = Instant::now();
@@ -101,7 +111,7 @@ async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgP
     let verdict = history::check(&events, &runs);
     history::report("agent <-> Postgres cut", &verdict, &events, cut_at);
     assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary("agent <-> Postgres cut"));
-    assert_eq!(verdict.retried, RUNS, "every run was cut off mid-flight and finished as a retry");
+    assert_eq!(verdict.retried, runs_in_flight, "every run was cut off mid-flight and finished as a retry");
     assert!(runs.iter().all(|(_, status, _)| status == "succeeded"), "{runs:?}");
     // The cut-off attempt's console is kept, and says what happened to it.
     let current = stack.console(&format!("/jobs/beats/runs/{}", ids[0])).await;
@@ -119,18 +129,19 @@ async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgP
 
 #[sqlx::test(migrations = "../migrations")]
 async fn runs_go_on_and_the_agent_consumes_again_when_it_is_cut_off_from_rabbitmq(pool: PgPool) {
+    let runs_in_flight = runs() / 2 * 2;
     let recorder = Recorder::start().await;
     let mut stack = Stack::start(pool).await;
     // Heartbeats every 2 s, so the broker gives up on the connection during the cut.
     let cut_off = CutOff::start(&mut stack, "?heartbeat=2").await;
     history::put_beats_job(&stack, &recorder, BEATS).await;
-    let before = history::trigger_beats(&stack, RUNS / 2).await;
+    let before = history::trigger_beats(&stack, runs_in_flight / 2).await;
     history::wait_started(&recorder, &before, Duration::from_secs(90)).await;
 
     cut_off.host.cut(cut_off.amqp);
     let cut_at = Instant::now();
     // Triggered while the only agent cannot hear the broker: they wait, then run on it once healed.
-    let during = history::trigger_beats(&stack, RUNS / 2).await;
+    let during = history::trigger_beats(&stack, runs_in_flight / 2).await;
     tokio::time::sleep(Duration::from_secs(15)).await;
     cut_off.host.heal(cut_off.amqp);
 
@@ -147,7 +158,7 @@ async fn runs_go_on_and_the_agent_consumes_again_when_it_is_cut_off_from_rabbitm
         .fetch_one(&stack.pool)
         .await
         .unwrap();
-    assert_eq!(attempts, RUNS as i64, "the cut-off agent ran every run, once");
+    assert_eq!(attempts, runs_in_flight as i64, "the cut-off agent ran every run, once");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -201,6 +212,74 @@ async fn runs_end_and_their_output_follows_when_the_agent_is_cut_off_from_s3(poo
     let verdict = history::check(&events, &runs);
     history::report("agent <-> S3 cut", &verdict, &events, cut_at);
     assert!(verdict.is_clean(), "{verdict:#?}");
+}
+
+/// A setting from the environment (`scripts/bench faults` raises them), or its short default.
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+/// A small, seeded generator: the same seed cuts the same links for the same times.
+struct Seeded(u64);
+
+impl Seeded {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_soak_of_random_cuts_loses_no_run_and_runs_none_twice(pool: PgPool) {
+    let seconds = setting("CIMASTER_SOAK_SECONDS", 40);
+    let mut random = Seeded(setting("CIMASTER_SOAK_SEED", 7));
+    let recorder = Recorder::start().await;
+    let mut stack = Stack::start(pool).await;
+    let cut_off = CutOff::start(&mut stack, "?heartbeat=2").await;
+    stack.add_agent(AgentOptions { cpus: Some(cpus()), ..Default::default() }).await;
+    history::put_beats_job(&stack, &recorder, 24).await;
+
+    let started = Instant::now();
+    let mut faults = Vec::new();
+    let mut order: Vec<(&str, Link)> = Vec::new();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        history::trigger_beats(&stack, 4).await;
+        // Every link in turn, in a random order each time round.
+        if order.is_empty() {
+            order = vec![("Postgres", cut_off.database), ("RabbitMQ", cut_off.amqp), ("S3", cut_off.s3)];
+            for i in (1..order.len()).rev() {
+                order.swap(i, random.below(i as u64 + 1) as usize);
+            }
+        }
+        let (name, link) = order.pop().unwrap();
+        let hold = Duration::from_millis(2000 + random.below(13_000));
+        cut_off.host.cut(link);
+        tokio::time::sleep(hold).await;
+        cut_off.host.heal(link);
+        faults.push(format!("{name} {:.1}s", hold.as_secs_f64()));
+        tokio::time::sleep(Duration::from_millis(500 + random.below(2500))).await;
+    }
+
+    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(180)).await;
+    let events = recorder.events();
+    let verdict = history::check(&events, &runs);
+    println!("soak: {} cuts: {}", faults.len(), faults.join(", "));
+    history::report("soak", &verdict, &events, started);
+    assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary("soak"));
+    assert!(runs.iter().all(|(_, status, _)| status == "succeeded"), "{runs:?}");
+    // Nothing of the runs' output is lost either: every console reaches S3.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE console_key IS NULL")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+        if waiting == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{waiting} consoles never reached S3");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[test]
