@@ -56,6 +56,34 @@ pub struct Replica {
     pub api: Api,
 }
 
+/// Deletes the queues and the exchange the stack's prefix declared, so that a day of test runs leaves
+/// nothing in the broker. Runs on a thread of its own: drops happen inside the test's runtime.
+fn delete_topology(prefix: &str) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let Ok(url) = std::env::var("CIMASTER_AMQP_URL") else { return };
+    let prefix = prefix.to_owned();
+    let cleanup = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let url = secrecy::SecretString::from(url);
+            let connect = cimaster_master::broker::connect(&url, "cimaster-e2e-cleanup");
+            let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await else { return };
+            let queues = ["default", "large", "gpu"].map(|queue| format!("{prefix}.runs.{queue}"));
+            for queue in queues.iter().chain([&format!("{prefix}.dead")]) {
+                // The broker closes a channel whose queue does not exist: one channel each.
+                if let Ok(channel) = connection.create_channel().await {
+                    let _ = channel.queue_delete(queue, QueueDeleteOptions::default()).await;
+                }
+            }
+            if let Ok(channel) = connection.create_channel().await {
+                let _ = channel.exchange_delete(&format!("{prefix}.dlx"), ExchangeDeleteOptions::default()).await;
+            }
+            let _ = connection.close(200, "done").await;
+        });
+    });
+    let _ = cleanup.join();
+}
+
 /// Starts a master process and waits until it is ready.
 async fn spawn_master(database_url: &str, prefix: &str) -> (Child, Api) {
     let port = free_port();
@@ -239,6 +267,7 @@ impl Drop for Stack {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        delete_topology(&self.prefix);
         // Whatever an agent of this stack left behind (a killed agent cannot clean up).
         for agent in &self.agents {
             let _ = std::process::Command::new("sh")

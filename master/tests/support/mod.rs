@@ -11,7 +11,7 @@ use cimaster_master::config::{
     AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, PoolConfig, ReaperConfig,
 };
 use cimaster_master::Application;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -315,6 +315,9 @@ pub async fn delete_queues(prefix: &str, queues: &[&str]) {
         if let Ok(channel) = connection.create_channel().await {
             let _ = channel.queue_delete(&queue, QueueDeleteOptions::default()).await;
         }
+    }
+    if let Ok(channel) = connection.create_channel().await {
+        let _ = channel.exchange_delete(&format!("{prefix}.dlx"), ExchangeDeleteOptions::default()).await;
     }
     let _ = connection.close(200, "done").await;
 }
