@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use cimaster_common::storage::S3Config;
 use cimaster_common::{Memory, QueueName};
+
+use crate::subnets::SubnetPool;
 use clap::Args;
 use secrecy::SecretString;
 
@@ -65,6 +67,11 @@ pub struct AgentConfig {
     /// nothing is attached to it). 0: every run gets a new network, removed after it.
     #[arg(long = "idle-networks", env = "CIMASTER_AGENT_IDLE_NETWORKS", default_value_t = 2)]
     pub idle_networks: usize,
+
+    /// A range of IPv4 addresses (e.g. `10.240.0.0/16`) that run networks take their /27 subnets
+    /// from, instead of the engine's default address pools (about 31 networks per engine).
+    #[arg(long = "network-pool", env = "CIMASTER_AGENT_NETWORK_POOL")]
+    pub network_pool: Option<SubnetPool>,
 
     /// Registry credentials for pulling job images that are not present locally.
     #[arg(long = "registry-username", env = "CIMASTER_REGISTRY_USERNAME")]

@@ -10,8 +10,8 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, HostConfigLogConfig, Mount, MountTypeEnum, NetworkCreateRequest,
-    NetworkingConfig, VolumeCreateOptions,
+    ContainerCreateBody, EndpointSettings, HostConfig, HostConfigLogConfig, Ipam, IpamConfig, Mount, MountTypeEnum,
+    NetworkCreateRequest, NetworkingConfig, VolumeCreateOptions,
 };
 use bollard::query_parameters::{
     AttachContainerOptions, BuildImageOptions, CreateContainerOptions, CreateImageOptions,
@@ -46,6 +46,10 @@ pub enum DockerError {
     Pull { image: String, source: BollardError },
     #[error("creating network {name} failed: {source}")]
     CreateNetwork { name: String, source: BollardError },
+    #[error("subnet {0} is taken by another network")]
+    SubnetTaken(String),
+    #[error("no free subnet is left in CIMASTER_AGENT_NETWORK_POOL ({0} tried)")]
+    SubnetsExhausted(u32),
     #[error("creating the job container failed: {0}")]
     CreateContainer(#[source] BollardError),
     #[error("attaching to the job container failed: {0}")]
@@ -144,32 +148,47 @@ impl DockerClient {
         Ok(())
     }
 
-    /// A network for this attempt only, labelled with the run.
-    pub async fn create_network(&self, labels: &RunLabels) -> Result<String, DockerError> {
-        self.create_bridge(labels.name(), labels.map()).await
+    /// A network for this attempt only, labelled with the run; on `subnet` when given.
+    pub async fn create_network(&self, labels: &RunLabels, subnet: Option<String>) -> Result<String, DockerError> {
+        self.create_bridge(labels.name(), labels.map(), subnet).await
     }
 
     /// A bridge network any run of `agent` may borrow (one run at a time): labelled with the agent,
     /// not with a run.
-    pub async fn create_reusable_network(&self, agent: &str) -> Result<String, DockerError> {
+    pub async fn create_reusable_network(&self, agent: &str, subnet: Option<String>) -> Result<String, DockerError> {
         let name = format!("cimaster-net-{}", uuid::Uuid::new_v4().simple());
         let labels =
             HashMap::from([(LABEL_AGENT.to_owned(), agent.to_owned()), (LABEL_REUSABLE.to_owned(), "true".to_owned())]);
-        self.create_bridge(name, labels).await
+        self.create_bridge(name, labels, subnet).await
     }
 
-    async fn create_bridge(&self, name: String, labels: HashMap<String, String>) -> Result<String, DockerError> {
+    async fn create_bridge(
+        &self,
+        name: String,
+        labels: HashMap<String, String>,
+        subnet: Option<String>,
+    ) -> Result<String, DockerError> {
+        let ipam = subnet.clone().map(|subnet| Ipam {
+            config: Some(vec![IpamConfig { subnet: Some(subnet), ..Default::default() }]),
+            ..Default::default()
+        });
         let request = NetworkCreateRequest {
             name: name.clone(),
             driver: Some("bridge".to_owned()),
             labels: Some(labels),
+            ipam,
             ..Default::default()
         };
-        self.docker
-            .create_network(request)
-            .await
-            .map_err(|source| DockerError::CreateNetwork { name: name.clone(), source })?;
-        Ok(name)
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(name),
+            // The engine's answer when the subnet overlaps a network it already has.
+            Err(BollardError::DockerResponseServerError { status_code: 403, message })
+                if message.contains("overlaps") && subnet.is_some() =>
+            {
+                Err(DockerError::SubnetTaken(subnet.unwrap_or_default()))
+            }
+            Err(source) => Err(DockerError::CreateNetwork { name, source }),
+        }
     }
 
     /// How many containers are attached to the network; `None` when it cannot be inspected.

@@ -14,6 +14,7 @@ pub mod pending;
 pub mod plan;
 pub mod storage;
 pub mod store;
+pub mod subnets;
 pub mod worker;
 
 use std::time::Duration;
@@ -99,7 +100,12 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     pending.discard_unsealed().await.context("the agent's work directory")?;
     let uploader = tokio::spawn(pending.clone().run(background.clone()));
 
-    let networks = std::sync::Arc::new(networks::Networks::new(docker.clone(), agent.clone(), config.idle_networks));
+    let networks = std::sync::Arc::new(networks::Networks::new(
+        docker.clone(),
+        agent.clone(),
+        config.idle_networks,
+        config.network_pool.clone(),
+    ));
     let executor = attempt::Executor {
         pool: pool.clone(),
         leases,

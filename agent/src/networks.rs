@@ -12,6 +12,7 @@
 use std::sync::Mutex;
 
 use crate::docker::{DockerClient, DockerError, RunLabels};
+use crate::subnets::SubnetPool;
 
 /// The network a run holds.
 pub(crate) struct RunNetwork {
@@ -24,11 +25,33 @@ pub(crate) struct Networks {
     agent: String,
     keep: usize,
     idle: Mutex<Vec<String>>,
+    /// Where new networks get their subnets; the engine's default pools when `None`.
+    subnets: Option<SubnetPool>,
 }
 
 impl Networks {
-    pub fn new(docker: DockerClient, agent: String, keep: usize) -> Self {
-        Self { docker, agent, keep, idle: Mutex::new(Vec::new()) }
+    pub fn new(docker: DockerClient, agent: String, keep: usize, subnets: Option<SubnetPool>) -> Self {
+        let subnets = subnets.map(|pool| pool.starting_for(&agent));
+        Self { docker, agent, keep, idle: Mutex::new(Vec::new()), subnets }
+    }
+
+    /// Creates a network (labelled with the run when `labels` is given, reusable otherwise), on the
+    /// next free subnet of the pool when there is one.
+    async fn create(&self, labels: Option<&RunLabels>) -> Result<String, DockerError> {
+        let create = |subnet| async move {
+            match labels {
+                Some(labels) => self.docker.create_network(labels, subnet).await,
+                None => self.docker.create_reusable_network(&self.agent, subnet).await,
+            }
+        };
+        let Some(pool) = &self.subnets else { return create(None).await };
+        for _ in 0..pool.blocks() {
+            match create(Some(pool.next())).await {
+                Err(DockerError::SubnetTaken(_)) => continue,
+                created => return created,
+            }
+        }
+        Err(DockerError::SubnetsExhausted(pool.blocks()))
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
@@ -38,7 +61,7 @@ impl Networks {
     /// An idle network, or a new one.
     pub async fn take(&self, labels: &RunLabels) -> Result<RunNetwork, DockerError> {
         if self.keep == 0 {
-            return Ok(RunNetwork { name: self.docker.create_network(labels).await?, reusable: false });
+            return Ok(RunNetwork { name: self.create(Some(labels)).await?, reusable: false });
         }
         // An idle network is lent only when the engine reports nothing attached to it: a container
         // of the last run whose removal failed keeps it out, as does its removal by someone else.
@@ -51,7 +74,7 @@ impl Networks {
                 None => tracing::info!(network = name, "an idle network is gone; not lending it"),
             }
         }
-        let name = self.docker.create_reusable_network(&self.agent).await?;
+        let name = self.create(None).await?;
         Ok(RunNetwork { name, reusable: true })
     }
 
@@ -107,7 +130,7 @@ mod tests {
     #[tokio::test]
     async fn an_empty_network_is_lent_again_and_an_occupied_one_is_removed() {
         let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
-        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 1);
+        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 1, None);
 
         let first = networks.take(&labels(&agent)).await.unwrap();
         let second = networks.take(&labels(&agent)).await.unwrap();
@@ -163,12 +186,39 @@ mod tests {
     #[tokio::test]
     async fn with_none_kept_each_run_gets_its_own_network_removed_after_it() {
         let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
-        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 0);
+        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 0, None);
         let run = labels(&agent);
         let network = networks.take(&run).await.unwrap();
         let filter = format!("label=cimaster.run={}", run.run);
         assert_eq!(docker(&["network", "ls", "--filter", &filter, "--format", "{{.Name}}"]), network.name);
         networks.give_back(network).await;
+        assert!(networks_of(&agent).is_empty());
+    }
+
+    #[tokio::test]
+    async fn networks_take_free_subnets_of_the_pool_and_say_when_none_is_left() {
+        let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
+        // Two /27 blocks in a range of this test's own; another network already holds one of them.
+        let third = uuid::Uuid::new_v4().as_bytes()[0];
+        let range = format!("10.241.{third}.0/26");
+        let foreign = format!("{agent}-foreign");
+        let taken = format!("10.241.{third}.0/27");
+        assert!(!docker(&["network", "create", "--subnet", &taken, &foreign]).is_empty(), "cannot create {taken}");
+        let pool: SubnetPool = range.parse().unwrap();
+        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 0, Some(pool));
+
+        let first = networks.take(&labels(&agent)).await.unwrap();
+        let subnet = docker(&["network", "inspect", &first.name, "--format", "{{(index .IPAM.Config 0).Subnet}}"]);
+        assert!(subnet.starts_with(&format!("10.241.{third}.")), "{subnet} is outside {range}");
+        assert_eq!(subnet, format!("10.241.{third}.32/27"), "the taken block is skipped");
+        let second = networks.take(&labels(&agent)).await;
+        let exhausted = matches!(second, Err(DockerError::SubnetsExhausted(2)));
+        if let Ok(network) = second {
+            networks.give_back(network).await;
+        }
+        networks.give_back(first).await;
+        docker(&["network", "rm", &foreign]);
+        assert!(exhausted, "with one block taken and one in use, none is left");
         assert!(networks_of(&agent).is_empty());
     }
 }

@@ -14,14 +14,17 @@ use support::history::{self, Event, Recorder};
 use support::partition::{self, Host, Link};
 use support::{AgentOptions, Stack};
 
-/// Runs in flight when the link is cut (`CIMASTER_FAULTS_RUNS`, 12 by default). Each needs a bridge
-/// network of its own, on both agents at the turn-over, and Docker's default address pools hold
-/// about 31 (see the README's Failure model).
+/// Runs in flight when the link is cut (`CIMASTER_FAULTS_RUNS`, 12 by default; `scripts/bench
+/// faults` runs 50).
 fn runs() -> usize {
     setting("CIMASTER_FAULTS_RUNS", 12) as usize
 }
-/// Each job beats for about this many quarter seconds (some 16 s in all).
-const BEATS: u32 = 60;
+
+/// How long each job beats, in quarter seconds (`CIMASTER_FAULTS_BEATS`): long enough for every run
+/// to be in flight at the cut.
+fn beats() -> u32 {
+    setting("CIMASTER_FAULTS_BEATS", 60) as u32
+}
 /// The agents' lease in these tests (`AgentOptions`' default).
 const LEASE: Duration = Duration::from_secs(5);
 
@@ -90,9 +93,9 @@ async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgP
     let recorder = Recorder::start().await;
     let mut stack = Stack::start(pool).await;
     let cut_off = CutOff::start(&mut stack, "").await;
-    history::put_beats_job(&stack, &recorder, BEATS).await;
+    history::put_beats_job(&stack, &recorder, beats()).await;
     let ids = history::trigger_beats(&stack, runs_in_flight).await;
-    history::wait_started(&recorder, &ids, Duration::from_secs(90)).await;
+    history::wait_started(&recorder, &ids, Duration::from_secs(60 + 3 * runs_in_flight as u64)).await;
     assert_eq!(
         cut_off.running(&stack.pool).await,
         runs_in_flight as i64,
@@ -106,7 +109,7 @@ async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgP
     tokio::time::sleep(LEASE * 3).await;
     cut_off.host.heal(cut_off.database);
 
-    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120)).await;
+    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120 + 3 * runs_in_flight as u64)).await;
     let events = recorder.events();
     let verdict = history::check(&events, &runs);
     history::report("agent <-> Postgres cut", &verdict, &events, cut_at);
@@ -134,18 +137,18 @@ async fn runs_go_on_and_the_agent_consumes_again_when_it_is_cut_off_from_rabbitm
     let mut stack = Stack::start(pool).await;
     // Heartbeats every 2 s, so the broker gives up on the connection during the cut.
     let cut_off = CutOff::start(&mut stack, "?heartbeat=2").await;
-    history::put_beats_job(&stack, &recorder, BEATS).await;
+    history::put_beats_job(&stack, &recorder, beats()).await;
     let before = history::trigger_beats(&stack, runs_in_flight / 2).await;
-    history::wait_started(&recorder, &before, Duration::from_secs(90)).await;
+    history::wait_started(&recorder, &before, Duration::from_secs(60 + 3 * runs_in_flight as u64)).await;
 
     cut_off.host.cut(cut_off.amqp);
     let cut_at = Instant::now();
     // Triggered while the only agent cannot hear the broker: they wait, then run on it once healed.
     let during = history::trigger_beats(&stack, runs_in_flight / 2).await;
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(setting("CIMASTER_FAULTS_AMQP_CUT_SECONDS", 15))).await;
     cut_off.host.heal(cut_off.amqp);
 
-    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120)).await;
+    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120 + 3 * runs_in_flight as u64)).await;
     let events = recorder.events();
     let verdict = history::check(&events, &runs);
     history::report("agent <-> RabbitMQ cut", &verdict, &events, cut_at);

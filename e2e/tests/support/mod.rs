@@ -180,6 +180,8 @@ impl Stack {
             .env("CIMASTER_LEASE_TTL", options.lease)
             .env("CIMASTER_STOP_GRACE", options.stop_grace)
             .env("CIMASTER_LEASE_MARGIN", options.lease_margin)
+            // Run networks from a range of their own, not the engine's ~31 default ones.
+            .env("CIMASTER_AGENT_NETWORK_POOL", "10.240.0.0/16")
             .env("CIMASTER_SECRETS_KEY", SECRETS_KEY)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
