@@ -24,7 +24,11 @@ impl Attempt<'_> {
     pub(super) async fn end(mut self, stop: Stop, started: Instant, pump: JoinHandle<std::io::Result<ConsoleFile>>) {
         let lease_lost = matches!(stop, Stop::LeaseLost(_));
         if lease_lost {
-            self.held.remove_containers(&self.executor.docker).await;
+            let removed = self.held.remove_containers(&self.executor.docker).await;
+            tracing::warn!(
+                containers = removed,
+                "removed the fenced attempt's containers; its volume and network follow"
+            );
         }
         if let Stop::Failed(error) = &stop {
             self.console.note(&error.to_string()).await;
@@ -113,14 +117,16 @@ impl Executor {
 }
 
 impl Held {
-    /// Removes the attempt's containers (stopped or not) at once.
-    pub(super) async fn remove_containers(&mut self, docker: &DockerClient) {
+    /// Removes the attempt's containers (stopped or not) at once; how many there were.
+    pub(super) async fn remove_containers(&mut self, docker: &DockerClient) -> usize {
         for service in self.services.drain(..) {
             service.stop_collecting();
         }
+        let count = self.containers.len();
         for id in self.containers.drain(..).rev() {
             docker.remove_container(&id).await;
         }
+        count
     }
 
     /// Removes the containers and the volume and gives the network back.
@@ -129,6 +135,7 @@ impl Held {
         if let Some(volume) = &self.volume {
             executor.docker.remove_volume(volume).await;
         }
+        tracing::debug!(volume = self.volume.as_deref(), "the attempt's containers and volume are removed");
         if let Some(network) = self.network.take() {
             executor.networks.give_back(network).await;
         }
