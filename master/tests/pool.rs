@@ -466,3 +466,13 @@ async fn clusters_are_configured_idempotently_over_rest(pool: PgPool) {
     api.get("/pool/clusters/c1").await.expect_problem(404, "does not exist");
     app.stop().await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn malformed_query_strings_get_problem_json_like_every_other_error(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let api = app.admin();
+    api.get("/pool/events?limit=lots").await.expect_problem(400, "limit");
+    api.get("/pool/events?colour=blue").await.expect_problem(400, "colour");
+    api.get("/jobs/x/runs?limit=lots").await.expect_problem(400, "limit");
+    app.stop().await;
+}

@@ -6,6 +6,7 @@ mod jobs;
 mod json;
 mod openapi;
 mod pool;
+mod query;
 mod results;
 mod runs;
 mod secrets;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{ApiError, Problem};
 use super::jobs::job_name;
 use super::json::{ApiJson, OptionalJson};
+use super::query::ApiQuery;
 use super::AppState;
 use crate::auth::{Caller, Role};
 use crate::pool::store::{
@@ -69,7 +70,7 @@ fn answer<T: Serialize>(headers: &HeaderMap, text: String, json: T) -> Response 
     }
 }
 
-type Params = Query<BTreeMap<String, String>>;
+type Params = ApiQuery<BTreeMap<String, String>>;
 
 fn param<'a>(params: &'a BTreeMap<String, String>, name: &str) -> Result<&'a str, ApiError> {
     params
@@ -101,7 +102,7 @@ async fn getvacant(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Trigger)?;
     let request = AcquireRequest {
@@ -215,7 +216,7 @@ pub struct WaiterList {
 async fn list_waiters(
     State(state): State<AppState>,
     caller: Caller,
-    Query(filter): Query<WaiterFilter>,
+    ApiQuery(filter): ApiQuery<WaiterFilter>,
 ) -> Result<Json<WaiterList>, ApiError> {
     caller.require(Role::Read)?;
     Ok(Json(WaiterList { waiters: store::waiters(&state.pool, filter.purpose.as_deref()).await? }))
@@ -226,7 +227,7 @@ async fn finishtest(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Trigger)?;
     let name = param(&params, "cluster")?;
@@ -255,7 +256,7 @@ async fn holdcluster(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Trigger)?;
     let name = param(&params, "cluster")?;
@@ -297,7 +298,7 @@ async fn releasecluster(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Trigger)?;
     let name = param(&params, "cluster")?;
@@ -310,7 +311,7 @@ async fn addcluster(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let name = param(&params, "cluster")?;
@@ -339,7 +340,7 @@ async fn deletecluster(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let name = param(&params, "cluster")?;
@@ -352,7 +353,7 @@ async fn disablecluster(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let name = param(&params, "cluster")?;
@@ -366,7 +367,7 @@ async fn enablecluster(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let name = param(&params, "cluster")?;
@@ -380,7 +381,7 @@ async fn createcluster(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Trigger)?;
     let user = param(&params, "user")?;
@@ -438,7 +439,7 @@ pub struct ClusterFilter {
 async fn list_clusters(
     State(state): State<AppState>,
     caller: Caller,
-    Query(filter): Query<ClusterFilter>,
+    ApiQuery(filter): ApiQuery<ClusterFilter>,
 ) -> Result<Json<ClusterList>, ApiError> {
     caller.require(Role::Read)?;
     Ok(Json(ClusterList { clusters: store::list(&state.pool, filter.purpose.as_deref()).await? }))
@@ -647,7 +648,7 @@ pub struct EventPage {
 async fn list_events(
     State(state): State<AppState>,
     caller: Caller,
-    Query(filter): Query<EventFilter>,
+    ApiQuery(filter): ApiQuery<EventFilter>,
 ) -> Result<Json<EventPage>, ApiError> {
     caller.require(Role::Read)?;
     let limit = filter.limit.unwrap_or(500).clamp(1, 10_000);
@@ -669,7 +670,7 @@ pub struct ReportQuery {
 async fn usage_report(
     State(state): State<AppState>,
     caller: Caller,
-    Query(query): Query<ReportQuery>,
+    ApiQuery(query): ApiQuery<ReportQuery>,
 ) -> Result<Json<store::UsageReport>, ApiError> {
     caller.require(Role::Read)?;
     let window = match query.window.as_deref() {

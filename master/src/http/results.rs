@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, Problem};
 use super::jobs::job_name;
+use super::query::ApiQuery;
 use super::runs::run_id;
 use super::AppState;
 use crate::auth::{Caller, Role};
@@ -154,11 +155,10 @@ async fn chosen_attempt(
     state: &AppState,
     name: &str,
     id: &str,
-    query: Result<Query<AttemptQuery>, axum::extract::rejection::QueryRejection>,
+    query: AttemptQuery,
 ) -> Result<(Uuid, i32, bool), ApiError> {
     let job = job_name(name)?;
     let run: Uuid = run_id(id)?.0;
-    let Query(query) = query.map_err(|err| ApiError::BadRequest(err.body_text()))?;
     let (current, status, _, _) = run_attempts(state, job.as_str(), run)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("job `{job}` has no run {id}")))?;
@@ -222,7 +222,7 @@ async fn junit(
     caller: Caller,
     Path((name, id)): Path<(String, String)>,
     headers: HeaderMap,
-    query: Result<Query<AttemptQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
     let (run, attempt, live) = chosen_attempt(&state, &name, &id, query).await?;
@@ -279,7 +279,7 @@ async fn artifact(
     State(state): State<AppState>,
     caller: Caller,
     Path((name, id, file)): Path<(String, String, String)>,
-    query: Result<Query<AttemptQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
     let (run, attempt, _) = chosen_attempt(&state, &name, &id, query).await?;
@@ -302,7 +302,7 @@ async fn service_log(
     State(state): State<AppState>,
     caller: Caller,
     Path((name, id, service)): Path<(String, String, String)>,
-    query: Result<Query<AttemptQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
     let (run, attempt, _) = chosen_attempt(&state, &name, &id, query).await?;
@@ -380,12 +380,11 @@ async fn console(
     State(state): State<AppState>,
     caller: Caller,
     Path((name, id)): Path<(String, String)>,
-    query: Result<Query<ConsoleQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<ConsoleQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
     let job = job_name(&name)?;
     let run: Uuid = run_id(&id)?.0;
-    let Query(query) = query.map_err(|err| ApiError::BadRequest(err.body_text()))?;
     let current: Option<(i32,)> = sqlx::query_as("SELECT attempt FROM runs WHERE id = $1 AND job = $2")
         .bind(run)
         .bind(job.as_str())

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +21,7 @@ use uuid::Uuid;
 use super::error::{ApiError, Problem};
 use super::jobs::{job_name, job_not_found, CachedJob};
 use super::json::OptionalJson;
+use super::query::ApiQuery;
 use super::AppState;
 use crate::auth::{Caller, Role};
 use crate::repo::{Credentials, RepoError};
@@ -498,11 +499,11 @@ async fn list_runs(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-    query: Result<Query<RunFilter>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<RunFilter>,
 ) -> Result<Json<RunPage>, ApiError> {
     caller.require(Role::Read)?;
     let job = job_name(&name)?;
-    let Query(filter) = query.map_err(|err| ApiError::BadRequest(err.body_text()))?;
+    let filter = query;
     let statuses: Option<Vec<String>> = match &filter.status {
         Some(list) => Some(
             list.split(',')
