@@ -105,6 +105,16 @@ pub enum LeaseEnd {
     CutOff { lease: &'static str, silent: Duration },
 }
 
+impl LeaseEnd {
+    /// Whether the run itself may be someone else's now (its own lease was lost), rather than only
+    /// its test cluster.
+    pub fn run_is_lost(&self) -> bool {
+        match self {
+            LeaseEnd::TakenOver { lease } | LeaseEnd::CutOff { lease, .. } => *lease == "run",
+        }
+    }
+}
+
 impl std::fmt::Display for LeaseEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -116,6 +116,8 @@ impl LiveCopy {
     pub async fn drain(&mut self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
+            // Here the loop paces the tries, not the backoff of the live phase.
+            self.retry_at = None;
             self.send();
             if self.writing.is_none() {
                 return;

@@ -429,3 +429,32 @@ async fn a_run_lists_its_results(pool: PgPool) {
     assert_eq!(junit.status, 404);
     assert!(junit.body["detail"].as_str().unwrap().contains("no JUnit results"));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_whose_cluster_lease_is_taken_away_is_stopped_and_ends_in_error(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let added = stack.api.get("/addcluster?cluster=e2e-cluster-1&region=us-west&name=admin").await;
+    assert_eq!(added.status, 201, "{}", added.body);
+    let mut with_cluster = job("echo using $CIMASTER_CLUSTER; sleep 60");
+    with_cluster["cluster"] = json!({"purpose": "tess-ci"});
+    stack.put_job("on-cluster", with_cluster).await;
+    let path = stack.trigger("on-cluster").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stack.console(&path).await.contains("using e2e-cluster-1") {
+        assert!(Instant::now() < deadline, "the job never started on its cluster");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The cluster's lease ends under the job (an admin ends it; an expiry would do the same): the
+    // job must not go on using a cluster the pool may hand to someone else.
+    let ended = stack.api.get("/finishtest?cluster=e2e-cluster-1&name=admin").await;
+    assert_eq!(ended.status, 200, "{}", ended.body);
+    let run = stack.wait_finished(&path, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "error", "{run}");
+    assert_eq!(run["attempt"], 1, "the run itself was never lost: {run}");
+    assert!(run["message"].as_str().unwrap().contains("cluster lease"), "{run}");
+    let console = stack.console(&path).await;
+    assert!(console.contains("lost the cluster lease: sending SIGTERM"), "{console}");
+    assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
+}

@@ -1,8 +1,9 @@
 //! The end of an attempt: its outcome, the console log stored, the final status written — fenced,
 //! and retried while the lease still holds — and everything the attempt made removed.
 //!
-//! A fenced attempt (its lease lost or cut off) removes its containers first and writes no status:
-//! the run may be someone else's already.
+//! An attempt that lost a lease removes its containers first. One that lost the run's lease (taken
+//! over, or cut off) writes no status: the run may be someone else's already. One that lost only its
+//! test cluster's lease ends `error` with its run still its own.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,8 +23,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 impl Attempt<'_> {
     /// Records how the attempt ended and removes what it made.
     pub(super) async fn end(mut self, stop: Stop, started: Instant, pump: JoinHandle<std::io::Result<ConsoleFile>>) {
-        let lease_lost = matches!(stop, Stop::LeaseLost(_));
-        if lease_lost {
+        let lease_lost = matches!(&stop, Stop::LeaseLost(why) if why.run_is_lost());
+        if matches!(stop, Stop::LeaseLost(_)) {
             let removed = self.held.remove_containers(&self.executor.docker).await;
             tracing::warn!(
                 containers = removed,

@@ -45,7 +45,7 @@ impl Attempt<'_> {
                 }
             }
         };
-        let renewing = tokio::spawn(lease::keep("cluster", timing, granted, renew, self.interrupts.fence.clone()));
+        let renewing = tokio::spawn(lease::keep("cluster", timing, granted, renew, self.interrupts.cluster.clone()));
         self.held.cluster = Some(Leased { token, renewing });
         Ok(())
     }

@@ -123,7 +123,10 @@ impl Stop {
 pub(crate) struct Interrupts {
     abort: CancellationToken,
     shutdown: CancellationToken,
+    /// Trips when the run's lease is lost or cannot be renewed.
     fence: Fence,
+    /// Trips when the test cluster's lease is lost or cannot be renewed.
+    cluster: Fence,
     /// Set once the attempt's own time starts (after any wait for a test cluster).
     deadline: Option<(tokio::time::Instant, Duration)>,
 }
@@ -143,6 +146,7 @@ impl Interrupts {
         tokio::select! {
             _ = self.abort.cancelled() => Stop::Aborted,
             why = self.fence.tripped() => Stop::LeaseLost(why),
+            why = self.cluster.tripped() => Stop::LeaseLost(why),
             _ = self.shutdown.cancelled() => Stop::Shutdown,
             limit = timeout => Stop::TimedOut(limit),
         }
@@ -222,7 +226,7 @@ impl Executor {
                 attempt: claim.attempt,
             },
             console,
-            interrupts: Interrupts { abort, shutdown, fence: fence.clone(), deadline: None },
+            interrupts: Interrupts { abort, shutdown, fence: fence.clone(), cluster: Fence::default(), deadline: None },
             masker: Masker::default(),
             env: Vec::new(),
             held: Held::default(),
