@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use support::history::{self, Event, Recorder};
 use support::partition::{self, Host, Link};
-use support::{AgentOptions, Stack};
+use support::{AgentOptions, GitServer, Stack};
 
 /// Runs in flight when the link is cut (`CIMASTER_FAULTS_RUNS`, 12 by default; `scripts/bench
 /// faults` runs 50).
@@ -215,6 +215,69 @@ async fn runs_end_and_their_output_follows_when_the_agent_is_cut_off_from_s3(poo
     let verdict = history::check(&events, &runs);
     history::report("agent <-> S3 cut", &verdict, &events, cut_at);
     assert!(verdict.is_clean(), "{verdict:#?}");
+}
+
+const RESULTS: &str = r#"image: busybox:latest
+script: |
+  mkdir -p reports dist
+  echo '<testsuite name="calc"><testcase classname="calc.Add" name="adds"/></testsuite>' > reports/junit.xml
+  echo "artifact body" > dist/app.txt
+results:
+  junit: ["reports/*.xml"]
+  artifacts: ["dist/**"]
+"#;
+
+/// The result files (kind, name) a run lists, the console aside.
+async fn listed_results(stack: &Stack, path: &str) -> Vec<(String, String)> {
+    let listed = stack.api.get(&format!("{path}/results")).await.body;
+    let mut files: Vec<(String, String)> = listed["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] != "console")
+        .map(|r| (r["kind"].as_str().unwrap().to_owned(), r["name"].as_str().unwrap().to_owned()))
+        .collect();
+    files.sort();
+    files
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn result_files_wait_for_s3_and_are_listed_once_stored(pool: PgPool) {
+    let git = GitServer::start();
+    let url = git.repo("tests");
+    git.commit("tests", "main", &[(".cimaster.yml", RESULTS)]);
+    let mut stack = Stack::start(pool).await;
+    let cut_off = CutOff::start(&mut stack, "").await;
+    stack.put_job("tests", serde_json::json!({"kind": "git", "repository": url})).await;
+
+    cut_off.host.cut(cut_off.s3);
+    let reply = stack.api.post("/jobs/tests/runs", serde_json::json!({"branchName": "main"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let path = reply.body["links"]["self"].as_str().unwrap().to_owned();
+    let run = stack.wait_finished(&path, Duration::from_secs(180)).await;
+    assert_eq!(run["status"], "succeeded", "the status does not wait for S3: {run}");
+    assert!(listed_results(&stack, &path).await.is_empty(), "nothing reached S3 during the cut");
+    let console = stack.console(&path).await;
+    assert!(console.contains("dist/app.txt waits for S3"), "{console}");
+    cut_off.host.heal(cut_off.s3);
+
+    let expected =
+        vec![("artifact".to_owned(), "dist/app.txt".to_owned()), ("junit".to_owned(), "reports/junit.xml".to_owned())];
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while listed_results(&stack, &path).await != expected {
+        assert!(Instant::now() < deadline, "results after the heal: {:?}", listed_results(&stack, &path).await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let artifact = stack
+        .api
+        .request(reqwest::Method::GET, &format!("{path}/results/artifacts/dist/app.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(artifact.status(), 200);
+    assert_eq!(artifact.text().await.unwrap(), "artifact body\n");
+    let junit = stack.api.get(&format!("{path}/results/junit")).await.body;
+    assert_eq!(junit["tests"], 1, "the summary read before the cut is kept: {junit}");
 }
 
 /// A setting from the environment (`scripts/bench faults` raises them), or its short default.
