@@ -101,14 +101,20 @@ impl Pending {
     pub async fn run(self, cancel: CancellationToken) {
         let mut wait = FIRST_RETRY;
         loop {
-            match self.upload_all().await {
-                Ok(0) => wait = FIRST_RETRY,
+            let idle = match self.upload_all().await {
+                Ok(0) => true,
                 Ok(left) => {
                     tracing::info!(attempts = left, retry_in = ?wait, "output still waits for S3");
+                    false
                 }
-                Err(err) => tracing::warn!(error = %err, "cannot read the pending uploads"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the pending uploads");
+                    false
+                }
+            };
+            if idle {
+                wait = FIRST_RETRY;
             }
-            let idle = self.is_empty().await;
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.wake.notified() => {}
@@ -120,13 +126,6 @@ impl Pending {
         }
     }
 
-    async fn is_empty(&self) -> bool {
-        match tokio::fs::read_dir(&self.dir).await {
-            Ok(mut entries) => entries.next_entry().await.ok().flatten().is_none(),
-            Err(_) => true,
-        }
-    }
-
     /// Tries every pending attempt once; returns how many still wait.
     async fn upload_all(&self) -> std::io::Result<usize> {
         let mut entries = match tokio::fs::read_dir(&self.dir).await {
@@ -134,9 +133,20 @@ impl Pending {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(err) => return Err(err),
         };
-        let mut left = 0;
+        let mut parcels = Vec::new();
         while let Some(entry) = entries.next_entry().await? {
-            let dir = entry.path();
+            parcels.push(entry.path());
+        }
+        if parcels.is_empty() {
+            return Ok(0);
+        }
+        // One check for the whole pass: while S3 is away, every parcel waits without a try of its own.
+        if let Err(err) = storage::ensure_bucket(&self.s3, &self.bucket).await {
+            tracing::debug!(error = format!("{err:#}"), "S3 is not reachable yet");
+            return Ok(parcels.len());
+        }
+        let mut left = 0;
+        for dir in parcels {
             match self.upload(&dir).await {
                 Ok(()) => {
                     tracing::info!(dir = %dir.display(), "stored output that waited for S3");
@@ -153,7 +163,6 @@ impl Pending {
 
     /// Uploads one attempt's output and records it; a part already done is not repeated.
     async fn upload(&self, dir: &Path) -> anyhow::Result<()> {
-        storage::ensure_bucket(&self.s3, &self.bucket).await?;
         let mut manifest: Manifest = serde_json::from_slice(&tokio::fs::read(dir.join(MANIFEST)).await?)?;
         while let Some(result) = manifest.results.first() {
             let path = dir.join(&result.file);

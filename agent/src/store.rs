@@ -246,28 +246,8 @@ pub async fn record_results(
     agent: &str,
     results: &[StoredResult],
 ) -> Result<(), sqlx::Error> {
-    for result in results {
-        sqlx::query(
-            "INSERT INTO run_results (run_id, attempt, kind, name, bytes, content_type, object_key, summary)
-             SELECT id, attempt, $4, $5, $6, $7, $8, $9 FROM runs
-             WHERE id = $1 AND attempt = $2 AND agent = $3 AND status = 'running'
-             ON CONFLICT (run_id, attempt, kind, name) DO UPDATE
-             SET bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type, object_key = EXCLUDED.object_key,
-                 summary = EXCLUDED.summary",
-        )
-        .bind(claim.run.0)
-        .bind(claim.attempt as i32)
-        .bind(agent)
-        .bind(&result.kind)
-        .bind(&result.name)
-        .bind(result.bytes)
-        .bind(&result.content_type)
-        .bind(&result.key)
-        .bind(result.summary.as_ref().map(Json))
-        .execute(pool)
-        .await?;
-    }
-    Ok(())
+    let fence = "FROM runs WHERE id = $1 AND attempt = $2 AND agent = $3 AND status = 'running'";
+    insert_results(pool, fence, claim.run, claim.attempt, agent, results).await
 }
 
 /// Records result files stored after the attempt ended (they waited for S3): fenced by (run,
@@ -279,26 +259,40 @@ pub async fn record_late_results(
     agent: &str,
     results: &[StoredResult],
 ) -> Result<(), sqlx::Error> {
+    let fence = "FROM run_attempts WHERE run_id = $1 AND attempt = $2 AND agent = $3";
+    insert_results(pool, fence, run, attempt, agent, results).await
+}
+
+/// Inserts (or replaces) result rows, each only if a row matches `fence` (a `FROM … WHERE …`
+/// clause over $1 run, $2 attempt and $3 agent).
+async fn insert_results(
+    pool: &PgPool,
+    fence: &str,
+    run: RunId,
+    attempt: u32,
+    agent: &str,
+    results: &[StoredResult],
+) -> Result<(), sqlx::Error> {
+    let statement = format!(
+        "INSERT INTO run_results (run_id, attempt, kind, name, bytes, content_type, object_key, summary)
+         SELECT $1, $2, $4, $5, $6, $7, $8, $9 {fence}
+         ON CONFLICT (run_id, attempt, kind, name) DO UPDATE
+         SET bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type, object_key = EXCLUDED.object_key,
+             summary = EXCLUDED.summary"
+    );
     for result in results {
-        sqlx::query(
-            "INSERT INTO run_results (run_id, attempt, kind, name, bytes, content_type, object_key, summary)
-             SELECT run_id, attempt, $4, $5, $6, $7, $8, $9 FROM run_attempts
-             WHERE run_id = $1 AND attempt = $2 AND agent = $3
-             ON CONFLICT (run_id, attempt, kind, name) DO UPDATE
-             SET bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type, object_key = EXCLUDED.object_key,
-                 summary = EXCLUDED.summary",
-        )
-        .bind(run.0)
-        .bind(attempt as i32)
-        .bind(agent)
-        .bind(&result.kind)
-        .bind(&result.name)
-        .bind(result.bytes)
-        .bind(&result.content_type)
-        .bind(&result.key)
-        .bind(result.summary.as_ref().map(Json))
-        .execute(pool)
-        .await?;
+        sqlx::query(&statement)
+            .bind(run.0)
+            .bind(attempt as i32)
+            .bind(agent)
+            .bind(&result.kind)
+            .bind(&result.name)
+            .bind(result.bytes)
+            .bind(&result.content_type)
+            .bind(&result.key)
+            .bind(result.summary.as_ref().map(Json))
+            .execute(pool)
+            .await?;
     }
     Ok(())
 }

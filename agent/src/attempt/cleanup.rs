@@ -67,7 +67,7 @@ impl Executor {
         pump: JoinHandle<std::io::Result<ConsoleFile>>,
         parcel: &mut Parcel,
     ) -> Option<StoredConsole> {
-        let stored = match pump.await {
+        match pump.await {
             Ok(Ok(file)) => {
                 let stored = self.store_console(claim, &file.path, file.bytes).await;
                 if stored.is_none() {
@@ -87,8 +87,7 @@ impl Executor {
                 tracing::error!(error = %err, "console task failed");
                 None
             }
-        };
-        stored
+        }
     }
 
     /// Writes the final status, retrying while the run's lease holds.
