@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::live::LiveCopy;
-use crate::store::Claim;
+use cimaster_store::attempts::Claim;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 const FLUSH_BYTES: usize = 256 * 1024;

@@ -13,7 +13,6 @@ mod networks;
 pub mod pending;
 pub mod plan;
 pub mod storage;
-pub mod store;
 pub mod subnets;
 pub mod worker;
 

@@ -11,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
-use crate::store::{self, Claim};
+use cimaster_store::attempts::Claim;
+use cimaster_store::console;
 
 /// Live output kept for Postgres while it cannot be written.
 const MAX_PENDING: usize = 8 << 20;
@@ -77,7 +78,7 @@ impl LiveCopy {
         let Some(chunk) = self.sending.clone() else { return };
         let (pool, claim, seq) = (self.pool.clone(), self.claim.clone(), self.seq);
         self.writing = Some(tokio::spawn(async move {
-            match tokio::time::timeout(WRITE_TIMEOUT, store::append_console(&pool, &claim, seq, &chunk)).await {
+            match tokio::time::timeout(WRITE_TIMEOUT, console::append(&pool, &claim, seq, &chunk)).await {
                 Ok(Ok(())) => true,
                 Ok(Err(err)) => {
                     tracing::warn!(run_id = %claim.run, error = %err, "cannot store live console output yet");

@@ -18,7 +18,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::storage;
-use crate::store::{self, StoredResult};
+use cimaster_store::console;
+use cimaster_store::results::{self, StoredResult};
 
 const MANIFEST: &str = "manifest.json";
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -175,7 +176,8 @@ impl Pending {
                 key: result.key.clone(),
                 summary: result.summary.clone(),
             };
-            store::record_late_results(&self.pool, manifest.run, manifest.attempt, &manifest.agent, &[stored]).await?;
+            results::record_late_results(&self.pool, manifest.run, manifest.attempt, &manifest.agent, &[stored])
+                .await?;
             manifest.results.remove(0);
             write_manifest(dir, &manifest).await?;
         }
@@ -183,8 +185,15 @@ impl Pending {
             let key = console_key(manifest.run, manifest.attempt);
             let path = dir.join("console.log");
             storage::upload(&self.s3, &self.bucket, &key, &path, "text/plain; charset=utf-8").await?;
-            store::record_late_console(&self.pool, manifest.run, manifest.attempt, &manifest.agent, &key, bytes as i64)
-                .await?;
+            console::record_late_console(
+                &self.pool,
+                manifest.run,
+                manifest.attempt,
+                &manifest.agent,
+                &key,
+                bytes as i64,
+            )
+            .await?;
         }
         Ok(())
     }

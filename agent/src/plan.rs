@@ -8,7 +8,7 @@ use cimaster_common::{
     BuildSpec, ClusterRequirement, EnvName, JobSpec, RepositoryUrl, Resources, Results, ServiceName, ServiceSpec,
 };
 
-use crate::store::Claim;
+use cimaster_store::attempts::Claim;
 
 /// Where the workspace of a git run is mounted in its containers.
 pub const WORKSPACE: &str = "/workspace";

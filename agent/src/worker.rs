@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::attempt::Executor;
-use crate::store;
+use cimaster_store::attempts;
 
 /// Abort signals of the runs this agent executes, by run id.
 #[derive(Clone, Default)]
@@ -188,7 +188,7 @@ impl Worker {
             }
         };
         let pool = &self.executor.pool;
-        let resources = match store::queued_resources(pool, message.run_id, message.attempt).await {
+        let resources = match attempts::queued_resources(pool, message.run_id, message.attempt).await {
             Ok(Some(resources)) => resources,
             Ok(None) => {
                 tracing::debug!(run_id = %message.run_id, attempt = message.attempt, "nothing to claim; dropping message");
@@ -217,7 +217,7 @@ impl Worker {
                 return;
             }
         };
-        let claim = match store::claim(
+        let claim = match attempts::claim(
             pool,
             message.run_id,
             message.attempt,

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use cimaster_agent::store::{self, Lease, Outcome};
 use cimaster_common::{RunId, RunStatus};
+use cimaster_store::attempts::{self as store, Lease, Outcome};
 use sqlx::PgPool;
 
 async fn queued_run(pool: &PgPool) -> RunId {

@@ -6,8 +6,6 @@
 
 mod ids;
 mod job;
-#[cfg(feature = "pool")]
-pub mod pool;
 mod queue;
 mod repo;
 pub mod results;

@@ -87,6 +87,13 @@ impl FromStr for RunStatus {
     }
 }
 
+impl TryFrom<String> for RunStatus {
+    type Error = UnknownStatus;
+    fn try_from(value: String) -> Result<Self, UnknownStatus> {
+        value.parse()
+    }
+}
+
 /// Body of `POST /jobs/{name}/runs`. Git jobs need exactly one of `commitSha` and `branchName`;
 /// freestyle jobs take neither.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

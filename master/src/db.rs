@@ -8,7 +8,7 @@ use sqlx::PgPool;
 
 use crate::config::DatabaseConfig;
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+pub use cimaster_store::MIGRATOR;
 
 /// A lazy pool: the master starts (and answers 503) while Postgres is down, and recovers when it is back.
 pub fn pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use cimaster_common::{JobName, QueueName, RunId, RunMessage};
+use cimaster_store::outbox;
 use futures::future::join_all;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -42,11 +43,10 @@ impl ConfirmLog {
                         Err(_) => break,
                     }
                 }
-                let result =
-                    sqlx::query("UPDATE runs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
-                        .bind(&batch)
-                        .execute(&pool)
-                        .await;
+                let result = match pool.acquire().await {
+                    Ok(mut conn) => outbox::mark_published(&mut conn, &batch).await,
+                    Err(err) => Err(err),
+                };
                 if let Err(err) = result {
                     // The runs stay unmarked; the dispatcher publishes them again and agents drop the
                     // duplicate when they find nothing to claim.
@@ -61,14 +61,6 @@ impl ConfirmLog {
     pub fn confirmed(&self, run: RunId) {
         let _ = self.tx.send(run.0);
     }
-}
-
-#[derive(sqlx::FromRow)]
-struct Pending {
-    id: Uuid,
-    job: String,
-    attempt: i32,
-    queue: String,
 }
 
 /// The queue message for a run row's current attempt; `None` (logged) if the row is not valid.
@@ -98,7 +90,7 @@ pub async fn run_dispatcher(pool: PgPool, broker: Broker, config: DispatchConfig
         if let Err(err) = dispatch_pending(&pool, &broker, config.grace).await {
             tracing::warn!(error = %err, "dispatcher pass failed");
         }
-        match backlog(&pool).await {
+        match outbox::backlog(&pool).await {
             Ok(count) => metrics::gauge!("cimaster_outbox_backlog").set(count as f64),
             Err(err) => tracing::debug!(error = %err, "cannot count the outbox backlog"),
         }
@@ -110,17 +102,7 @@ pub async fn dispatch_pending(pool: &PgPool, broker: &Broker, grace: Duration) -
     let mut total = 0;
     while broker.is_connected() {
         let mut tx = pool.begin().await?;
-        let pending: Vec<Pending> = sqlx::query_as(
-            "SELECT id, job, attempt, queue FROM runs
-             WHERE status = 'queued' AND published_at IS NULL AND queued_at < now() - make_interval(secs => $1)
-             ORDER BY queued_at
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED",
-        )
-        .bind(grace.as_secs_f64())
-        .bind(BATCH)
-        .fetch_all(&mut *tx)
-        .await?;
+        let pending = outbox::lock_pending(&mut tx, grace, BATCH).await?;
         if pending.is_empty() {
             tx.commit().await?;
             break;
@@ -137,10 +119,7 @@ pub async fn dispatch_pending(pool: &PgPool, broker: &Broker, grace: Duration) -
             }
         });
         let confirmed: Vec<Uuid> = join_all(publishes).await.into_iter().flatten().collect();
-        sqlx::query("UPDATE runs SET published_at = now() WHERE id = ANY($1)")
-            .bind(&confirmed)
-            .execute(&mut *tx)
-            .await?;
+        outbox::mark_published(&mut tx, &confirmed).await?;
         tx.commit().await?;
         total += confirmed.len();
         metrics::counter!("cimaster_runs_dispatched_total").increment(confirmed.len() as u64);
@@ -152,10 +131,4 @@ pub async fn dispatch_pending(pool: &PgPool, broker: &Broker, grace: Duration) -
         tracing::info!(runs = total, "dispatcher published queued runs");
     }
     Ok(total)
-}
-
-pub async fn backlog(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'queued' AND published_at IS NULL")
-        .fetch_one(pool)
-        .await
 }

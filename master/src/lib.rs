@@ -11,6 +11,7 @@ pub mod reaper;
 pub mod repo;
 pub mod startup;
 pub mod telemetry;
+pub mod trigger;
 
 pub use config::Config;
 pub use startup::{shutdown_signal, Application};

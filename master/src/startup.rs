@@ -15,7 +15,8 @@ use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::dispatch::{run_dispatcher, ConfirmLog};
-use crate::http::{router, AppState, JobCache};
+use crate::http::{router, AppState};
+use crate::trigger::{JobCache, TriggerDeps, Triggers};
 use crate::{db, telemetry};
 
 pub struct Application {
@@ -57,19 +58,30 @@ impl Application {
             tokio::spawn(crate::pool::expiry::run_expiry(pool.clone(), config.pool.expiry_interval, cancel.clone())),
             confirm_task,
         ];
+        let max_timeout_seconds = u32::try_from(config.max_timeout.as_secs()).unwrap_or(u32::MAX);
+        let jobs = JobCache::default();
+        let triggers = Triggers::new(TriggerDeps {
+            pool: pool.clone(),
+            broker: broker.clone(),
+            confirms: confirms.clone(),
+            jobs: jobs.clone(),
+            repos: Arc::new(crate::repo::RepoReader::new(Duration::from_secs(60))),
+            secrets: secrets.clone(),
+            max_timeout_seconds,
+        });
         let state = AppState {
             pool,
             broker,
             verifier: Arc::new(verifier),
             confirms,
             metrics: telemetry::metrics_handle(),
-            max_timeout_seconds: u32::try_from(config.max_timeout.as_secs()).unwrap_or(u32::MAX),
-            jobs: JobCache::default(),
+            max_timeout_seconds,
+            jobs,
+            triggers,
             s3: config.s3.client(),
             bucket: config.s3.bucket.clone(),
             pool_config: config.pool.clone(),
             secrets,
-            repos: Arc::new(crate::repo::RepoReader::new(Duration::from_secs(60))),
         };
         Ok(Self { listener, state, cancel, tasks })
     }

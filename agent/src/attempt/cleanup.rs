@@ -15,7 +15,7 @@ use crate::console::ConsoleFile;
 use crate::docker::DockerClient;
 use crate::lease::Fence;
 use crate::pending::Parcel;
-use crate::store::{self, Claim, Outcome, StoredConsole};
+use cimaster_store::attempts::{self, Claim, Outcome, StoredConsole};
 
 /// Longest wait between tries to write the final status.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -95,7 +95,7 @@ impl Executor {
         fence.ending();
         let mut backoff = Duration::from_millis(100);
         loop {
-            let write = store::finish(&self.pool, claim, &self.agent, outcome, console);
+            let write = attempts::finish(&self.pool, claim, &self.agent, outcome, console);
             let error = match tokio::time::timeout(self.timing.renew_every(), write).await {
                 Ok(Ok(true)) => {
                     return tracing::info!(status = %outcome.status, exit_code = ?outcome.exit_code, "attempt finished")

@@ -5,13 +5,13 @@
 
 use std::time::Duration;
 
-use cimaster_common::pool::{self, AcquireRequest, ClusterView, PoolError, ReleaseOutcome};
 use cimaster_common::ClusterRequirement;
+use cimaster_store::pool::{self, AcquireRequest, ClusterView, PoolError, ReleaseOutcome};
 use tokio::task::JoinHandle;
 
 use super::{Attempt, AttemptError, Stop};
 use crate::lease::{self, Renewal};
-use crate::store;
+use cimaster_store::attempts;
 
 /// How often a waiting attempt asks the pool again.
 const POLL: Duration = Duration::from_millis(500);
@@ -76,7 +76,7 @@ impl Attempt<'_> {
             match pool::acquire(pool, &request).await {
                 Ok(Some(lease)) => {
                     if waiting {
-                        let _ = store::set_message(pool, claim, None).await;
+                        let _ = attempts::set_message(pool, claim, None).await;
                     }
                     break pool::get(pool, &lease.cluster)
                         .await
@@ -88,7 +88,7 @@ impl Attempt<'_> {
                         waiting = true;
                         let note = format!("waiting for a test cluster with purpose `{}`", requirement.purpose);
                         self.console.note(&note).await;
-                        let _ = store::set_message(pool, claim, Some(&note)).await;
+                        let _ = attempts::set_message(pool, claim, Some(&note)).await;
                     }
                     // Keep (or take) this attempt's place in the queue.
                     match request.waiter {

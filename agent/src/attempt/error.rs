@@ -1,8 +1,6 @@
 //! Why an attempt could not run its job: each message says what to fix, and ends up in the run's
 //! `message` and its console.
 
-use cimaster_common::secrets::SecretError;
-
 use crate::docker::DockerError;
 
 #[derive(Debug, thiserror::Error)]
@@ -12,12 +10,8 @@ pub enum AttemptError {
     Plan(String),
     #[error("the job uses secrets, but this agent has no CIMASTER_SECRETS_KEY")]
     NoSecretsKey,
-    #[error("cannot read the job's secrets: {0}")]
-    ReadSecrets(#[source] sqlx::Error),
-    #[error("secret `{name}` is not set for job `{job}`; set it with PUT /jobs/{job}/secrets/{name}")]
-    SecretNotSet { name: String, job: String },
-    #[error("secret `{name}`: {source}")]
-    SecretUnreadable { name: String, source: SecretError },
+    #[error(transparent)]
+    Secrets(#[from] cimaster_store::secrets::OpenError),
     #[error("{0}")]
     Cluster(String),
     #[error("cluster {0} lost its lease at once")]

@@ -7,7 +7,7 @@ use super::output::pump_to_console;
 use super::{Attempt, Stop};
 use crate::docker::JobContainer;
 use crate::plan::Plan;
-use crate::store;
+use cimaster_store::attempts;
 
 /// How long the container's output may go on after it stopped, in case the engine hangs.
 const OUTPUT_AFTER_STOP: Duration = Duration::from_secs(30);
@@ -47,7 +47,7 @@ impl Attempt<'_> {
         {
             let (pool, claim) = (executor.pool.clone(), claim.clone());
             tokio::spawn(async move {
-                if let Err(err) = store::container_started(&pool, &claim).await {
+                if let Err(err) = attempts::container_started(&pool, &claim).await {
                     tracing::warn!(error = %err, "cannot record the container start");
                 }
             });

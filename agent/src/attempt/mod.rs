@@ -41,7 +41,7 @@ use crate::lease::{self, Fence, LeaseEnd, LeaseTiming, Renewal};
 use crate::networks::{Networks, RunNetwork};
 use crate::pending::{Parcel, Pending};
 use crate::plan::Plan;
-use crate::store::{self, Claim, Lease, Outcome};
+use cimaster_store::attempts::{self, Claim, Lease, Outcome};
 
 pub use error::AttemptError;
 
@@ -287,7 +287,7 @@ async fn heartbeat(
     let renew = move || {
         let (pool, claim, agent, abort) = (pool.clone(), claim.clone(), agent.clone(), abort.clone());
         async move {
-            Ok::<_, sqlx::Error>(match store::renew(&pool, &claim, &agent, timing.lease()).await? {
+            Ok::<_, sqlx::Error>(match attempts::renew(&pool, &claim, &agent, timing.lease()).await? {
                 Lease::Held { abort_requested } => {
                     if abort_requested {
                         abort.cancel();

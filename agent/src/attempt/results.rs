@@ -12,7 +12,8 @@ use super::{Attempt, Executor};
 use crate::archive::{self, Found};
 use crate::plan::WORKSPACE;
 use crate::storage;
-use crate::store::{self, Claim, StoredConsole, StoredResult};
+use cimaster_store::attempts::{Claim, StoredConsole};
+use cimaster_store::results::{self, StoredResult};
 
 /// A result's content: small ones in memory, collected files on disk.
 pub(super) enum Body<'a> {
@@ -70,7 +71,7 @@ impl Attempt<'_> {
             })
             .await;
         let executor = self.executor;
-        if let Err(err) = store::record_results(&executor.pool, self.claim, &executor.agent, &stored).await {
+        if let Err(err) = results::record_results(&executor.pool, self.claim, &executor.agent, &stored).await {
             tracing::error!(error = %err, "cannot record the run's results");
         }
     }

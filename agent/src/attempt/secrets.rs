@@ -10,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{Attempt, AttemptError, Stop};
 use crate::plan::Plan;
-use crate::store;
+use cimaster_store::secrets;
 
 impl Attempt<'_> {
     /// Opens the job's secrets and the checkout's credentials; the job's go into its environment,
@@ -38,18 +38,7 @@ impl Attempt<'_> {
         let job = &self.claim.job;
         let key = self.executor.secrets.as_ref().ok_or(AttemptError::NoSecretsKey)?;
         let wanted: Vec<String> = names.iter().map(ToString::to_string).collect();
-        let sealed =
-            store::sealed_secrets(&self.executor.pool, job, &wanted).await.map_err(AttemptError::ReadSecrets)?;
-        let mut values = HashMap::new();
-        for name in wanted {
-            let Some((_, nonce, ciphertext)) = sealed.iter().find(|(stored, _, _)| *stored == name) else {
-                return Err(AttemptError::SecretNotSet { name, job: job.clone() });
-            };
-            let value = key
-                .open(&format!("{job}/{name}"), nonce, ciphertext)
-                .map_err(|source| AttemptError::SecretUnreadable { name: name.clone(), source })?;
-            values.insert(name, value);
-        }
-        Ok(values)
+        let values = secrets::open(&self.executor.pool, key, job, &wanted).await?;
+        Ok(values.into_iter().collect())
     }
 }

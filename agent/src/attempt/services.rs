@@ -15,7 +15,7 @@ use super::output::pump_to_memory;
 use super::results::Body;
 use super::{Attempt, AttemptError, Stop};
 use crate::docker::JobContainer;
-use crate::store;
+use cimaster_store::results;
 
 /// Between two readiness checks.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
@@ -142,7 +142,7 @@ impl Attempt<'_> {
             stored.extend(self.put_result(KIND_SERVICE_LOG, &name, "text/plain; charset=utf-8", body, None).await);
         }
         let executor = self.executor;
-        if let Err(err) = store::record_results(&executor.pool, self.claim, &executor.agent, &stored).await {
+        if let Err(err) = results::record_results(&executor.pool, self.claim, &executor.agent, &stored).await {
             tracing::error!(error = %err, "cannot record the service logs");
         }
     }

@@ -25,7 +25,7 @@ async fn healthz() -> &'static str {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "ready"), (status = 503, description = "a dependency is down")))]
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let postgres = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.pool))
+    let postgres = tokio::time::timeout(Duration::from_secs(2), cimaster_store::ping(&state.pool))
         .await
         .is_ok_and(|result| result.is_ok());
     let rabbitmq = state.broker.is_connected();

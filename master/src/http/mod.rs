@@ -26,7 +26,6 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, Problem};
-pub use jobs::JobCache;
 pub use openapi::ApiDoc;
 
 use crate::auth::{Caller, Role, Verifier};
@@ -41,12 +40,14 @@ pub struct AppState {
     pub confirms: ConfirmLog,
     pub metrics: PrometheusHandle,
     pub max_timeout_seconds: u32,
-    pub jobs: JobCache,
+    /// The replica's job cache, shared with `triggers`; a changed job is forgotten.
+    pub jobs: crate::trigger::JobCache,
+    /// Run creation.
+    pub triggers: crate::trigger::Triggers,
     pub s3: aws_sdk_s3::Client,
     pub bucket: String,
     pub pool_config: crate::config::PoolConfig,
     pub secrets: Option<cimaster_common::secrets::SecretBox>,
-    pub repos: Arc<crate::repo::RepoReader>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -16,11 +16,13 @@ use super::error::{ApiError, Problem};
 use super::jobs::job_name;
 use super::json::{ApiJson, OptionalJson};
 use super::query::ApiQuery;
+use super::runs::RunView;
 use super::AppState;
 use crate::auth::{Caller, Role};
 use crate::pool::store::{
     self, AcquireRequest, ClusterView, Event, Lease, NewCluster, PoolError, Release, ReleaseOutcome,
 };
+use crate::trigger::{Created, Trigger};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -386,15 +388,12 @@ async fn createcluster(
     caller.require(Role::Trigger)?;
     let user = param(&params, "user")?;
     let job = job_name(optional(&params, "job").unwrap_or(&state.pool_config.provision_job))?;
-    let spec: Option<sqlx::types::Json<JobSpec>> = sqlx::query_scalar("SELECT spec FROM jobs WHERE name = $1")
-        .bind(job.as_str())
-        .fetch_optional(&state.pool)
-        .await?;
-    let spec = spec
+    let spec = cimaster_store::jobs::get(&state.pool, &job)
+        .await?
         .ok_or_else(|| {
             ApiError::NotFound(format!("provisioning job `{job}` does not exist; create it with PUT /jobs/{job}"))
         })?
-        .0;
+        .spec;
     let author = EnvName::parse("AUTHOR").expect("valid name");
     if !spec.parameters().contains_key(&author) {
         return Err(ApiError::Unprocessable(format!(
@@ -416,7 +415,10 @@ async fn createcluster(
         branch_name: branch,
         parameters: BTreeMap::from([(author, user.to_owned())]),
     };
-    let (_, run) = super::runs::create_run(&state, &caller, &job, &request, None).await?;
+    let trigger = Trigger { job: &job, request: &request, by: &caller.subject, idempotency_key: None };
+    let run = match state.triggers.create(&trigger).await? {
+        Created::New(run) | Created::Replayed(run) => RunView::from(run),
+    };
     Ok((StatusCode::CREATED, answer(&headers, format!("cluster creation triggered: {}", run.links.this), run))
         .into_response())
 }

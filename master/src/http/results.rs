@@ -13,6 +13,9 @@ use bytes::Bytes;
 use cimaster_common::results::{JunitSummary, KIND_ARTIFACT, KIND_JUNIT, KIND_SERVICE_LOG};
 use cimaster_common::storage::console_key;
 use cimaster_common::RunStatus;
+use cimaster_store::results::{self, ResultFile};
+use cimaster_store::runs::{self, Progress};
+use cimaster_store::{attempts, console};
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -21,7 +24,7 @@ use uuid::Uuid;
 use super::error::{ApiError, Problem};
 use super::jobs::job_name;
 use super::query::ApiQuery;
-use super::runs::run_id;
+use super::runs::{run_id, run_not_found};
 use super::AppState;
 use crate::auth::{Caller, Role};
 
@@ -56,18 +59,6 @@ pub struct ResultList {
     pub results: Vec<ResultEntry>,
 }
 
-async fn run_attempts(
-    state: &AppState,
-    job: &str,
-    run: Uuid,
-) -> Result<Option<(i32, String, Option<i64>, Option<String>)>, sqlx::Error> {
-    sqlx::query_as("SELECT attempt, status, console_bytes, console_key FROM runs WHERE id = $1 AND job = $2")
-        .bind(run)
-        .bind(job)
-        .fetch_optional(&state.pool)
-        .await
-}
-
 /// What results the run has, per attempt.
 #[utoipa::path(get, path = "/jobs/{name}/runs/{id}/results", tag = "results",
     params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id")),
@@ -80,13 +71,12 @@ async fn list_results(
 ) -> Result<axum::Json<ResultList>, ApiError> {
     caller.require(Role::Read)?;
     let job = job_name(&name)?;
-    let run: Uuid = run_id(&id)?.0;
-    let (attempt, status, bytes, key) = run_attempts(&state, job.as_str(), run)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("job `{job}` has no run {id}")))?;
+    let run = run_id(&id)?;
+    let progress = runs::progress(&state.pool, &job, run).await?.ok_or_else(|| run_not_found(&job, run))?;
+    let (attempt, bytes, key) = (progress.attempt, progress.console_bytes, progress.console_key);
     let base = format!("/jobs/{job}/runs/{run}/results/console");
     let mut results = Vec::new();
-    if status != "queued" || attempt > 1 {
+    if progress.status != RunStatus::Queued || attempt > 1 {
         results.push(ResultEntry {
             kind: "console".into(),
             name: "console.log".into(),
@@ -98,13 +88,7 @@ async fn list_results(
         });
     }
     // Earlier attempts keep their logs.
-    let earlier: Vec<(i32,)> =
-        sqlx::query_as("SELECT attempt FROM run_attempts WHERE run_id = $1 AND attempt < $2 ORDER BY attempt")
-            .bind(run)
-            .bind(attempt)
-            .fetch_all(&state.pool)
-            .await?;
-    for (number,) in earlier {
+    for number in attempts::earlier(&state.pool, run.0, attempt).await? {
         results.push(ResultEntry {
             kind: "console".into(),
             name: "console.log".into(),
@@ -115,15 +99,10 @@ async fn list_results(
             href: format!("{base}?attempt={number}"),
         });
     }
-    let files: Vec<(i32, String, String, i64, String)> = sqlx::query_as(
-        "SELECT attempt, kind, name, bytes, content_type FROM run_results WHERE run_id = $1
-         ORDER BY attempt DESC, kind, name",
-    )
-    .bind(run)
-    .fetch_all(&state.pool)
-    .await?;
     let root = format!("/jobs/{job}/runs/{run}/results");
-    for (number, kind, name, size, content_type) in files {
+    for ResultFile { attempt: number, kind, name, bytes: size, content_type, .. } in
+        results::list(&state.pool, run.0).await?
+    {
         let href = match kind.as_str() {
             KIND_SERVICE_LOG => format!("{root}/services/{}", name.trim_end_matches(".log")),
             _ => format!("{root}/artifacts/{name}"),
@@ -155,28 +134,17 @@ async fn chosen_attempt(
     state: &AppState,
     name: &str,
     id: &str,
-    query: AttemptQuery,
+    requested: Option<i32>,
 ) -> Result<(Uuid, i32, bool), ApiError> {
     let job = job_name(name)?;
-    let run: Uuid = run_id(id)?.0;
-    let (current, status, _, _) = run_attempts(state, job.as_str(), run)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("job `{job}` has no run {id}")))?;
-    let attempt = query.attempt.unwrap_or(current);
+    let run = run_id(id)?;
+    let progress = runs::progress(&state.pool, &job, run).await?.ok_or_else(|| run_not_found(&job, run))?;
+    let current = progress.attempt;
+    let attempt = requested.unwrap_or(current);
     if attempt < 1 || attempt > current {
         return Err(ApiError::NotFound(format!("run {id} has attempts 1 to {current}, not {attempt}")));
     }
-    let live = attempt == current && !status.parse::<RunStatus>().is_ok_and(RunStatus::is_terminal);
-    Ok((run, attempt, live))
-}
-
-#[derive(sqlx::FromRow)]
-struct StoredFile {
-    name: String,
-    bytes: i64,
-    content_type: String,
-    object_key: String,
-    summary: Option<sqlx::types::Json<JunitSummary>>,
+    Ok((run.0, attempt, progress.is_live(attempt)))
 }
 
 async fn stored_files(
@@ -185,18 +153,8 @@ async fn stored_files(
     attempt: i32,
     kinds: &[&str],
     name: Option<&str>,
-) -> Result<Vec<StoredFile>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT name, bytes, content_type, object_key, summary FROM run_results
-         WHERE run_id = $1 AND attempt = $2 AND kind = ANY($3) AND ($4::text IS NULL OR name = $4)
-         ORDER BY name",
-    )
-    .bind(run)
-    .bind(attempt)
-    .bind(kinds.iter().map(|kind| kind.to_string()).collect::<Vec<_>>())
-    .bind(name)
-    .fetch_all(&state.pool)
-    .await
+) -> Result<Vec<ResultFile>, sqlx::Error> {
+    results::files(&state.pool, run, attempt, kinds, name).await
 }
 
 /// The JUnit summary of an attempt (`Accept: application/json`, the default).
@@ -225,7 +183,7 @@ async fn junit(
     ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
-    let (run, attempt, live) = chosen_attempt(&state, &name, &id, query).await?;
+    let (run, attempt, live) = chosen_attempt(&state, &name, &id, query.attempt).await?;
     let files = stored_files(&state, run, attempt, &[KIND_JUNIT], None).await?;
     if files.is_empty() {
         return Err(ApiError::NotFound(if live {
@@ -254,7 +212,7 @@ async fn junit(
     Ok(axum::Json(report).into_response())
 }
 
-async fn zip_files(state: &AppState, files: &[StoredFile]) -> Result<Vec<u8>, ApiError> {
+async fn zip_files(state: &AppState, files: &[ResultFile]) -> Result<Vec<u8>, ApiError> {
     use std::io::Write;
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
@@ -282,7 +240,7 @@ async fn artifact(
     ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
-    let (run, attempt, _) = chosen_attempt(&state, &name, &id, query).await?;
+    let (run, attempt, _) = chosen_attempt(&state, &name, &id, query.attempt).await?;
     let found = stored_files(&state, run, attempt, &[KIND_ARTIFACT, KIND_JUNIT], Some(&file)).await?;
     let stored = found
         .into_iter()
@@ -305,7 +263,7 @@ async fn service_log(
     ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
-    let (run, attempt, _) = chosen_attempt(&state, &name, &id, query).await?;
+    let (run, attempt, _) = chosen_attempt(&state, &name, &id, query.attempt).await?;
     let file = format!("{}.log", service.trim_end_matches(".log"));
     let found = stored_files(&state, run, attempt, &[KIND_SERVICE_LOG], Some(&file)).await?;
     let stored = found.into_iter().next().ok_or_else(|| {
@@ -325,7 +283,7 @@ async fn stored_object(
 }
 
 /// Streams a stored result file from S3.
-async fn download(state: &AppState, file: StoredFile) -> Result<Response, ApiError> {
+async fn download(state: &AppState, file: ResultFile) -> Result<Response, ApiError> {
     let object = stored_object(state, &file.object_key).await?;
     let body = Body::from_stream(futures::stream::unfold(object.body, |mut body| async move {
         body.next().await.map(|chunk| (chunk.map_err(std::io::Error::other), body))
@@ -359,17 +317,6 @@ pub struct ConsoleQuery {
     after: u64,
 }
 
-#[derive(sqlx::FromRow, Clone)]
-struct RunState {
-    status: String,
-    attempt: i32,
-    console_key: Option<String>,
-}
-
-async fn state_of(pool: &PgPool, run: Uuid) -> Result<Option<RunState>, sqlx::Error> {
-    sqlx::query_as("SELECT status, attempt, console_key FROM runs WHERE id = $1").bind(run).fetch_optional(pool).await
-}
-
 /// The run's console log (stdout and stderr in order, each line prefixed with its timestamp).
 #[utoipa::path(get, path = "/jobs/{name}/runs/{id}/results/console", tag = "results",
     params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id"), ConsoleQuery),
@@ -383,20 +330,7 @@ async fn console(
     ApiQuery(query): ApiQuery<ConsoleQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
-    let job = job_name(&name)?;
-    let run: Uuid = run_id(&id)?.0;
-    let current: Option<(i32,)> = sqlx::query_as("SELECT attempt FROM runs WHERE id = $1 AND job = $2")
-        .bind(run)
-        .bind(job.as_str())
-        .fetch_optional(&state.pool)
-        .await?;
-    let Some((current,)) = current else {
-        return Err(ApiError::NotFound(format!("job `{job}` has no run {id}")));
-    };
-    let attempt = query.attempt.unwrap_or(current);
-    if attempt < 1 || attempt > current {
-        return Err(ApiError::NotFound(format!("run {id} has attempts 1 to {current}, not {attempt}")));
-    }
+    let (run, attempt, _) = chosen_attempt(&state, &name, &id, query.attempt).await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     let pool = state.pool.clone();
     let s3 = state.s3.clone();
@@ -441,7 +375,7 @@ async fn pump(
         if tx.is_closed() {
             return Ok(()); // the client went away
         }
-        let state = state_of(pool, run).await?.ok_or_else(|| anyhow::anyhow!("run vanished"))?;
+        let state = runs::progress_by_id(pool, run).await?.ok_or_else(|| anyhow::anyhow!("run vanished"))?;
         let stored = stored_key(&state, run, attempt);
         if let Some(key) = stored {
             if stream_s3(s3, bucket, &key, passed.max(after), tx).await? {
@@ -449,16 +383,9 @@ async fn pump(
             }
         }
         // Read the state before the chunks: if it says "ended", every chunk is already written.
-        let ended = state.attempt != attempt || state.status.parse::<RunStatus>().is_ok_and(RunStatus::is_terminal);
+        let ended = !state.is_live(attempt);
         loop {
-            let chunks: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-                "SELECT seq, data FROM run_console WHERE run_id = $1 AND attempt = $2 AND seq >= $3 ORDER BY seq LIMIT 64",
-            )
-            .bind(run)
-            .bind(attempt)
-            .bind(next_seq)
-            .fetch_all(pool)
-            .await?;
+            let chunks = console::chunks(pool, run, attempt, next_seq, 64).await?;
             if chunks.is_empty() {
                 break;
             }
@@ -485,7 +412,7 @@ async fn pump(
 }
 
 /// The S3 key of this attempt's stored log, if it has been stored.
-fn stored_key(state: &RunState, run: Uuid, attempt: i32) -> Option<String> {
+fn stored_key(state: &Progress, run: Uuid, attempt: i32) -> Option<String> {
     if state.attempt == attempt {
         state.console_key.clone()
     } else {

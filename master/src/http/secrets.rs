@@ -6,10 +6,11 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use cimaster_common::EnvName;
+use cimaster_store::secrets as store;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, Problem};
-use super::jobs::{job_name, job_not_found};
+use super::jobs::{job_name, require_job};
 use super::json::ApiJson;
 use super::AppState;
 use crate::auth::{Caller, Role};
@@ -29,13 +30,24 @@ pub struct SecretBody {
 }
 
 /// A secret as listed: never its value.
-#[derive(Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretInfo {
     pub name: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub updated_by: String,
+}
+
+impl From<store::SecretInfo> for SecretInfo {
+    fn from(info: store::SecretInfo) -> Self {
+        SecretInfo {
+            name: info.name,
+            created_at: info.created_at,
+            updated_at: info.updated_at,
+            updated_by: info.updated_by,
+        }
+    }
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -45,18 +57,6 @@ pub struct SecretList {
 
 fn secret_name(raw: &str) -> Result<EnvName, ApiError> {
     EnvName::parse(raw).map_err(|err| ApiError::BadRequest(err.to_string()))
-}
-
-async fn require_job(state: &AppState, job: &cimaster_common::JobName) -> Result<(), ApiError> {
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE name = $1)")
-        .bind(job.as_str())
-        .fetch_one(&state.pool)
-        .await?;
-    if exists {
-        Ok(())
-    } else {
-        Err(job_not_found(job))
-    }
 }
 
 /// Set a secret (admin). Stored encrypted; reaches runs as the env var of the same name.
@@ -83,23 +83,9 @@ async fn put_secret(
     }
     require_job(&state, &job).await?;
     let (nonce, ciphertext) = secrets.seal(&format!("{job}/{key}"), &body.value);
-    let (info, inserted): (SecretInfo, bool) =
-        sqlx::query_as::<_, (String, DateTime<Utc>, DateTime<Utc>, String, bool)>(
-            "INSERT INTO job_secrets (job, name, nonce, ciphertext, updated_by) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (job, name) DO UPDATE SET nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext,
-             updated_at = now(), updated_by = EXCLUDED.updated_by
-         RETURNING name, created_at, updated_at, updated_by, (xmax = 0)",
-        )
-        .bind(job.as_str())
-        .bind(key.as_str())
-        .bind(nonce)
-        .bind(ciphertext)
-        .bind(&caller.subject)
-        .fetch_one(&state.pool)
-        .await
-        .map(|(name, created_at, updated_at, updated_by, inserted)| {
-            (SecretInfo { name, created_at, updated_at, updated_by }, inserted)
-        })?;
+    let sealed = store::Sealed { name: key.to_string(), nonce, ciphertext };
+    let (info, inserted) = store::put(&state.pool, &job, &sealed, &caller.subject).await?;
+    let info = SecretInfo::from(info);
     tracing::info!(job = %job, secret = %key, by = %caller.subject, "secret set");
     Ok((if inserted { StatusCode::CREATED } else { StatusCode::OK }, Json(info)))
 }
@@ -115,11 +101,7 @@ async fn list_secrets(
     caller.require(Role::Read)?;
     let job = job_name(&name)?;
     require_job(&state, &job).await?;
-    let secrets =
-        sqlx::query_as("SELECT name, created_at, updated_at, updated_by FROM job_secrets WHERE job = $1 ORDER BY name")
-            .bind(job.as_str())
-            .fetch_all(&state.pool)
-            .await?;
+    let secrets = store::list(&state.pool, &job).await?.into_iter().map(SecretInfo::from).collect();
     Ok(Json(SecretList { secrets }))
 }
 
@@ -136,13 +118,7 @@ async fn delete_secret(
     caller.require(Role::Admin)?;
     let job = job_name(&name)?;
     let key = secret_name(&key)?;
-    let deleted = sqlx::query("DELETE FROM job_secrets WHERE job = $1 AND name = $2")
-        .bind(job.as_str())
-        .bind(key.as_str())
-        .execute(&state.pool)
-        .await?
-        .rows_affected();
-    if deleted == 0 {
+    if !store::delete(&state.pool, &job, key.as_str()).await? {
         return Err(ApiError::NotFound(format!("job `{job}` has no secret `{key}`")));
     }
     Ok(StatusCode::NO_CONTENT)

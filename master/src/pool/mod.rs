@@ -4,5 +4,5 @@
 
 pub mod expiry;
 
-pub use cimaster_common::pool as store;
+pub use cimaster_store::pool as store;
 pub use store::{AcquireRequest, ClusterView, Lease, PoolError, ReleaseOutcome};

@@ -1,6 +1,7 @@
-//! The agent's writes to Postgres: claiming an attempt, renewing its lease, console chunks and the
-//! final status. Every write after the claim is fenced by (run, attempt, agent), so an agent whose
-//! lease was taken over cannot touch the next attempt.
+//! An attempt's life in `runs` and `run_attempts`: the agent claims it, renews its lease, reports
+//! progress and writes how it ended; the reaper takes over attempts whose lease expired. Every write
+//! after the claim is fenced by (run, attempt, agent), so an agent whose lease was taken over cannot
+//! touch the next attempt.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use cimaster_common::{JobSpec, RepoConfig, Resources, RunId, RunStatus};
 use sqlx::types::Json;
 use sqlx::PgPool;
+use uuid::Uuid;
 
 /// What an agent needs to execute a claimed attempt.
 #[derive(Debug, Clone)]
@@ -115,19 +117,6 @@ pub async fn renew(pool: &PgPool, claim: &Claim, agent: &str, lease: Duration) -
     })
 }
 
-/// The encrypted secrets of a job among `names`: (name, nonce, ciphertext).
-pub async fn sealed_secrets(
-    pool: &PgPool,
-    job: &str,
-    names: &[String],
-) -> Result<Vec<(String, Vec<u8>, Vec<u8>)>, sqlx::Error> {
-    sqlx::query_as("SELECT name, nonce, ciphertext FROM job_secrets WHERE job = $1 AND name = ANY($2)")
-        .bind(job)
-        .bind(names)
-        .fetch_all(pool)
-        .await
-}
-
 /// Shows what the running attempt waits for (or clears it).
 pub async fn set_message(pool: &PgPool, claim: &Claim, message: Option<&str>) -> Result<(), sqlx::Error> {
     sqlx::query(
@@ -145,17 +134,6 @@ pub async fn container_started(pool: &PgPool, claim: &Claim) -> Result<(), sqlx:
     sqlx::query("UPDATE run_attempts SET container_started_at = now() WHERE run_id = $1 AND attempt = $2")
         .bind(claim.run.0)
         .bind(claim.attempt as i32)
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
-pub async fn append_console(pool: &PgPool, claim: &Claim, seq: i64, data: &[u8]) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO run_console (run_id, attempt, seq, data) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
-        .bind(claim.run.0)
-        .bind(claim.attempt as i32)
-        .bind(seq)
-        .bind(data)
         .execute(pool)
         .await?;
     Ok(())
@@ -218,114 +196,70 @@ pub async fn finish(
     .execute(&mut *tx)
     .await?;
     if console.is_some() {
-        sqlx::query("DELETE FROM run_console WHERE run_id = $1 AND attempt = $2")
-            .bind(claim.run.0)
-            .bind(claim.attempt as i32)
-            .execute(&mut *tx)
-            .await?;
+        crate::console::drop_live(&mut tx, claim.run, claim.attempt).await?;
     }
-    sqlx::query("SELECT pg_notify('cimaster_run_finished', $1)").bind(claim.run.to_string()).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(true)
 }
 
-/// One collected result file, stored in S3.
-pub struct StoredResult {
-    pub kind: String,
-    pub name: String,
-    pub bytes: i64,
-    pub content_type: String,
-    pub key: String,
-    pub summary: Option<serde_json::Value>,
+/// A run whose agent stopped renewing its lease, as the reaper left it: queued again as the next
+/// attempt, or ended (`error` past the attempt limit, `aborted` if an abort was pending).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Reaped {
+    pub id: Uuid,
+    pub job: String,
+    pub queue: String,
+    pub attempt: i32,
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
 }
 
-/// Records collected result files, fenced like every other write of the attempt.
-pub async fn record_results(
-    pool: &PgPool,
-    claim: &Claim,
-    agent: &str,
-    results: &[StoredResult],
-) -> Result<(), sqlx::Error> {
-    let fence = "FROM runs WHERE id = $1 AND attempt = $2 AND agent = $3 AND status = 'running'";
-    insert_results(pool, fence, claim.run, claim.attempt, agent, results).await
+const REAP: &str = "WITH expired AS (
+         SELECT id, attempt, agent, abort_requested FROM runs
+         WHERE status = 'running' AND lease_expires_at < now()
+         ORDER BY lease_expires_at
+         LIMIT 100
+         FOR UPDATE SKIP LOCKED
+     ), lost AS (
+         UPDATE run_attempts a
+         SET ended_at = now(), outcome = 'lost',
+             message = 'agent ' || e.agent || ' stopped renewing its lease'
+         FROM expired e
+         WHERE a.run_id = e.id AND a.attempt = e.attempt AND a.outcome IS NULL
+     )
+     UPDATE runs r SET
+         status = CASE WHEN e.abort_requested THEN 'aborted'
+                       WHEN r.attempt < $1 THEN 'queued' ELSE 'error' END,
+         attempt = CASE WHEN NOT e.abort_requested AND r.attempt < $1 THEN r.attempt + 1 ELSE r.attempt END,
+         message = CASE WHEN e.abort_requested THEN 'aborted; its agent ' || e.agent || ' was lost'
+                        WHEN r.attempt < $1 THEN 'attempt ' || r.attempt || ' lost (agent ' || e.agent
+                             || ' stopped renewing its lease); retried as attempt ' || (r.attempt + 1)
+                        ELSE 'gave up after ' || r.attempt || ' attempts: agent ' || e.agent
+                             || ' stopped renewing its lease' END,
+         finished_at = CASE WHEN NOT e.abort_requested AND r.attempt < $1 THEN NULL ELSE now() END,
+         agent = CASE WHEN NOT e.abort_requested AND r.attempt < $1 THEN NULL ELSE r.agent END,
+         lease_expires_at = NULL,
+         published_at = NULL,
+         queued_at = now(),
+         exit_code = NULL,
+         console_key = NULL,
+         console_bytes = NULL,
+         updated_at = now()
+     FROM expired e
+     WHERE r.id = e.id
+     RETURNING r.id, r.job, r.queue, r.attempt, r.status";
+
+/// Takes over up to 100 attempts whose lease expired. Safe in every replica: expired rows are taken
+/// with `FOR UPDATE SKIP LOCKED`.
+pub async fn reap_expired(pool: &PgPool, max_attempts: u32) -> Result<Vec<Reaped>, sqlx::Error> {
+    sqlx::query_as(REAP).bind(max_attempts as i32).fetch_all(pool).await
 }
 
-/// Records result files stored after the attempt ended (they waited for S3): fenced by (run,
-/// attempt, agent), whatever the run's status now.
-pub async fn record_late_results(
-    pool: &PgPool,
-    run: RunId,
-    attempt: u32,
-    agent: &str,
-    results: &[StoredResult],
-) -> Result<(), sqlx::Error> {
-    let fence = "FROM run_attempts WHERE run_id = $1 AND attempt = $2 AND agent = $3";
-    insert_results(pool, fence, run, attempt, agent, results).await
-}
-
-/// Inserts (or replaces) result rows, each only if a row matches `fence` (a `FROM … WHERE …`
-/// clause over $1 run, $2 attempt and $3 agent).
-async fn insert_results(
-    pool: &PgPool,
-    fence: &str,
-    run: RunId,
-    attempt: u32,
-    agent: &str,
-    results: &[StoredResult],
-) -> Result<(), sqlx::Error> {
-    let statement = format!(
-        "INSERT INTO run_results (run_id, attempt, kind, name, bytes, content_type, object_key, summary)
-         SELECT $1, $2, $4, $5, $6, $7, $8, $9 {fence}
-         ON CONFLICT (run_id, attempt, kind, name) DO UPDATE
-         SET bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type, object_key = EXCLUDED.object_key,
-             summary = EXCLUDED.summary"
-    );
-    for result in results {
-        sqlx::query(&statement)
-            .bind(run.0)
-            .bind(attempt as i32)
-            .bind(agent)
-            .bind(&result.kind)
-            .bind(&result.name)
-            .bind(result.bytes)
-            .bind(&result.content_type)
-            .bind(&result.key)
-            .bind(result.summary.as_ref().map(Json))
-            .execute(pool)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Points an ended attempt at its console log stored after it ended, and drops the live copy the
-/// master served meanwhile. Only this agent's attempt, and only while it is the run's current one.
-pub async fn record_late_console(
-    pool: &PgPool,
-    run: RunId,
-    attempt: u32,
-    agent: &str,
-    key: &str,
-    bytes: i64,
-) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let updated = sqlx::query(
-        "UPDATE runs SET console_key = $4, console_bytes = $5, updated_at = now()
-         WHERE id = $1 AND attempt = $2 AND agent = $3 AND console_key IS NULL AND finished_at IS NOT NULL",
-    )
-    .bind(run.0)
-    .bind(attempt as i32)
-    .bind(agent)
-    .bind(key)
-    .bind(bytes)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if updated > 0 {
-        sqlx::query("DELETE FROM run_console WHERE run_id = $1 AND attempt = $2")
-            .bind(run.0)
-            .bind(attempt as i32)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await
+/// The attempts before `current` that a run has had.
+pub async fn earlier(pool: &PgPool, run: Uuid, current: i32) -> Result<Vec<i32>, sqlx::Error> {
+    sqlx::query_scalar("SELECT attempt FROM run_attempts WHERE run_id = $1 AND attempt < $2 ORDER BY attempt")
+        .bind(run)
+        .bind(current)
+        .fetch_all(pool)
+        .await
 }

@@ -1,0 +1,76 @@
+//! Git runs: resolving the trigger's branch to a commit and reading the job config file there, with
+//! the job's repository credentials. Every problem with the repository or the file is the trigger's.
+
+use cimaster_common::secrets::SecretBox;
+use cimaster_common::{EnvName, GitJob, JobName, RepoConfig, TriggerRequest};
+use cimaster_store::secrets::{self, OpenError};
+use sqlx::PgPool;
+
+use super::{TriggerError, Triggers};
+use crate::repo::{Credentials, RepoError};
+
+/// The commit a git run builds and the job config file read there.
+pub struct Resolved {
+    pub commit: String,
+    pub config: RepoConfig,
+}
+
+impl Triggers {
+    pub(super) async fn resolve(
+        &self,
+        job: &JobName,
+        git: &GitJob,
+        request: &TriggerRequest,
+    ) -> Result<Resolved, TriggerError> {
+        let creds = credentials(&self.pool, self.secrets.as_ref(), job, git).await?;
+        let url = git.repository.as_str();
+        let invalid = |err: RepoError| TriggerError::Invalid(format!("repository {url}: {err}"));
+        let commit = match (&request.commit_sha, &request.branch_name) {
+            (Some(sha), _) => sha.as_str().to_owned(),
+            (None, Some(branch)) => self.repos.resolve_branch(url, branch.as_str(), &creds).await.map_err(invalid)?,
+            (None, None) => return Err(TriggerError::Invalid(format!("git job `{job}` needs a commit or a branch"))),
+        };
+        let path = git.config_path.as_str();
+        let text = self.repos.read_file(url, &commit, path, &creds).await.map_err(invalid)?.ok_or_else(|| {
+            TriggerError::Invalid(format!("job config file `{path}` does not exist at commit {commit}"))
+        })?;
+        let config = RepoConfig::parse(&text)
+            .map_err(|err| TriggerError::Invalid(format!("job config file `{path}` at commit {commit}, {err}")))?;
+        if config.timeout_seconds > self.max_timeout_seconds {
+            return Err(TriggerError::Invalid(format!(
+                "job config file `{path}` at commit {commit}: timeoutSeconds {} is above this installation's maximum of {}",
+                config.timeout_seconds, self.max_timeout_seconds
+            )));
+        }
+        Ok(Resolved { commit, config })
+    }
+}
+
+/// The job's repository credentials, decrypted from its secrets.
+async fn credentials(
+    pool: &PgPool,
+    secret_box: Option<&SecretBox>,
+    job: &JobName,
+    git: &GitJob,
+) -> Result<Credentials, TriggerError> {
+    let mut creds = Credentials { known_hosts: git.ssh_known_hosts.clone(), ..Credentials::default() };
+    let names: Vec<String> = git.credential_secrets().map(ToString::to_string).collect();
+    if names.is_empty() {
+        return Ok(creds);
+    }
+    let secret_box = secret_box.ok_or_else(|| {
+        TriggerError::Invalid(format!(
+            "job `{job}` reads its repository with secrets, but this server has no CIMASTER_SECRETS_KEY"
+        ))
+    })?;
+    let opened = secrets::open(pool, secret_box, job.as_str(), &names).await.map_err(|err| match err {
+        OpenError::Database(err) => TriggerError::Database(err),
+        OpenError::NotSet { .. } => TriggerError::Invalid(err.to_string()),
+        OpenError::Unreadable { .. } => TriggerError::Internal(err.into()),
+    })?;
+    let value =
+        |name: &EnvName| opened.iter().find(|(stored, _)| stored == name.as_str()).map(|(_, value)| value.clone());
+    creds.token = git.token_secret.as_ref().and_then(value);
+    creds.ssh_key = git.ssh_key_secret.as_ref().and_then(value);
+    Ok(creds)
+}

@@ -1,0 +1,289 @@
+//! The `runs` table as the API sees it: creating a run, reading, listing and aborting runs, and the
+//! state the console and results endpoints read.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use cimaster_common::{JobName, RunId, RunStatus};
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+const COLUMNS: &str = "id, job, status, attempt, queue, commit_sha, branch_name, parameters, triggered_by, \
+    agent, exit_code, message, abort_requested, created_at, published_at, started_at, finished_at, updated_at, config";
+
+/// A run as stored.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub id: Uuid,
+    pub job: String,
+    pub status: RunStatus,
+    pub attempt: i32,
+    pub queue: String,
+    pub commit_sha: Option<String>,
+    pub branch_name: Option<String>,
+    pub parameters: BTreeMap<String, String>,
+    pub triggered_by: String,
+    pub agent: Option<String>,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    pub abort_requested: bool,
+    pub created_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    pub config: Option<serde_json::Value>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    id: Uuid,
+    job: String,
+    #[sqlx(try_from = "String")]
+    status: RunStatus,
+    attempt: i32,
+    queue: String,
+    commit_sha: Option<String>,
+    branch_name: Option<String>,
+    parameters: Json<BTreeMap<String, String>>,
+    triggered_by: String,
+    agent: Option<String>,
+    exit_code: Option<i32>,
+    message: Option<String>,
+    abort_requested: bool,
+    created_at: DateTime<Utc>,
+    published_at: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+    config: Option<Json<serde_json::Value>>,
+}
+
+impl From<RunRow> for Run {
+    fn from(row: RunRow) -> Self {
+        Run {
+            id: row.id,
+            job: row.job,
+            status: row.status,
+            attempt: row.attempt,
+            queue: row.queue,
+            commit_sha: row.commit_sha,
+            branch_name: row.branch_name,
+            parameters: row.parameters.0,
+            triggered_by: row.triggered_by,
+            agent: row.agent,
+            exit_code: row.exit_code,
+            message: row.message,
+            abort_requested: row.abort_requested,
+            created_at: row.created_at,
+            published_at: row.published_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            updated_at: row.updated_at,
+            config: row.config.map(|config| config.0),
+        }
+    }
+}
+
+/// A run to insert, planned against one version of its job.
+pub struct NewRun<'a> {
+    pub job: &'a JobName,
+    pub queue: &'a str,
+    pub commit_sha: Option<&'a str>,
+    pub branch_name: Option<&'a str>,
+    pub parameters: &'a BTreeMap<String, String>,
+    pub triggered_by: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub request_hash: Option<&'a str>,
+    /// Git runs: the job config file read at the commit.
+    pub config: Option<serde_json::Value>,
+    /// The job's `version` and `updated_at` the run was planned against.
+    pub job_version: i64,
+    pub job_updated_at: DateTime<Utc>,
+}
+
+/// Inserts a queued run, in one statement: the job row is locked FOR SHARE while the run is
+/// inserted, so a concurrent DELETE waits for it, and the version check makes sure the run was
+/// planned against the job as it is now. `None`: the job changed or is gone, or a run with the same
+/// idempotency key exists.
+pub async fn insert(pool: &PgPool, run: &NewRun<'_>) -> Result<Option<Run>, sqlx::Error> {
+    let row: Option<RunRow> = sqlx::query_as(&format!(
+        "INSERT INTO runs (id, job, queue, commit_sha, branch_name, parameters, spec, triggered_by,
+                           idempotency_key, request_hash, config)
+         SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12 FROM jobs
+         WHERE name = $2 AND version = $10 AND updated_at = $11
+         FOR SHARE
+         ON CONFLICT (job, idempotency_key) DO NOTHING
+         RETURNING {COLUMNS}"
+    ))
+    .bind(RunId::new().0)
+    .bind(run.job.as_str())
+    .bind(run.queue)
+    .bind(run.commit_sha)
+    .bind(run.branch_name)
+    .bind(Json(run.parameters))
+    .bind(run.triggered_by)
+    .bind(run.idempotency_key)
+    .bind(run.request_hash)
+    .bind(run.job_version)
+    .bind(run.job_updated_at)
+    .bind(run.config.as_ref().map(Json))
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(Run::from))
+}
+
+/// The run an earlier request with this idempotency key created, and the hash of that request.
+pub async fn find_by_key(
+    pool: &PgPool,
+    job: &JobName,
+    key: &str,
+) -> Result<Option<(Run, Option<String>)>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Keyed {
+        #[sqlx(flatten)]
+        row: RunRow,
+        request_hash: Option<String>,
+    }
+    let keyed: Option<Keyed> =
+        sqlx::query_as(&format!("SELECT {COLUMNS}, request_hash FROM runs WHERE job = $1 AND idempotency_key = $2"))
+            .bind(job.as_str())
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+    Ok(keyed.map(|keyed| (keyed.row.into(), keyed.request_hash)))
+}
+
+pub async fn get(pool: &PgPool, job: &JobName, id: RunId) -> Result<Option<Run>, sqlx::Error> {
+    let row: Option<RunRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM runs WHERE id = $1 AND job = $2"))
+        .bind(id.0)
+        .bind(job.as_str())
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(Run::from))
+}
+
+/// Which of a job's runs to list, newest first.
+#[derive(Debug, Default)]
+pub struct Filter<'a> {
+    pub statuses: Option<&'a [RunStatus]>,
+    pub branch_name: Option<&'a str>,
+    pub commit_sha: Option<&'a str>,
+    /// Only runs older than this one.
+    pub before: Option<RunId>,
+    pub limit: i64,
+}
+
+pub async fn list(pool: &PgPool, job: &JobName, filter: &Filter<'_>) -> Result<Vec<Run>, sqlx::Error> {
+    let statuses: Option<Vec<&str>> = filter.statuses.map(|list| list.iter().map(|status| status.as_str()).collect());
+    let rows: Vec<RunRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM runs
+         WHERE job = $1
+           AND ($2::text[] IS NULL OR status = ANY($2))
+           AND ($3::text IS NULL OR branch_name = $3)
+           AND ($4::text IS NULL OR commit_sha = $4)
+           AND ($5::uuid IS NULL OR id < $5)
+         ORDER BY id DESC
+         LIMIT $6"
+    ))
+    .bind(job.as_str())
+    .bind(statuses)
+    .bind(filter.branch_name)
+    .bind(filter.commit_sha)
+    .bind(filter.before.map(|id| id.0))
+    .bind(filter.limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(Run::from).collect())
+}
+
+/// What an abort request did.
+#[derive(Debug)]
+pub enum Abort {
+    /// The run was queued and is now aborted, or it runs and its agent has been told.
+    Requested(Box<Run>),
+    /// The run had already ended with this status.
+    Ended(RunStatus),
+    NotFound,
+}
+
+/// Aborts a queued run at once, or flags a running one and notifies its agent (agents LISTEN on
+/// `cimaster_run_abort`; the notification is delivered when the transaction commits).
+pub async fn abort(pool: &PgPool, job: &JobName, id: RunId, by: &str) -> Result<Abort, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let row: Option<RunRow> = sqlx::query_as(&format!(
+        "UPDATE runs SET
+            abort_requested = TRUE,
+            status = CASE WHEN status = 'queued' THEN 'aborted' ELSE status END,
+            finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+            message = CASE WHEN status = 'queued' THEN 'aborted by ' || $3 || ' before it started' ELSE message END,
+            updated_at = now()
+         WHERE id = $1 AND job = $2 AND status IN ('queued', 'running')
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id.0)
+    .bind(job.as_str())
+    .bind(by)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        let status = status_of(&mut tx, job, id).await?;
+        return Ok(status.map_or(Abort::NotFound, Abort::Ended));
+    };
+    sqlx::query("SELECT pg_notify('cimaster_run_abort', $1)").bind(id.to_string()).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(Abort::Requested(Box::new(row.into())))
+}
+
+async fn status_of(conn: &mut PgConnection, job: &JobName, id: RunId) -> Result<Option<RunStatus>, sqlx::Error> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 AND job = $2")
+        .bind(id.0)
+        .bind(job.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    status.map(|status| status.parse().map_err(|err| sqlx::Error::Decode(Box::new(err)))).transpose()
+}
+
+/// Where a run's current attempt is: what the results endpoints need.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Progress {
+    pub attempt: i32,
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
+    /// Set once the current attempt's console log is in S3.
+    pub console_key: Option<String>,
+    pub console_bytes: Option<i64>,
+}
+
+impl Progress {
+    /// Whether `attempt` may still be written to (it is the current one and has not ended).
+    pub fn is_live(&self, attempt: i32) -> bool {
+        attempt == self.attempt && !self.status.is_terminal()
+    }
+}
+
+/// The current attempt of one of a job's runs; `None` if the job has no such run.
+pub async fn progress(pool: &PgPool, job: &JobName, id: RunId) -> Result<Option<Progress>, sqlx::Error> {
+    sqlx::query_as("SELECT attempt, status, console_key, console_bytes FROM runs WHERE id = $1 AND job = $2")
+        .bind(id.0)
+        .bind(job.as_str())
+        .fetch_optional(pool)
+        .await
+}
+
+/// The current attempt of a run, by id alone (a followed console re-reads it while it streams).
+pub async fn progress_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Progress>, sqlx::Error> {
+    sqlx::query_as("SELECT attempt, status, console_key, console_bytes FROM runs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// How many of a job's runs are queued or running (in the caller's transaction).
+pub async fn active_count(conn: &mut PgConnection, job: &JobName) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM runs WHERE job = $1 AND status IN ('queued', 'running')")
+        .bind(job.as_str())
+        .fetch_one(&mut *conn)
+        .await
+}

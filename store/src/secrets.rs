@@ -1,0 +1,109 @@
+//! The `job_secrets` table: each job's secrets, sealed (the master encrypts, the agent decrypts).
+
+use chrono::{DateTime, Utc};
+use cimaster_common::secrets::{SecretBox, SecretError};
+use cimaster_common::JobName;
+use secrecy::SecretString;
+use sqlx::PgPool;
+
+/// Why a job's secrets could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot read the job's secrets: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("secret `{name}` is not set for job `{job}`; set it with PUT /jobs/{job}/secrets/{name}")]
+    NotSet { name: String, job: String },
+    #[error("secret `{name}` of job `{job}`: {source}")]
+    Unreadable { name: String, job: String, source: SecretError },
+}
+
+/// Reads and decrypts the job's secrets `names`, in that order; every one must be set.
+pub async fn open(
+    pool: &PgPool,
+    key: &SecretBox,
+    job: &str,
+    names: &[String],
+) -> Result<Vec<(String, SecretString)>, OpenError> {
+    let sealed = sealed(pool, job, names).await?;
+    names
+        .iter()
+        .map(|name| {
+            let secret = sealed
+                .iter()
+                .find(|secret| secret.name == *name)
+                .ok_or_else(|| OpenError::NotSet { name: name.clone(), job: job.to_owned() })?;
+            let value = key
+                .open(&format!("{job}/{name}"), &secret.nonce, &secret.ciphertext)
+                .map_err(|source| OpenError::Unreadable { name: name.clone(), job: job.to_owned(), source })?;
+            Ok((name.clone(), value))
+        })
+        .collect()
+}
+
+/// A secret as encrypted at rest.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Sealed {
+    pub name: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+/// A secret as listed: never its value.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SecretInfo {
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub updated_by: String,
+}
+
+/// The sealed secrets of a job among `names` (those that are set).
+async fn sealed(pool: &PgPool, job: &str, names: &[String]) -> Result<Vec<Sealed>, sqlx::Error> {
+    sqlx::query_as("SELECT name, nonce, ciphertext FROM job_secrets WHERE job = $1 AND name = ANY($2)")
+        .bind(job)
+        .bind(names)
+        .fetch_all(pool)
+        .await
+}
+
+/// Sets a secret; `true` if it is new.
+pub async fn put(pool: &PgPool, job: &JobName, secret: &Sealed, by: &str) -> Result<(SecretInfo, bool), sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Written {
+        #[sqlx(flatten)]
+        info: SecretInfo,
+        inserted: bool,
+    }
+    let written: Written = sqlx::query_as(
+        "INSERT INTO job_secrets (job, name, nonce, ciphertext, updated_by) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (job, name) DO UPDATE SET nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext,
+             updated_at = now(), updated_by = EXCLUDED.updated_by
+         RETURNING name, created_at, updated_at, updated_by, (xmax = 0) AS inserted",
+    )
+    .bind(job.as_str())
+    .bind(&secret.name)
+    .bind(&secret.nonce)
+    .bind(&secret.ciphertext)
+    .bind(by)
+    .fetch_one(pool)
+    .await?;
+    Ok((written.info, written.inserted))
+}
+
+pub async fn list(pool: &PgPool, job: &JobName) -> Result<Vec<SecretInfo>, sqlx::Error> {
+    sqlx::query_as("SELECT name, created_at, updated_at, updated_by FROM job_secrets WHERE job = $1 ORDER BY name")
+        .bind(job.as_str())
+        .fetch_all(pool)
+        .await
+}
+
+/// Deletes a secret; `false` if the job had no such secret.
+pub async fn delete(pool: &PgPool, job: &JobName, name: &str) -> Result<bool, sqlx::Error> {
+    let deleted = sqlx::query("DELETE FROM job_secrets WHERE job = $1 AND name = $2")
+        .bind(job.as_str())
+        .bind(name)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(deleted > 0)
+}
