@@ -16,8 +16,8 @@ use super::AppState;
         super::results::console, super::results::list_results, super::results::junit, super::results::artifact,
         super::results::service_log,
         super::secrets::put_secret, super::secrets::list_secrets, super::secrets::delete_secret,
-        super::pool::list_clusters, super::pool::get_cluster, super::pool::put_cluster, super::pool::delete_cluster, super::pool::acquire, super::pool::heartbeat,
-        super::pool::release, super::pool::list_events, super::pool::usage_report, super::pool::list_waiters,
+        super::pool::rest::list_clusters, super::pool::rest::get_cluster, super::pool::rest::put_cluster, super::pool::rest::delete_cluster, super::pool::rest::acquire, super::pool::rest::heartbeat,
+        super::pool::rest::release, super::pool::rest::list_events, super::pool::rest::usage_report, super::pool::rest::list_waiters,
         super::health::healthz, super::health::readyz, super::health::metrics,
     ),
     components(schemas(

@@ -6,7 +6,7 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 use std::time::Duration;
 
-use super::{event, notify_freed, ClusterRow, ClusterView, PoolError, COLUMNS};
+use super::{check_osimage, event, notify_freed, ClusterRow, ClusterView, PoolError, COLUMNS};
 
 /// A new cluster in the inventory.
 pub struct NewCluster {
@@ -18,6 +18,7 @@ pub struct NewCluster {
 }
 
 pub async fn add(pool: &PgPool, cluster: NewCluster, actor: &str) -> Result<ClusterView, PoolError> {
+    check_osimage(&cluster.purpose, cluster.osimage.as_deref())?;
     let row: Option<ClusterRow> = sqlx::query_as(&format!(
         "WITH added AS (
              INSERT INTO clusters (name, region, purpose, osimage, labels) VALUES ($1, $2, $3, $4, $5)
@@ -41,6 +42,7 @@ pub async fn add(pool: &PgPool, cluster: NewCluster, actor: &str) -> Result<Clus
 /// Creates or updates a cluster's inventory fields (not its lease, hold or health). Returns the
 /// cluster and whether it was `created`, `updated` or `unchanged`.
 pub async fn apply(pool: &PgPool, cluster: NewCluster, actor: &str) -> Result<(ClusterView, &'static str), PoolError> {
+    check_osimage(&cluster.purpose, cluster.osimage.as_deref())?;
     let row: Option<(bool,)> = sqlx::query_as(
         "WITH applied AS (
              INSERT INTO clusters (name, region, purpose, osimage, labels) VALUES ($1, $2, $3, $4, $5)

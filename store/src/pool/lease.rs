@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::inventory::get;
-use super::{event, notify_freed, ClusterRow, ClusterView, Lease, PoolError, COLUMNS};
+use super::{check_osimage, event, notify_freed, ClusterRow, ClusterView, Lease, PoolError, COLUMNS, OSIMAGE_PURPOSES};
 
 /// What a lease is for.
 #[derive(Debug, Clone)]
@@ -28,16 +28,10 @@ pub struct AcquireRequest {
     pub waiter: Option<i64>,
 }
 
-/// Purposes whose clusters must match the requested OS image (as `tnet-ci` in the original CIMaster).
-pub const OSIMAGE_PURPOSES: &[&str] = &["tnet-ci"];
-
 /// Leases a vacant, enabled, un-held cluster of the purpose, in one statement. The same (job, build)
 /// gets the same lease back. `None`: nothing vacant now.
 pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<Lease>, PoolError> {
-    let needs_image = OSIMAGE_PURPOSES.contains(&request.purpose.as_str());
-    if needs_image && request.osimage.is_none() {
-        return Err(PoolError::Invalid(format!("purpose `{}` needs `osimage`", request.purpose)));
-    }
+    check_osimage(&request.purpose, request.osimage.as_deref())?;
     let osimage = matched_osimage(request);
     for _ in 0..3 {
         let result: Result<Option<ClusterRow>, sqlx::Error> = sqlx::query_as(&format!(

@@ -12,7 +12,6 @@ pub use history::{events, report, Event, HoldUsage, PurposeUsage, UsageReport};
 pub use inventory::{add, apply, delete, get, hold, list, set_disabled, unhold, NewCluster};
 pub use lease::{
     acquire, dequeue, enqueue, heartbeat, release, touch, waiters, AcquireRequest, Release, ReleaseOutcome, Waiter,
-    OSIMAGE_PURPOSES,
 };
 
 use chrono::{DateTime, Utc};
@@ -33,6 +32,20 @@ pub enum PoolError {
     Invalid(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+}
+
+/// The purpose of a cluster or a lease that names none (as in the original CIMaster).
+pub const DEFAULT_PURPOSE: &str = "tess-ci";
+
+/// Purposes whose clusters must match the requested OS image (as `tnet-ci` in the original CIMaster).
+pub const OSIMAGE_PURPOSES: &[&str] = &["tnet-ci"];
+
+/// A cluster or lease of a purpose in [`OSIMAGE_PURPOSES`] must name its OS image.
+pub fn check_osimage(purpose: &str, osimage: Option<&str>) -> Result<(), PoolError> {
+    if OSIMAGE_PURPOSES.contains(&purpose) && osimage.is_none() {
+        return Err(PoolError::Invalid(format!("purpose `{purpose}` needs `osimage`")));
+    }
+    Ok(())
 }
 
 pub(crate) const COLUMNS: &str =

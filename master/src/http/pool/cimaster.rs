@@ -1,0 +1,276 @@
+//! The original CIMaster endpoints, kept so existing scripts work: `GET` or `POST` with query
+//! parameters, answered in plain text, or JSON with `Accept: application/json`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cimaster_common::{BranchName, EnvName, JobSpec, TriggerRequest};
+use serde::Serialize;
+
+use super::{acquire_waiting, check_name, release_outcome};
+use crate::auth::{Caller, Role};
+use crate::http::error::ApiError;
+use crate::http::jobs::job_name;
+use crate::http::query::ApiQuery;
+use crate::http::runs::RunView;
+use crate::http::AppState;
+use crate::pool::store::{self, AcquireRequest, NewCluster, Release};
+use crate::trigger::{Created, Trigger};
+
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json"))
+}
+
+/// Plain text for the original clients, JSON when asked for.
+fn answer<T: Serialize>(headers: &HeaderMap, text: String, json: T) -> Response {
+    if wants_json(headers) {
+        Json(json).into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{text}\n")).into_response()
+    }
+}
+
+type Params = ApiQuery<BTreeMap<String, String>>;
+
+fn param<'a>(params: &'a BTreeMap<String, String>, name: &str) -> Result<&'a str, ApiError> {
+    params
+        .get(name)
+        .map(String::as_str)
+        .filter(|value| !value.is_empty())
+        .ok_or_else(|| ApiError::BadRequest(format!("query parameter `{name}` is required")))
+}
+
+fn optional<'a>(params: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
+    params.get(name).map(String::as_str).filter(|value| !value.is_empty())
+}
+
+/// `GET /getvacant?build=&job=&email=[&purpose=&osimage=&wait=]`: lease a vacant cluster; answers its name.
+pub(super) async fn getvacant(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(params): Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Trigger)?;
+    let request = AcquireRequest {
+        purpose: optional(&params, "purpose").unwrap_or(store::DEFAULT_PURPOSE).to_owned(),
+        osimage: optional(&params, "osimage").map(str::to_owned),
+        job: param(&params, "job")?.to_owned(),
+        build: param(&params, "build")?.to_owned(),
+        holder: optional(&params, "email").map_or_else(|| caller.subject.clone(), str::to_owned),
+        run: None,
+        ttl: state.pool_config.lease_ttl,
+        waited: Duration::ZERO,
+        priority: match optional(&params, "priority") {
+            Some(priority) => {
+                priority.parse().map_err(|_| ApiError::BadRequest("`priority` is a whole number".into()))?
+            }
+            None => 0,
+        },
+        waiter: None,
+    };
+    let wait = match optional(&params, "wait") {
+        Some(seconds) => Duration::from_secs(
+            seconds.parse::<u64>().map_err(|_| ApiError::BadRequest("`wait` is a number of seconds".into()))?.min(300),
+        ),
+        None => Duration::ZERO,
+    };
+    let lease = acquire_waiting(&state, &request, wait).await?;
+    let cluster = store::get(&state.pool, &lease.cluster).await?;
+    Ok(answer(&headers, lease.cluster.clone(), cluster))
+}
+
+/// `GET /finishtest?cluster=[&result=infra_failure]`: return a leased cluster to the pool.
+pub(super) async fn finishtest(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(params): Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Trigger)?;
+    let name = param(&params, "cluster")?;
+    let outcome = release_outcome(optional(&params, "result"))?;
+    let view = store::release(
+        &state.pool,
+        Release::Cluster(name),
+        outcome,
+        &caller.subject,
+        state.pool_config.auto_disable_after,
+    )
+    .await?;
+    Ok(answer(&headers, format!("cluster {name} finished"), view))
+}
+
+/// `GET /holdcluster?cluster=&name=&desc=[&hours=]`: hold a cluster for debugging (6 h by default).
+pub(super) async fn holdcluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(params): Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Trigger)?;
+    let name = param(&params, "cluster")?;
+    let reason = param(&params, "desc")?;
+    let duration = match optional(&params, "hours") {
+        Some(hours) => {
+            let hours: f64 = hours.parse().map_err(|_| ApiError::BadRequest("`hours` is a number".into()))?;
+            if !hours.is_finite() || hours <= 0.0 {
+                return Err(ApiError::BadRequest("`hours` must be a positive number".into()));
+            }
+            // Compared in hours first: a huge value (`1e300`) is no duration at all.
+            if hours * 3600.0 > state.pool_config.max_hold.as_secs_f64() {
+                return Err(max_hold(&state));
+            }
+            Duration::from_secs_f64(hours * 3600.0)
+        }
+        None => state.pool_config.hold,
+    };
+    if duration > state.pool_config.max_hold {
+        return Err(max_hold(&state));
+    }
+    // `name=` is the seed's claimed user; it is recorded, the token says who it really is.
+    let reason = match optional(&params, "name") {
+        Some(claimed) if claimed != caller.subject => format!("{reason} (name={claimed})"),
+        _ => reason.to_owned(),
+    };
+    let view = store::hold(&state.pool, name, &caller.subject, &reason, duration).await?;
+    metrics::counter!("cimaster_pool_holds_total").increment(1);
+    let until = view.hold.as_ref().map(|hold| hold.until.to_rfc3339()).unwrap_or_default();
+    Ok(answer(&headers, format!("cluster {name} held by {} until {until}", caller.subject), view))
+}
+
+fn max_hold(state: &AppState) -> ApiError {
+    ApiError::Unprocessable(format!("holds last at most {}h here", state.pool_config.max_hold.as_secs() / 3600))
+}
+
+/// `GET /releasecluster?cluster=&name=`: end a hold.
+pub(super) async fn releasecluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(params): Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Trigger)?;
+    let name = param(&params, "cluster")?;
+    let view = store::unhold(&state.pool, name, &caller.subject).await?;
+    Ok(answer(&headers, format!("cluster {name} released"), view))
+}
+
+/// `GET /addcluster?cluster=&region=&name=[&purpose=&osimage=]` (admin).
+pub(super) async fn addcluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(params): Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    let name = param(&params, "cluster")?;
+    check_name("cluster", name)?;
+    let region = param(&params, "region")?;
+    check_name("region", region)?;
+    let purpose = optional(&params, "purpose").unwrap_or(store::DEFAULT_PURPOSE);
+    check_name("purpose", purpose)?;
+    let osimage = optional(&params, "osimage");
+    let cluster = NewCluster {
+        name: name.to_owned(),
+        region: region.to_owned(),
+        purpose: purpose.to_owned(),
+        osimage: osimage.map(str::to_owned),
+        labels: BTreeMap::new(),
+    };
+    let view = store::add(&state.pool, cluster, &caller.subject).await?;
+    Ok((StatusCode::CREATED, answer(&headers, format!("cluster {name} added"), view)).into_response())
+}
+
+/// `GET /deletecluster?cluster=&name=` (admin).
+pub(super) async fn deletecluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(params): Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    let name = param(&params, "cluster")?;
+    store::delete(&state.pool, name, &caller.subject).await?;
+    Ok(answer(&headers, format!("cluster {name} deleted"), serde_json::json!({"deleted": name})))
+}
+
+/// `GET /disablecluster?cluster=&name=[&reason=]` (admin).
+pub(super) async fn disablecluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(params): Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    let name = param(&params, "cluster")?;
+    let reason = optional(&params, "reason").map_or_else(|| format!("disabled by {}", caller.subject), str::to_owned);
+    let view = store::set_disabled(&state.pool, name, Some(&reason), &caller.subject).await?;
+    Ok(answer(&headers, format!("cluster {name} disabled"), view))
+}
+
+/// `GET /enablecluster?cluster=&name=` (admin).
+pub(super) async fn enablecluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(params): Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    let name = param(&params, "cluster")?;
+    let view = store::set_disabled(&state.pool, name, None, &caller.subject).await?;
+    Ok(answer(&headers, format!("cluster {name} enabled"), view))
+}
+
+/// `GET /createcluster?user=&branch=&job=`: run the provisioning job (ours, not Prow's), the user
+/// passed as its `AUTHOR` parameter; answers the run's link.
+pub(super) async fn createcluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(params): Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Trigger)?;
+    let user = param(&params, "user")?;
+    let job = job_name(optional(&params, "job").unwrap_or(&state.pool_config.provision_job))?;
+    let spec = cimaster_store::jobs::get(&state.pool, &job)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("provisioning job `{job}` does not exist; create it with PUT /jobs/{job}"))
+        })?
+        .spec;
+    let author = EnvName::parse("AUTHOR").expect("valid name");
+    if !spec.parameters().contains_key(&author) {
+        return Err(ApiError::Unprocessable(format!(
+            "provisioning job `{job}` must declare the parameter `AUTHOR`, which receives the user"
+        )));
+    }
+    let branch = match (&spec, optional(&params, "branch")) {
+        (JobSpec::Git(git), branch) => Some(match branch {
+            Some(branch) => BranchName::parse(branch).map_err(|err| ApiError::BadRequest(err.to_string()))?,
+            None => git.default_branch.clone(),
+        }),
+        (JobSpec::Freestyle(_), Some(_)) => {
+            return Err(ApiError::BadRequest(format!("`{job}` is a freestyle job: leave out `branch`")))
+        }
+        (JobSpec::Freestyle(_), None) => None,
+    };
+    let request = TriggerRequest {
+        commit_sha: None,
+        branch_name: branch,
+        parameters: BTreeMap::from([(author, user.to_owned())]),
+    };
+    let trigger = Trigger { job: &job, request: &request, by: &caller.subject, idempotency_key: None };
+    let run = match state.triggers.create(&trigger).await? {
+        Created::New(run) | Created::Replayed(run) => RunView::from(run),
+    };
+    Ok((StatusCode::CREATED, answer(&headers, format!("cluster creation triggered: {}", run.links.this), run))
+        .into_response())
+}

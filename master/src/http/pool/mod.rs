@@ -1,0 +1,134 @@
+//! The test-cluster pool over HTTP: the original CIMaster endpoints (`cimaster.rs`: `/getvacant`,
+//! `/finishtest`, …; plain text, or JSON with `Accept: application/json`) and a REST API under
+//! `/pool` (`rest.rs`). Both lease through the same waiting queue.
+
+mod cimaster;
+pub(super) mod rest;
+
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::pool::store::{self, AcquireRequest, Lease, PoolError, ReleaseOutcome};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/getvacant", get(cimaster::getvacant).post(cimaster::getvacant))
+        .route("/finishtest", get(cimaster::finishtest).post(cimaster::finishtest))
+        .route("/holdcluster", get(cimaster::holdcluster).post(cimaster::holdcluster))
+        .route("/releasecluster", get(cimaster::releasecluster).post(cimaster::releasecluster))
+        .route("/addcluster", get(cimaster::addcluster).post(cimaster::addcluster))
+        .route("/deletecluster", get(cimaster::deletecluster).post(cimaster::deletecluster))
+        .route("/disablecluster", get(cimaster::disablecluster).post(cimaster::disablecluster))
+        .route("/enablecluster", get(cimaster::enablecluster).post(cimaster::enablecluster))
+        .route("/createcluster", get(cimaster::createcluster).post(cimaster::createcluster))
+        .route("/pool/clusters", get(rest::list_clusters))
+        .route("/pool/clusters/{name}", get(rest::get_cluster).put(rest::put_cluster).delete(rest::delete_cluster))
+        .route("/pool/leases", post(rest::acquire))
+        .route("/pool/leases/{token}/heartbeat", post(rest::heartbeat))
+        .route("/pool/leases/{token}/release", post(rest::release))
+        .route("/pool/events", get(rest::list_events))
+        .route("/pool/report", get(rest::usage_report))
+        .route("/pool/waiters", get(rest::list_waiters))
+}
+
+impl From<PoolError> for ApiError {
+    fn from(err: PoolError) -> Self {
+        match err {
+            PoolError::NotFound(_) => ApiError::NotFound(err.to_string()),
+            PoolError::Exists(_) | PoolError::Conflict(_) => ApiError::Conflict(err.to_string()),
+            PoolError::Invalid(message) => ApiError::Unprocessable(message),
+            PoolError::Database(err) => err.into(),
+        }
+    }
+}
+
+/// Tries to lease; while nothing is vacant, takes a place in the waiting queue (priority, then
+/// first come, first served) and waits, up to `wait`, woken whenever a cluster frees.
+async fn acquire_waiting(state: &AppState, request: &AcquireRequest, wait: Duration) -> Result<Lease, ApiError> {
+    let started = std::time::Instant::now();
+    let mut request = request.clone();
+    if let Some(lease) = store::acquire(&state.pool, &request).await? {
+        record_wait(&request, started);
+        return Ok(lease);
+    }
+    if wait.is_zero() {
+        return Err(no_vacancy(&request));
+    }
+    let mut listener = sqlx::postgres::PgListener::connect_with(&state.pool).await?;
+    listener.listen("cimaster_cluster_freed").await?;
+    let waiter = WaiterGuard {
+        pool: state.pool.clone(),
+        id: store::enqueue(&state.pool, &request, wait + Duration::from_secs(5)).await?,
+    };
+    request.waiter = Some(waiter.id);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        request.waited = started.elapsed();
+        if let Some(lease) = store::acquire(&state.pool, &request).await? {
+            record_wait(&request, started);
+            return Ok(lease);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(no_vacancy(&request));
+        }
+        // Woken when a cluster frees or a waiter leaves; a slow tick covers a missed notification.
+        let wake = deadline.min(tokio::time::Instant::now() + Duration::from_secs(2));
+        let _ = tokio::time::timeout_at(wake, listener.recv()).await;
+    }
+}
+
+/// Leaves the waiting queue however the wait ends (also when the client goes away).
+struct WaiterGuard {
+    pool: sqlx::PgPool,
+    id: i64,
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        let (pool, id) = (self.pool.clone(), self.id);
+        tokio::spawn(async move {
+            if let Err(err) = store::dequeue(&pool, id).await {
+                tracing::warn!(error = %err, waiter = id, "cannot leave the waiting queue; the entry expires");
+            }
+        });
+    }
+}
+
+fn record_wait(request: &AcquireRequest, started: std::time::Instant) {
+    metrics::histogram!("cimaster_pool_acquire_wait_seconds", "purpose" => request.purpose.clone())
+        .record(started.elapsed().as_secs_f64());
+}
+
+fn no_vacancy(request: &AcquireRequest) -> ApiError {
+    ApiError::Unavailable(format!(
+        "no vacant cluster with purpose `{}`{}; retry, or pass wait=<seconds>",
+        request.purpose,
+        request.osimage.as_deref().map(|image| format!(" and osimage `{image}`")).unwrap_or_default()
+    ))
+}
+
+/// Cluster, region and purpose names: what the original CIMaster accepted.
+pub(super) fn check_name(what: &str, value: &str) -> Result<(), ApiError> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{what} `{value}` must be 1 to 128 characters of letters, digits, `-`, `_` and `.`"
+        )))
+    }
+}
+
+pub(super) fn release_outcome(value: Option<&str>) -> Result<ReleaseOutcome, ApiError> {
+    match value {
+        None | Some("ok") => Ok(ReleaseOutcome::Ok),
+        Some("infra_failure") => Ok(ReleaseOutcome::InfraFailure),
+        Some(other) => Err(ApiError::BadRequest(format!("result `{other}`: use `ok` or `infra_failure`"))),
+    }
+}

@@ -1,0 +1,300 @@
+//! The pool's REST API under `/pool`: clusters, leases, waiters, events and the usage report.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::{acquire_waiting, check_name, release_outcome};
+use crate::auth::{Caller, Role};
+use crate::http::error::{ApiError, Problem};
+use crate::http::json::{ApiJson, OptionalJson};
+use crate::http::query::ApiQuery;
+use crate::http::AppState;
+use crate::pool::store::{self, AcquireRequest, ClusterView, Event, Lease, NewCluster, Release};
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WaiterFilter {
+    purpose: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct WaiterList {
+    pub waiters: Vec<store::Waiter>,
+}
+
+/// Acquires waiting for a cluster, with their position in their queue.
+#[utoipa::path(get, path = "/pool/waiters", tag = "pool", params(WaiterFilter),
+    responses((status = 200, body = WaiterList)), security(("bearer" = [])))]
+pub(super) async fn list_waiters(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<WaiterFilter>,
+) -> Result<Json<WaiterList>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(WaiterList { waiters: store::waiters(&state.pool, filter.purpose.as_deref()).await? }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ClusterList {
+    pub clusters: Vec<ClusterView>,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ClusterFilter {
+    purpose: Option<String>,
+}
+
+/// Every cluster with its lease, hold and health.
+#[utoipa::path(get, path = "/pool/clusters", tag = "pool", params(ClusterFilter),
+    responses((status = 200, body = ClusterList)), security(("bearer" = [])))]
+pub(super) async fn list_clusters(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<ClusterFilter>,
+) -> Result<Json<ClusterList>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(ClusterList { clusters: store::list(&state.pool, filter.purpose.as_deref()).await? }))
+}
+
+#[utoipa::path(get, path = "/pool/clusters/{name}", tag = "pool", params(("name" = String, Path)),
+    responses((status = 200, body = ClusterView), (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub(super) async fn get_cluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<ClusterView>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(store::get(&state.pool, &name).await?))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterBody {
+    pub region: String,
+    #[serde(default = "default_purpose")]
+    pub purpose: String,
+    pub osimage: Option<String>,
+    /// Passed to jobs as `CIMASTER_CLUSTER_LABELS`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_purpose() -> String {
+    store::DEFAULT_PURPOSE.to_owned()
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct AppliedCluster {
+    #[serde(flatten)]
+    pub cluster: ClusterView,
+    /// `created`, `updated` or `unchanged`.
+    pub change: &'static str,
+}
+
+/// Create or update a cluster's inventory entry (idempotent; admin).
+#[utoipa::path(put, path = "/pool/clusters/{name}", tag = "pool", request_body = ClusterBody, params(("name" = String, Path)),
+    responses((status = 201, body = AppliedCluster), (status = 200, body = AppliedCluster),
+        (status = 400, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub(super) async fn put_cluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<ClusterBody>,
+) -> Result<(StatusCode, Json<AppliedCluster>), ApiError> {
+    caller.require(Role::Admin)?;
+    check_name("cluster", &name)?;
+    check_name("region", &body.region)?;
+    check_name("purpose", &body.purpose)?;
+    let cluster =
+        NewCluster { name, region: body.region, purpose: body.purpose, osimage: body.osimage, labels: body.labels };
+    let (cluster, change) = store::apply(&state.pool, cluster, &caller.subject).await?;
+    let status = if change == "created" { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(AppliedCluster { cluster, change })))
+}
+
+/// Remove a cluster from the pool (admin); refused while it is leased.
+#[utoipa::path(delete, path = "/pool/clusters/{name}", tag = "pool", params(("name" = String, Path)),
+    responses((status = 204), (status = 409, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub(super) async fn delete_cluster(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Admin)?;
+    store::delete(&state.pool, &name, &caller.subject).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AcquireBody {
+    pub purpose: String,
+    pub osimage: Option<String>,
+    /// With `build`, identifies the lease: the same pair gets the same lease back.
+    pub job: String,
+    pub build: String,
+    pub run: Option<uuid::Uuid>,
+    /// Lease length; the pool's default when absent.
+    pub ttl_seconds: Option<u64>,
+    /// Wait up to this long (max 300) for a cluster to free.
+    #[serde(default)]
+    pub wait_seconds: u64,
+    /// Among waiters, higher is served first (default 0); equal priorities are first come, first served.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// Lease a cluster (optionally waiting for one).
+#[utoipa::path(post, path = "/pool/leases", tag = "pool", request_body = AcquireBody,
+    responses((status = 201, body = Lease), (status = 503, description = "nothing vacant", body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub(super) async fn acquire(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<AcquireBody>,
+) -> Result<(StatusCode, Json<Lease>), ApiError> {
+    caller.require(Role::Trigger)?;
+    let ttl = body.ttl_seconds.map_or(state.pool_config.lease_ttl, Duration::from_secs);
+    if ttl.is_zero() || ttl > Duration::from_secs(7 * 24 * 3600) {
+        return Err(ApiError::Unprocessable("ttlSeconds must be between 1 and 604800".into()));
+    }
+    let request = AcquireRequest {
+        purpose: body.purpose,
+        osimage: body.osimage,
+        job: body.job,
+        build: body.build,
+        holder: caller.subject.clone(),
+        run: body.run,
+        ttl,
+        waited: Duration::ZERO,
+        priority: body.priority,
+        waiter: None,
+    };
+    let lease = acquire_waiting(&state, &request, Duration::from_secs(body.wait_seconds.min(300))).await?;
+    Ok((StatusCode::CREATED, Json(lease)))
+}
+
+fn lease_token(raw: &str) -> Result<i64, ApiError> {
+    raw.parse().map_err(|_| ApiError::BadRequest(format!("lease token `{raw}` must be a number")))
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeartbeatBody {
+    pub ttl_seconds: Option<u64>,
+}
+
+/// Extend a lease. 409 when the token is not current.
+#[utoipa::path(post, path = "/pool/leases/{token}/heartbeat", tag = "pool", params(("token" = i64, Path)),
+    responses((status = 200, body = Lease), (status = 409, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub(super) async fn heartbeat(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(token): Path<String>,
+    OptionalJson(body): OptionalJson<HeartbeatBody>,
+) -> Result<Json<Lease>, ApiError> {
+    caller.require(Role::Trigger)?;
+    let token = lease_token(&token)?;
+    let ttl = body.ttl_seconds.map_or(state.pool_config.lease_ttl, Duration::from_secs);
+    Ok(Json(store::heartbeat(&state.pool, token, ttl).await?))
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReleaseBody {
+    /// `ok` (default) or `infra_failure`; infrastructure failures in a row disable the cluster.
+    pub result: Option<String>,
+}
+
+/// Release a lease. 409 when the token is not current.
+#[utoipa::path(post, path = "/pool/leases/{token}/release", tag = "pool", params(("token" = i64, Path)),
+    responses((status = 200, body = ClusterView), (status = 409, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub(super) async fn release(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(token): Path<String>,
+    OptionalJson(body): OptionalJson<ReleaseBody>,
+) -> Result<Json<ClusterView>, ApiError> {
+    caller.require(Role::Trigger)?;
+    let token = lease_token(&token)?;
+    let outcome = release_outcome(body.result.as_deref())?;
+    Ok(Json(
+        store::release(
+            &state.pool,
+            Release::Token(token),
+            outcome,
+            &caller.subject,
+            state.pool_config.auto_disable_after,
+        )
+        .await?,
+    ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventFilter {
+    cluster: Option<String>,
+    /// Events after this id.
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+}
+
+/// The pool's history, oldest first.
+#[utoipa::path(get, path = "/pool/events", tag = "pool", params(EventFilter),
+    responses((status = 200, body = EventPage)), security(("bearer" = [])))]
+pub(super) async fn list_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<EventFilter>,
+) -> Result<Json<EventPage>, ApiError> {
+    caller.require(Role::Read)?;
+    let limit = filter.limit.unwrap_or(500).clamp(1, 10_000);
+    let events = store::events(&state.pool, filter.cluster.as_deref(), filter.after.unwrap_or(0), limit).await?;
+    Ok(Json(EventPage { events }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ReportQuery {
+    /// Window length back from now, e.g. `24h`, `7d` (default `24h`).
+    window: Option<String>,
+}
+
+/// Utilisation and acquire wait times per purpose, hold hours per person.
+#[utoipa::path(get, path = "/pool/report", tag = "pool", params(ReportQuery),
+    responses((status = 200, body = store::UsageReport)), security(("bearer" = [])))]
+pub(super) async fn usage_report(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<ReportQuery>,
+) -> Result<Json<store::UsageReport>, ApiError> {
+    caller.require(Role::Read)?;
+    let window = match query.window.as_deref() {
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|err| ApiError::BadRequest(format!("window `{text}`: {err}; e.g. 24h or 7d")))?,
+        None => Duration::from_secs(24 * 3600),
+    };
+    let since = chrono::Utc::now()
+        - chrono::Duration::from_std(window).map_err(|_| ApiError::BadRequest("window is too long".into()))?;
+    Ok(Json(store::report(&state.pool, since).await?))
+}
