@@ -4,7 +4,6 @@
 use cimaster_agent::{AgentConfig, Shutdown};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "cimaster-agent", version, about = "CIMaster agent: runs jobs in Docker")]
@@ -15,13 +14,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if std::env::var("CIMASTER_LOG_FORMAT").is_ok_and(|format| format == "json") {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
+    cimaster_common::logging::init(cimaster_common::logging::json_from_env());
     let cli = Cli::parse();
     let shutdown = Shutdown::default();
     let signals = shutdown.clone();

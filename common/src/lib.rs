@@ -6,6 +6,8 @@
 
 mod ids;
 mod job;
+#[cfg(feature = "logging")]
+pub mod logging;
 mod queue;
 mod repo;
 pub mod results;

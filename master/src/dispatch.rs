@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::broker::Broker;
 use crate::config::DispatchConfig;
+use crate::ticker::Ticker;
 
 const BATCH: i64 = 200;
 
@@ -77,15 +78,12 @@ pub fn message_for(id: Uuid, job: &str, queue: &str, attempt: i32) -> Option<Run
 /// Publishes queued, unconfirmed runs older than the grace period, until `cancel`.
 pub async fn run_dispatcher(pool: PgPool, broker: Broker, config: DispatchConfig, cancel: CancellationToken) {
     let mut connections = broker.connections();
-    let mut tick = tokio::time::interval(config.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = Ticker::new(config.interval, cancel);
     loop {
+        // A pass on every tick, and at once when the broker (re)connects.
         tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-            changed = connections.changed() => {
-                if changed.is_err() { return }
-            }
+            alive = ticker.tick() => if !alive { return },
+            changed = connections.changed() => if changed.is_err() { return },
         }
         if let Err(err) = dispatch_pending(&pool, &broker, config.grace).await {
             tracing::warn!(error = %err, "dispatcher pass failed");

@@ -11,6 +11,7 @@ pub mod reaper;
 pub mod repo;
 pub mod startup;
 pub mod telemetry;
+pub mod ticker;
 pub mod trigger;
 
 pub use config::Config;

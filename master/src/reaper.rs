@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::ReaperConfig;
 use crate::dispatch::{message_for, ConfirmLog};
+use crate::ticker::Ticker;
 
 pub async fn run_reaper(
     pool: PgPool,
@@ -18,13 +19,8 @@ pub async fn run_reaper(
     config: ReaperConfig,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(config.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticker = Ticker::new(config.interval, cancel);
+    while ticker.tick().await {
         match reap_expired(&pool, config.max_attempts).await {
             Ok(reaped) => {
                 for run in reaped.iter().filter(|run| run.status == RunStatus::Queued) {

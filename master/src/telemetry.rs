@@ -3,19 +3,10 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
 
-/// Logs to stderr; JSON lines when `CIMASTER_LOG_FORMAT=json`. The level comes from `RUST_LOG`
-/// (default `info`).
+/// Logs to stderr; JSON lines when `CIMASTER_LOG_FORMAT=json`.
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("CIMASTER_LOG_FORMAT").is_ok_and(|format| format == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
+    cimaster_common::logging::init(cimaster_common::logging::json_from_env());
 }
 
 /// The process-wide Prometheus recorder. Installed once; later callers share it.

@@ -36,7 +36,7 @@ async fn start_replica(database: &str, prefix: &str) -> Replica {
         .unwrap();
     let client = Client {
         base: format!("http://127.0.0.1:{port}"),
-        http: reqwest::Client::new(),
+        http: reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap(),
         token: Some(support::token(cimaster_master::auth::Role::Admin)),
     };
     for _ in 0..200 {

@@ -52,8 +52,8 @@ pub async fn queued_resources(pool: &PgPool, run: RunId, attempt: u32) -> Result
 
 /// Queued → running for exactly this attempt, in one statement. `None`: nothing to claim (stale or
 /// duplicate message, aborted, or another agent was first).
-pub async fn claim(
-    pool: &PgPool,
+pub async fn claim<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     run: RunId,
     attempt: u32,
     agent: &str,
@@ -75,7 +75,7 @@ pub async fn claim(
     .bind(attempt as i32)
     .bind(agent)
     .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     Ok(row.map(|row| Claim {
         run,

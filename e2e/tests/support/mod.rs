@@ -236,8 +236,11 @@ impl Stack {
     pub async fn wait_for(&self, path: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let run = self.api.get(path).await.body;
-            if done(run["status"].as_str().unwrap_or("")) {
+            let reply = self.api.get(path).await;
+            assert_eq!(reply.status, 200, "reading {path}: {}", reply.body);
+            let run = reply.body;
+            let status = run["status"].as_str().unwrap_or_else(|| panic!("a run without a status: {run}"));
+            if done(status) {
                 return run;
             }
             assert!(Instant::now() < deadline, "run did not get there within {timeout:?}: {run}");
@@ -342,11 +345,16 @@ pub async fn leftovers(run_id: &str) -> (usize, usize) {
     }
 }
 
+/// Runs a `docker` command that must succeed (a failing one must not read as "nothing found") and
+/// returns its output.
+pub fn docker(args: &[&str]) -> String {
+    let output = std::process::Command::new("docker").args(args).output().expect("docker runs");
+    assert!(output.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 fn leftovers_now(run_id: &str) -> (usize, usize) {
-    let count = |args: &[&str]| {
-        let output = std::process::Command::new("docker").args(args).output().unwrap();
-        String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()).count()
-    };
+    let count = |args: &[&str]| docker(args).lines().filter(|l| !l.trim().is_empty()).count();
     let filter = format!("label=cimaster.run={run_id}");
     (
         count(&["ps", "-aq", "--filter", &filter]),
@@ -355,27 +363,19 @@ fn leftovers_now(run_id: &str) -> (usize, usize) {
 }
 
 pub fn containers_of_agent(agent: &str) -> usize {
-    let output = std::process::Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=cimaster.agent={agent}")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+    docker(&["ps", "-aq", "--filter", &format!("label=cimaster.agent={agent}")])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
 }
 
 /// The agent's networks, each with the number of containers attached to it.
 pub fn networks_of_agent(agent: &str) -> Vec<(String, usize)> {
-    let output = std::process::Command::new("docker")
-        .args(["network", "ls", "-q", "--filter", &format!("label=cimaster.agent={agent}")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout)
+    docker(&["network", "ls", "-q", "--filter", &format!("label=cimaster.agent={agent}")])
         .split_whitespace()
         .map(|id| {
-            let inspect = std::process::Command::new("docker")
-                .args(["network", "inspect", id, "-f", "{{len .Containers}}"])
-                .output()
-                .unwrap();
-            (id.to_owned(), String::from_utf8_lossy(&inspect.stdout).trim().parse().unwrap_or(usize::MAX))
+            let attached = docker(&["network", "inspect", id, "-f", "{{len .Containers}}"]);
+            (id.to_owned(), attached.trim().parse().unwrap_or(usize::MAX))
         })
         .collect()
 }
@@ -396,11 +396,8 @@ pub struct GitServer {
 impl GitServer {
     pub fn start() -> Self {
         // The bridge's gateway is this host's address on it: the first address of its subnet.
-        let output = std::process::Command::new("docker")
-            .args(["network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Subnet}}"])
-            .output()
-            .unwrap();
-        let subnet = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let subnet =
+            docker(&["network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Subnet}}"]).trim().to_owned();
         let network: std::net::Ipv4Addr =
             subnet.split('/').next().unwrap().parse().unwrap_or_else(|_| panic!("bridge subnet `{subnet}`"));
         let host = std::net::Ipv4Addr::from(u32::from(network) + 1).to_string();
@@ -529,6 +526,7 @@ impl GitServer {
         let path = self.dir.path().join(name);
         std::fs::create_dir_all(&path).unwrap();
         let output = std::process::Command::new("git").args(args).current_dir(&path).output().unwrap();
+        assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 }

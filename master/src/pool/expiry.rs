@@ -7,15 +7,11 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::store;
+use crate::ticker::Ticker;
 
 pub async fn run_expiry(pool: PgPool, interval: Duration, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticker = Ticker::new(interval, cancel);
+    while ticker.tick().await {
         match store::expire(&pool).await {
             Ok(store::Expired { leases, holds }) if leases + holds > 0 => {
                 metrics::counter!("cimaster_pool_lease_expiries_total").increment(leases);

@@ -111,7 +111,14 @@ impl TestApp {
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
         let server = tokio::spawn(app.run_until(async move { stop.cancelled().await }));
-        let test = Self { addr, prefix, pool, http: reqwest::Client::new(), cancel, server: Some(server) };
+        let test = Self {
+            addr,
+            prefix,
+            pool,
+            http: reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap(),
+            cancel,
+            server: Some(server),
+        };
         test.wait_ready().await;
         test
     }
