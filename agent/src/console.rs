@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use cimaster_common::secrets::Masker;
 use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -34,14 +35,21 @@ impl ConsoleTx {
 }
 
 /// Splits raw output into lines and prefixes each with the time it arrived (RFC 3339, UTC).
-/// stdout and stderr keep separate partial lines, so their lines never mix.
+/// stdout and stderr keep separate partial lines, so their lines never mix. A line longer than
+/// 64 KiB is cut in pieces, never through a secret (each piece is masked on its own).
 #[derive(Default)]
 pub struct Timestamper {
     partial: [Vec<u8>; 2],
+    secrets: Masker,
 }
 
 impl Timestamper {
     const MAX_LINE: usize = 64 * 1024;
+
+    /// A stamper whose long-line cuts keep these secrets whole.
+    pub fn keeping_whole(secrets: Masker) -> Self {
+        Self { partial: Default::default(), secrets }
+    }
 
     /// `stream`: 0 for stdout, 1 for stderr.
     pub fn push(&mut self, stream: usize, data: &[u8], out: &mut BytesMut) {
@@ -49,14 +57,13 @@ impl Timestamper {
         let partial = &mut self.partial[stream];
         for piece in data.split_inclusive(|b| *b == b'\n') {
             partial.extend_from_slice(piece);
-            if partial.ends_with(b"\n") || partial.len() >= Self::MAX_LINE {
-                out.extend_from_slice(now.as_bytes());
-                out.extend_from_slice(b" ");
-                out.extend_from_slice(partial);
-                if !partial.ends_with(b"\n") {
-                    out.extend_from_slice(b"\n");
-                }
+            if partial.ends_with(b"\n") {
+                stamp(&now, partial, out);
                 partial.clear();
+            } else if partial.len() >= Self::MAX_LINE {
+                let cut = long_line_cut(&self.secrets, partial);
+                stamp(&now, &partial[..cut], out);
+                partial.drain(..cut);
             }
         }
     }
@@ -73,6 +80,27 @@ impl Timestamper {
                 partial.clear();
             }
         }
+    }
+}
+
+/// Writes one stamped line (`line` with or without its newline).
+fn stamp(now: &str, line: &[u8], out: &mut BytesMut) {
+    out.extend_from_slice(now.as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(line);
+    if !line.ends_with(b"\n") {
+        out.extend_from_slice(b"\n");
+    }
+}
+
+/// Where a line too long to wait for its end is cut: what could be the start of a secret still
+/// arriving is held back, and the cut moves before any secret it would split (at the end when a
+/// secret is as long as the line itself).
+fn long_line_cut(secrets: &Masker, partial: &[u8]) -> usize {
+    let hold = secrets.longest().saturating_sub(1);
+    match secrets.safe_cut(partial, partial.len().saturating_sub(hold)) {
+        0 => partial.len(),
+        cut => cut,
     }
 }
 
@@ -145,5 +173,28 @@ mod tests {
         let lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
         assert_eq!(lines, ["oops", "hello", "wor"]);
         assert!(text.lines().all(|l| l.starts_with("20") && l.as_bytes()[10] == b'T'));
+    }
+
+    #[test]
+    fn a_long_line_is_never_cut_through_a_secret() {
+        let secret = "hunter2-very-secret-value";
+        let masker = Masker::new([secret]);
+        // The secret straddles the 64 KiB cut, and arrives in two writes.
+        for before in [Timestamper::MAX_LINE - 10, Timestamper::MAX_LINE - 1, Timestamper::MAX_LINE - 24] {
+            let mut stamper = Timestamper::keeping_whole(masker.clone());
+            let mut out = BytesMut::new();
+            stamper.push(0, "x".repeat(before).as_bytes(), &mut out);
+            stamper.push(0, &secret.as_bytes()[..5], &mut out);
+            stamper.push(0, &secret.as_bytes()[5..], &mut out);
+            stamper.push(0, "y".repeat(100).as_bytes(), &mut out);
+            stamper.push(0, b" tail\n", &mut out);
+            let masked = String::from_utf8(masker.mask(&out)).unwrap();
+            assert_eq!(masked.lines().count(), 2, "cut once");
+            for piece in secret.as_bytes().windows(5) {
+                assert!(!masked.contains(std::str::from_utf8(piece).unwrap()), "part of the secret left at {before}");
+            }
+            assert!(masked.contains("***yyy"), "the secret is masked whole");
+            assert!(masked.lines().all(|line| line.len() <= Timestamper::MAX_LINE + 40));
+        }
     }
 }

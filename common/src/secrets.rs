@@ -80,6 +80,28 @@ impl Masker {
         self.needles.is_empty()
     }
 
+    /// The longest byte string masked.
+    pub fn longest(&self) -> usize {
+        self.needles.first().map_or(0, Vec::len)
+    }
+
+    /// Where to cut `data` at or before `at` so that no masked value is split in two (each half
+    /// would pass the masker): `at` moved back to the start of any value that spans it.
+    pub fn safe_cut(&self, data: &[u8], mut at: usize) -> usize {
+        while let Some(start) = self.spanning(data, at) {
+            at = start;
+        }
+        at
+    }
+
+    /// The start of a masked value in `data` that begins before `at` and ends after it.
+    fn spanning(&self, data: &[u8], at: usize) -> Option<usize> {
+        self.needles.iter().find_map(|needle| {
+            let from = at.saturating_sub(needle.len().saturating_sub(1));
+            (from..at).find(|&start| data[start..].starts_with(needle) && start + needle.len() > at)
+        })
+    }
+
     /// Masks one line (or any complete piece of text).
     pub fn mask(&self, line: &[u8]) -> Vec<u8> {
         let mut out = line.to_vec();
@@ -135,5 +157,16 @@ mod tests {
         assert_eq!(masked, "pw=*** b64=*** key=***\n");
         assert_eq!(masker.mask(b"nothing here"), b"nothing here");
         assert!(Masker::new(["ab"]).is_empty(), "too short to mask safely");
+    }
+
+    #[test]
+    fn cuts_never_split_a_masked_value() {
+        let masker = Masker::new(["s3cr3t-value"]);
+        let data = b"0123456789s3cr3t-value tail";
+        assert_eq!(masker.safe_cut(data, 14), 10, "inside the value: moved to its start");
+        assert_eq!(masker.safe_cut(data, 10), 10);
+        assert_eq!(masker.safe_cut(data, 22), 22, "right after it");
+        assert_eq!(Masker::default().safe_cut(data, 14), 14);
+        assert_eq!(masker.longest(), base64::engine::general_purpose::STANDARD.encode("s3cr3t-value").len());
     }
 }

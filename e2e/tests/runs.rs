@@ -231,7 +231,12 @@ async fn a_killed_agent_s_run_is_retried_elsewhere_and_its_container_swept(pool:
     let run = stack.wait_for(&path, Duration::from_secs(60), |s| s == "running").await;
     let first_id = stack.agents[first].id.clone();
     assert_eq!(run["agent"], first_id.as_str());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The job itself has started (its first line is in the console) before the agent dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stack.console(&path).await.contains("attempt 1") {
+        assert!(Instant::now() < deadline, "attempt 1 never printed its first line");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stack.kill_agent(first);
     assert_eq!(support::containers_of_agent(&first_id), 1, "the killed agent's container is orphaned");
 
@@ -252,6 +257,7 @@ async fn a_killed_agent_s_run_is_retried_elsewhere_and_its_container_swept(pool:
     assert_eq!(attempts[1].2.as_deref(), Some("succeeded"));
 
     // The first agent comes back under the same id and sweeps what it left.
+    assert_eq!(support::containers_of_agent(&first_id), 1, "the orphaned container is still there before the restart");
     stack.start_agent(&first_id, AgentOptions::default()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while support::containers_of_agent(&first_id) > 0 || !support::networks_of_agent(&first_id).is_empty() {
@@ -372,6 +378,8 @@ async fn secrets_reach_the_job_and_never_its_log(pool: PgPool) {
         "printf 'split=%s' \"$(echo $DB_PASSWORD | cut -c1-8)\"; sleep 0.5; ",
         "printf '%s\\n' \"$(echo $DB_PASSWORD | cut -c9-)\"; ",
         "printf 'b64=%s\\n' \"$(printf %s \"$DB_PASSWORD\" | base64)\"; ",
+        // A line longer than the console's 64 KiB cut, with the secret where the cut falls.
+        "head -c 65530 /dev/zero | tr '\\0' x; printf %s \"$DB_PASSWORD\"; head -c 100 /dev/zero | tr '\\0' y; echo; ",
         "test ${#DB_PASSWORD} -eq 25 && echo length-ok"
     ));
     with_secret["secrets"] = json!(["DB_PASSWORD"]);
@@ -384,8 +392,12 @@ async fn secrets_reach_the_job_and_never_its_log(pool: PgPool) {
     assert_eq!(run["status"], "succeeded", "{run}");
     let console = stack.console(&path).await;
     assert!(console.contains("length-ok"), "the job saw the secret: {console}");
-    assert!(!console.contains(value), "{console}");
-    assert!(!console.contains("hunter2-"), "{console}");
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, value);
+    for piece in value.as_bytes().windows(6).chain(b64.trim_end_matches('=').as_bytes().windows(8)) {
+        let piece = std::str::from_utf8(piece).unwrap();
+        assert!(!console.contains(piece), "`{piece}` of the secret is in the console");
+    }
+    assert!(console.contains("***yyy"), "the secret across the long line's cut is masked whole");
     assert!(console.contains("whole=***"), "{console}");
     assert!(console.contains("split=***"), "{console}");
     assert!(console.contains("b64=***"), "{console}");

@@ -24,7 +24,8 @@ struct MaskedLines {
 
 impl MaskedLines {
     fn new(output: Output, masker: Masker) -> Self {
-        Self { output, masker, stamper: Timestamper::default(), lines: BytesMut::new(), ended: false }
+        let stamper = Timestamper::keeping_whole(masker.clone());
+        Self { output, masker, stamper, lines: BytesMut::new(), ended: false }
     }
 
     /// The next complete lines; `Err` once if the stream broke (the lines so far follow it); `None`
