@@ -68,6 +68,16 @@ impl Admission {
         }
     }
 
+    /// The CPUs this agent hands out.
+    pub fn cpus(&self) -> f64 {
+        self.inner.total_cpus
+    }
+
+    /// The memory this agent hands out, in bytes.
+    pub fn memory(&self) -> u64 {
+        self.inner.total_memory
+    }
+
     /// Samples host CPU use once a second until `cancel`.
     pub fn spawn_cpu_sampler(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let inner = self.inner.clone();

@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -40,65 +41,17 @@ pub struct Shutdown {
 pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let agent = config.agent_id();
     let timing = lease::LeaseTiming::new(config.lease, config.stop_grace, config.lease_margin)?;
-    let options = PgConnectOptions::from_str_secret(&config.database_url)?.application_name("cimaster-agent");
-    let pool = PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options.clone());
-    // Lease renewals have connections of their own, so a busy agent's console and result writes
-    // cannot starve them into fencing its runs.
-    let leases = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(timing.renew_every())
-        .connect_lazy_with(options.application_name("cimaster-agent-leases"));
-    let credentials = match (&config.registry_username, &config.registry_password) {
-        (Some(username), Some(password)) => Some((username.clone(), password.expose_secret().to_owned())),
-        (None, None) => None,
-        _ => anyhow::bail!("set both CIMASTER_REGISTRY_USERNAME and CIMASTER_REGISTRY_PASSWORD, or neither"),
-    };
-    let docker = DockerClient::connect(credentials).await.context("Docker")?;
-    let swept = docker.sweep(&agent).await.context("sweeping leftovers")?;
-    if swept > 0 {
-        tracing::info!(containers = swept, "removed leftovers of an earlier run of this agent");
-    }
+    let (pool, leases) = databases(&config, &timing)?;
+    let docker = docker(&config, &agent).await?;
     let s3 = config.s3.client();
-    // Without S3 the agent still runs jobs (their output waits on disk until S3 is back), so the
-    // bucket is checked beside the start, not before it.
-    {
-        let (s3, bucket) = (s3.clone(), config.s3.bucket.clone());
-        tokio::spawn(async move {
-            if let Err(err) = storage::ensure_bucket(&s3, &bucket).await {
-                tracing::warn!(
-                    error = format!("{err:#}"),
-                    "cannot reach the S3 bucket; output waits on disk until it can"
-                );
-            }
-        });
-    }
-
-    let total_cpus = config.cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as f64);
-    let total_memory = match &config.memory {
-        Some(memory) => memory.bytes(),
-        None => {
-            let mut system = sysinfo::System::new();
-            system.refresh_memory();
-            system.total_memory()
-        }
-    };
-    let admission = admission::Admission::new(total_cpus, total_memory, config.max_cpu);
+    check_bucket_in_background(s3.clone(), config.s3.bucket.clone());
+    let admission = admission(&config);
     let background = CancellationToken::new();
     let sampler = admission.spawn_cpu_sampler(background.clone());
-    // Stable across restarts with the same id (output waiting for S3 is kept here), private.
-    let work_dir = std::env::temp_dir().join(format!("cimaster-agent-{agent}"));
-    tokio::fs::create_dir_all(&work_dir).await?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tokio::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700)).await?;
-    }
+    let work_dir = work_dir(&agent).await?;
     let pending = pending::Pending::new(&work_dir, pool.clone(), s3.clone(), config.s3.bucket.clone());
     pending.discard_unsealed().await.context("the agent's work directory")?;
     let uploader = tokio::spawn(pending.clone().run(background.clone()));
-
     let networks = std::sync::Arc::new(networks::Networks::new(
         docker.clone(),
         agent.clone(),
@@ -127,6 +80,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     };
     let aborts = worker::AbortRegistry::default();
     let listener = tokio::spawn(worker::listen_for_aborts(pool.clone(), aborts.clone(), background.clone()));
+    tracing::info!(agent, cpus = admission.cpus(), memory_mib = admission.memory() >> 20, "agent started");
     let worker = worker::Worker {
         amqp_url: config.amqp_url.clone(),
         prefix: config.queue_prefix.clone(),
@@ -135,20 +89,10 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         executor,
         aborts,
     };
-    tracing::info!(agent, cpus = total_cpus, memory_mib = total_memory >> 20, "agent started");
 
     let mut running = JoinSet::new();
     worker.run(&mut running, shutdown.drain.clone(), shutdown.abort.clone()).await;
-    if !running.is_empty() {
-        tracing::info!(runs = running.len(), grace = ?config.drain_grace, "draining running jobs");
-        let drained = async { while running.join_next().await.is_some() {} };
-        tokio::select! {
-            _ = drained => {}
-            _ = tokio::time::sleep(config.drain_grace) => shutdown.abort.cancel(),
-            _ = shutdown.abort.cancelled() => {}
-        }
-        while running.join_next().await.is_some() {}
-    }
+    drain(&mut running, config.drain_grace, &shutdown).await;
     networks.clear().await;
     background.cancel();
     let _ = sampler.await;
@@ -156,6 +100,85 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let _ = listener.await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The agent's Postgres pools. Lease renewals have connections of their own, so a busy agent's
+/// console and result writes cannot starve them into fencing its runs.
+fn databases(config: &AgentConfig, timing: &lease::LeaseTiming) -> anyhow::Result<(PgPool, PgPool)> {
+    let options = PgConnectOptions::from_str_secret(&config.database_url)?.application_name("cimaster-agent");
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.clone());
+    let leases = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(timing.renew_every())
+        .connect_lazy_with(options.application_name("cimaster-agent-leases"));
+    Ok((pool, leases))
+}
+
+/// Connects to Docker and removes what an earlier run of this agent left behind.
+async fn docker(config: &AgentConfig, agent: &str) -> anyhow::Result<DockerClient> {
+    let credentials = match (&config.registry_username, &config.registry_password) {
+        (Some(username), Some(password)) => Some((username.clone(), password.expose_secret().to_owned())),
+        (None, None) => None,
+        _ => anyhow::bail!("set both CIMASTER_REGISTRY_USERNAME and CIMASTER_REGISTRY_PASSWORD, or neither"),
+    };
+    let docker = DockerClient::connect(credentials).await.context("Docker")?;
+    let swept = docker.sweep(agent).await.context("sweeping leftovers")?;
+    if swept > 0 {
+        tracing::info!(containers = swept, "removed leftovers of an earlier run of this agent");
+    }
+    Ok(docker)
+}
+
+/// Without S3 the agent still runs jobs (their output waits on disk until S3 is back), so the
+/// bucket is checked beside the start, not before it.
+fn check_bucket_in_background(s3: aws_sdk_s3::Client, bucket: String) {
+    tokio::spawn(async move {
+        if let Err(err) = storage::ensure_bucket(&s3, &bucket).await {
+            tracing::warn!(error = format!("{err:#}"), "cannot reach the S3 bucket; output waits on disk until it can");
+        }
+    });
+}
+
+/// What the agent hands out: the configured CPUs and memory, else the host's.
+fn admission(config: &AgentConfig) -> admission::Admission {
+    let cpus = config.cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as f64);
+    let memory = match &config.memory {
+        Some(memory) => memory.bytes(),
+        None => {
+            let mut system = sysinfo::System::new();
+            system.refresh_memory();
+            system.total_memory()
+        }
+    };
+    admission::Admission::new(cpus, memory, config.max_cpu)
+}
+
+/// The agent's private work directory, stable across restarts with the same id (output waiting
+/// for S3 is kept here).
+async fn work_dir(agent: &str) -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let work_dir = std::env::temp_dir().join(format!("cimaster-agent-{agent}"));
+    tokio::fs::create_dir_all(&work_dir).await?;
+    tokio::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700)).await?;
+    Ok(work_dir)
+}
+
+/// Lets running jobs finish, up to `grace`; then (or on a second signal) aborts them.
+async fn drain(running: &mut JoinSet<()>, grace: Duration, shutdown: &Shutdown) {
+    if running.is_empty() {
+        return;
+    }
+    tracing::info!(runs = running.len(), ?grace, "draining running jobs");
+    let drained = async { while running.join_next().await.is_some() {} };
+    tokio::select! {
+        _ = drained => {}
+        _ = tokio::time::sleep(grace) => shutdown.abort.cancel(),
+        _ = shutdown.abort.cancelled() => {}
+    }
+    while running.join_next().await.is_some() {}
 }
 
 trait FromSecret: Sized {

@@ -48,103 +48,30 @@ impl JunitSummary {
     /// Reads a JUnit XML report (`<testsuites>` or a single `<testsuite>`), counting `<testcase>`s.
     #[cfg(feature = "junit")]
     pub fn parse(xml: &[u8]) -> Result<Self, String> {
-        use quick_xml::events::{BytesStart, Event};
-        use quick_xml::Reader;
+        use quick_xml::events::Event;
 
-        fn attr(element: &BytesStart<'_>, name: &[u8]) -> String {
-            element
-                .attributes()
-                .flatten()
-                .find(|a| a.key.as_ref() == name)
-                .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
-                .unwrap_or_default()
-        }
-
-        let mut reader = Reader::from_reader(xml);
-        let mut summary = JunitSummary::default();
-        let mut suites: Vec<String> = Vec::new();
-        // The open <testcase>: (classname, name), and an open <failure>/<error> collecting its text.
-        let mut case: Option<(String, String)> = None;
-        let mut failing: Option<FailedCase> = None;
-        let mut seen_root = false;
+        let mut reader = quick_xml::Reader::from_reader(xml);
+        let mut report = JunitReader::default();
         let mut buf = Vec::new();
         loop {
             let event = reader
                 .read_event_into(&mut buf)
                 .map_err(|err| format!("not well-formed XML at byte {}: {err}", reader.buffer_position()))?;
             match event {
-                Event::Start(ref e) | Event::Empty(ref e) => {
-                    let empty = matches!(event, Event::Empty(_));
-                    let name = e.name().as_ref().to_vec();
-                    if !seen_root {
-                        seen_root = true;
-                        if name != b"testsuites" && name != b"testsuite" {
-                            return Err(
-                                "not a JUnit report: the root element is neither testsuites nor testsuite".into()
-                            );
-                        }
-                    }
-                    match name.as_slice() {
-                        b"testsuite" if !empty => suites.push(attr(e, b"name")),
-                        b"testcase" => {
-                            summary.tests += 1;
-                            summary.time_seconds += attr(e, b"time").parse::<f64>().unwrap_or(0.0);
-                            if !empty {
-                                case = Some((attr(e, b"classname"), attr(e, b"name")));
-                            }
-                        }
-                        b"skipped" if case.is_some() => summary.skipped += 1,
-                        kind @ (b"failure" | b"error") if case.is_some() => {
-                            let (classname, name) = case.clone().unwrap_or_default();
-                            let kind = String::from_utf8_lossy(kind).into_owned();
-                            if kind == "failure" {
-                                summary.failures += 1;
-                            } else {
-                                summary.errors += 1;
-                            }
-                            let failed = FailedCase {
-                                suite: suites.last().cloned().unwrap_or_default(),
-                                classname,
-                                name,
-                                kind,
-                                message: attr(e, b"message"),
-                            };
-                            if empty {
-                                summary.failed.push(failed);
-                            } else {
-                                failing = Some(failed);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                Event::Text(text) => {
-                    if let Some(failed) = failing.as_mut().filter(|f| f.message.is_empty()) {
-                        failed.message = text.unescape().map(|t| t.trim().to_owned()).unwrap_or_default();
-                    }
-                }
-                Event::CData(text) => {
-                    if let Some(failed) = failing.as_mut().filter(|f| f.message.is_empty()) {
-                        failed.message = String::from_utf8_lossy(&text).trim().to_owned();
-                    }
-                }
-                Event::End(e) => match e.name().as_ref() {
-                    b"testsuite" => {
-                        suites.pop();
-                    }
-                    b"testcase" => case = None,
-                    b"failure" | b"error" => summary.failed.extend(failing.take()),
-                    _ => {}
-                },
+                Event::Start(ref e) => report.open(e, false)?,
+                Event::Empty(ref e) => report.open(e, true)?,
+                Event::Text(text) => report.text(|| text.unescape().map(|t| t.trim().to_owned()).unwrap_or_default()),
+                Event::CData(text) => report.text(|| String::from_utf8_lossy(&text).trim().to_owned()),
+                Event::End(e) => report.close(e.name().as_ref()),
                 Event::Eof => break,
                 _ => {}
             }
             buf.clear();
         }
-        if !seen_root {
+        if !report.seen_root {
             return Err("not a JUnit report: the file is empty".into());
         }
-        Ok(summary)
+        Ok(report.summary)
     }
 }
 
@@ -182,4 +109,90 @@ mod tests {
         assert!(JunitSummary::parse(b"").is_err());
         assert!(JunitSummary::parse(b"<testsuite><testcase></testsuite>").is_err());
     }
+}
+
+/// What [`JunitSummary::parse`] knows at one point of the report.
+#[cfg(feature = "junit")]
+#[derive(Default)]
+struct JunitReader {
+    summary: JunitSummary,
+    /// The open <testsuite> names, innermost last.
+    suites: Vec<String>,
+    /// The open <testcase>: (classname, name).
+    case: Option<(String, String)>,
+    /// An open <failure>/<error> collecting its text.
+    failing: Option<FailedCase>,
+    seen_root: bool,
+}
+
+#[cfg(feature = "junit")]
+impl JunitReader {
+    fn open(&mut self, element: &quick_xml::events::BytesStart<'_>, empty: bool) -> Result<(), String> {
+        let name = element.name().as_ref().to_vec();
+        if !self.seen_root {
+            self.seen_root = true;
+            if name != b"testsuites" && name != b"testsuite" {
+                return Err("not a JUnit report: the root element is neither testsuites nor testsuite".into());
+            }
+        }
+        match name.as_slice() {
+            b"testsuite" if !empty => self.suites.push(attr(element, b"name")),
+            b"testcase" => {
+                self.summary.tests += 1;
+                self.summary.time_seconds += attr(element, b"time").parse::<f64>().unwrap_or(0.0);
+                if !empty {
+                    self.case = Some((attr(element, b"classname"), attr(element, b"name")));
+                }
+            }
+            b"skipped" if self.case.is_some() => self.summary.skipped += 1,
+            kind @ (b"failure" | b"error") if self.case.is_some() => self.fail(element, kind, empty),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, element: &quick_xml::events::BytesStart<'_>, kind: &[u8], empty: bool) {
+        let (classname, name) = self.case.clone().unwrap_or_default();
+        let kind = String::from_utf8_lossy(kind).into_owned();
+        if kind == "failure" {
+            self.summary.failures += 1;
+        } else {
+            self.summary.errors += 1;
+        }
+        let suite = self.suites.last().cloned().unwrap_or_default();
+        let failed = FailedCase { suite, classname, name, kind, message: attr(element, b"message") };
+        if empty {
+            self.summary.failed.push(failed);
+        } else {
+            self.failing = Some(failed);
+        }
+    }
+
+    /// Text inside an open <failure>/<error> without a `message` becomes its message.
+    fn text(&mut self, text: impl FnOnce() -> String) {
+        if let Some(failed) = self.failing.as_mut().filter(|f| f.message.is_empty()) {
+            failed.message = text();
+        }
+    }
+
+    fn close(&mut self, name: &[u8]) {
+        match name {
+            b"testsuite" => {
+                self.suites.pop();
+            }
+            b"testcase" => self.case = None,
+            b"failure" | b"error" => self.summary.failed.extend(self.failing.take()),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(feature = "junit")]
+fn attr(element: &quick_xml::events::BytesStart<'_>, name: &[u8]) -> String {
+    element
+        .attributes()
+        .flatten()
+        .find(|a| a.key.as_ref() == name)
+        .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+        .unwrap_or_default()
 }
