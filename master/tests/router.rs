@@ -1,0 +1,81 @@
+//! The API's validation answers, driven through `router(state)` with `tower::ServiceExt::oneshot`:
+//! no listener, and no Postgres or RabbitMQ behind it (both point at a closed port), since bad
+//! input is refused before either is asked.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use cimaster_master::auth::Role;
+use cimaster_master::http::router;
+use cimaster_master::Application;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+async fn app() -> Application {
+    let mut config = support::config("postgres://nobody:nothing@127.0.0.1:1/none", &support::unique_prefix());
+    config.broker.url = secrecy::SecretString::from("amqp://nobody:nothing@127.0.0.1:1/%2f".to_owned());
+    Application::build(config).await.unwrap()
+}
+
+/// Sends one request through the router; the status and the problem document.
+async fn send(app: &Application, method: &str, uri: &str, token: Option<Role>, body: &str) -> (StatusCode, Value) {
+    let mut request = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+    if let Some(role) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {}", support::token(role)));
+    }
+    let response =
+        router(app.state().clone()).oneshot(request.body(Body::from(body.to_owned())).unwrap()).await.unwrap();
+    let status = response.status();
+    let content_type = response.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{uri}: {}", String::from_utf8_lossy(&bytes));
+    let problem: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(problem["status"], status.as_u16(), "{problem}");
+    (status, problem)
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_any_service_is_asked() {
+    let app = app().await;
+    let admin = Some(Role::Admin);
+    let cases: [(&str, &str, Option<Role>, &str, StatusCode, &str); 8] = [
+        ("GET", "/jobs", None, "", StatusCode::UNAUTHORIZED, "bearer token"),
+        (
+            "PUT",
+            "/jobs/unit",
+            Some(Role::Read),
+            r#"{"kind": "freestyle", "image": "b", "script": "x"}"#,
+            StatusCode::FORBIDDEN,
+            "admin",
+        ),
+        (
+            "PUT",
+            "/jobs/Not%20a%20name",
+            admin,
+            r#"{"kind": "freestyle", "image": "b", "script": "x"}"#,
+            StatusCode::BAD_REQUEST,
+            "job name",
+        ),
+        (
+            "PUT",
+            "/jobs/unit",
+            admin,
+            r#"{"kind": "freestyle", "image": "b", "script": "x", "colour": 1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "colour",
+        ),
+        ("PUT", "/jobs/unit", admin, "{not json", StatusCode::BAD_REQUEST, ""),
+        ("POST", "/jobs/unit/runs", admin, r#"{"commitSha": "xyz"}"#, StatusCode::UNPROCESSABLE_ENTITY, "40 hex digits"),
+        ("GET", "/jobs/unit/runs?limit=abc", admin, "", StatusCode::BAD_REQUEST, "limit"),
+        ("GET", "/getvacant?job=j&build=1&wait=soon", admin, "", StatusCode::BAD_REQUEST, "wait"),
+    ];
+    for (method, uri, role, body, expected, mentions) in cases {
+        let (status, problem) = send(&app, method, uri, role, body).await;
+        assert_eq!(status, expected, "{method} {uri}: {problem}");
+        let detail = problem["detail"].as_str().unwrap_or_default().to_lowercase();
+        assert!(detail.contains(&mentions.to_lowercase()), "{method} {uri}: `{detail}` should mention `{mentions}`");
+    }
+}
