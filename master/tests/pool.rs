@@ -22,6 +22,19 @@ async fn text(api: &Client, path: &str) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap().trim().to_owned())
 }
 
+/// Waits until `count` acquires are in the pool's waiting queue.
+async fn waiting(api: &Client, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiters = api.get("/pool/waiters").await.body["waiters"].as_array().map_or(0, Vec::len);
+        if waiters == count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{waiters} waiters, expected {count}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn add(api: &Client, query: &str) {
     let (status, body) = text(api, &format!("/addcluster?{query}&name=admin")).await;
     assert_eq!(status, 201, "{body}");
@@ -88,7 +101,11 @@ async fn purpose_and_osimage_select_the_cluster(pool: PgPool) {
     api.get("/getvacant?build=4&job=j&purpose=tnet-ci").await.expect_problem(422, "needs `osimage`");
     // tess-ci ignores the image, as the original did.
     assert_eq!(text(&api, "/getvacant?build=5&job=j&purpose=tess-ci&osimage=other").await.1, "tess-a");
-    api.get("/addcluster?cluster=x&region=r&purpose=tnet-ci").await.expect_problem(400, "needs `osimage`");
+    // The same rule, and the same answer, whichever way a cluster is added.
+    api.get("/addcluster?cluster=x&region=r&purpose=tnet-ci").await.expect_problem(422, "needs `osimage`");
+    api.put("/pool/clusters/x", json!({"region": "r", "purpose": "tnet-ci"}))
+        .await
+        .expect_problem(422, "needs `osimage`");
     app.stop().await;
 }
 
@@ -266,7 +283,7 @@ async fn a_waiting_acquire_is_woken_when_a_cluster_frees(pool: PgPool) {
             (got, started.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    waiting(&api, 1).await;
     let freed = Instant::now();
     assert_eq!(text(&api, "/finishtest?cluster=c1").await.0, 200);
     let ((status, cluster), waited) = waiter.await.unwrap();
@@ -383,7 +400,9 @@ async fn usage_is_reported_from_the_history(pool: PgPool) {
         let api = api.clone();
         tokio::spawn(async move { text(&api, "/getvacant?build=3&job=j&wait=10").await })
     };
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    waiting(&api, 1).await;
+    // The scenario: it waits at least half a second, which the report's wait times show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let first = api.get("/pool/clusters/c1").await;
     let freed = if first.body["lease"]["build"] == "1" { "c1" } else { "c2" };
     assert_eq!(text(&api, &format!("/finishtest?cluster={freed}")).await.0, 200);

@@ -68,7 +68,14 @@ async fn bad_input_is_refused_before_any_service_is_asked() {
             "colour",
         ),
         ("PUT", "/jobs/unit", admin, "{not json", StatusCode::BAD_REQUEST, ""),
-        ("POST", "/jobs/unit/runs", admin, r#"{"commitSha": "xyz"}"#, StatusCode::UNPROCESSABLE_ENTITY, "40 hex digits"),
+        (
+            "POST",
+            "/jobs/unit/runs",
+            admin,
+            r#"{"commitSha": "xyz"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "40 hex digits",
+        ),
         ("GET", "/jobs/unit/runs?limit=abc", admin, "", StatusCode::BAD_REQUEST, "limit"),
         ("GET", "/getvacant?job=j&build=1&wait=soon", admin, "", StatusCode::BAD_REQUEST, "wait"),
     ];
