@@ -41,7 +41,7 @@ async fn send(app: &Application, method: &str, uri: &str, token: Option<Role>, b
 async fn bad_input_is_refused_before_any_service_is_asked() {
     let app = app().await;
     let admin = Some(Role::Admin);
-    let cases: [(&str, &str, Option<Role>, &str, StatusCode, &str); 8] = [
+    let cases = [
         ("GET", "/jobs", None, "", StatusCode::UNAUTHORIZED, "bearer token"),
         (
             "PUT",

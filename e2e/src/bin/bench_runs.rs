@@ -72,42 +72,10 @@ async fn main() -> anyhow::Result<()> {
 async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     let dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
     let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut master = tokio::process::Command::new(dir.join("cimaster"))
-        .arg("serve")
-        .env("CIMASTER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CIMASTER_DATABASE_URL", url)
-        .env("CIMASTER_QUEUE_PREFIX", prefix)
-        .env("CIMASTER_JWT_SECRET", &secret)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the master")?;
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    let mut ready = false;
-    for _ in 0..200 {
-        if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if !ready {
-        bail!("master did not become ready");
-    }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let (mut master, base) = start_master(&dir, url, prefix, &secret, &http).await?;
     let token = Signer::hs256(&secret)?.mint("bench", &[Role::Admin], Duration::from_secs(3600));
-    let put = http
-        .put(format!("{base}/jobs/noop"))
-        .bearer_auth(&token)
-        .json(&json!({"kind": "freestyle", "image": args.image, "script": "true",
-                      "resources": {"cpus": 0.1, "memory": "16Mi"}}))
-        .send()
-        .await?;
-    if !put.status().is_success() {
-        bail!("PUT /jobs/noop answered {}", put.status());
-    }
+    put_noop_job(&http, &base, &token, &args.image).await?;
     let mut agent = tokio::process::Command::new(dir.join("cimaster-agent"))
         .env("CIMASTER_AGENT_ID", format!("{prefix}-agent"))
         .env("CIMASTER_DATABASE_URL", url)
@@ -126,28 +94,8 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss = rss_mib(agent_pid);
 
-    // CIMaster: trigger → container started / finished, from the run's own records.
     let permits = Arc::new(Semaphore::new(args.concurrency));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.runs {
-        let permit = permits.clone().acquire_owned().await?;
-        let (http, base, token, pool) = (http.clone(), base.clone(), token.clone(), pool.clone());
-        tasks.push(tokio::spawn(async move {
-            let (id, at) = trigger(&http, &base, &token).await?;
-            let sample = wait_finished(&pool, id).await.map(|(container, finished)| Sample {
-                start: (container - at).to_std().unwrap_or_default(),
-                finish: (finished - at).to_std().unwrap_or_default(),
-            });
-            drop(permit);
-            sample
-        }));
-    }
-    let mut ours = Vec::new();
-    for task in tasks {
-        ours.push(task.await??);
-    }
-    let ours_elapsed = started.elapsed();
+    let (ours, ours_elapsed) = measure_ours(args.runs, &permits, &http, &base, &token, &pool).await?;
     let busy_rss = rss_mib(agent_pid);
     // SIGTERM: the agent removes its idle networks before it exits.
     let _ = std::process::Command::new("kill").args(["-TERM", &agent_pid.to_string()]).status();
@@ -155,45 +103,13 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
         let _ = agent.kill().await;
     }
     let _ = master.kill().await;
+    let (baseline, base_elapsed) = measure_baseline(args.runs, &permits, &args.image).await?;
 
-    // Baseline: `docker run --rm` through the API, at the same concurrency.
-    let docker = Docker::connect_with_local_defaults()?;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.runs {
-        let permit = permits.clone().acquire_owned().await?;
-        let (docker, image) = (docker.clone(), args.image.clone());
-        tasks.push(tokio::spawn(async move {
-            let sample = docker_run(&docker, &image).await;
-            drop(permit);
-            sample
-        }));
-    }
-    let mut base_samples = Vec::new();
-    for task in tasks {
-        base_samples.push(task.await??);
-    }
-    let base_elapsed = started.elapsed();
-
-    let report = |name: &str, samples: &[Sample], elapsed: Duration| {
-        let mut start: Vec<Duration> = samples.iter().map(|s| s.start).collect();
-        let mut finish: Vec<Duration> = samples.iter().map(|s| s.finish).collect();
-        let rate = samples.len() as f64 / elapsed.as_secs_f64();
-        println!(
-            "{name:<26} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2}",
-            pct(&mut start, 0.50),
-            pct(&mut start, 0.95),
-            pct(&mut finish, 0.50),
-            pct(&mut finish, 0.95),
-            rate
-        );
-        (pct(&mut start, 0.95), pct(&mut finish, 0.50), rate)
-    };
     println!("end-to-end benchmark: {} runs of `true` in {}, concurrency {}", args.runs, args.image, args.concurrency);
     println!("{:<26} {:>9} {:>9} {:>9} {:>9} {:>8}", "", "start p50", "start p95", "end p50", "end p95", "runs/s");
     println!("{:<26} {:>9} {:>9} {:>9} {:>9} {:>8}", "(ms from trigger/request)", "", "", "", "", "");
     let (our_start95, our_end50, our_rate) = report("CIMaster (201 → …)", &ours, ours_elapsed);
-    let (base_start95, base_end50, base_rate) = report("docker run --rm (API)", &base_samples, base_elapsed);
+    let (base_start95, base_end50, base_rate) = report("docker run --rm (API)", &baseline, base_elapsed);
     println!(
         "per-run overhead: trigger→finished p50 is {:.2}x the baseline's run time (target <= 1.3)",
         our_end50 / base_end50
@@ -207,6 +123,122 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     );
     println!("agent RSS: {idle_rss:.1} MiB idle (target <= 40), {busy_rss:.1} MiB after the runs");
     Ok(())
+}
+
+/// Starts a master on a free port and waits until it is ready; returns it and its base URL.
+async fn start_master(
+    dir: &std::path::Path,
+    url: &str,
+    prefix: &str,
+    secret: &str,
+    http: &reqwest::Client,
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let master = tokio::process::Command::new(dir.join("cimaster"))
+        .arg("serve")
+        .env("CIMASTER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CIMASTER_DATABASE_URL", url)
+        .env("CIMASTER_QUEUE_PREFIX", prefix)
+        .env("CIMASTER_JWT_SECRET", secret)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the master")?;
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..200 {
+        if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            return Ok((master, base));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("master did not become ready")
+}
+
+async fn put_noop_job(http: &reqwest::Client, base: &str, token: &str, image: &str) -> anyhow::Result<()> {
+    let put = http
+        .put(format!("{base}/jobs/noop"))
+        .bearer_auth(token)
+        .json(&json!({"kind": "freestyle", "image": image, "script": "true",
+                      "resources": {"cpus": 0.1, "memory": "16Mi"}}))
+        .send()
+        .await?;
+    if !put.status().is_success() {
+        bail!("PUT /jobs/noop answered {}", put.status());
+    }
+    Ok(())
+}
+
+/// CIMaster: trigger → container started / finished, from the run's own records.
+async fn measure_ours(
+    runs: usize,
+    permits: &Arc<Semaphore>,
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    pool: &sqlx::PgPool,
+) -> anyhow::Result<(Vec<Sample>, Duration)> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..runs {
+        let permit = permits.clone().acquire_owned().await?;
+        let (http, base, token, pool) = (http.clone(), base.to_owned(), token.to_owned(), pool.clone());
+        tasks.push(tokio::spawn(async move {
+            let (id, at) = trigger(&http, &base, &token).await?;
+            let sample = wait_finished(&pool, id).await.map(|(container, finished)| Sample {
+                start: (container - at).to_std().unwrap_or_default(),
+                finish: (finished - at).to_std().unwrap_or_default(),
+            });
+            drop(permit);
+            sample
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.push(task.await??);
+    }
+    Ok((samples, started.elapsed()))
+}
+
+/// Baseline: `docker run --rm` through the engine's API, at the same concurrency.
+async fn measure_baseline(
+    runs: usize,
+    permits: &Arc<Semaphore>,
+    image: &str,
+) -> anyhow::Result<(Vec<Sample>, Duration)> {
+    let docker = Docker::connect_with_local_defaults()?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..runs {
+        let permit = permits.clone().acquire_owned().await?;
+        let (docker, image) = (docker.clone(), image.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let sample = docker_run(&docker, &image).await;
+            drop(permit);
+            sample
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.push(task.await??);
+    }
+    Ok((samples, started.elapsed()))
+}
+
+/// Prints one row of the table; returns (start p95, end p50, runs/s).
+fn report(name: &str, samples: &[Sample], elapsed: Duration) -> (f64, f64, f64) {
+    let mut start: Vec<Duration> = samples.iter().map(|s| s.start).collect();
+    let mut finish: Vec<Duration> = samples.iter().map(|s| s.finish).collect();
+    let rate = samples.len() as f64 / elapsed.as_secs_f64();
+    println!(
+        "{name:<26} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2}",
+        pct(&mut start, 0.50),
+        pct(&mut start, 0.95),
+        pct(&mut finish, 0.50),
+        pct(&mut finish, 0.95),
+        rate
+    );
+    (pct(&mut start, 0.95), pct(&mut finish, 0.50), rate)
 }
 
 async fn trigger(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<(uuid::Uuid, DateTime<Utc>)> {

@@ -144,38 +144,10 @@ async fn main() -> anyhow::Result<()> {
 async fn run(args: &Args, database_url: &str, prefix: &str) -> anyhow::Result<()> {
     let pool = PgPoolOptions::new().max_connections(args.pool).connect(database_url).await?;
     cimaster_master::db::migrate(&pool).await?;
-
-    // The master, as a separate process so its memory can be read.
     let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let exe = std::env::current_exe()?.with_file_name("cimaster");
-    let mut master = tokio::process::Command::new(&exe)
-        .arg("serve")
-        .env("CIMASTER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CIMASTER_DATABASE_URL", database_url)
-        .env("CIMASTER_DATABASE_MAX_CONNECTIONS", args.pool.to_string())
-        .env("CIMASTER_AMQP_URL", &args.amqp_url)
-        .env("CIMASTER_QUEUE_PREFIX", prefix)
-        .env("CIMASTER_JWT_SECRET", &secret)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", exe.display()))?;
-    let pid = master.id().context("master pid")?;
-    let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder().pool_max_idle_per_host(args.clients).build()?;
-    let mut ready = false;
-    for _ in 0..200 {
-        if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if !ready {
-        bail!("master did not become ready");
-    }
+    let (mut master, base) = start_master(args, database_url, prefix, &secret, &http).await?;
+    let pid = master.id().context("master pid")?;
     let (_, idle_hwm) = rss_kib(pid);
     let token = Signer::hs256(&secret)?.mint("bench", &[Role::Admin], Duration::from_secs(3600));
     if args.mode == Mode::Pool {
@@ -183,51 +155,10 @@ async fn run(args: &Args, database_url: &str, prefix: &str) -> anyhow::Result<()
         let _ = master.kill().await;
         return result;
     }
-    let put = http
-        .put(format!("{base}/jobs/bench"))
-        .bearer_auth(&token)
-        .json(&json!({"kind": "freestyle", "image": "busybox:latest", "script": "true"}))
-        .send()
-        .await?;
-    if !put.status().is_success() {
-        bail!("PUT /jobs/bench answered {}", put.status());
-    }
-
-    let trigger = {
-        let http = http.clone();
-        let url = format!("{base}/jobs/bench/runs");
-        move |_| {
-            let http = http.clone();
-            let url = url.clone();
-            let token = token.clone();
-            async move {
-                let response = http.post(&url).bearer_auth(&token).send().await?;
-                if response.status() != 201 {
-                    bail!("trigger answered {}", response.status());
-                }
-                Ok(())
-            }
-        }
-    };
-    drive(args.runs / 10, args.clients, trigger.clone()).await?; // warm-up
-    let (latencies, elapsed) = drive(args.runs, args.clients, trigger).await?;
-    let api = figures(latencies, elapsed);
+    let api = bench_triggers(args, &http, &base, &token).await?;
     let (rss, hwm) = rss_kib(pid);
     let _ = master.kill().await;
-
-    // Baseline: what one run costs the backing services alone.
-    let connection = connect(&SecretString::from(args.amqp_url.clone()), "cimaster-bench").await?;
-    let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Topology::declare_dead_letters(&channel, prefix).await?;
-    let queue = Topology::declare_run_queue(&channel, prefix, &QueueName::parse("baseline")?).await?;
-    let baseline_op = {
-        let pool = pool.clone();
-        move |_| raw_insert_and_publish(pool.clone(), channel.clone(), queue.clone())
-    };
-    drive(args.runs / 10, args.clients, baseline_op.clone()).await?;
-    let (latencies, elapsed) = drive(args.runs, args.clients, baseline_op).await?;
-    let raw = figures(latencies, elapsed);
+    let raw = bench_baseline(args, &pool, prefix).await?;
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("trigger benchmark: {} runs, {} concurrent clients, pool of {}", args.runs, args.clients, args.pool);
@@ -259,6 +190,85 @@ async fn run(args: &Args, database_url: &str, prefix: &str) -> anyhow::Result<()
     );
     pool.close().await;
     Ok(())
+}
+
+/// The master, as a separate process so its memory can be read; returns it once ready, and its
+/// base URL.
+async fn start_master(
+    args: &Args,
+    database_url: &str,
+    prefix: &str,
+    secret: &str,
+    http: &reqwest::Client,
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let exe = std::env::current_exe()?.with_file_name("cimaster");
+    let master = tokio::process::Command::new(&exe)
+        .arg("serve")
+        .env("CIMASTER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CIMASTER_DATABASE_URL", database_url)
+        .env("CIMASTER_DATABASE_MAX_CONNECTIONS", args.pool.to_string())
+        .env("CIMASTER_AMQP_URL", &args.amqp_url)
+        .env("CIMASTER_QUEUE_PREFIX", prefix)
+        .env("CIMASTER_JWT_SECRET", secret)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..200 {
+        if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            return Ok((master, base));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("master did not become ready")
+}
+
+/// `POST /jobs/bench/runs` from `args.clients` clients, after a warm-up.
+async fn bench_triggers(args: &Args, http: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<Figures> {
+    let put = http
+        .put(format!("{base}/jobs/bench"))
+        .bearer_auth(token)
+        .json(&json!({"kind": "freestyle", "image": "busybox:latest", "script": "true"}))
+        .send()
+        .await?;
+    if !put.status().is_success() {
+        bail!("PUT /jobs/bench answered {}", put.status());
+    }
+    let trigger = {
+        let (http, url, token) = (http.clone(), format!("{base}/jobs/bench/runs"), token.to_owned());
+        move |_| {
+            let (http, url, token) = (http.clone(), url.clone(), token.clone());
+            async move {
+                let response = http.post(&url).bearer_auth(&token).send().await?;
+                if response.status() != 201 {
+                    bail!("trigger answered {}", response.status());
+                }
+                Ok(())
+            }
+        }
+    };
+    drive(args.runs / 10, args.clients, trigger.clone()).await?; // warm-up
+    let (latencies, elapsed) = drive(args.runs, args.clients, trigger).await?;
+    Ok(figures(latencies, elapsed))
+}
+
+/// Baseline: what one run costs the backing services alone (an insert and a confirmed publish).
+async fn bench_baseline(args: &Args, pool: &PgPool, prefix: &str) -> anyhow::Result<Figures> {
+    let connection = connect(&SecretString::from(args.amqp_url.clone()), "cimaster-bench").await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Topology::declare_dead_letters(&channel, prefix).await?;
+    let queue = Topology::declare_run_queue(&channel, prefix, &QueueName::parse("baseline")?).await?;
+    let baseline_op = {
+        let pool = pool.clone();
+        move |_| raw_insert_and_publish(pool.clone(), channel.clone(), queue.clone())
+    };
+    drive(args.runs / 10, args.clients, baseline_op.clone()).await?;
+    let (latencies, elapsed) = drive(args.runs, args.clients, baseline_op).await?;
+    Ok(figures(latencies, elapsed))
 }
 
 async fn raw_insert_and_publish(pool: PgPool, channel: lapin::Channel, queue: String) -> anyhow::Result<()> {
