@@ -2,6 +2,7 @@
 //! a second SIGTERM aborts them.
 
 use cimaster_agent::{AgentConfig, Shutdown};
+use cimaster_common::logging::LogArgs;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -10,12 +11,14 @@ use tokio::signal::unix::{signal, SignalKind};
 struct Cli {
     #[command(flatten)]
     config: AgentConfig,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cimaster_common::logging::init(cimaster_common::logging::json_from_env());
     let cli = Cli::parse();
+    cli.log.init();
     let shutdown = Shutdown::default();
     let signals = shutdown.clone();
     tokio::spawn(async move {

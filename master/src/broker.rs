@@ -106,8 +106,7 @@ pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, lapin
 }
 
 struct Link {
-    // Kept so the connection lives as long as the link.
-    _connection: Connection,
+    connection: Connection,
     channel: Channel,
 }
 
@@ -215,7 +214,21 @@ impl Broker {
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         Topology::declare_dead_letters(&channel, &self.inner.prefix).await?;
-        Ok((Link { _connection: connection, channel }, lost_rx))
+        Ok((Link { connection, channel }, lost_rx))
+    }
+
+    /// How many consumers (agents) the runs queue of this resource class has now; `None` when
+    /// RabbitMQ cannot say (not connected, or the queue is not declared yet). Asked on a channel of
+    /// its own: a passive declare of a missing queue closes the channel it is sent on.
+    pub async fn consumers(&self, queue: &QueueName) -> Option<u32> {
+        let link = self.current()?;
+        let channel = link.connection.create_channel().await.ok()?;
+        let name = queue_name(&self.inner.prefix, queue);
+        let declared = channel
+            .queue_declare(&name, QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await;
+        let _ = channel.close(200, "consumer count read").await;
+        declared.ok().map(|queue| queue.consumer_count())
     }
 
     /// Publishes one run attempt and waits for RabbitMQ's confirm.

@@ -88,6 +88,9 @@ pub async fn run_dispatcher(pool: PgPool, broker: Broker, config: DispatchConfig
         if let Err(err) = dispatch_pending(&pool, &broker, config.grace).await {
             tracing::warn!(error = %err, "dispatcher pass failed");
         }
+        if let Err(err) = note_unserved_queues(&pool, &broker).await {
+            tracing::debug!(error = %err, "cannot tell queued runs whether an agent serves their queue");
+        }
         match outbox::backlog(&pool).await {
             Ok(count) => metrics::gauge!("cimaster_outbox_backlog").set(count as f64),
             Err(err) => tracing::debug!(error = %err, "cannot count the outbox backlog"),
@@ -129,4 +132,15 @@ pub async fn dispatch_pending(pool: &PgPool, broker: &Broker, grace: Duration) -
         tracing::info!(runs = total, "dispatcher published queued runs");
     }
     Ok(total)
+}
+
+/// Queued runs whose queue no agent consumes say so in their `message`, and stop saying it once
+/// an agent does.
+async fn note_unserved_queues(pool: &PgPool, broker: &Broker) -> Result<(), sqlx::Error> {
+    for queue in cimaster_store::runs::waiting_queues(pool).await? {
+        let Ok(name) = QueueName::parse(&queue) else { continue };
+        let Some(consumers) = broker.consumers(&name).await else { continue };
+        cimaster_store::runs::note_unserved(pool, &queue, consumers > 0).await?;
+    }
+    Ok(())
 }

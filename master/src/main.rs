@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use cimaster_common::logging::LogArgs;
 use cimaster_master::auth::{Role, Signer};
 use cimaster_master::config::{Config, DatabaseConfig, JwtAlgorithm};
-use cimaster_master::{db, shutdown_signal, telemetry, Application};
+use cimaster_master::{db, shutdown_signal, Application};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -14,6 +15,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -52,12 +55,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => {
-            telemetry::init_logging();
+            cli.log.init();
             let app = Application::build(*config).await?;
             app.run_until(shutdown_signal()).await
         }
         Command::Migrate(database) => {
-            telemetry::init_logging();
+            cli.log.init();
             let pool = db::pool(&database)?;
             db::migrate(&pool).await.context("applying migrations")?;
             tracing::info!("migrations applied");

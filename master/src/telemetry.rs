@@ -1,13 +1,8 @@
-//! Logging and metrics set-up.
+//! Metrics set-up.
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-/// Logs to stderr; JSON lines when `CIMASTER_LOG_FORMAT=json`.
-pub fn init_logging() {
-    cimaster_common::logging::init(cimaster_common::logging::json_from_env());
-}
 
 /// The process-wide Prometheus recorder. Installed once; later callers share it.
 pub fn metrics_handle() -> PrometheusHandle {
@@ -25,7 +20,24 @@ pub fn metrics_handle() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
             }
+            register_series();
             handle
         })
         .clone()
+}
+
+/// Counters without labels exist from the start, at 0, so alerts and dashboards work on a fresh
+/// install (Prometheus practice) instead of seeing no series until the first event.
+fn register_series() {
+    for name in [
+        "cimaster_runs_dispatched_total",
+        "cimaster_publish_failures_total",
+        "cimaster_runs_reaped_total",
+        "cimaster_pool_lease_expiries_total",
+        "cimaster_pool_hold_expiries_total",
+        "cimaster_pool_holds_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    metrics::gauge!("cimaster_outbox_backlog").set(0.0);
 }

@@ -91,6 +91,38 @@ async fn freestyle_runs_reach_their_queue(pool: PgPool) {
     app.stop().await;
 }
 
+/// A run waiting on a queue that no agent consumes says so, and stops saying so once one does.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_run_on_a_queue_no_agent_serves_says_so(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let api = app.admin();
+    assert_eq!(api.put("/jobs/big", freestyle("large")).await.status, 201);
+    let run = api.post_empty("/jobs/big/runs").await;
+    let path = run.body["links"]["self"].as_str().unwrap().to_owned();
+    let note = "no agent serves queue `large` now; the run waits until one does";
+    let waiting = eventually(Duration::from_secs(10), || async {
+        let read = api.get(&path).await;
+        read.body["message"].as_str().is_some_and(|message| message.starts_with(note)).then_some(read)
+    })
+    .await;
+    assert_eq!(waiting.body["status"], "queued");
+
+    // An agent (here: a consumer) comes for the queue: the note goes.
+    let (_connection, channel) = support::amqp_channel().await;
+    let _consumer = channel
+        .basic_consume(
+            &format!("{}.runs.large", app.prefix),
+            "test-agent",
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), || async { api.get(&path).await.body["message"].is_null().then_some(()) })
+        .await;
+    app.stop().await;
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn git_runs_take_exactly_one_of_commit_and_branch(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
@@ -351,6 +383,17 @@ async fn health_metrics_and_openapi(pool: PgPool) {
     let ready = api.get("/readyz").await;
     assert_eq!(ready.status, 200);
     assert_eq!(ready.body, json!({"status": "ready", "postgres": "ok", "rabbitmq": "ok"}));
+    // On a fresh replica the event counters already exist, at 0.
+    let fresh = api.get("/metrics").await;
+    let text = fresh.body.as_str().unwrap();
+    for series in [
+        "cimaster_runs_dispatched_total",
+        "cimaster_publish_failures_total",
+        "cimaster_pool_lease_expiries_total",
+        "cimaster_pool_hold_expiries_total",
+    ] {
+        assert!(text.lines().any(|line| line == format!("{series} 0")), "{series} is not at 0: {text}");
+    }
 
     assert_eq!(app.admin().put("/jobs/unit-test", freestyle("default")).await.status, 201);
     assert_eq!(app.admin().post_empty("/jobs/unit-test/runs").await.status, 201);

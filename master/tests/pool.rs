@@ -121,6 +121,7 @@ async fn holds_keep_a_cluster_out_of_the_pool_until_released_or_expired(pool: Pg
     assert!(body.starts_with("cluster c1 held by tester until"), "{body}");
     let held = api.get("/pool/clusters/c1").await;
     assert_eq!(held.body["hold"]["reason"], "debugging network issue (name=alice)");
+    assert_eq!(held.body["status"], "held");
     dev.get("/getvacant?build=1&job=j").await.expect_problem(503, "no vacant cluster");
     assert_eq!(text(&dev, "/releasecluster?cluster=c1&name=alice").await.0, 200);
     assert_eq!(text(&dev, "/getvacant?build=1&job=j").await.1, "c1");
@@ -129,6 +130,7 @@ async fn holds_keep_a_cluster_out_of_the_pool_until_released_or_expired(pool: Pg
     assert_eq!(text(&dev, "/holdcluster?cluster=c1&desc=after+this+run").await.0, 200);
     assert_eq!(api.get("/pool/clusters/c1").await.body["status"], "leased");
     assert_eq!(text(&dev, "/finishtest?cluster=c1").await.0, 200);
+    assert_eq!(api.get("/pool/clusters/c1").await.body["status"], "held");
     dev.get("/getvacant?build=2&job=j").await.expect_problem(503, "no vacant cluster");
 
     // Holds expire by themselves (here after about a second).
@@ -138,7 +140,9 @@ async fn holds_keep_a_cluster_out_of_the_pool_until_released_or_expired(pool: Pg
         events.body["events"].as_array().unwrap().iter().any(|e| e["kind"] == "hold_expired").then_some(())
     })
     .await;
-    assert!(api.get("/pool/clusters/c1").await.body["hold"].is_null());
+    let expired = api.get("/pool/clusters/c1").await;
+    assert!(expired.body["hold"].is_null());
+    assert_eq!(expired.body["status"], "vacant");
     assert_eq!(text(&dev, "/getvacant?build=2&job=j").await.1, "c1");
 
     dev.get("/holdcluster?cluster=c1&desc=forever&hours=1000").await.expect_problem(422, "at most 72h");
@@ -230,6 +234,7 @@ async fn repeated_infrastructure_failures_disable_a_cluster(pool: PgPool) {
     let cluster = api.get("/pool/clusters/c1").await;
     assert_eq!(cluster.body["infraFailures"], 3);
     assert_eq!(cluster.body["disabled"]["reason"], "disabled automatically after 3 infrastructure failures in a row");
+    assert_eq!(cluster.body["status"], "disabled");
     api.get("/getvacant?build=9&job=j").await.expect_problem(503, "no vacant");
     let events = api.get("/pool/events?cluster=c1").await;
     assert!(events.body["events"].as_array().unwrap().iter().any(|e| e["kind"] == "auto_disabled"));

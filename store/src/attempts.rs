@@ -63,7 +63,8 @@ pub async fn claim<'e>(
     let row: Option<ClaimRow> = sqlx::query_as(
         "WITH claimed AS (
              UPDATE runs SET status = 'running', agent = $3, started_at = now(), updated_at = now(),
-                             lease_expires_at = now() + make_interval(secs => $4)
+                             lease_expires_at = now() + make_interval(secs => $4),
+                             message = CASE WHEN starts_with(message, $5) THEN NULL ELSE message END
              WHERE id = $1 AND attempt = $2 AND status = 'queued' AND NOT abort_requested
              RETURNING id, attempt, job, spec, parameters, commit_sha, config
          ), attempt AS (
@@ -75,6 +76,7 @@ pub async fn claim<'e>(
     .bind(attempt as i32)
     .bind(agent)
     .bind(lease.as_secs_f64())
+    .bind(crate::runs::UNSERVED)
     .fetch_optional(db)
     .await?;
     Ok(row.map(|row| Claim {

@@ -287,3 +287,27 @@ pub async fn active_count(conn: &mut PgConnection, job: &JobName) -> Result<i64,
         .fetch_one(&mut *conn)
         .await
 }
+
+/// How a queued run's `message` starts while no agent consumes its queue (cleared when claimed).
+pub const UNSERVED: &str = "no agent serves queue";
+
+/// What a queued run says while no agent consumes its queue.
+pub fn unserved_note(queue: &str) -> String {
+    format!("{UNSERVED} `{queue}` now; the run waits until one does (agents take queues with CIMASTER_AGENT_QUEUES)")
+}
+
+/// The queues that have queued runs.
+pub async fn waiting_queues(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT DISTINCT queue FROM runs WHERE status = 'queued'").fetch_all(pool).await
+}
+
+/// Queued runs of a queue no agent consumes say so in their `message` (those with no other message);
+/// once an agent consumes it (`served`) they stop saying it.
+pub async fn note_unserved(pool: &PgPool, queue: &str, served: bool) -> Result<u64, sqlx::Error> {
+    let statement = if served {
+        "UPDATE runs SET message = NULL, updated_at = now() WHERE status = 'queued' AND queue = $1 AND message = $2"
+    } else {
+        "UPDATE runs SET message = $2, updated_at = now() WHERE status = 'queued' AND queue = $1 AND message IS NULL"
+    };
+    Ok(sqlx::query(statement).bind(queue).bind(unserved_note(queue)).execute(pool).await?.rows_affected())
+}

@@ -432,8 +432,8 @@ impl GitServer {
     /// Writes files on `branch` (created from the current one if new) and commits; the commit's SHA.
     pub fn commit(&self, name: &str, branch: &str, files: &[(&str, &str)]) -> String {
         let path = self.dir.path().join(name);
-        if self.git(name, &["rev-parse", "--verify", "-q", branch]).is_empty() {
-            let has_commits = !self.git(name, &["rev-parse", "--verify", "-q", "HEAD"]).is_empty();
+        if !self.has_ref(name, branch) {
+            let has_commits = self.has_ref(name, "HEAD");
             if has_commits {
                 self.git(name, &["checkout", "-q", "-b", branch]);
             }
@@ -522,6 +522,19 @@ impl GitServer {
         (base, key, SshServer { known_hosts, wrong_known_hosts, _dir: dir, _child: child })
     }
 
+    /// Whether the repository has this branch (or `HEAD` has a commit).
+    fn has_ref(&self, name: &str, reference: &str) -> bool {
+        let path = self.dir.path().join(name);
+        let status = std::process::Command::new("git")
+            .args(["rev-parse", "--verify", "-q", reference])
+            .current_dir(&path)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        status.success()
+    }
+
+    /// Runs a git command that must succeed; its output.
     fn git(&self, name: &str, args: &[&str]) -> String {
         let path = self.dir.path().join(name);
         std::fs::create_dir_all(&path).unwrap();

@@ -59,20 +59,38 @@ pub struct ResultList {
     pub results: Vec<ResultEntry>,
 }
 
-/// What results the run has, per attempt.
+/// What results the run has, per attempt; with `?attempt=N`, only that attempt's.
 #[utoipa::path(get, path = "/jobs/{name}/runs/{id}/results", tag = "results",
-    params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id")),
-    responses((status = 200, body = ResultList), (status = 404, body = Problem, content_type = "application/problem+json")),
+    params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "run id"), AttemptQuery),
+    responses((status = 200, body = ResultList),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn list_results(
     State(state): State<AppState>,
     caller: Caller,
     Path((name, id)): Path<(String, String)>,
+    ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<axum::Json<ResultList>, ApiError> {
     caller.require(Role::Read)?;
     let job = job_name(&name)?;
     let run = run_id(&id)?;
     let progress = runs::progress(&state.pool, &job, run).await?.ok_or_else(|| run_not_found(&job, run))?;
+    let mut results = all_results(&state, &job, run, progress).await?;
+    if let Some(chosen) = query.attempt {
+        let (_, chosen, _) = chosen_attempt(&state, &name, &id, Some(chosen)).await?;
+        results.retain(|entry| entry.attempt == chosen);
+    }
+    Ok(axum::Json(ResultList { results }))
+}
+
+/// Every result of every attempt of the run, newest attempt first.
+async fn all_results(
+    state: &AppState,
+    job: &cimaster_common::JobName,
+    run: cimaster_common::RunId,
+    progress: Progress,
+) -> Result<Vec<ResultEntry>, ApiError> {
     let (attempt, bytes, key) = (progress.attempt, progress.console_bytes, progress.console_key);
     let base = format!("/jobs/{job}/runs/{run}/results/console");
     let mut results = Vec::new();
@@ -117,7 +135,7 @@ async fn list_results(
             state: "stored",
         });
     }
-    Ok(axum::Json(ResultList { results }))
+    Ok(results)
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

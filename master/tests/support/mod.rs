@@ -156,7 +156,7 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             server.await.unwrap().unwrap();
         }
-        delete_queues(&self.prefix, &["default", "gpu"]).await;
+        delete_queues(&self.prefix, &["default", "gpu", "large"]).await;
     }
 }
 

@@ -88,7 +88,8 @@ pub struct ClusterView {
     pub purpose: String,
     pub osimage: Option<String>,
     pub labels: BTreeMap<String, String>,
-    /// `vacant` or `leased`.
+    /// `vacant`, `leased`, `held` (kept out of the pool for debugging) or `disabled`; a leased
+    /// cluster that is also held becomes `held` when its lease ends.
     pub status: &'static str,
     pub lease: Option<Lease>,
     pub hold: Option<Hold>,
@@ -153,7 +154,12 @@ impl From<ClusterRow> for ClusterView {
             _ => None,
         };
         ClusterView {
-            status: if lease.is_some() { "leased" } else { "vacant" },
+            status: match (&row.disabled_reason, &lease, &hold) {
+                (Some(_), _, _) => "disabled",
+                (None, Some(_), _) => "leased",
+                (None, None, Some(_)) => "held",
+                (None, None, None) => "vacant",
+            },
             name: row.name,
             region: row.region,
             purpose: row.purpose,
