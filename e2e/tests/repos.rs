@@ -315,6 +315,14 @@ async fn results_of_a_failing_run_are_collected_and_summarised(pool: PgPool) {
     let earlier = stack.api.get(&format!("{path}/results/artifacts/dist/app.txt?attempt=1")).await;
     assert_eq!(earlier.status, 200);
     assert_eq!(stack.api.get(&format!("{path}/results/junit?attempt=one")).await.status, 400);
+    // The listing takes `attempt` like every results endpoint.
+    let first = stack.api.get(&format!("{path}/results?attempt=1")).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.body["results"], listed["results"], "one attempt: the same listing");
+    let beyond = stack.api.get(&format!("{path}/results?attempt=99")).await;
+    assert_eq!(beyond.status, 404, "{}", beyond.body);
+    assert!(beyond.body["detail"].as_str().unwrap().contains("attempts 1 to 1"), "{}", beyond.body);
+    assert_eq!(stack.api.get(&format!("{path}/results?attempt=abc")).await.status, 400);
     assert_eq!(stack.api.get(&format!("{path}/results/services/db")).await.status, 404);
     assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
 }

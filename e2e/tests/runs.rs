@@ -246,6 +246,14 @@ async fn a_killed_agent_s_run_is_retried_elsewhere_and_its_container_swept(pool:
     assert_eq!(run["attempt"], 2);
     assert_ne!(run["agent"], first_id.as_str());
     assert!(stack.console(&path).await.contains("attempt 2"));
+    // Both attempts' consoles are listed; `?attempt=1` lists the first one's alone.
+    let attempts_listed = |body: &serde_json::Value| -> Vec<i64> {
+        body["results"].as_array().unwrap().iter().map(|r| r["attempt"].as_i64().unwrap()).collect()
+    };
+    let all = stack.api.get(&format!("{path}/results")).await;
+    assert_eq!(attempts_listed(&all.body), [2, 1], "{}", all.body);
+    let first_only = stack.api.get(&format!("{path}/results?attempt=1")).await;
+    assert_eq!(attempts_listed(&first_only.body), [1], "{}", first_only.body);
     let attempts: Vec<(i32, String, Option<String>)> =
         sqlx::query_as("SELECT attempt, agent, outcome FROM run_attempts WHERE run_id = $1::uuid ORDER BY attempt")
             .bind(run_id(&path))
