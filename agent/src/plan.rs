@@ -54,7 +54,7 @@ impl Plan {
                 working_dir: job.working_dir.clone(),
                 cluster: job.cluster.clone(),
                 services: BTreeMap::new(),
-                results: Results::default(),
+                results: job.results.clone(),
                 checkout: None,
             }),
             JobSpec::Git(git) => {

@@ -10,6 +10,7 @@ use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ids::{BranchName, ConfigPath, EnvName, QueueName, RepositoryUrl};
+use crate::repo::Results;
 
 /// Timeout of a freestyle job that does not set `timeoutSeconds`.
 pub const DEFAULT_TIMEOUT_SECONDS: u32 = 3600;
@@ -61,6 +62,11 @@ pub struct FreestyleJob {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub secrets: Vec<EnvName>,
+    /// Files to keep after the script (`{"junit": [globs], "artifacts": [globs]}`), relative to
+    /// `workingDir`, which a job with results must set.
+    #[serde(default, skip_serializing_if = "Results::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub results: Results,
 }
 
 /// Which kind of test cluster a job needs.
@@ -172,6 +178,9 @@ impl JobSpec {
                 if value.len() > MAX_ENV_VALUE {
                     return Err(format!("value of `{name}` is longer than {MAX_ENV_VALUE} bytes"));
                 }
+            }
+            if !job.results.is_empty() && job.working_dir.is_none() {
+                return Err("`results` globs are relative to `workingDir`: set `workingDir` too".into());
             }
         }
         Ok(())

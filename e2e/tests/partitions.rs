@@ -227,20 +227,6 @@ results:
   artifacts: ["dist/**"]
 "#;
 
-/// The result files (kind, name) a run lists, the console aside.
-async fn listed_results(stack: &Stack, path: &str) -> Vec<(String, String)> {
-    let listed = stack.api.get(&format!("{path}/results")).await.body;
-    let mut files: Vec<(String, String)> = listed["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["kind"] != "console")
-        .map(|r| (r["kind"].as_str().unwrap().to_owned(), r["name"].as_str().unwrap().to_owned()))
-        .collect();
-    files.sort();
-    files
-}
-
 #[sqlx::test(migrations = "../migrations")]
 async fn result_files_wait_for_s3_and_are_listed_once_stored(pool: PgPool) {
     let git = GitServer::start();
@@ -256,7 +242,7 @@ async fn result_files_wait_for_s3_and_are_listed_once_stored(pool: PgPool) {
     let path = reply.body["links"]["self"].as_str().unwrap().to_owned();
     let run = stack.wait_finished(&path, Duration::from_secs(180)).await;
     assert_eq!(run["status"], "succeeded", "the status does not wait for S3: {run}");
-    assert!(listed_results(&stack, &path).await.is_empty(), "nothing reached S3 during the cut");
+    assert!(stack.listed_results(&path).await.is_empty(), "nothing reached S3 during the cut");
     let console = stack.console(&path).await;
     assert!(console.contains("dist/app.txt waits for S3"), "{console}");
     cut_off.host.heal(cut_off.s3);
@@ -264,8 +250,8 @@ async fn result_files_wait_for_s3_and_are_listed_once_stored(pool: PgPool) {
     let expected =
         vec![("artifact".to_owned(), "dist/app.txt".to_owned()), ("junit".to_owned(), "reports/junit.xml".to_owned())];
     let deadline = Instant::now() + Duration::from_secs(90);
-    while listed_results(&stack, &path).await != expected {
-        assert!(Instant::now() < deadline, "results after the heal: {:?}", listed_results(&stack, &path).await);
+    while stack.listed_results(&path).await != expected {
+        assert!(Instant::now() < deadline, "results after the heal: {:?}", stack.listed_results(&path).await);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let artifact = stack

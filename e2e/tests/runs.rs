@@ -16,6 +16,35 @@ fn job(script: &str) -> serde_json::Value {
            "resources": {"cpus": 0.5, "memory": "64Mi"}})
 }
 
+/// A freestyle job keeps files like a git job does, relative to its working directory.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_freestyle_job_keeps_its_results(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let junit = r#"<testsuite name="s"><testcase classname="c" name="ok"/><testcase classname="c" name="bad"><failure message="boom"/></testcase></testsuite>"#;
+    let mut with_results = job(&format!(
+        "mkdir -p out && echo '{junit}' > out/junit.xml && echo built > out/app.txt && echo stray > other.txt"
+    ));
+    with_results["workingDir"] = json!("/build");
+    with_results["results"] = json!({"junit": ["out/*.xml"], "artifacts": ["out/*.txt"]});
+    stack.put_job("keeps", with_results.clone()).await;
+    let path = stack.trigger("keeps").await;
+    let run = stack.wait_finished(&path, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    let files = stack.listed_results(&path).await;
+    assert_eq!(files, [("artifact".into(), "out/app.txt".into()), ("junit".into(), "out/junit.xml".into())]);
+    let summary = stack.api.get(run["links"]["junit"].as_str().unwrap()).await;
+    assert_eq!(summary.status, 200, "{}", summary.body);
+    assert_eq!((summary.body["tests"].as_u64(), summary.body["failures"].as_u64()), (Some(2), Some(1)));
+
+    // Results need a working directory to be relative to.
+    with_results.as_object_mut().unwrap().remove("workingDir");
+    let refused = stack.api.put("/jobs/keeps", with_results).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(refused.body["detail"].as_str().unwrap().contains("workingDir"), "{}", refused.body);
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn a_job_succeeds_or_fails_with_its_exit_code_and_leaves_nothing_behind(pool: PgPool) {
     let mut stack = Stack::start(pool).await;

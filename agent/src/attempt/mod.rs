@@ -260,7 +260,8 @@ impl Attempt<'_> {
         let (id, stop) = self.run_job(&plan, image, network).await?;
         if !matches!(stop, Stop::LeaseLost(_)) {
             if !plan.results.is_empty() {
-                self.collect_results(&id, &plan.results).await;
+                let root = plan.working_dir.as_deref().unwrap_or(crate::plan::WORKSPACE);
+                self.collect_results(&id, root, &plan.results).await;
             }
             self.keep_service_logs().await;
         }

@@ -10,7 +10,6 @@ use cimaster_common::Results;
 
 use super::{Attempt, Executor};
 use crate::archive::{self, Found};
-use crate::plan::WORKSPACE;
 use crate::storage;
 use cimaster_store::attempts::{Claim, StoredConsole};
 use cimaster_store::results::{self, StoredResult};
@@ -22,8 +21,10 @@ pub(super) enum Body<'a> {
 }
 
 impl Attempt<'_> {
-    /// Copies the result files out of the (stopped) job container into S3 and records them.
-    pub(super) async fn collect_results(&mut self, container: &str, results: &Results) {
+    /// Copies the files matching `results` (relative to `root`: the workspace of a git run, the
+    /// working directory of a freestyle one) out of the stopped job container into S3 and records
+    /// them.
+    pub(super) async fn collect_results(&mut self, container: &str, root: &str, results: &Results) {
         let (junit, artifacts) = match (archive::globs(&results.junit), archive::globs(&results.artifacts)) {
             (Ok(junit), Ok(artifacts)) => (junit, artifacts),
             (Err(err), _) | (_, Err(err)) => return self.console.note(&err).await,
@@ -33,7 +34,7 @@ impl Attempt<'_> {
         if let Err(err) = tokio::fs::create_dir_all(&dir).await {
             return self.console.note(&format!("cannot collect results: {err}")).await;
         }
-        let reader = tokio_util::io::StreamReader::new(self.executor.docker.download(container, WORKSPACE));
+        let reader = tokio_util::io::StreamReader::new(self.executor.docker.download(container, root));
         let selected = {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || {

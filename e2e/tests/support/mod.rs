@@ -252,6 +252,20 @@ impl Stack {
         self.wait_for(path, timeout, |status| !matches!(status, "queued" | "running")).await
     }
 
+    /// The result files (kind, name) a run lists, the console aside, sorted.
+    pub async fn listed_results(&self, path: &str) -> Vec<(String, String)> {
+        let listed = self.api.get(&format!("{path}/results")).await.body;
+        let mut files: Vec<(String, String)> = listed["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["kind"] != "console")
+            .map(|r| (r["kind"].as_str().unwrap().to_owned(), r["name"].as_str().unwrap().to_owned()))
+            .collect();
+        files.sort();
+        files
+    }
+
     pub async fn console(&self, path: &str) -> String {
         let response = self.api.request(reqwest::Method::GET, &format!("{path}/results/console")).send().await.unwrap();
         assert_eq!(response.status(), 200);
