@@ -6,19 +6,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cimaster_common::{queue_name, QueueArgument, QueueName, RunId, RunMessage};
+use cimaster_common::{QueueName, RunId, RunMessage};
 use futures::stream::{select_all, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Connection, ConnectionProperties};
-use secrecy::{ExposeSecret, SecretString};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use secrecy::SecretString;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use cimaster_amqp::Topology;
+use cimaster_store::attempts;
+
 use crate::admission::Admission;
 use crate::attempt::Executor;
-use cimaster_store::attempts;
 
 /// Abort signals of the runs this agent executes, by run id.
 #[derive(Clone, Default)]
@@ -93,18 +94,6 @@ pub struct Worker {
     pub aborts: AbortRegistry,
 }
 
-fn queue_arguments(prefix: &str) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (name, value) in cimaster_common::run_queue_arguments(prefix) {
-        let value = match value {
-            QueueArgument::Text(text) => AMQPValue::LongString(text.into()),
-            QueueArgument::Int(number) => AMQPValue::LongInt(number),
-        };
-        table.insert(ShortString::from(name), value);
-    }
-    table
-}
-
 impl Worker {
     /// Consumes until `stop_taking` (reconnecting after broker failures), while running attempts
     /// go on in `running`. `hard_stop` makes running attempts stop their containers.
@@ -129,23 +118,13 @@ impl Worker {
         stop_taking: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let properties = ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio)
-            .with_connection_name(format!("cimaster-agent {}", self.executor.agent).into());
-        let connection = Connection::connect(self.amqp_url.expose_secret(), properties).await?;
+        let connection =
+            cimaster_amqp::connect(&self.amqp_url, &format!("cimaster-agent {}", self.executor.agent)).await?;
         let mut consumers = Vec::new();
         for queue in &self.queues {
             let channel = connection.create_channel().await?;
             channel.basic_qos(1, BasicQosOptions::default()).await?;
-            let name = queue_name(&self.prefix, queue);
-            channel
-                .queue_declare(
-                    &name,
-                    QueueDeclareOptions { durable: true, ..Default::default() },
-                    queue_arguments(&self.prefix),
-                )
-                .await?;
+            let name = Topology::declare_run_queue(&channel, &self.prefix, queue).await?;
             let consumer = channel
                 .basic_consume(&name, &self.executor.agent, BasicConsumeOptions::default(), FieldTable::default())
                 .await?;

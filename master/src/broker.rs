@@ -8,14 +8,12 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use cimaster_common::{queue_name, QueueArgument, QueueName, RunMessage};
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use cimaster_common::{queue_name, QueueName, RunMessage};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::publisher_confirm::Confirmation;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use secrecy::{ExposeSecret, SecretString};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use secrecy::SecretString;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -35,75 +33,7 @@ pub enum PublishError {
     Returned,
 }
 
-/// Declares the topology every CIMaster process relies on: a quorum queue per resource class,
-/// dead-lettering into `<prefix>.dead`.
-pub struct Topology;
-
-impl Topology {
-    pub fn dead_letter_exchange(prefix: &str) -> String {
-        cimaster_common::dead_letter_exchange(prefix)
-    }
-
-    pub fn dead_letter_queue(prefix: &str) -> String {
-        cimaster_common::dead_letter_queue(prefix)
-    }
-
-    pub async fn declare_dead_letters(channel: &Channel, prefix: &str) -> Result<(), lapin::Error> {
-        let exchange = Self::dead_letter_exchange(prefix);
-        let queue = Self::dead_letter_queue(prefix);
-        channel
-            .exchange_declare(
-                &exchange,
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_declare(
-                &queue,
-                QueueDeclareOptions { durable: true, ..Default::default() },
-                field_table(&[("x-queue-type", QueueArgument::Text("quorum".to_owned()))]),
-            )
-            .await?;
-        channel.queue_bind(&queue, &exchange, "", QueueBindOptions::default(), FieldTable::default()).await
-    }
-
-    /// Declares the runs queue of one resource class; idempotent.
-    pub async fn declare_run_queue(channel: &Channel, prefix: &str, queue: &QueueName) -> Result<String, lapin::Error> {
-        let name = queue_name(prefix, queue);
-        channel
-            .queue_declare(
-                &name,
-                QueueDeclareOptions { durable: true, ..Default::default() },
-                field_table(&cimaster_common::run_queue_arguments(prefix)),
-            )
-            .await?;
-        Ok(name)
-    }
-}
-
-/// Turns plain queue arguments into AMQP's field table.
-pub fn field_table(arguments: &[(&'static str, QueueArgument)]) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (name, value) in arguments {
-        let value = match value {
-            QueueArgument::Text(text) => AMQPValue::LongString(text.as_str().into()),
-            QueueArgument::Int(number) => AMQPValue::LongInt(*number),
-        };
-        table.insert(ShortString::from(*name), value);
-    }
-    table
-}
-
-/// Connects to RabbitMQ with the tokio runtime.
-pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio)
-        .with_connection_name(name.into());
-    Connection::connect(url.expose_secret(), properties).await
-}
+pub use cimaster_amqp::{connect, field_table, Topology};
 
 struct Link {
     connection: Connection,

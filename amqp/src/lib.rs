@@ -1,0 +1,80 @@
+//! RabbitMQ as the master and the agent both see it: how to connect (on the tokio runtime) and the
+//! topology every CIMaster process relies on — a quorum queue per resource class, dead-lettering
+//! into `<prefix>.dead`. The names and arguments themselves are plain data in `cimaster-common`;
+//! this crate turns them into lapin's types, so `common` stays free of lapin.
+
+use cimaster_common::{queue_name, QueueArgument, QueueName};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Connects to RabbitMQ with the tokio runtime; `name` shows in the broker's connection list.
+pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio)
+        .with_connection_name(name.into());
+    Connection::connect(url.expose_secret(), properties).await
+}
+
+/// Declares the queues and the exchange runs travel through; every declaration is idempotent.
+pub struct Topology;
+
+impl Topology {
+    pub fn dead_letter_exchange(prefix: &str) -> String {
+        cimaster_common::dead_letter_exchange(prefix)
+    }
+
+    pub fn dead_letter_queue(prefix: &str) -> String {
+        cimaster_common::dead_letter_queue(prefix)
+    }
+
+    /// The fanout exchange runs are dead-lettered to, and the quorum queue behind it.
+    pub async fn declare_dead_letters(channel: &Channel, prefix: &str) -> Result<(), lapin::Error> {
+        let exchange = Self::dead_letter_exchange(prefix);
+        let queue = Self::dead_letter_queue(prefix);
+        channel
+            .exchange_declare(
+                &exchange,
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(
+                &queue,
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                field_table(&[("x-queue-type", QueueArgument::Text("quorum".to_owned()))]),
+            )
+            .await?;
+        channel.queue_bind(&queue, &exchange, "", QueueBindOptions::default(), FieldTable::default()).await
+    }
+
+    /// The runs queue of one resource class; returns its name.
+    pub async fn declare_run_queue(channel: &Channel, prefix: &str, queue: &QueueName) -> Result<String, lapin::Error> {
+        let name = queue_name(prefix, queue);
+        channel
+            .queue_declare(
+                &name,
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                field_table(&cimaster_common::run_queue_arguments(prefix)),
+            )
+            .await?;
+        Ok(name)
+    }
+}
+
+/// Turns plain queue arguments into AMQP's field table.
+pub fn field_table(arguments: &[(&'static str, QueueArgument)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in arguments {
+        let value = match value {
+            QueueArgument::Text(text) => AMQPValue::LongString(text.as_str().into()),
+            QueueArgument::Int(number) => AMQPValue::LongInt(*number),
+        };
+        table.insert(ShortString::from(*name), value);
+    }
+    table
+}
