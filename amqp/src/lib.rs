@@ -4,7 +4,9 @@
 //! this crate turns them into lapin's types, so `common` stays free of lapin.
 
 use cimaster_common::{queue_name, QueueArgument, QueueName};
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use secrecy::{ExposeSecret, SecretString};
@@ -64,6 +66,21 @@ impl Topology {
             .await?;
         Ok(name)
     }
+}
+
+/// Deletes what a prefix of its own declared (a test's or a benchmark's): the runs queues of these
+/// resource classes, the dead letters and their exchange. Each on a channel of its own, since
+/// deleting a queue that does not exist closes the channel it is sent on.
+pub async fn delete_prefix(url: &SecretString, prefix: &str, queues: &[&str]) -> Result<(), lapin::Error> {
+    let connection = connect(url, "cimaster-cleanup").await?;
+    let names = queues.iter().map(|queue| format!("{prefix}.runs.{queue}"));
+    for name in names.chain([Topology::dead_letter_queue(prefix)]) {
+        let channel = connection.create_channel().await?;
+        let _ = channel.queue_delete(&name, QueueDeleteOptions::default()).await;
+    }
+    let channel = connection.create_channel().await?;
+    let _ = channel.exchange_delete(&Topology::dead_letter_exchange(prefix), ExchangeDeleteOptions::default()).await;
+    connection.close(200, "cleaned up").await
 }
 
 /// Turns plain queue arguments into AMQP's field table.

@@ -32,6 +32,8 @@ struct Args {
     image: String,
     #[arg(long, env = "CIMASTER_DATABASE_URL")]
     database_url: String,
+    #[arg(long, env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
 }
 
 struct Sample {
@@ -64,8 +66,13 @@ async fn main() -> anyhow::Result<()> {
     let url = format!("{server}/{database}");
     let mut admin = PgConnection::connect(&args.database_url).await?;
     sqlx::query(&format!("CREATE DATABASE {database}")).execute(&mut admin).await?;
-    let result = run(&args, &url, &format!("bench-{suffix}")).await;
+    let prefix = format!("bench-{suffix}");
+    let result = run(&args, &url, &prefix).await;
     sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&mut admin).await?;
+    let amqp_url = secrecy::SecretString::from(args.amqp_url.clone());
+    if let Err(err) = cimaster_amqp::delete_prefix(&amqp_url, &prefix, &["default"]).await {
+        eprintln!("cannot delete the benchmark's queues: {err}");
+    }
     result
 }
 

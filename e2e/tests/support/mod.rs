@@ -59,26 +59,14 @@ pub struct Replica {
 /// Deletes the queues and the exchange the stack's prefix declared, so that a day of test runs leaves
 /// nothing in the broker. Runs on a thread of its own: drops happen inside the test's runtime.
 fn delete_topology(prefix: &str) {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let Ok(url) = std::env::var("CIMASTER_AMQP_URL") else { return };
     let prefix = prefix.to_owned();
     let cleanup = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let url = secrecy::SecretString::from(url);
-            let connect = cimaster_master::broker::connect(&url, "cimaster-e2e-cleanup");
-            let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await else { return };
-            let queues = ["default", "large", "gpu"].map(|queue| format!("{prefix}.runs.{queue}"));
-            for queue in queues.iter().chain([&format!("{prefix}.dead")]) {
-                // The broker closes a channel whose queue does not exist: one channel each.
-                if let Ok(channel) = connection.create_channel().await {
-                    let _ = channel.queue_delete(queue, QueueDeleteOptions::default()).await;
-                }
-            }
-            if let Ok(channel) = connection.create_channel().await {
-                let _ = channel.exchange_delete(&format!("{prefix}.dlx"), ExchangeDeleteOptions::default()).await;
-            }
-            let _ = connection.close(200, "done").await;
+            let delete = cimaster_amqp::delete_prefix(&url, &prefix, &["default", "large", "gpu"]);
+            let _ = tokio::time::timeout(Duration::from_secs(10), delete).await;
         });
     });
     let _ = cleanup.join();

@@ -14,7 +14,7 @@ use cimaster_master::auth::{Role, Signer};
 use cimaster_master::broker::{connect, Topology};
 use cimaster_master::pool::store;
 use clap::Parser;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
 use lapin::BasicProperties;
 use secrecy::SecretString;
@@ -129,13 +129,9 @@ async fn main() -> anyhow::Result<()> {
     let result = run(&args, &bench_url, &prefix).await;
     let pool_closed =
         sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&mut admin).await;
-    if let Ok(connection) = connect(&SecretString::from(args.amqp_url.clone()), "cimaster-bench-cleanup").await {
-        let channel = connection.create_channel().await?;
-        for queue in
-            [format!("{prefix}.runs.default"), format!("{prefix}.runs.baseline"), Topology::dead_letter_queue(&prefix)]
-        {
-            let _ = channel.queue_delete(&queue, QueueDeleteOptions::default()).await;
-        }
+    let amqp_url = SecretString::from(args.amqp_url.clone());
+    if let Err(err) = cimaster_amqp::delete_prefix(&amqp_url, &prefix, &["default", "baseline"]).await {
+        eprintln!("cannot delete the benchmark's queues: {err}");
     }
     pool_closed?;
     result

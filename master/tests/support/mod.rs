@@ -11,7 +11,7 @@ use cimaster_master::config::{
     AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, PoolConfig, ReaperConfig,
 };
 use cimaster_master::Application;
-use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -312,21 +312,8 @@ pub async fn drain_queue(prefix: &str, queue: &str) -> Vec<String> {
 }
 
 pub async fn delete_queues(prefix: &str, queues: &[&str]) {
-    let Ok(connection) =
-        cimaster_master::broker::connect(&SecretString::from(amqp_url()), "cimaster-test-cleanup").await
-    else {
-        return;
-    };
-    for queue in queues.iter().map(|q| format!("{prefix}.runs.{q}")).chain([format!("{prefix}.dead")]) {
-        // A channel is closed by the broker when the queue does not exist, so use one per queue.
-        if let Ok(channel) = connection.create_channel().await {
-            let _ = channel.queue_delete(&queue, QueueDeleteOptions::default()).await;
-        }
-    }
-    if let Ok(channel) = connection.create_channel().await {
-        let _ = channel.exchange_delete(&format!("{prefix}.dlx"), ExchangeDeleteOptions::default()).await;
-    }
-    let _ = connection.close(200, "done").await;
+    let url = SecretString::from(amqp_url());
+    let _ = tokio::time::timeout(Duration::from_secs(10), cimaster_amqp::delete_prefix(&url, prefix, queues)).await;
 }
 
 /// Polls `check` until it returns `Some`, for up to `timeout`.
