@@ -16,7 +16,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::dispatch::{run_dispatcher, ConfirmLog};
 use crate::http::{router, AppState};
-use crate::trigger::{JobCache, TriggerDeps, Triggers};
+use crate::trigger::{JobCache, Triggers};
 use crate::{db, telemetry};
 
 pub struct Application {
@@ -60,7 +60,7 @@ impl Application {
         ];
         let max_timeout_seconds = u32::try_from(config.max_timeout.as_secs()).unwrap_or(u32::MAX);
         let jobs = JobCache::default();
-        let triggers = Triggers::new(TriggerDeps {
+        let triggers = Triggers {
             pool: pool.clone(),
             broker: broker.clone(),
             confirms: confirms.clone(),
@@ -68,7 +68,7 @@ impl Application {
             repos: Arc::new(crate::repo::RepoReader::new(Duration::from_secs(60))),
             secrets: secrets.clone(),
             max_timeout_seconds,
-        });
+        };
         let state = AppState {
             pool,
             broker,

@@ -76,9 +76,9 @@ async fn list_results(
     let job = job_name(&name)?;
     let run = run_id(&id)?;
     let progress = runs::progress(&state.pool, &job, run).await?.ok_or_else(|| run_not_found(&job, run))?;
+    let chosen = query.attempt.map(|requested| attempt_in_range(&id, &progress, Some(requested))).transpose()?;
     let mut results = all_results(&state, &job, run, progress).await?;
-    if let Some(chosen) = query.attempt {
-        let (_, chosen, _) = chosen_attempt(&state, &name, &id, Some(chosen)).await?;
+    if let Some(chosen) = chosen {
         results.retain(|entry| entry.attempt == chosen);
     }
     Ok(axum::Json(ResultList { results }))
@@ -157,12 +157,18 @@ async fn chosen_attempt(
     let job = job_name(name)?;
     let run = run_id(id)?;
     let progress = runs::progress(&state.pool, &job, run).await?.ok_or_else(|| run_not_found(&job, run))?;
+    let attempt = attempt_in_range(id, &progress, requested)?;
+    Ok((run.0, attempt, progress.is_live(attempt)))
+}
+
+/// The requested attempt (default: the current one), 404 unless the run has had it.
+fn attempt_in_range(id: &str, progress: &Progress, requested: Option<i32>) -> Result<i32, ApiError> {
     let current = progress.attempt;
     let attempt = requested.unwrap_or(current);
     if attempt < 1 || attempt > current {
         return Err(ApiError::NotFound(format!("run {id} has attempts 1 to {current}, not {attempt}")));
     }
-    Ok((run.0, attempt, progress.is_live(attempt)))
+    Ok(attempt)
 }
 
 async fn stored_files(

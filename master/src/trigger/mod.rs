@@ -59,20 +59,10 @@ pub enum Created {
 /// Creates runs. Cheap to clone; one per replica.
 #[derive(Clone)]
 pub struct Triggers {
-    pool: PgPool,
-    broker: Broker,
-    confirms: ConfirmLog,
-    jobs: JobCache,
-    repos: Arc<RepoReader>,
-    secrets: Option<SecretBox>,
-    max_timeout_seconds: u32,
-}
-
-/// What [`Triggers`] is built from.
-pub struct TriggerDeps {
     pub pool: PgPool,
     pub broker: Broker,
     pub confirms: ConfirmLog,
+    /// Shared with the API, which forgets a job when it changes.
     pub jobs: JobCache,
     pub repos: Arc<RepoReader>,
     pub secrets: Option<SecretBox>,
@@ -80,11 +70,6 @@ pub struct TriggerDeps {
 }
 
 impl Triggers {
-    pub fn new(deps: TriggerDeps) -> Self {
-        let TriggerDeps { pool, broker, confirms, jobs, repos, secrets, max_timeout_seconds } = deps;
-        Triggers { pool, broker, confirms, jobs, repos, secrets, max_timeout_seconds }
-    }
-
     /// Creates a run (or finds the one an earlier trigger with the same idempotency key created)
     /// and publishes it.
     pub async fn create(&self, trigger: &Trigger<'_>) -> Result<Created, TriggerError> {
