@@ -1,5 +1,6 @@
 //! The agent's typed configuration, from `CIMASTER_*` variables.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use cimaster_common::storage::S3Config;
@@ -73,12 +74,17 @@ pub struct AgentConfig {
     #[arg(long = "network-pool", env = "CIMASTER_AGENT_NETWORK_POOL")]
     pub network_pool: Option<SubnetPool>,
 
-    /// Registry credentials for pulling job images that are not present locally.
-    #[arg(long = "registry-username", env = "CIMASTER_REGISTRY_USERNAME")]
-    pub registry_username: Option<String>,
+    /// The agent's private directory (logs being written, result parcels, uploads still pending,
+    /// which survive restarts). Default: `cimaster-agent-<id>` in the system's temp directory.
+    /// Made 0700; a symlink or another user's directory there is refused.
+    #[arg(long = "work-dir", env = "CIMASTER_AGENT_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
 
-    #[arg(long = "registry-password", env = "CIMASTER_REGISTRY_PASSWORD", hide_env_values = true)]
-    pub registry_password: Option<SecretString>,
+    /// Registry credentials for pulling images that are not present locally: a Docker
+    /// `config.json` (what `docker login` writes). Each registry's entry is sent to that registry
+    /// only.
+    #[arg(long = "registry-auth-file", env = "CIMASTER_REGISTRY_AUTH_FILE")]
+    pub registry_auth_file: Option<PathBuf>,
 
     /// Image with git (and ssh) that checks out git jobs' repositories into the run's workspace.
     #[arg(long = "git-image", env = "CIMASTER_AGENT_GIT_IMAGE", default_value = "cimaster-git:bookworm")]

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::Duration;
 
-use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
@@ -22,6 +21,8 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+
+use crate::registry::RegistryAuths;
 
 pub const LABEL_AGENT: &str = "cimaster.agent";
 pub const LABEL_JOB: &str = "cimaster.job";
@@ -118,21 +119,16 @@ pub struct JobContainer {
 #[derive(Clone)]
 pub(crate) struct DockerClient {
     docker: Docker,
-    credentials: Option<DockerCredentials>,
+    registries: RegistryAuths,
 }
 
 impl DockerClient {
-    /// Connects to the local engine (`DOCKER_HOST` or the default socket). `credentials` are used
-    /// for pulls.
-    pub async fn connect(credentials: Option<(String, String)>) -> Result<Self, DockerError> {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket). Pulls and builds carry
+    /// `registries`' credentials, each to its own registry.
+    pub async fn connect(registries: RegistryAuths) -> Result<Self, DockerError> {
         let docker = Docker::connect_with_local_defaults().map_err(DockerError::Connect)?;
         docker.ping().await.map_err(DockerError::Connect)?;
-        let credentials = credentials.map(|(username, password)| DockerCredentials {
-            username: Some(username),
-            password: Some(password),
-            ..Default::default()
-        });
-        Ok(Self { docker, credentials })
+        Ok(Self { docker, registries })
     }
 
     /// Uses the image if present, pulls it otherwise.
@@ -141,7 +137,7 @@ impl DockerClient {
             return Ok(());
         }
         let options = CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
-        let mut pull = self.docker.create_image(Some(options), None, self.credentials.clone());
+        let mut pull = self.docker.create_image(Some(options), None, self.registries.for_image(image));
         while let Some(progress) = pull.next().await {
             progress.map_err(|source| DockerError::Pull { image: image.to_owned(), source })?;
         }
@@ -215,6 +211,9 @@ impl DockerClient {
             memory_swap: spec.memory_bytes,
             mounts,
             pids_limit: Some(4096),
+            // Docker's init is PID 1: it passes SIGTERM on to the script (a shell as PID 1 ignores
+            // it) and reaps orphans, so a stop takes as long as the script needs, not the grace.
+            init: Some(true),
             privileged: Some(false),
             network_mode: Some(spec.network.clone()),
             cap_drop: Some(vec!["NET_RAW".to_owned(), "MKNOD".to_owned(), "SYS_CHROOT".to_owned()]),
@@ -338,8 +337,8 @@ impl DockerClient {
             labels: Some(labels),
             ..Default::default()
         };
-        let credentials = self.credentials.clone().map(|creds| HashMap::from([(String::new(), creds)]));
-        let mut build = self.docker.build_image(options, credentials, Some(bollard::body_full(context)));
+        let mut build =
+            self.docker.build_image(options, self.registries.for_build(), Some(bollard::body_full(context)));
         while let Some(info) = build.next().await {
             let info = info.map_err(|err| DockerError::Build(err.to_string()))?;
             if let Some(error) = info.error {

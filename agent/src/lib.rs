@@ -12,8 +12,10 @@ mod live;
 mod networks;
 pub mod pending;
 pub mod plan;
+pub mod registry;
 pub mod storage;
 pub mod subnets;
+mod workdir;
 pub mod worker;
 
 use std::time::Duration;
@@ -27,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::AgentConfig;
 use docker::DockerClient;
+use registry::RegistryAuths;
 
 /// Signals that drive the agent's shutdown.
 #[derive(Clone, Default)]
@@ -48,7 +51,9 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let admission = admission(&config);
     let background = CancellationToken::new();
     let sampler = admission.spawn_cpu_sampler(background.clone());
-    let work_dir = work_dir(&agent).await?;
+    let work_dir =
+        config.work_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("cimaster-agent-{agent}")));
+    let work_dir = workdir::prepare(&work_dir)?;
     let pending = pending::Pending::new(&work_dir, pool.clone(), s3.clone(), config.s3.bucket.clone());
     pending.discard_unsealed().await.context("the agent's work directory")?;
     let uploader = tokio::spawn(pending.clone().run(background.clone()));
@@ -119,12 +124,12 @@ fn databases(config: &AgentConfig, timing: &lease::LeaseTiming) -> anyhow::Resul
 
 /// Connects to Docker and removes what an earlier run of this agent left behind.
 async fn docker(config: &AgentConfig, agent: &str) -> anyhow::Result<DockerClient> {
-    let credentials = match (&config.registry_username, &config.registry_password) {
-        (Some(username), Some(password)) => Some((username.clone(), password.expose_secret().to_owned())),
-        (None, None) => None,
-        _ => anyhow::bail!("set both CIMASTER_REGISTRY_USERNAME and CIMASTER_REGISTRY_PASSWORD, or neither"),
+    let auths = match &config.registry_auth_file {
+        Some(path) => RegistryAuths::load(path)?,
+        None => RegistryAuths::default(),
     };
-    let docker = DockerClient::connect(credentials).await.context("Docker")?;
+    tracing::info!(registries = ?auths.registries().collect::<Vec<_>>(), "registry credentials");
+    let docker = DockerClient::connect(auths).await.context("Docker")?;
     let swept = docker.sweep(agent).await.context("sweeping leftovers")?;
     if swept > 0 {
         tracing::info!(containers = swept, "removed leftovers of an earlier run of this agent");
@@ -158,14 +163,6 @@ fn admission(config: &AgentConfig) -> admission::Admission {
 
 /// The agent's private work directory, stable across restarts with the same id (output waiting
 /// for S3 is kept here).
-async fn work_dir(agent: &str) -> anyhow::Result<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let work_dir = std::env::temp_dir().join(format!("cimaster-agent-{agent}"));
-    tokio::fs::create_dir_all(&work_dir).await?;
-    tokio::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700)).await?;
-    Ok(work_dir)
-}
-
 /// Lets running jobs finish, up to `grace`; then (or on a second signal) aborts them.
 async fn drain(running: &mut JoinSet<()>, grace: Duration, shutdown: &Shutdown) {
     if running.is_empty() {

@@ -107,6 +107,7 @@ mod tests {
     use std::process::Command;
 
     use super::*;
+    use crate::registry::RegistryAuths;
 
     fn docker(args: &[&str]) -> String {
         let output = Command::new("docker").args(args).output().unwrap();
@@ -130,7 +131,8 @@ mod tests {
     #[tokio::test]
     async fn an_empty_network_is_lent_again_and_an_occupied_one_is_removed() {
         let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
-        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 1, None);
+        let networks =
+            Networks::new(DockerClient::connect(RegistryAuths::default()).await.unwrap(), agent.clone(), 1, None);
 
         let first = networks.take(&labels(&agent)).await.unwrap();
         let second = networks.take(&labels(&agent)).await.unwrap();
@@ -186,7 +188,8 @@ mod tests {
     #[tokio::test]
     async fn with_none_kept_each_run_gets_its_own_network_removed_after_it() {
         let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
-        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 0, None);
+        let networks =
+            Networks::new(DockerClient::connect(RegistryAuths::default()).await.unwrap(), agent.clone(), 0, None);
         let run = labels(&agent);
         let network = networks.take(&run).await.unwrap();
         let filter = format!("label=cimaster.run={}", run.run);
@@ -205,7 +208,8 @@ mod tests {
         let taken = format!("10.241.{third}.0/27");
         assert!(!docker(&["network", "create", "--subnet", &taken, &foreign]).is_empty(), "cannot create {taken}");
         let pool: SubnetPool = range.parse().unwrap();
-        let networks = Networks::new(DockerClient::connect(None).await.unwrap(), agent.clone(), 0, Some(pool));
+        let networks =
+            Networks::new(DockerClient::connect(RegistryAuths::default()).await.unwrap(), agent.clone(), 0, Some(pool));
 
         let first = networks.take(&labels(&agent)).await.unwrap();
         let subnet = docker(&["network", "inspect", &first.name, "--format", "{{(index .IPAM.Config 0).Subnet}}"]);

@@ -244,7 +244,27 @@ fn validate_repository_url(value: &str) -> Result<String, InvalidValue> {
             "use an https://, http://, ssh://, git:// or file:// URL, or user@host:path",
         ));
     }
+    if let Some(reason) = credentials_in_url(value) {
+        // Never echo the value: it holds a credential.
+        return Err(InvalidValue { what: WHAT, value: "(redacted)".into(), reason });
+    }
     Ok(value.to_owned())
+}
+
+/// Why a repository URL carries a credential, if it does: any user in an http(s) or git URL (a
+/// token, often), a password in any URL. Credentials belong in the job's `tokenSecret` or
+/// `sshKeySecret`, which are encrypted and never shown.
+fn credentials_in_url(value: &str) -> Option<&'static str> {
+    let (scheme, rest) = value.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    if userinfo.contains(':') {
+        Some("must not hold a password (`user:password@`); put a token in the job's `tokenSecret` instead")
+    } else if scheme != "ssh" {
+        Some("must not hold a user or token (`token@`); put the token in the job's `tokenSecret` instead")
+    } else {
+        None
+    }
 }
 
 fn validate_config_path(value: &str) -> Result<String, InvalidValue> {
@@ -340,6 +360,18 @@ mod tests {
         }
         for bad in ["", "repo", "https://", "ftp://x/y", "https://a b"] {
             assert!(RepositoryUrl::parse(bad).is_err(), "{bad}");
+        }
+        assert!(RepositoryUrl::parse("ssh://git@git.example/org/repo.git").is_ok());
+        for leaky in [
+            "https://alice:hunter2@git.example/org/repo.git",
+            "https://ghp_token123@git.example/org/repo.git",
+            "http://x-access-token:ghp_token123@git.example/r",
+            "ssh://git:hunter2@git.example/r",
+            "git://u:hunter2@h/r",
+        ] {
+            let err = RepositoryUrl::parse(leaky).unwrap_err().to_string();
+            assert!(!err.contains("hunter2") && !err.contains("ghp_token123"), "{err}");
+            assert!(err.contains("tokenSecret"), "{err}");
         }
         assert!(ConfigPath::parse(".cimaster.yml").is_ok());
         assert!(ConfigPath::parse("ci/job.yml").is_ok());

@@ -115,6 +115,11 @@ pub struct GitJob {
     /// `queue` overrides it).
     #[serde(default)]
     pub queue: QueueName,
+    /// The job secrets the repository's config file may ask for (its `secrets`); a config asking
+    /// for any other fails the trigger. The repository proposes, the job's owner allows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
+    pub secrets: Vec<EnvName>,
     /// Name of a job secret holding an HTTPS token for a private repository (sent as basic auth
     /// `x-access-token:TOKEN`, as GitHub, GitLab and Gitea accept).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -14,7 +14,7 @@ use support::{leftovers, run_id, AgentOptions, GitServer, Stack};
 const WAIT: Duration = Duration::from_secs(120);
 
 fn git_job(url: &str) -> Value {
-    json!({"kind": "git", "repository": url, "parameters": {"GREETING": "hello"}})
+    json!({"kind": "git", "repository": url, "parameters": {"GREETING": "hello"}, "secrets": ["API_TOKEN"]})
 }
 
 async fn trigger_with(stack: &Stack, job: &str, body: Value) -> support::Reply {
@@ -305,6 +305,10 @@ async fn results_of_a_failing_run_are_collected_and_summarised(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(artifact.status(), 200);
+    // A file a job wrote is never run as a page of the API's origin.
+    assert_eq!(artifact.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(artifact.headers()["content-security-policy"], "sandbox");
+    assert_eq!(artifact.headers()["content-disposition"], "attachment; filename=\"app.txt\"; filename*=UTF-8''app.txt");
     assert_eq!(artifact.text().await.unwrap(), "artifact body\n");
     let missing = stack.api.get(&format!("{path}/results/artifacts/dist/nope.txt")).await;
     assert_eq!(missing.status, 404);

@@ -1,6 +1,7 @@
 //! Bearer-token authentication (JWT) and role checks.
 //!
-//! One algorithm is pinned per installation; `exp` and `aud = cimaster` are required. Roles nest:
+//! One algorithm is pinned per installation; `exp`, `sub` and `aud` (`cimaster`, or an array holding
+//! it, as external identity providers send) are required and `nbf` is honoured. Roles nest:
 //! `admin` may do everything `trigger` may, which may do everything `read` may.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -38,6 +39,13 @@ pub struct Claims {
     pub exp: u64,
     pub iat: u64,
     pub roles: Vec<Role>,
+}
+
+/// What a verified token must carry besides the claims the library checks (`exp`, `nbf`, `aud`).
+#[derive(Deserialize)]
+struct Verified {
+    sub: String,
+    roles: Vec<Role>,
 }
 
 /// Who made a request, once their token checked out.
@@ -119,6 +127,7 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "aud", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = 30;
         Ok(Self { key, validation })
     }
@@ -132,19 +141,25 @@ impl Verifier {
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::Malformed)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|err| {
-            use jsonwebtoken::errors::ErrorKind;
-            match err.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
-                ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted".into()),
-                ErrorKind::InvalidAudience => AuthError::Invalid(format!("audience must be `{AUDIENCE}`")),
-                ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!("claim `{claim}` is required")),
-                _ => AuthError::Invalid(err.to_string()),
-            }
-        })?;
+        let data = jsonwebtoken::decode::<Verified>(token, &self.key, &self.validation).map_err(refusal)?;
         Ok(Caller { subject: data.claims.sub, roles: data.claims.roles })
     }
+}
+
+/// Why a token was refused, in words that name the rule and never echo the parser's internals.
+fn refusal(err: jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    let why = match err.kind() {
+        ErrorKind::ExpiredSignature => return AuthError::Expired,
+        ErrorKind::ImmatureSignature => "not valid yet (`nbf` is in the future)".into(),
+        ErrorKind::InvalidSignature => "bad signature".into(),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "algorithm not accepted".into(),
+        ErrorKind::InvalidAudience => format!("audience must be `{AUDIENCE}` or a list holding it"),
+        ErrorKind::MissingRequiredClaim(claim) => format!("claim `{claim}` is required"),
+        ErrorKind::Json(_) => "claims must include `sub` (a string) and `roles` (read, trigger, admin)".into(),
+        _ => "not a well-formed JWT".into(),
+    };
+    AuthError::Invalid(why)
 }
 
 fn read_key(path: &std::path::Path) -> Result<Vec<u8>, KeyError> {
@@ -240,6 +255,47 @@ mod tests {
         assert!(matches!(v.verify_header(Some(&format!("Bearer {other}"))), Err(AuthError::Invalid(_))));
         assert!(matches!(v.verify_header(None), Err(AuthError::Missing)));
         assert!(matches!(v.verify_header(Some("Basic abc")), Err(AuthError::Malformed)));
+    }
+
+    fn hs256_token(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes()))
+            .unwrap()
+    }
+
+    fn now() -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    #[test]
+    fn an_audience_list_holding_cimaster_is_accepted() {
+        let token = hs256_token(serde_json::json!({
+            "sub": "ci-bot", "aud": ["https://idp.example", "cimaster"], "exp": now() + 60, "roles": ["read"]}));
+        let caller = verifier().verify_header(Some(&format!("Bearer {token}"))).unwrap();
+        assert_eq!(caller.subject, "ci-bot");
+        let foreign = hs256_token(serde_json::json!({
+            "sub": "ci-bot", "aud": ["https://idp.example"], "exp": now() + 60, "roles": ["read"]}));
+        let err = verifier().verify_header(Some(&format!("Bearer {foreign}"))).unwrap_err();
+        assert!(err.to_string().contains("audience"), "{err}");
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused() {
+        let token = hs256_token(serde_json::json!({
+            "sub": "early", "aud": "cimaster", "nbf": now() + 3600, "exp": now() + 7200, "roles": ["admin"]}));
+        let err = verifier().verify_header(Some(&format!("Bearer {token}"))).unwrap_err();
+        assert!(err.to_string().contains("nbf"), "{err}");
+    }
+
+    #[test]
+    fn refusals_do_not_echo_parser_internals() {
+        let wrong_claims = hs256_token(serde_json::json!({
+            "sub": 42, "aud": "cimaster", "exp": now() + 60, "roles": ["root"]}));
+        for token in [wrong_claims.as_str(), "abc.def.ghi", "%%%", "a.b"] {
+            let err = verifier().verify_header(Some(&format!("Bearer {token}"))).unwrap_err().to_string();
+            for internal in ["line", "column", "invalid type", "Base64", "Utf8", "Json", "unknown variant"] {
+                assert!(!err.contains(internal), "`{token}` answered `{err}`");
+            }
+        }
     }
 
     fn key(name: &str) -> std::path::PathBuf {

@@ -34,6 +34,9 @@ pub struct Config {
     #[command(flatten)]
     pub pool: PoolConfig,
 
+    #[command(flatten)]
+    pub git: GitConfig,
+
     /// Key for job secrets at rest: 32 bytes, base64 (`openssl rand -base64 32`). Without it the
     /// secrets API is unavailable.
     #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
@@ -46,6 +49,26 @@ pub struct Config {
     /// Apply database migrations when the server starts (safe with several replicas).
     #[arg(long, env = "CIMASTER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
+}
+
+/// How the master reads git jobs' repositories when they are triggered.
+#[derive(Debug, Clone, Args)]
+pub struct GitConfig {
+    /// Accept `file://` repositories, read from the master's own disk (tests, single-host setups).
+    /// Off by default: only https, http, ssh and git are spoken.
+    #[arg(long = "allow-file-repositories", env = "CIMASTER_ALLOW_FILE_REPOSITORIES", default_value_t = false,
+        action = clap::ArgAction::Set)]
+    pub allow_file: bool,
+
+    /// How long one repository read (resolving a branch, reading the config file) may take,
+    /// waiting for a free slot included; well under any HTTP client's timeout.
+    #[arg(long = "git-timeout", env = "CIMASTER_GIT_TIMEOUT", default_value = "20s",
+        value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// Repository reads run at once; more wait for a slot.
+    #[arg(long = "git-max-reads", env = "CIMASTER_GIT_MAX_READS", default_value_t = 8)]
+    pub max_reads: usize,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -11,6 +11,9 @@ use std::time::Duration;
 use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::process::Command;
+use tokio::sync::Semaphore;
+
+use crate::config::GitConfig;
 
 /// Credentials for a private repository.
 #[derive(Default)]
@@ -31,24 +34,56 @@ pub enum RepoError {
     NoSuchCommit(String),
     #[error("cannot read the repository: {0}")]
     Unreadable(String),
+    #[error("the config file is {0} bytes; at most 262144 are read")]
+    TooLarge(usize),
+    #[error("`{0}://` repositories are not read by this server (CIMASTER_ALLOW_FILE_REPOSITORIES)")]
+    SchemeRefused(&'static str),
 }
 
 /// Reads repositories for the trigger path; config files are cached by (repository, commit, path),
-/// which never change.
+/// which never change. At most `max_reads` reads run at once, each bounded by `timeout`.
 pub struct RepoReader {
     timeout: Duration,
+    allow_file: bool,
+    slots: Semaphore,
     files: Mutex<HashMap<(String, String, String), Option<String>>>,
 }
 
 const CACHED_FILES: usize = 512;
+/// The largest config file kept in the cache (and accepted at all).
+pub const MAX_CONFIG_FILE: usize = 256 * 1024;
 
 impl RepoReader {
-    pub fn new(timeout: Duration) -> Self {
-        Self { timeout, files: Mutex::new(HashMap::new()) }
+    pub fn new(config: &GitConfig) -> Self {
+        Self {
+            timeout: config.timeout,
+            allow_file: config.allow_file,
+            slots: Semaphore::new(config.max_reads.max(1)),
+            files: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Refuses a repository this server does not read: `file://` unless allowed.
+    pub fn check_scheme(&self, url: &str) -> Result<(), RepoError> {
+        if !self.allow_file && url.starts_with("file://") {
+            return Err(RepoError::SchemeRefused("file"));
+        }
+        Ok(())
+    }
+
+    /// The transports git may use (`GIT_ALLOW_PROTOCOL`): this covers redirects and submodules too.
+    fn protocols(&self) -> &'static str {
+        if self.allow_file {
+            "https:http:ssh:git:file"
+        } else {
+            "https:http:ssh:git"
+        }
     }
 
     /// The commit a branch points at now.
     pub async fn resolve_branch(&self, url: &str, branch: &str, creds: &Credentials) -> Result<String, RepoError> {
+        self.check_scheme(url)?;
+        let _slot = self.slot().await?;
         let dir = tempdir()?;
         let reference = format!("refs/heads/{branch}");
         let out = self.git(dir.path(), creds, &["ls-remote", "--", url, &reference]).await?;
@@ -71,6 +106,8 @@ impl RepoReader {
         if let Some(hit) = self.files.lock().expect("cache lock").get(&key) {
             return Ok(hit.clone());
         }
+        self.check_scheme(url)?;
+        let _slot = self.slot().await?;
         let dir = tempdir()?;
         self.git(dir.path(), creds, &["init", "--quiet", "--bare", "."]).await?;
         let fetched =
@@ -81,7 +118,15 @@ impl RepoReader {
             }
         }
         fetched?;
-        let text = match self.git(dir.path(), creds, &["show", &format!("{commit}:{path}")]).await {
+        let object = format!("{commit}:{path}");
+        let size = match self.git(dir.path(), creds, &["cat-file", "-s", &object]).await {
+            Ok(size) => size.trim().parse::<usize>().unwrap_or(usize::MAX),
+            Err(_) => 0, // no such file: `show` below says so
+        };
+        if size > MAX_CONFIG_FILE {
+            return Err(RepoError::TooLarge(size));
+        }
+        let text = match self.git(dir.path(), creds, &["show", &object]).await {
             Ok(text) => Some(text),
             Err(RepoError::Unreadable(message))
                 if message.contains("does not exist") || message.contains("exists on disk, but not in") =>
@@ -98,6 +143,17 @@ impl RepoReader {
         Ok(text)
     }
 
+    /// A slot to read in, waited for no longer than one read may take.
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, RepoError> {
+        match tokio::time::timeout(self.timeout, self.slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(RepoError::Unreadable(format!(
+                "too many repository reads at once; none was free for {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
     /// Runs git in `dir` and returns its stdout; stderr becomes the error, with credentials kept out of
     /// the command line (they travel in the environment).
     async fn git(&self, dir: &Path, creds: &Credentials, args: &[&str]) -> Result<String, RepoError> {
@@ -107,6 +163,7 @@ impl RepoReader {
             .current_dir(dir)
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_ALLOW_PROTOCOL", self.protocols())
             .env("HOME", dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -204,7 +261,7 @@ mod tests {
         let repo = dir.path().join("repo");
         let url = format!("file://{}", repo.display());
         let main = sh(&repo, "git rev-parse main");
-        let reader = RepoReader::new(Duration::from_secs(20));
+        let reader = RepoReader::new(&GitConfig { allow_file: true, timeout: Duration::from_secs(20), max_reads: 2 });
         let creds = Credentials::default();
         assert_eq!(reader.resolve_branch(&url, "main", &creds).await.unwrap(), main);
         let feature = reader.resolve_branch(&url, "feature", &creds).await.unwrap();
@@ -217,5 +274,23 @@ mod tests {
         assert!(matches!(err, RepoError::NoSuchCommit(_)), "{err}");
         let err = reader.resolve_branch("file:///nowhere/at/all", "main", &creds).await.unwrap_err();
         assert!(matches!(err, RepoError::Unreadable(_)), "{err}");
+
+        sh(
+            &repo,
+            "git checkout -q main && head -c 300000 /dev/zero | tr '\\0' x > .cimaster.yml && git commit -qam big",
+        );
+        let big = sh(&repo, "git rev-parse main");
+        let err = reader.read_file(&url, &big, ".cimaster.yml", &creds).await.unwrap_err();
+        assert!(matches!(err, RepoError::TooLarge(300000)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn file_repositories_are_read_only_when_allowed() {
+        let strict = RepoReader::new(&GitConfig { allow_file: false, timeout: Duration::from_secs(20), max_reads: 2 });
+        let err = strict.resolve_branch("file:///tmp/x", "main", &Credentials::default()).await.unwrap_err();
+        assert!(matches!(err, RepoError::SchemeRefused("file")), "{err}");
+        assert!(strict.check_scheme("https://git.example/r.git").is_ok());
+        // git itself refuses the transport too, whatever a URL or a redirect says.
+        assert_eq!(strict.protocols(), "https:http:ssh:git");
     }
 }

@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -65,7 +64,7 @@ impl Application {
             broker: broker.clone(),
             confirms: confirms.clone(),
             jobs: jobs.clone(),
-            repos: Arc::new(crate::repo::RepoReader::new(Duration::from_secs(60))),
+            repos: Arc::new(crate::repo::RepoReader::new(&config.git)),
             secrets: secrets.clone(),
             max_timeout_seconds,
         };

@@ -162,6 +162,37 @@ async fn git_runs_take_exactly_one_of_commit_and_branch(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn the_job_bounds_what_the_repository_may_ask_for(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let api = app.admin();
+    let mut repo = LocalRepo::new(&[]);
+    let greedy = repo.commit_config("greedy", "image: busybox:latest\nscript: env\nsecrets: [DEPLOY_KEY, NPM_TOKEN]\n");
+    let modest = repo.commit_config("modest", "image: busybox:latest\nscript: env\nsecrets: [NPM_TOKEN]\n");
+    let mut job = git_job(&repo);
+    job["secrets"] = json!(["NPM_TOKEN"]);
+    assert_eq!(api.put("/jobs/e2e", job).await.status, 201);
+
+    // Any commit the caller names is read, but the job's `secrets` is the ceiling.
+    for trigger in [json!({"branchName": "greedy"}), json!({"commitSha": greedy})] {
+        api.post("/jobs/e2e/runs", trigger)
+            .await
+            .expect_problem(422, "asks for secret `DEPLOY_KEY`, which job `e2e` does not allow");
+    }
+    let ok = api.post("/jobs/e2e/runs", json!({"commitSha": modest})).await;
+    assert_eq!(ok.status, 201, "{}", ok.body);
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&pool).await.unwrap();
+    assert_eq!(runs, 1, "a refused trigger leaves nothing behind");
+
+    // Repository URLs never carry credentials, and the refusal does not repeat them.
+    let mut leaky = git_job(&repo);
+    leaky["repository"] = json!("https://ci:hunter2-pass@git.example/org/repo.git");
+    let refused = api.put("/jobs/leaky", leaky).await;
+    refused.expect_problem(422, "tokenSecret");
+    assert!(!refused.body.to_string().contains("hunter2-pass"), "{}", refused.body);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn idempotency_key_returns_the_same_run(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let api = app.admin();
@@ -521,5 +552,30 @@ async fn secrets_are_write_only_and_encrypted_at_rest(pool: PgPool) {
         .expect_problem(403, "admin");
     assert_eq!(api.delete("/jobs/unit-test/secrets/DB_PASSWORD").await.status, 204);
     api.delete("/jobs/unit-test/secrets/DB_PASSWORD").await.expect_problem(404, "has no secret");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_recreated_under_its_name_inherits_no_secrets_and_no_idempotency_keys(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let api = app.admin();
+    assert_eq!(api.put("/jobs/unit-test", freestyle("default")).await.status, 201);
+    assert_eq!(api.put("/jobs/unit-test/secrets/DB_PASSWORD", json!({"value": "old-owner-value"})).await.status, 201);
+    let keyed = || api.request(Method::POST, "/jobs/unit-test/runs").header("Idempotency-Key", "deploy-4711");
+    let old = api.send(keyed()).await;
+    assert_eq!(old.status, 201);
+    assert_eq!(api.post_empty(&format!("{}/abort", old.body["links"]["self"].as_str().unwrap())).await.status, 200);
+    assert_eq!(api.delete("/jobs/unit-test").await.status, 204);
+
+    let secrets: i64 = sqlx::query_scalar("SELECT count(*) FROM job_secrets").fetch_one(&pool).await.unwrap();
+    assert_eq!(secrets, 0, "the secrets went with the job");
+    assert_eq!(api.put("/jobs/unit-test", freestyle("default")).await.status, 201);
+    assert_eq!(api.get("/jobs/unit-test/secrets").await.body["secrets"], json!([]));
+    let new = api.send(keyed()).await;
+    assert_eq!(new.status, 201, "{}", new.body);
+    assert_ne!(new.body["id"], old.body["id"], "a retry must not answer with the deleted job's run");
+    assert_eq!(new.body["status"], "queued");
+    // The old run stays readable by id.
+    assert_eq!(api.get(old.body["links"]["self"].as_str().unwrap()).await.body["status"], "aborted");
     app.stop().await;
 }

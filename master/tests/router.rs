@@ -78,6 +78,37 @@ async fn bad_input_is_refused_before_any_service_is_asked() {
         ),
         ("GET", "/jobs/unit/runs?limit=abc", admin, "", StatusCode::BAD_REQUEST, "limit"),
         ("GET", "/getvacant?job=j&build=1&wait=soon", admin, "", StatusCode::BAD_REQUEST, "wait"),
+        // NUL never reaches Postgres (which cannot store it), in a body, a path or a query.
+        (
+            "PUT",
+            "/jobs/unit",
+            admin,
+            r#"{"kind": "freestyle", "image": "b", "script": "echo \u0000"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "NUL",
+        ),
+        (
+            "POST",
+            "/jobs/unit/runs",
+            admin,
+            r#"{"parameters": {"A": "x\u0000"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "NUL",
+        ),
+        ("PUT", "/pool/clusters/c%00", admin, "{}", StatusCode::BAD_REQUEST, "NUL"),
+        ("GET", "/jobs/unit/runs?status=queued%00", admin, "", StatusCode::BAD_REQUEST, "NUL"),
+        ("GET", "/getvacant?job=j%00&build=1", admin, "", StatusCode::BAD_REQUEST, "NUL"),
+        // Numbers past any duration.
+        ("GET", "/holdcluster?cluster=c&name=n&desc=d&hours=inf", admin, "", StatusCode::BAD_REQUEST, "hours"),
+        (
+            "GET",
+            "/holdcluster?cluster=c&name=n&desc=d&hours=1e300",
+            admin,
+            "",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "at most",
+        ),
+        ("GET", "/pool/report?window=300000y", admin, "", StatusCode::BAD_REQUEST, "window"),
     ];
     for (method, uri, role, body, expected, mentions) in cases {
         let (status, problem) = send(&app, method, uri, role, body).await;

@@ -105,7 +105,8 @@ pub enum Deleted {
     Active(i64),
 }
 
-/// Deletes a job unless it has queued or running runs; finished runs stay readable by id. Locking
+/// Deletes a job unless it has queued or running runs; finished runs stay readable by id, its
+/// secrets go with it (a foreign key) and its runs' idempotency keys are let go. Locking
 /// the job row waits for triggers in flight (they hold it FOR SHARE) and keeps new ones out.
 pub async fn delete(pool: &PgPool, name: &JobName) -> Result<Deleted, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -120,6 +121,7 @@ pub async fn delete(pool: &PgPool, name: &JobName) -> Result<Deleted, sqlx::Erro
     if active > 0 {
         return Ok(Deleted::Active(active));
     }
+    runs::forget_idempotency_keys(&mut tx, name).await?;
     sqlx::query("DELETE FROM jobs WHERE name = $1").bind(name.as_str()).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(Deleted::Deleted)

@@ -288,6 +288,18 @@ pub async fn active_count(conn: &mut PgConnection, job: &JobName) -> Result<i64,
         .await
 }
 
+/// Lets go of the idempotency keys of a job's runs, so a job re-created under the same name does
+/// not answer a retry with a run of the one deleted.
+pub async fn forget_idempotency_keys(conn: &mut PgConnection, job: &JobName) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE runs SET idempotency_key = NULL, request_hash = NULL WHERE job = $1 AND idempotency_key IS NOT NULL",
+    )
+    .bind(job.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// How a queued run's `message` starts while no agent consumes its queue (cleared when claimed).
 pub const UNSERVED: &str = "no agent serves queue";
 

@@ -66,16 +66,23 @@ async fn sealed(pool: &PgPool, job: &str, names: &[String]) -> Result<Vec<Sealed
         .await
 }
 
-/// Sets a secret; `true` if it is new.
-pub async fn put(pool: &PgPool, job: &JobName, secret: &Sealed, by: &str) -> Result<(SecretInfo, bool), sqlx::Error> {
+/// Sets a secret; `true` if it is new. `None` when the job does not exist (the job row is held
+/// FOR SHARE, so a concurrent delete of the job waits and then deletes the secret with it).
+pub async fn put(
+    pool: &PgPool,
+    job: &JobName,
+    secret: &Sealed,
+    by: &str,
+) -> Result<Option<(SecretInfo, bool)>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Written {
         #[sqlx(flatten)]
         info: SecretInfo,
         inserted: bool,
     }
-    let written: Written = sqlx::query_as(
-        "INSERT INTO job_secrets (job, name, nonce, ciphertext, updated_by) VALUES ($1, $2, $3, $4, $5)
+    let written: Option<Written> = sqlx::query_as(
+        "INSERT INTO job_secrets (job, name, nonce, ciphertext, updated_by)
+         SELECT name, $2, $3, $4, $5 FROM jobs WHERE name = $1 FOR SHARE
          ON CONFLICT (job, name) DO UPDATE SET nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext,
              updated_at = now(), updated_by = EXCLUDED.updated_by
          RETURNING name, created_at, updated_at, updated_by, (xmax = 0) AS inserted",
@@ -85,9 +92,9 @@ pub async fn put(pool: &PgPool, job: &JobName, secret: &Sealed, by: &str) -> Res
     .bind(&secret.nonce)
     .bind(&secret.ciphertext)
     .bind(by)
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok((written.info, written.inserted))
+    Ok(written.map(|written| (written.info, written.inserted)))
 }
 
 pub async fn list(pool: &PgPool, job: &JobName) -> Result<Vec<SecretInfo>, sqlx::Error> {

@@ -97,6 +97,13 @@ async fn put_job(
     caller.require(Role::Admin)?;
     let name = job_name(&name)?;
     spec.check(state.max_timeout_seconds).map_err(ApiError::Unprocessable)?;
+    if let JobSpec::Git(git) = &spec {
+        state
+            .triggers
+            .repos
+            .check_scheme(git.repository.as_str())
+            .map_err(|err| ApiError::Unprocessable(err.to_string()))?;
+    }
     let (job, applied) = jobs::apply(&state.pool, &name, &spec).await?.ok_or_else(|| job_not_found(&name))?;
     let change = match applied {
         Applied::Created => Change::Created,

@@ -72,6 +72,10 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if has_nul(bytes) {
+        // Postgres text cannot hold NUL, and no name, script or value needs one.
+        return Err(ApiError::Unprocessable("strings must not contain NUL characters (`\\u0000`)".into()));
+    }
     serde_json::from_slice(bytes).map_err(|err| {
         use serde_json::error::Category;
         match err.classify() {
@@ -81,4 +85,36 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             }
         }
     })
+}
+
+/// Whether a JSON text holds an escaped NUL (`\u0000`) in any string. Backslashes occur only inside
+/// strings in JSON, so every `\` starts an escape; a raw NUL byte is not valid JSON at all.
+fn has_nul(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1) == Some(&b'u') && bytes.get(i + 2..i + 6).is_some_and(|hex| hex == b"0000") {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_nul;
+
+    #[test]
+    fn escaped_nuls_are_found_and_escaped_backslashes_are_not() {
+        assert!(has_nul(br#"{"script": "echo \u0000"}"#));
+        assert!(has_nul(br#"{"a\u0000": 1}"#));
+        assert!(!has_nul(br#"{"script": "echo \\u0000"}"#), "a backslash, then the text u0000");
+        assert!(has_nul(br#"{"script": "\\\u0000"}"#));
+        assert!(!has_nul(br#"{"script": "\u0001"}"#));
+        assert!(!has_nul(b"{}"));
+    }
 }

@@ -18,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::{header, Method};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
+        .layer(middleware::from_fn(refuse_nul_in_uri))
         .layer(middleware::from_fn(record_metrics))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::new())
@@ -76,9 +77,25 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on {}; see /openapi.json", uri.path()))
 }
 
+/// A NUL (`%00`) anywhere in the path or query is refused before any handler sees it: Postgres text
+/// cannot hold one, and no name, filter or value needs one.
+async fn refuse_nul_in_uri(request: Request, next: Next) -> Response {
+    let uri = request.uri();
+    let holds_nul = |text: &str| text.as_bytes().windows(3).any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0');
+    if holds_nul(uri.path()) || uri.query().is_some_and(holds_nul) {
+        return ApiError::BadRequest("the path and query must not contain NUL characters (`%00`)".into())
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// The methods metrics name; any other is counted as `other`, so made-up methods add no series.
+const KNOWN_METHODS: [Method; 7] =
+    [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS];
+
 async fn record_metrics(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = if KNOWN_METHODS.contains(request.method()) { request.method().as_str() } else { "other" }.to_owned();
     let route = request
         .extensions()
         .get::<MatchedPath>()

@@ -219,7 +219,7 @@ async fn junit(
     let accept = headers.get(header::ACCEPT).and_then(|value| value.to_str().ok()).unwrap_or("");
     if accept.contains("application/zip") {
         let zip = zip_files(&state, &files).await?;
-        let disposition = format!("attachment; filename=\"junit-{run}-{attempt}.zip\"");
+        let disposition = attachment(&format!("junit-{run}-{attempt}.zip"));
         return Ok((
             [(header::CONTENT_TYPE, "application/zip".to_owned()), (header::CONTENT_DISPOSITION, disposition)],
             zip,
@@ -312,16 +312,35 @@ async fn download(state: &AppState, file: ResultFile) -> Result<Response, ApiErr
     let body = Body::from_stream(futures::stream::unfold(object.body, |mut body| async move {
         body.next().await.map(|chunk| (chunk.map_err(std::io::Error::other), body))
     }));
-    let base = file.name.rsplit('/').next().unwrap_or(&file.name).replace('"', "");
+    let base = file.name.rsplit('/').next().unwrap_or(&file.name);
     Ok((
         [
             (header::CONTENT_TYPE, file.content_type),
             (header::CONTENT_LENGTH, file.bytes.to_string()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{base}\"")),
+            (header::CONTENT_DISPOSITION, attachment(base)),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            // Whatever a job wrote, a browser opening it runs no script with the API's origin.
+            (header::CONTENT_SECURITY_POLICY, "sandbox".to_owned()),
         ],
         body,
     )
         .into_response())
+}
+
+/// `Content-Disposition` for a download (RFC 6266): an ASCII `filename` for old clients and the
+/// exact name as `filename*` (RFC 8187), so no name can break out of the header.
+fn attachment(name: &str) -> String {
+    let ascii: String =
+        name.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '_' }).collect();
+    let mut encoded = String::new();
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
 }
 
 const POLL: Duration = Duration::from_millis(250);
@@ -472,4 +491,21 @@ async fn stream_s3(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, skip: u64, 
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_names_cannot_break_out_of_their_header() {
+        assert_eq!(attachment("app.txt"), "attachment; filename=\"app.txt\"; filename*=UTF-8''app.txt");
+        assert_eq!(
+            attachment("r\u{e9}sum\u{e9} \"x\".txt"),
+            "attachment; filename=\"r_sum_ _x_.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%22x%22.txt"
+        );
+        let evil = attachment("a\r\nSet-Cookie: x=1;.html");
+        assert!(!evil.contains('\r') && !evil.contains('\n'), "{evil}");
+        assert!(axum::http::HeaderValue::from_str(&evil).is_ok());
+    }
 }

@@ -10,7 +10,7 @@ use cimaster_store::secrets as store;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, Problem};
-use super::jobs::{job_name, require_job};
+use super::jobs::{job_name, job_not_found, require_job};
 use super::json::ApiJson;
 use super::AppState;
 use crate::auth::{Caller, Role};
@@ -81,10 +81,10 @@ async fn put_secret(
     if body.value.is_empty() || body.value.len() > MAX_SECRET {
         return Err(ApiError::Unprocessable(format!("a secret value is 1 to {MAX_SECRET} bytes")));
     }
-    require_job(&state, &job).await?;
     let (nonce, ciphertext) = secrets.seal(&format!("{job}/{key}"), &body.value);
     let sealed = store::Sealed { name: key.to_string(), nonce, ciphertext };
-    let (info, inserted) = store::put(&state.pool, &job, &sealed, &caller.subject).await?;
+    let (info, inserted) =
+        store::put(&state.pool, &job, &sealed, &caller.subject).await?.ok_or_else(|| job_not_found(&job))?;
     let info = SecretInfo::from(info);
     tracing::info!(job = %job, secret = %key, by = %caller.subject, "secret set");
     Ok((if inserted { StatusCode::CREATED } else { StatusCode::OK }, Json(info)))

@@ -42,6 +42,12 @@ impl Triggers {
                 config.timeout_seconds, self.max_timeout_seconds
             )));
         }
+        if let Some(name) = config.secrets.iter().find(|name| !git.secrets.contains(name)) {
+            return Err(TriggerError::Invalid(format!(
+                "job config file `{path}` at commit {commit} asks for secret `{name}`, which job `{job}` does not \
+                 allow: list it in the job's `secrets`"
+            )));
+        }
         Ok(Resolved { commit, config })
     }
 }

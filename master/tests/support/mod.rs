@@ -8,7 +8,7 @@ use std::time::Duration;
 use cimaster_common::storage::S3Config;
 use cimaster_master::auth::{Role, Signer};
 use cimaster_master::config::{
-    AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, PoolConfig, ReaperConfig,
+    AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, GitConfig, PoolConfig, ReaperConfig,
 };
 use cimaster_master::Application;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -66,6 +66,7 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             provision_job: "create-cluster".to_owned(),
             expiry_interval: Duration::from_millis(200),
         },
+        git: GitConfig { allow_file: true, timeout: Duration::from_secs(20), max_reads: 8 },
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
         secrets_key: Some(SecretString::from(SECRETS_KEY)),
@@ -248,7 +249,7 @@ pub fn git_job(repo: &LocalRepo) -> Value {
 
 /// A repository on disk (`file://`) with one commit per branch, each holding a job config file.
 pub struct LocalRepo {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub url: String,
     shas: std::collections::HashMap<String, String>,
 }
@@ -256,27 +257,34 @@ pub struct LocalRepo {
 impl LocalRepo {
     pub fn new(branches: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let git = |args: &[&str]| {
-            let out = std::process::Command::new("git").args(args).current_dir(dir.path()).output().unwrap();
-            assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            String::from_utf8_lossy(&out.stdout).trim().to_owned()
-        };
-        git(&["init", "-q", "-b", "main"]);
-        git(&["config", "user.email", "test@cimaster.test"]);
-        git(&["config", "user.name", "test"]);
-        let mut shas = std::collections::HashMap::new();
-        for branch in ["main"].iter().chain(branches.iter().filter(|b| **b != "main")) {
-            if *branch != "main" {
-                git(&["checkout", "-q", "--orphan", branch]);
-            }
-            std::fs::write(dir.path().join(".cimaster.yml"), format!("image: busybox:latest\nscript: echo {branch}\n"))
-                .unwrap();
-            git(&["add", "-A"]);
-            git(&["commit", "-q", "--allow-empty", "-m", branch]);
-            shas.insert(branch.to_string(), git(&["rev-parse", "HEAD"]));
-        }
         let url = format!("file://{}", dir.path().display());
-        Self { _dir: dir, url, shas }
+        let mut repo = Self { dir, url, shas: std::collections::HashMap::new() };
+        repo.git(&["init", "-q", "-b", "main"]);
+        repo.git(&["config", "user.email", "test@cimaster.test"]);
+        repo.git(&["config", "user.name", "test"]);
+        for branch in ["main"].iter().chain(branches.iter().filter(|b| **b != "main")) {
+            repo.commit_config(branch, &format!("image: busybox:latest\nscript: echo {branch}\n"));
+        }
+        repo
+    }
+
+    /// Commits `config` as `.cimaster.yml` on `branch` (a new orphan branch unless it is `main`).
+    pub fn commit_config(&mut self, branch: &str, config: &str) -> String {
+        if branch != "main" {
+            self.git(&["checkout", "-q", "--orphan", branch]);
+        }
+        std::fs::write(self.dir.path().join(".cimaster.yml"), config).unwrap();
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-q", "--allow-empty", "-m", branch]);
+        let sha = self.git(&["rev-parse", "HEAD"]);
+        self.shas.insert(branch.to_owned(), sha.clone());
+        sha
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("git").args(args).current_dir(self.dir.path()).output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     pub fn sha(&self, branch: &str) -> &str {

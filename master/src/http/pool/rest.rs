@@ -294,7 +294,9 @@ pub(super) async fn usage_report(
             .map_err(|err| ApiError::BadRequest(format!("window `{text}`: {err}; e.g. 24h or 7d")))?,
         None => Duration::from_secs(24 * 3600),
     };
-    let since = chrono::Utc::now()
-        - chrono::Duration::from_std(window).map_err(|_| ApiError::BadRequest("window is too long".into()))?;
+    let since = chrono::Duration::from_std(window)
+        .ok()
+        .and_then(|window| chrono::Utc::now().checked_sub_signed(window))
+        .ok_or_else(|| ApiError::BadRequest(format!("window `{window:?}` reaches before any date; e.g. 24h or 7d")))?;
     Ok(Json(store::report(&state.pool, since).await?))
 }

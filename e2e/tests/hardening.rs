@@ -1,0 +1,149 @@
+//! What one job must not be able to do to others or to the agent: take another registry's
+//! credentials, outlast an abort by ignoring SIGTERM. Master and agent processes, real Postgres,
+//! RabbitMQ, s3s-fs and Docker.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::json;
+use sqlx::PgPool;
+use support::{leftovers, run_id, AgentOptions, Stack};
+
+/// A registry on loopback that records the `Authorization` header of every request it receives and
+/// answers each with a Basic challenge, as a registry that wants a login does. Docker speaks plain
+/// HTTP to registries on 127.0.0.0/8.
+struct FakeRegistry {
+    port: u16,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeRegistry {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let record = record.clone();
+                std::thread::spawn(move || answer(stream, &record));
+            }
+        });
+        Self { port, seen }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Every request line received, with its Authorization header when it had one.
+    fn requests(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn answer(mut stream: TcpStream, record: &Mutex<Vec<String>>) {
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut lines = text.lines();
+    let request = lines.next().unwrap_or_default().to_owned();
+    if !request.starts_with(|c: char| c.is_ascii_uppercase()) {
+        // A TLS hello: answer in plain HTTP, so the engine falls back to http:// as it does for
+        // registries on loopback.
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    }
+    let auth = lines.find(|line| line.to_ascii_lowercase().starts_with("authorization:"));
+    record.lock().unwrap().push(match auth {
+        Some(auth) => format!("{request} | {}", auth.trim()),
+        None => request,
+    });
+    let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+    let reply = format!(
+        "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nDocker-Distribution-API-Version: registry/2.0\r\n\
+         WWW-Authenticate: Basic realm=\"fake\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(reply.as_bytes());
+}
+
+fn job(image: &str, script: &str) -> serde_json::Value {
+    json!({"kind": "freestyle", "image": image, "script": script, "resources": {"cpus": 0.5, "memory": "64Mi"}})
+}
+
+/// A job naming another registry gets nothing of the agent's credentials; the registry they are
+/// for gets its own.
+#[sqlx::test(migrations = "../migrations")]
+async fn registry_credentials_reach_their_own_registry_only(pool: PgPool) {
+    let curious = FakeRegistry::start();
+    let own = FakeRegistry::start();
+    let basic = |credentials: &str| base64::engine::general_purpose::STANDARD.encode(credentials);
+    let auths = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        auths.path(),
+        json!({"auths": {
+            own.host(): {"auth": basic("own-user:own-pass")},
+            "registry.example:5000": {"auth": basic("ci:agent-registry-password")},
+            "https://index.docker.io/v1/": {"username": "hub", "password": "hub-password"},
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    let mut stack = Stack::start(pool).await;
+    let env = vec![("CIMASTER_REGISTRY_AUTH_FILE", auths.path().display().to_string())];
+    stack.add_agent(AgentOptions { env, ..AgentOptions::default() }).await;
+
+    for (name, registry) in [("curious", &curious), ("own", &own)] {
+        stack.put_job(name, job(&format!("{}/probe/{name}:1", registry.host()), "true")).await;
+        let path = stack.trigger(name).await;
+        let run = stack.wait_finished(&path, Duration::from_secs(90)).await;
+        assert_eq!(run["status"], "error", "the fake registry has no image: {run}");
+        assert!(run["message"].as_str().unwrap().contains("pulling it failed"), "{run}");
+        assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
+    }
+
+    let curious_saw = curious.requests();
+    assert!(!curious_saw.is_empty(), "the engine asked the registry the job named");
+    assert!(
+        curious_saw.iter().all(|request| !request.contains("| ")),
+        "another registry's credentials were sent: {curious_saw:?}"
+    );
+    let own_saw = own.requests();
+    let expected = format!("Basic {}", basic("own-user:own-pass"));
+    assert!(own_saw.iter().any(|request| request.ends_with(&expected)), "{own_saw:?}");
+}
+
+/// The job's shell is not PID 1: SIGTERM reaches a script that does not trap it, so an abort ends
+/// the run without waiting out the stop grace.
+#[sqlx::test(migrations = "../migrations")]
+async fn an_abort_reaches_a_script_that_does_not_trap_sigterm(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    // A grace long enough that a run waiting it out is unmistakable.
+    stack.add_agent(AgentOptions { stop_grace: "30s", lease: "45s", ..AgentOptions::default() }).await;
+    stack.put_job("loop", job("busybox:latest", "echo started; while true; do sleep 1; done")).await;
+    let path = stack.trigger("loop").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stack.console(&path).await.contains("started") {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stack.api.post(&format!("{path}/abort"), json!({})).await.status, 202);
+    // Without an init the shell ignores SIGTERM and the run ends only at SIGKILL, 30 s on.
+    let run = stack.wait_finished(&path, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "aborted", "{run}");
+    assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
+}
