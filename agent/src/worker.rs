@@ -60,7 +60,7 @@ pub async fn listen_for_aborts(pool: sqlx::PgPool, registry: AbortRegistry, canc
                 continue;
             }
         };
-        if let Err(err) = listener.listen("cimaster_run_abort").await {
+        if let Err(err) = listener.listen(cimaster_store::channels::RUN_ABORT).await {
             tracing::warn!(error = %err, "cannot LISTEN for aborts; retrying");
             continue;
         }

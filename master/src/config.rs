@@ -37,6 +37,9 @@ pub struct Config {
     #[command(flatten)]
     pub git: GitConfig,
 
+    #[command(flatten)]
+    pub http: HttpConfig,
+
     /// Key for job secrets at rest: 32 bytes, base64 (`openssl rand -base64 32`). Without it the
     /// secrets API is unavailable.
     #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
@@ -49,6 +52,35 @@ pub struct Config {
     /// Apply database migrations when the server starts (safe with several replicas).
     #[arg(long, env = "CIMASTER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
+}
+
+/// Limits of the HTTP server.
+#[derive(Debug, Clone, Args)]
+pub struct HttpConfig {
+    /// A request's head must arrive within this; an idle kept-alive connection is closed after it.
+    #[arg(long = "http-header-timeout", env = "CIMASTER_HTTP_HEADER_TIMEOUT", default_value = "10s",
+        value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long = "http-max-connections", env = "CIMASTER_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// How long a request may take to be answered (waiting acquires excepted: they have their own
+    /// bound); past it the answer is 503.
+    #[arg(long = "http-request-timeout", env = "CIMASTER_HTTP_REQUEST_TIMEOUT", default_value = "60s",
+        value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// How long one `?follow=true` console stream stays open; the client resumes with `after=`.
+    #[arg(long = "console-follow-limit", env = "CIMASTER_CONSOLE_FOLLOW_LIMIT", default_value = "1h",
+        value_parser = humantime::parse_duration)]
+    pub follow_limit: Duration,
+
+    /// How long shutdown waits for open requests (follows, waiting acquires) before cutting them.
+    #[arg(long = "http-shutdown-grace", env = "CIMASTER_HTTP_SHUTDOWN_GRACE", default_value = "10s",
+        value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 /// How the master reads git jobs' repositories when they are triggered.

@@ -9,10 +9,12 @@ pub mod http;
 pub mod pool;
 pub mod reaper;
 pub mod repo;
+pub mod serve;
 pub mod startup;
 pub mod telemetry;
 pub mod ticker;
 pub mod trigger;
+pub mod wakeups;
 
 pub use config::Config;
 pub use startup::{shutdown_signal, Application};

@@ -15,11 +15,13 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::dispatch::{run_dispatcher, ConfirmLog};
 use crate::http::{router, AppState};
+use crate::serve::{serve, ServerLimits};
 use crate::trigger::{JobCache, Triggers};
 use crate::{db, telemetry};
 
 pub struct Application {
     listener: TcpListener,
+    limits: ServerLimits,
     state: AppState,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -44,7 +46,9 @@ impl Application {
         let broker =
             Broker::new(config.broker.url.clone(), config.broker.prefix.clone(), config.broker.publish_timeout);
         let (confirms, confirm_task) = ConfirmLog::spawn(pool.clone(), cancel.clone());
+        let (wakeups, wakeups_task) = crate::wakeups::Wakeups::spawn(&pool, cancel.clone());
         let tasks = vec![
+            wakeups_task,
             tokio::spawn(broker.clone().maintain(cancel.clone())),
             tokio::spawn(run_dispatcher(pool.clone(), broker.clone(), config.dispatch.clone(), cancel.clone())),
             tokio::spawn(crate::reaper::run_reaper(
@@ -80,9 +84,17 @@ impl Application {
             s3: config.s3.client(),
             bucket: config.s3.bucket.clone(),
             pool_config: config.pool.clone(),
+            request_timeout: config.http.request_timeout,
+            follow_limit: config.http.follow_limit,
+            wakeups,
             secrets,
         };
-        Ok(Self { listener, state, cancel, tasks })
+        let limits = ServerLimits {
+            header_timeout: config.http.header_timeout,
+            max_connections: config.http.max_connections,
+            shutdown_grace: config.http.shutdown_grace,
+        };
+        Ok(Self { listener, limits, state, cancel, tasks })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -100,12 +112,13 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let cancel = self.cancel.clone();
         tracing::info!(addr = %self.local_addr(), "cimaster master listening");
-        let serve = axum::serve(self.listener, router(self.state)).with_graceful_shutdown(async move {
+        let result = serve(self.listener, router(self.state), self.limits, async move {
             shutdown.await;
             tracing::info!("shutting down");
             cancel.cancel();
-        });
-        let result = serve.await.context("HTTP server");
+        })
+        .await
+        .context("HTTP server");
         self.cancel.cancel();
         for task in self.tasks {
             let _ = task.await;

@@ -40,4 +40,8 @@ fn register_series() {
         metrics::counter!(name).absolute(0);
     }
     metrics::gauge!("cimaster_outbox_backlog").set(0.0);
+    metrics::gauge!(CONSOLE_FOLLOWS).set(0.0);
 }
+
+/// Console follows open on this replica.
+pub const CONSOLE_FOLLOWS: &str = "cimaster_console_follows";

@@ -5,6 +5,7 @@
 //! [`RunStatus`]: cimaster_common::RunStatus
 
 pub mod attempts;
+pub mod channels;
 pub mod console;
 pub mod jobs;
 pub mod outbox;

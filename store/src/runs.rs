@@ -231,7 +231,11 @@ pub async fn abort(pool: &PgPool, job: &JobName, id: RunId, by: &str) -> Result<
         let status = status_of(&mut tx, job, id).await?;
         return Ok(status.map_or(Abort::NotFound, Abort::Ended));
     };
-    sqlx::query("SELECT pg_notify('cimaster_run_abort', $1)").bind(id.to_string()).execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::channels::RUN_ABORT)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Abort::Requested(Box::new(row.into())))
 }

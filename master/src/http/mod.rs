@@ -48,10 +48,16 @@ pub struct AppState {
     pub bucket: String,
     pub pool_config: crate::config::PoolConfig,
     pub secrets: Option<cimaster_common::secrets::SecretBox>,
+    /// How long a request may take to be answered (waiting acquires have their own bound).
+    pub request_timeout: std::time::Duration,
+    /// How long one console follow stays open.
+    pub follow_limit: std::time::Duration,
+    /// The replica's one LISTEN connection: waiting acquires and console follows wait on it.
+    pub wakeups: crate::wakeups::Wakeups,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    Router::<AppState>::new()
         .merge(jobs::router())
         .merge(runs::router())
         .merge(results::router())
@@ -62,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), answer_in_time))
         .layer(middleware::from_fn(refuse_nul_in_uri))
         .layer(middleware::from_fn(record_metrics))
         .layer(TraceLayer::new_for_http())
@@ -87,6 +94,27 @@ async fn refuse_nul_in_uri(request: Request, next: Next) -> Response {
             .into_response();
     }
     next.run(request).await
+}
+
+/// Routes whose requests may wait on purpose (for a free cluster), bounded by their own `wait`.
+const WAITING_ROUTES: [&str; 2] = ["/getvacant", "/pool/leases"];
+
+/// Answers 503 when a handler takes longer than the request timeout. Only the answer's head is
+/// timed: a streamed body (a console follow) goes on after it.
+async fn answer_in_time(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let waits = request.extensions().get::<MatchedPath>().is_some_and(|path| WAITING_ROUTES.contains(&path.as_str()));
+    if waits {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(state.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Unavailable(format!("the request took longer than {:?}; try again", state.request_timeout))
+            .into_response(),
+    }
 }
 
 /// The methods metrics name; any other is counted as `other`, so made-up methods add no series.

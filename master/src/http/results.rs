@@ -18,7 +18,7 @@ use cimaster_store::runs::{self, Progress};
 use cimaster_store::{attempts, console};
 use serde::Deserialize;
 use sqlx::PgPool;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
 use super::error::{ApiError, Problem};
@@ -27,6 +27,7 @@ use super::query::ApiQuery;
 use super::runs::{run_id, run_not_found};
 use super::AppState;
 use crate::auth::{Caller, Role};
+use crate::wakeups::ConsoleWake;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -343,7 +344,8 @@ fn attachment(name: &str) -> String {
     format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
 }
 
-const POLL: Duration = Duration::from_millis(250);
+/// How often a follower looks without being woken (a notification can be lost).
+const FALLBACK_TICK: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -378,8 +380,12 @@ async fn console(
     let pool = state.pool.clone();
     let s3 = state.s3.clone();
     let bucket = state.bucket.clone();
+    // Subscribed before the first read, so nothing written in between goes unheard.
+    let wakeups = query.follow.then(|| state.wakeups.console());
+    let until = tokio::time::Instant::now() + state.follow_limit;
     tokio::spawn(async move {
-        let from = Position { attempt, follow: query.follow, after: query.after };
+        let _open = wakeups.is_some().then(FollowGauge::open);
+        let from = Position { attempt, follow: wakeups.map(|wakeups| Follow { wakeups, until }), after: query.after };
         if let Err(err) = pump(&pool, &s3, &bucket, run, from, &tx).await {
             tracing::warn!(run_id = %run, error = %err, "console stream failed");
             let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
@@ -396,9 +402,57 @@ type Tx = mpsc::Sender<Result<Bytes, std::io::Error>>;
 /// Which log a console request reads, and from where.
 struct Position {
     attempt: i32,
-    follow: bool,
+    /// Set when the client follows the log as it grows.
+    follow: Option<Follow>,
     /// Bytes of the log the client already has.
     after: u64,
+}
+
+/// Counts a follow in `cimaster_console_follows` for as long as it is open.
+struct FollowGauge;
+
+impl FollowGauge {
+    fn open() -> Self {
+        metrics::gauge!(crate::telemetry::CONSOLE_FOLLOWS).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for FollowGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::telemetry::CONSOLE_FOLLOWS).decrement(1.0);
+    }
+}
+
+/// A follow: woken when the run prints or moves, until the follow limit.
+struct Follow {
+    wakeups: broadcast::Receiver<ConsoleWake>,
+    until: tokio::time::Instant,
+}
+
+impl Follow {
+    /// Waits until `run` may have news: its wake-up, a slow tick (a missed notification), the
+    /// follow limit (`false`) or the client going away (`false`).
+    async fn news(&mut self, run: Uuid, tx: &Tx) -> bool {
+        let until = self.until;
+        let tick = tokio::time::Instant::now() + FALLBACK_TICK;
+        let wakeups = &mut self.wakeups;
+        let heard = async {
+            loop {
+                match wakeups.recv().await {
+                    Ok(ConsoleWake::Run(id)) if id != run => continue,
+                    // Its own, everyone's, or some missed (lagged): look.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+                }
+            }
+        };
+        tokio::select! {
+            () = heard => true,
+            () = tokio::time::sleep_until(tick.min(until)) => tokio::time::Instant::now() < until,
+            () = tx.closed() => false,
+        }
+    }
 }
 
 /// Sends the log: Postgres chunks while the attempt is live, then the rest from S3 once stored.
@@ -410,7 +464,7 @@ async fn pump(
     from: Position,
     tx: &Tx,
 ) -> anyhow::Result<()> {
-    let Position { attempt, follow, after } = from;
+    let Position { attempt, mut follow, after } = from;
     // Bytes of the log gone by: sent, or skipped because the client has them.
     let mut passed: u64 = 0;
     let mut next_seq: i64 = 0;
@@ -447,10 +501,14 @@ async fn pump(
         }
         // An ended attempt whose log is not in S3 (the upload failed, or its agent died) is whole
         // in Postgres, and has just been sent.
-        if !follow || ended {
-            return Ok(());
+        match &mut follow {
+            Some(follow) if !ended => {
+                if !follow.news(run, tx).await {
+                    return Ok(()); // the follow limit, or the client went away
+                }
+            }
+            _ => return Ok(()),
         }
-        tokio::time::sleep(POLL).await;
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use cimaster_common::storage::S3Config;
 use cimaster_master::auth::{Role, Signer};
 use cimaster_master::config::{
-    AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, GitConfig, PoolConfig, ReaperConfig,
+    AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, GitConfig, HttpConfig, PoolConfig, ReaperConfig,
 };
 use cimaster_master::Application;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -67,6 +67,13 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             expiry_interval: Duration::from_millis(200),
         },
         git: GitConfig { allow_file: true, timeout: Duration::from_secs(20), max_reads: 8 },
+        http: HttpConfig {
+            header_timeout: Duration::from_secs(2),
+            max_connections: 256,
+            request_timeout: Duration::from_secs(30),
+            follow_limit: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(2),
+        },
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
         secrets_key: Some(SecretString::from(SECRETS_KEY)),

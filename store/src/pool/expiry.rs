@@ -46,7 +46,11 @@ pub async fn expire(pool: &PgPool) -> Result<Expired, sqlx::Error> {
     .await?;
     sqlx::query("DELETE FROM cluster_waiters WHERE expires_at < now() - interval '1 minute'").execute(pool).await?;
     for (_, purpose) in leases.iter().chain(&holds) {
-        let _ = sqlx::query("SELECT pg_notify('cimaster_cluster_freed', $1)").bind(purpose).execute(pool).await;
+        let _ = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::channels::CLUSTER_FREED)
+            .bind(purpose)
+            .execute(pool)
+            .await;
     }
     Ok(Expired { leases: leases.len() as u64, holds: holds.len() as u64 })
 }

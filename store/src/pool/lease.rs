@@ -129,7 +129,7 @@ pub async fn touch(pool: &PgPool, waiter: i64, expires_in: Duration) -> Result<(
 pub async fn dequeue(pool: &PgPool, waiter: i64) -> Result<(), PoolError> {
     sqlx::query("DELETE FROM cluster_waiters WHERE id = $1").bind(waiter).execute(pool).await?;
     // The next waiter may be able to go now.
-    let _ = sqlx::query("SELECT pg_notify('cimaster_cluster_freed', '')").execute(pool).await;
+    let _ = sqlx::query("SELECT pg_notify($1, '')").bind(crate::channels::CLUSTER_FREED).execute(pool).await;
     Ok(())
 }
 

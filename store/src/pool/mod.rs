@@ -199,6 +199,10 @@ pub(crate) async fn event(
 
 /// Wakes waiters when the transaction commits.
 pub(crate) async fn notify_freed(tx: &mut sqlx::PgConnection, purpose: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify('cimaster_cluster_freed', $1)").bind(purpose).execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::channels::CLUSTER_FREED)
+        .bind(purpose)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }

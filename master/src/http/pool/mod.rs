@@ -51,6 +51,8 @@ impl From<PoolError> for ApiError {
 async fn acquire_waiting(state: &AppState, request: &AcquireRequest, wait: Duration) -> Result<Lease, ApiError> {
     let started = std::time::Instant::now();
     let mut request = request.clone();
+    // Subscribed before the first try, so a cluster freed in between is not missed.
+    let mut freed = state.wakeups.clusters();
     if let Some(lease) = store::acquire(&state.pool, &request).await? {
         record_wait(&request, started);
         return Ok(lease);
@@ -58,8 +60,6 @@ async fn acquire_waiting(state: &AppState, request: &AcquireRequest, wait: Durat
     if wait.is_zero() {
         return Err(no_vacancy(&request));
     }
-    let mut listener = sqlx::postgres::PgListener::connect_with(&state.pool).await?;
-    listener.listen("cimaster_cluster_freed").await?;
     let waiter = WaiterGuard {
         pool: state.pool.clone(),
         id: store::enqueue(&state.pool, &request, wait + Duration::from_secs(5)).await?,
@@ -75,9 +75,10 @@ async fn acquire_waiting(state: &AppState, request: &AcquireRequest, wait: Durat
         if tokio::time::Instant::now() >= deadline {
             return Err(no_vacancy(&request));
         }
-        // Woken when a cluster frees or a waiter leaves; a slow tick covers a missed notification.
+        // Woken when a cluster frees or a waiter leaves (the replica's one listener, so waiting
+        // holds no database connection); a slow tick covers a missed notification.
         let wake = deadline.min(tokio::time::Instant::now() + Duration::from_secs(2));
-        let _ = tokio::time::timeout_at(wake, listener.recv()).await;
+        let _ = tokio::time::timeout_at(wake, freed.changed()).await;
     }
 }
 
