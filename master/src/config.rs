@@ -63,7 +63,7 @@ pub struct HttpConfig {
     pub header_timeout: Duration,
 
     /// Connections served at once; more wait in the listen backlog.
-    #[arg(long = "http-max-connections", env = "CIMASTER_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    #[arg(id = "http_max_connections", long = "http-max-connections", env = "CIMASTER_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
     /// How long a request may take to be answered (waiting acquires excepted: they have their own
@@ -88,18 +88,18 @@ pub struct HttpConfig {
 pub struct GitConfig {
     /// Accept `file://` repositories, read from the master's own disk (tests, single-host setups).
     /// Off by default: only https, http, ssh and git are spoken.
-    #[arg(long = "allow-file-repositories", env = "CIMASTER_ALLOW_FILE_REPOSITORIES", default_value_t = false,
+    #[arg(id = "git_allow_file", long = "allow-file-repositories", env = "CIMASTER_ALLOW_FILE_REPOSITORIES", default_value_t = false,
         action = clap::ArgAction::Set)]
     pub allow_file: bool,
 
     /// How long one repository read (resolving a branch, reading the config file) may take,
     /// waiting for a free slot included; well under any HTTP client's timeout.
-    #[arg(long = "git-timeout", env = "CIMASTER_GIT_TIMEOUT", default_value = "20s",
+    #[arg(id = "git_timeout", long = "git-timeout", env = "CIMASTER_GIT_TIMEOUT", default_value = "20s",
         value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
     /// Repository reads run at once; more wait for a slot.
-    #[arg(long = "git-max-reads", env = "CIMASTER_GIT_MAX_READS", default_value_t = 8)]
+    #[arg(id = "git_max_reads", long = "git-max-reads", env = "CIMASTER_GIT_MAX_READS", default_value_t = 8)]
     pub max_reads: usize,
 }
 
@@ -229,3 +229,4 @@ mod tests {
         super::Config::augment_args(Command::new("serve")).debug_assert();
     }
 }
+
