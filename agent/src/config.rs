@@ -74,6 +74,17 @@ pub struct AgentConfig {
     #[arg(long = "network-pool", env = "CIMASTER_AGENT_NETWORK_POOL")]
     pub network_pool: Option<SubnetPool>,
 
+    /// The most of one attempt's console kept (in the file uploaded to S3); later output is counted
+    /// and dropped, with a note where the log was cut.
+    #[arg(long = "console-limit", env = "CIMASTER_AGENT_CONSOLE_LIMIT", default_value = "64Mi", value_parser = parse_memory)]
+    pub console_limit: Memory,
+
+    /// The most of one attempt's console copied live into Postgres (what followers see while the run
+    /// runs); the rest is served from S3 once the attempt ends.
+    #[arg(long = "live-console-limit", env = "CIMASTER_AGENT_LIVE_CONSOLE_LIMIT", default_value = "16Mi",
+        value_parser = parse_memory)]
+    pub live_console_limit: Memory,
+
     /// The agent's private directory (logs being written, result parcels, uploads still pending,
     /// which survive restarts). Default: `cimaster-agent-<id>` in the system's temp directory.
     /// Made 0700; a symlink or another user's directory there is refused.

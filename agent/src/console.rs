@@ -19,19 +19,46 @@ const FLUSH_BYTES: usize = 256 * 1024;
 /// How long the end of an attempt waits for the last live output to reach Postgres.
 const LAST_FLUSH: Duration = Duration::from_secs(5);
 
+/// What the console is sent: the job's output (kept up to the limit) or the agent's own notes
+/// (always kept; they are few and short).
+enum Piece {
+    Output(Bytes),
+    Note(Bytes),
+}
+
 /// Where to send console output.
 #[derive(Clone)]
-pub struct ConsoleTx(mpsc::Sender<Bytes>);
+pub struct ConsoleTx(mpsc::Sender<Piece>);
 
 impl ConsoleTx {
+    /// Output of the job (whole, masked lines).
     pub async fn send(&self, data: Bytes) {
-        let _ = self.0.send(data).await;
+        let _ = self.0.send(Piece::Output(data)).await;
     }
 
     /// A line from the agent itself, marked so it stands out from the job's output.
     pub async fn note(&self, text: &str) {
-        self.send(Bytes::from(format!("{} [cimaster] {text}\n", timestamp()))).await;
+        let _ = self.0.send(Piece::Note(note_line(text))).await;
     }
+
+    /// A line the agent prints on the job's behalf (a build's output): marked like a note, but
+    /// counted against the limit like output.
+    pub async fn output_note(&self, text: &str) {
+        let _ = self.0.send(Piece::Output(note_line(text))).await;
+    }
+}
+
+fn note_line(text: &str) -> Bytes {
+    Bytes::from(format!("{} [cimaster] {text}\n", timestamp()))
+}
+
+/// How much of an attempt's console is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsoleLimits {
+    /// In the log file (and S3).
+    pub kept: u64,
+    /// In the live copy in Postgres: always a prefix of the file.
+    pub live: u64,
 }
 
 /// Splits raw output into lines and prefixes each with the time it arrived (RFC 3339, UTC).
@@ -119,41 +146,110 @@ pub fn start(
     pool: PgPool,
     claim: Claim,
     path: PathBuf,
+    limits: ConsoleLimits,
 ) -> (ConsoleTx, tokio::task::JoinHandle<std::io::Result<ConsoleFile>>) {
     let (tx, rx) = mpsc::channel(256);
-    (ConsoleTx(tx), tokio::spawn(pump(pool, claim, path, rx)))
+    (ConsoleTx(tx), tokio::spawn(pump(pool, claim, path, limits, rx)))
 }
 
 async fn pump(
     pool: PgPool,
     claim: Claim,
     path: PathBuf,
-    mut rx: mpsc::Receiver<Bytes>,
+    limits: ConsoleLimits,
+    mut rx: mpsc::Receiver<Piece>,
 ) -> std::io::Result<ConsoleFile> {
-    let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(&path).await?);
-    let mut live = LiveCopy::new(pool, claim);
-    let mut total = 0u64;
+    let file = tokio::io::BufWriter::new(tokio::fs::File::create(&path).await?);
+    let mut log = Log {
+        file,
+        live: LiveCopy::new(pool, claim),
+        limits,
+        written: 0,
+        live_written: 0,
+        live_open: true,
+        dropped: 0,
+    };
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            chunk = rx.recv() => match chunk {
-                Some(chunk) => {
-                    file.write_all(&chunk).await?;
-                    total += chunk.len() as u64;
-                    if live.push(&chunk) >= FLUSH_BYTES {
-                        live.send();
-                    }
-                }
+            piece = rx.recv() => match piece {
+                Some(Piece::Output(chunk)) => log.output(chunk).await?,
+                Some(Piece::Note(chunk)) => log.write(&chunk).await?,
                 None => break,
             },
-            written = live.written(), if live.is_sending() => live.settle(written),
-            _ = tick.tick() => live.send(),
+            written = log.live.written(), if log.live.is_sending() => log.live.settle(written),
+            _ = tick.tick() => log.live.send(),
         }
     }
-    file.flush().await?;
-    live.drain(LAST_FLUSH).await;
-    Ok(ConsoleFile { path, bytes: total })
+    log.finish(path).await
+}
+
+/// The log being written: the file, and the live copy while it is within its limit.
+struct Log {
+    file: tokio::io::BufWriter<tokio::fs::File>,
+    live: LiveCopy,
+    limits: ConsoleLimits,
+    written: u64,
+    live_written: u64,
+    live_open: bool,
+    /// Output not kept, past the limit.
+    dropped: u64,
+}
+
+impl Log {
+    /// Keeps whole chunks (whole masked lines) while they fit; past the limit, counts them.
+    async fn output(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        let fits = self.written + chunk.len() as u64 <= self.limits.kept;
+        if self.dropped == 0 && fits {
+            return self.write(&chunk).await;
+        }
+        if self.dropped == 0 {
+            let note = format!(
+                "the log is cut here at {} MiB (CIMASTER_AGENT_CONSOLE_LIMIT); later output is counted, not kept",
+                self.limits.kept >> 20
+            );
+            self.write(&note_line(&note)).await?;
+        }
+        self.dropped += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Writes to the file and, up to its own limit, to the live copy, which stays a prefix of the
+    /// file: where it stops, a note in both says so.
+    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        if self.live_open && self.live_written + chunk.len() as u64 > self.limits.live {
+            self.live_open = false;
+            let note = note_line(&format!(
+                "the live copy of this log ends here at {} MiB (CIMASTER_AGENT_LIVE_CONSOLE_LIMIT); the whole log is \
+                 served once the attempt ends",
+                self.limits.live >> 20
+            ));
+            self.file.write_all(&note).await?;
+            self.written += note.len() as u64;
+            self.live.push(&note);
+            self.live.send();
+        }
+        self.file.write_all(chunk).await?;
+        self.written += chunk.len() as u64;
+        if self.live_open {
+            self.live_written += chunk.len() as u64;
+            if self.live.push(chunk) >= FLUSH_BYTES {
+                self.live.send();
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self, path: PathBuf) -> std::io::Result<ConsoleFile> {
+        if self.dropped > 0 {
+            let note = format!("{} bytes of output past the cut were not kept", self.dropped);
+            self.write(&note_line(&note)).await?;
+        }
+        self.file.flush().await?;
+        self.live.drain(LAST_FLUSH).await;
+        Ok(ConsoleFile { path, bytes: self.written })
+    }
 }
 
 #[cfg(test)]

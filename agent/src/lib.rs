@@ -73,6 +73,10 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         agent: agent.clone(),
         timing,
         max_timeout: config.max_timeout,
+        console_limits: console::ConsoleLimits {
+            kept: config.console_limit.bytes(),
+            live: config.live_console_limit.bytes().min(config.console_limit.bytes()),
+        },
         work_dir,
         pending,
         git_image: config.git_image.clone(),

@@ -147,3 +147,55 @@ async fn an_abort_reaches_a_script_that_does_not_trap_sigterm(pool: PgPool) {
     assert_eq!(run["status"], "aborted", "{run}");
     assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
 }
+
+/// A job printing more than the console limit cannot fill the database or the bucket: the live
+/// copy in Postgres stops at its limit, the stored log at its own, and both say where.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_flood_of_output_is_cut_at_the_console_limits(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    let env = vec![
+        ("CIMASTER_AGENT_CONSOLE_LIMIT", "8Mi".to_owned()),
+        ("CIMASTER_AGENT_LIVE_CONSOLE_LIMIT", "6Mi".to_owned()),
+    ];
+    stack.add_agent(AgentOptions { env, ..AgentOptions::default() }).await;
+    // 240,000 lines of 50 bytes: 12 MB, then a pause to look at the live copy.
+    let line = "x".repeat(49);
+    let script = format!("yes {line} | head -n 240000; echo printed; sleep 5; echo after-the-cut");
+    stack.put_job("flood", job("busybox:latest", &script)).await;
+    let path = stack.trigger("flood").await;
+    let id = run_id(&path);
+
+    let live_bytes = || async {
+        let (bytes, noted): (Option<i64>, Option<bool>) = sqlx::query_as(
+            "SELECT sum(length(data))::bigint, bool_or(position('live copy of this log ends here' in convert_from(data, 'UTF8')) > 0)
+             FROM run_console WHERE run_id = $1::uuid",
+        )
+        .bind(&id)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+        (bytes.unwrap_or(0), noted.unwrap_or(false))
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let live = loop {
+        let (bytes, noted) = live_bytes().await;
+        if noted {
+            break bytes;
+        }
+        assert!(Instant::now() < deadline, "the live copy never said where it stops ({bytes} bytes)");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(live <= (6 << 20) + 4096, "the live copy holds {live} bytes");
+
+    let run = stack.wait_finished(&path, Duration::from_secs(90)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let console = stack.console(&path).await;
+    assert!(console.len() <= (8 << 20) + 8192, "the stored log holds {} bytes", console.len());
+    assert!(console.contains("the log is cut here at 8 MiB"), "{}", &console[console.len() - 2000..]);
+    assert!(console.contains("bytes of output past the cut were not kept"));
+    assert!(!console.contains("after-the-cut"), "output past the cut is not kept");
+    let kept = console.lines().filter(|l| l.ends_with(&line)).count();
+    // A kept line is 50 bytes and its timestamp: about 80 bytes, so some 100,000 of them fit.
+    assert!((95_000..110_000).contains(&kept), "{kept} lines kept");
+    assert_eq!(leftovers(&id).await, (0, 0));
+}

@@ -63,7 +63,12 @@ pub struct HttpConfig {
     pub header_timeout: Duration,
 
     /// Connections served at once; more wait in the listen backlog.
-    #[arg(id = "http_max_connections", long = "http-max-connections", env = "CIMASTER_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    #[arg(
+        id = "http_max_connections",
+        long = "http-max-connections",
+        env = "CIMASTER_HTTP_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
     pub max_connections: usize,
 
     /// How long a request may take to be answered (waiting acquires excepted: they have their own
@@ -229,4 +234,3 @@ mod tests {
         super::Config::augment_args(Command::new("serve")).debug_assert();
     }
 }
-

@@ -51,7 +51,7 @@ impl Attempt<'_> {
             let console = self.console.clone();
             tokio::spawn(async move {
                 while let Some(line) = printed.recv().await {
-                    console.note(&line).await;
+                    console.output_note(&line).await;
                 }
             })
         };

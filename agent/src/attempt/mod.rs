@@ -59,6 +59,8 @@ pub struct Executor {
     /// Lease, stop grace and when to fence (see `lease`).
     pub timing: LeaseTiming,
     pub max_timeout: Duration,
+    /// How much of a console is kept, and copied live.
+    pub console_limits: crate::console::ConsoleLimits,
     pub work_dir: PathBuf,
     /// Image with git that checks out git runs (and probes services' readiness).
     pub git_image: String,
@@ -203,7 +205,7 @@ impl Executor {
         let started = Instant::now();
         tracing::info!("attempt started");
         let log_path = self.work_dir.join(format!("{}-{}.log", claim.run, claim.attempt));
-        let (console, pump) = console::start(self.pool.clone(), claim.clone(), log_path);
+        let (console, pump) = console::start(self.pool.clone(), claim.clone(), log_path, self.console_limits);
         // Renewed for as long as the attempt runs; losing it, or failing to renew it for the fence
         // window, stops the attempt.
         let fence = Fence::default();
