@@ -19,9 +19,21 @@ pub struct JunitSummary {
     pub skipped: u64,
     /// Sum of the cases' `time` attributes, in seconds.
     pub time_seconds: f64,
-    /// Every case that failed or errored, in report order.
+    /// Cases that failed or errored, in report order: the first 500 of each report.
     pub failed: Vec<FailedCase>,
+    /// Failed cases beyond those listed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_not_listed: u64,
 }
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+/// Failed cases listed per report; the rest are only counted.
+pub const MAX_LISTED_FAILURES: usize = 500;
+/// A failure message is cut at this many bytes.
+pub const MAX_FAILURE_MESSAGE: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -43,11 +55,18 @@ impl JunitSummary {
         self.skipped += other.skipped;
         self.time_seconds += other.time_seconds;
         self.failed.extend(other.failed.iter().cloned());
+        self.failed_not_listed += other.failed_not_listed;
     }
 
     /// Reads a JUnit XML report (`<testsuites>` or a single `<testsuite>`), counting `<testcase>`s.
     #[cfg(feature = "junit")]
     pub fn parse(xml: &[u8]) -> Result<Self, String> {
+        Self::read(xml)
+    }
+
+    /// Like [`parse`](Self::parse), from a reader: the report is streamed, never held whole.
+    #[cfg(feature = "junit")]
+    pub fn read(xml: impl std::io::BufRead) -> Result<Self, String> {
         use quick_xml::events::Event;
 
         let mut reader = quick_xml::Reader::from_reader(xml);
@@ -101,6 +120,21 @@ mod tests {
         assert_eq!(summary.failed[0].suite, "math");
         assert_eq!(summary.failed[1].kind, "error");
         assert_eq!(summary.failed[1].message, "panicked & died");
+    }
+
+    #[test]
+    fn many_or_long_failures_are_bounded() {
+        let long = "é".repeat(5000);
+        let mut xml = String::from("<testsuite name=\"s\">");
+        for i in 0..(MAX_LISTED_FAILURES + 20) {
+            xml.push_str(&format!("<testcase classname=\"c\" name=\"t{i}\"><failure message=\"{long}\"/></testcase>"));
+        }
+        xml.push_str("</testsuite>");
+        let summary = JunitSummary::read(std::io::BufReader::new(xml.as_bytes())).unwrap();
+        assert_eq!(summary.failures, (MAX_LISTED_FAILURES + 20) as u64, "every failure is counted");
+        assert_eq!(summary.failed.len(), MAX_LISTED_FAILURES);
+        assert_eq!(summary.failed_not_listed, 20);
+        assert!(summary.failed.iter().all(|case| case.message.len() <= MAX_FAILURE_MESSAGE + 3));
     }
 
     #[test]
@@ -159,8 +193,12 @@ impl JunitReader {
         } else {
             self.summary.errors += 1;
         }
+        if self.summary.failed.len() >= MAX_LISTED_FAILURES {
+            self.summary.failed_not_listed += 1;
+            return;
+        }
         let suite = self.suites.last().cloned().unwrap_or_default();
-        let failed = FailedCase { suite, classname, name, kind, message: attr(element, b"message") };
+        let failed = FailedCase { suite, classname, name, kind, message: bounded(attr(element, b"message")) };
         if empty {
             self.summary.failed.push(failed);
         } else {
@@ -171,7 +209,7 @@ impl JunitReader {
     /// Text inside an open <failure>/<error> without a `message` becomes its message.
     fn text(&mut self, text: impl FnOnce() -> String) {
         if let Some(failed) = self.failing.as_mut().filter(|f| f.message.is_empty()) {
-            failed.message = text();
+            failed.message = bounded(text());
         }
     }
 
@@ -185,6 +223,20 @@ impl JunitReader {
             _ => {}
         }
     }
+}
+
+/// A message cut to [`MAX_FAILURE_MESSAGE`] bytes, on a character boundary.
+#[cfg(feature = "junit")]
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_FAILURE_MESSAGE {
+        let mut cut = MAX_FAILURE_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
 }
 
 #[cfg(feature = "junit")]

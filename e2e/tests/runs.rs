@@ -417,9 +417,13 @@ async fn secrets_reach_the_job_and_never_its_log(pool: PgPool) {
         "printf 'b64=%s\\n' \"$(printf %s \"$DB_PASSWORD\" | base64)\"; ",
         // A line longer than the console's 64 KiB cut, with the secret where the cut falls.
         "head -c 65530 /dev/zero | tr '\\0' x; printf %s \"$DB_PASSWORD\"; head -c 100 /dev/zero | tr '\\0' y; echo; ",
-        "test ${#DB_PASSWORD} -eq 25 && echo length-ok"
+        "test ${#DB_PASSWORD} -eq 25 && echo length-ok; ",
+        // A test report quoting the secret in a failure.
+        "printf '<testsuite name=\"s\"><testcase classname=\"c\" name=\"t\"><failure message=\"bad password %s\"/></testcase></testsuite>' \"$DB_PASSWORD\" > junit.xml"
     ));
     with_secret["secrets"] = json!(["DB_PASSWORD"]);
+    with_secret["workingDir"] = json!("/work");
+    with_secret["results"] = json!({"junit": ["junit.xml"]});
     stack.put_job("uses-secret", with_secret).await;
     let set = stack.api.put("/jobs/uses-secret/secrets/DB_PASSWORD", json!({"value": value})).await;
     assert_eq!(set.status, 201, "{}", set.body);
@@ -438,6 +442,10 @@ async fn secrets_reach_the_job_and_never_its_log(pool: PgPool) {
     assert!(console.contains("whole=***"), "{console}");
     assert!(console.contains("split=***"), "{console}");
     assert!(console.contains("b64=***"), "{console}");
+    let junit = stack.api.get(run["links"]["junit"].as_str().unwrap()).await;
+    assert_eq!(junit.status, 200, "{}", junit.body);
+    assert_eq!(junit.body["failed"][0]["message"], "bad password ***", "{}", junit.body);
+    assert!(!junit.body.to_string().contains("hunter2"), "{}", junit.body);
 
     // A secret the job names but nobody set: the run fails before it starts, saying which.
     let mut missing = job("echo never");

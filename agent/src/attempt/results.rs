@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use cimaster_common::results::{JunitSummary, KIND_JUNIT};
+use cimaster_common::secrets::Masker;
 use cimaster_common::storage::{console_key, result_key};
 use cimaster_common::Results;
 
@@ -13,6 +14,28 @@ use crate::archive::{self, Found};
 use crate::storage;
 use cimaster_store::attempts::{Claim, StoredConsole};
 use cimaster_store::results::{self, StoredResult};
+
+/// The largest JUnit report the agent summarises (larger ones are kept, not read).
+const MAX_SUMMARISED: u64 = 32 << 20;
+
+/// Hides the job's secrets in everything a summary quotes from the report. A message the reader
+/// cut short loses its last bytes too, where the start of a secret could hide.
+fn mask_summary(summary: &mut JunitSummary, masker: &Masker) {
+    let mask = |text: &mut String| *text = String::from_utf8_lossy(&masker.mask(text.as_bytes())).into_owned();
+    for case in &mut summary.failed {
+        if let Some(cut) = case.message.strip_suffix('…') {
+            let mut keep = cut.len().saturating_sub(masker.longest().saturating_sub(1));
+            while !cut.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            case.message = format!("{}…", &cut[..keep]);
+        }
+        mask(&mut case.message);
+        mask(&mut case.name);
+        mask(&mut case.classname);
+        mask(&mut case.suite);
+    }
+}
 
 /// A result's content: small ones in memory, collected files on disk.
 pub(super) enum Body<'a> {
@@ -77,13 +100,25 @@ impl Attempt<'_> {
         }
     }
 
+    /// The report's summary, read as a stream, with the job's secrets masked in what it quotes.
     async fn junit_summary(&self, file: &Found) -> Option<serde_json::Value> {
-        let read = match tokio::fs::read(&file.path).await {
-            Ok(xml) => JunitSummary::parse(&xml),
-            Err(err) => Err(err.to_string()),
-        };
+        if file.size > MAX_SUMMARISED {
+            let note = format!("{} is kept but not summarised: it is over {} MiB", file.name, MAX_SUMMARISED >> 20);
+            self.console.note(&note).await;
+            return None;
+        }
+        let path = file.path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(path).map_err(|err| err.to_string())?;
+            JunitSummary::read(std::io::BufReader::new(file))
+        })
+        .await
+        .unwrap_or_else(|err| Err(err.to_string()));
         match read {
-            Ok(summary) => serde_json::to_value(summary).ok(),
+            Ok(mut summary) => {
+                mask_summary(&mut summary, &self.masker);
+                serde_json::to_value(summary).ok()
+            }
             Err(why) => {
                 self.console.note(&format!("{} is not a readable JUnit report: {why}", file.name)).await;
                 None
@@ -141,5 +176,36 @@ impl Executor {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cimaster_common::results::FailedCase;
+
+    #[test]
+    fn a_summary_quotes_no_secret_whole_or_cut() {
+        let secret = "hunter2-very-secret";
+        let masker = Masker::new([secret]);
+        let case = |message: String| FailedCase {
+            suite: format!("suite-{secret}"),
+            classname: "c".into(),
+            name: "t".into(),
+            kind: "failure".into(),
+            message,
+        };
+        let mut summary = JunitSummary {
+            failed: vec![
+                case(format!("expected {secret}, got nothing")),
+                case(format!("{}{}…", "x".repeat(100), &secret[..9])),
+            ],
+            ..JunitSummary::default()
+        };
+        mask_summary(&mut summary, &masker);
+        let text = serde_json::to_string(&summary).unwrap();
+        assert!(text.contains("expected ***, got nothing") && text.contains("suite-***"), "{text}");
+        assert!(!text.contains("hunter2"), "a secret's start survived the cut: {text}");
+        assert!(summary.failed[1].message.ends_with('…'));
     }
 }

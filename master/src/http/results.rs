@@ -219,6 +219,14 @@ async fn junit(
     }
     let accept = headers.get(header::ACCEPT).and_then(|value| value.to_str().ok()).unwrap_or("");
     if accept.contains("application/zip") {
+        let total: i64 = files.iter().map(|file| file.bytes).sum();
+        if total > MAX_ZIP {
+            return Err(ApiError::Unprocessable(format!(
+                "the reports are {} MiB together, over the {} MiB a zip holds; fetch them one by one (see …/results)",
+                total >> 20,
+                MAX_ZIP >> 20
+            )));
+        }
         let zip = zip_files(&state, &files).await?;
         let disposition = attachment(&format!("junit-{run}-{attempt}.zip"));
         return Ok((
@@ -236,6 +244,9 @@ async fn junit(
     let report = JunitReport { attempt, files: files.iter().map(|file| file.name.clone()).collect(), summary };
     Ok(axum::Json(report).into_response())
 }
+
+/// The most report bytes zipped into one answer (built in memory).
+const MAX_ZIP: i64 = 64 << 20;
 
 async fn zip_files(state: &AppState, files: &[ResultFile]) -> Result<Vec<u8>, ApiError> {
     use std::io::Write;
