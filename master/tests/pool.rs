@@ -347,9 +347,15 @@ async fn contention_never_gives_one_cluster_to_two_holders(_: PgPoolOptions, con
                 assert_eq!(before, None, "{} given to worker {worker} while worker {before:?} held it", lease.cluster);
                 tokio::time::sleep(Duration::from_millis(random % 4)).await;
                 assert_eq!(holders.lock().unwrap().remove(&lease.cluster), Some(worker));
-                store::release(&pool, Release::Token(lease.token), ReleaseOutcome::Ok, &request.holder, 3)
-                    .await
-                    .unwrap();
+                store::release(
+                    &pool,
+                    Release::Token(lease.token),
+                    ReleaseOutcome::Ok,
+                    store::Actor::holder(&request.holder),
+                    3,
+                )
+                .await
+                .unwrap();
                 completed.fetch_add(1, Ordering::SeqCst);
                 mine += 1;
             }
@@ -525,5 +531,56 @@ async fn malformed_query_strings_get_problem_json_like_every_other_error(pool: P
     api.get("/pool/events?limit=lots").await.expect_problem(400, "limit");
     api.get("/pool/events?colour=blue").await.expect_problem(400, "colour");
     api.get("/jobs/x/runs?limit=lots").await.expect_problem(400, "limit");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn leases_and_holds_belong_to_their_caller(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let admin = app.admin();
+    let alice = app.as_user("alice", Role::Trigger);
+    let bob = app.as_user("bob", Role::Trigger);
+    let reader = app.as_user("carol", Role::Read);
+    add(&admin, "cluster=c1&region=r").await;
+
+    let lease = alice.post("/pool/leases", json!({"purpose": "tess-ci", "job": "e2e", "build": "1"})).await;
+    assert_eq!(lease.status, 201, "{}", lease.body);
+    let token = lease.body["token"].as_i64().unwrap();
+
+    // Someone else's lease is not bob's to extend, end, or report as broken.
+    bob.post(&format!("/pool/leases/{token}/heartbeat"), json!({})).await.expect_problem(403, "belongs to `alice`");
+    bob.post(&format!("/pool/leases/{token}/release"), json!({"result": "infra_failure"}))
+        .await
+        .expect_problem(403, "belongs to `alice`");
+    let (status, body) = text(&bob, "/finishtest?cluster=c1&result=infra_failure").await;
+    assert_eq!(status, 403, "{body}");
+    // Nor may he lease in her name.
+    let (status, body) = text(&bob, "/getvacant?job=j&build=2&email=alice").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("only an admin"), "{body}");
+
+    // A reader sees who holds what, but not the token that would let them act on it.
+    let seen = reader.get("/pool/clusters/c1").await;
+    assert_eq!(seen.body["lease"]["holder"], "alice");
+    assert!(!seen.body.to_string().contains("token"), "{}", seen.body);
+    assert!(!reader.get("/pool/events?cluster=c1").await.body.to_string().contains("token"));
+    assert_eq!(alice.get("/pool/clusters/c1").await.body["lease"]["token"], token);
+    let heartbeat = alice.post(&format!("/pool/leases/{token}/heartbeat"), json!({"ttlSeconds": 0})).await;
+    heartbeat.expect_problem(422, "ttlSeconds");
+    assert_eq!(alice.post(&format!("/pool/leases/{token}/release"), json!({})).await.status, 200);
+
+    // Holds, likewise: alice's hold is hers; an admin may end it, and the history says so.
+    let (status, body) = text(&alice, "/holdcluster?cluster=c1&name=alice&desc=debugging").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = text(&bob, "/holdcluster?cluster=c1&name=bob&desc=mine-now").await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = text(&bob, "/releasecluster?cluster=c1").await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(reader.get("/pool/clusters/c1").await.body["hold"]["by"], "alice");
+    let (status, body) = text(&admin, "/releasecluster?cluster=c1").await;
+    assert_eq!(status, 200, "{body}");
+    let events = admin.get("/pool/events?cluster=c1").await;
+    let unheld = events.body["events"].as_array().unwrap().iter().find(|e| e["kind"] == "unheld").unwrap().clone();
+    assert_eq!(unheld["actor"], "tester (admin, overriding alice)", "{unheld}");
     app.stop().await;
 }

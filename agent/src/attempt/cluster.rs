@@ -35,12 +35,13 @@ impl Attempt<'_> {
         self.env
             .push(format!("CIMASTER_CLUSTER_LABELS={}", serde_json::to_string(&cluster.labels).unwrap_or_default()));
         let (pool, timing, token) = (self.executor.leases.clone(), self.executor.timing, lease.token);
+        let agent = self.executor.agent.clone();
         let renew = move || {
-            let pool = pool.clone();
+            let (pool, agent) = (pool.clone(), agent.clone());
             async move {
-                match pool::heartbeat(&pool, token, timing.lease()).await {
+                match pool::heartbeat(&pool, token, timing.lease(), pool::Actor::holder(&agent)).await {
                     Ok(_) => Ok(Renewal::Held),
-                    Err(PoolError::Conflict(_) | PoolError::NotFound(_)) => Ok(Renewal::Lost),
+                    Err(PoolError::Conflict(_) | PoolError::NotFound(_) | PoolError::NotYours(_)) => Ok(Renewal::Lost),
                     Err(err) => Err(err),
                 }
             }
@@ -119,7 +120,7 @@ impl Attempt<'_> {
             &self.executor.pool,
             pool::Release::Token(token),
             ReleaseOutcome::Ok,
-            &self.executor.agent,
+            pool::Actor::holder(&self.executor.agent),
             3,
         );
         match tokio::time::timeout(self.executor.timing.renew_every(), release).await {

@@ -344,7 +344,14 @@ impl Door {
                 }
             }
             Door::Direct(pool) => {
-                store::release(pool, store::Release::Token(lease), store::ReleaseOutcome::Ok, "bench", 3).await?;
+                store::release(
+                    pool,
+                    store::Release::Token(lease),
+                    store::ReleaseOutcome::Ok,
+                    store::Actor::holder("bench"),
+                    3,
+                )
+                .await?;
             }
         }
         Ok(())

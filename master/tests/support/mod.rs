@@ -151,6 +151,12 @@ impl TestApp {
         Client { base: format!("http://{}", self.addr), http: self.http.clone(), token: Some(token(role)) }
     }
 
+    /// A client whose token names `subject`, holding `role`.
+    pub fn as_user(&self, subject: &str, role: Role) -> Client {
+        let token = Signer::hs256(SECRET).unwrap().mint(subject, &[role], Duration::from_secs(600));
+        Client { base: format!("http://{}", self.addr), http: self.http.clone(), token: Some(token) }
+    }
+
     pub fn admin(&self) -> Client {
         self.as_role(Role::Admin)
     }

@@ -6,7 +6,7 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 use std::time::Duration;
 
-use super::{check_osimage, event, notify_freed, ClusterRow, ClusterView, PoolError, COLUMNS};
+use super::{check_osimage, event, notify_freed, Actor, ClusterRow, ClusterView, PoolError, COLUMNS};
 
 /// A new cluster in the inventory.
 pub struct NewCluster {
@@ -137,42 +137,61 @@ pub async fn set_disabled(
     Ok(row.into())
 }
 
-/// Holds a cluster for debugging until `until`; a leased cluster is held when its lease ends.
+/// Holds a cluster for debugging until `until`; a leased cluster is held when its lease ends. A
+/// hold someone else has in force is theirs to change (or an admin's).
 pub async fn hold(
     pool: &PgPool,
     name: &str,
-    by: &str,
+    actor: Actor<'_>,
     reason: &str,
     duration: Duration,
 ) -> Result<ClusterView, PoolError> {
     let mut tx = pool.begin().await?;
-    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+    let recorded = match current_hold(&mut tx, name).await? {
+        Some(holder) => actor.acting_on(&format!("the hold on cluster `{name}`"), &holder)?,
+        None => actor.name.to_owned(),
+    };
+    let row: ClusterRow = sqlx::query_as(&format!(
         "UPDATE clusters SET hold_by = $2, hold_reason = $3, hold_until = now() + make_interval(secs => $4),
                 updated_at = now()
          WHERE name = $1 RETURNING {COLUMNS}"
     ))
     .bind(name)
-    .bind(by)
+    .bind(actor.name)
     .bind(reason)
     .bind(duration.as_secs_f64())
-    .fetch_optional(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    let row = row.ok_or_else(|| PoolError::NotFound(name.to_owned()))?;
-    event(&mut tx, name, "held", by, None, Some(reason)).await?;
+    event(&mut tx, name, "held", &recorded, None, Some(reason)).await?;
     tx.commit().await?;
     Ok(row.into())
 }
 
-pub async fn unhold(pool: &PgPool, name: &str, by: &str) -> Result<ClusterView, PoolError> {
+/// Who holds the cluster now (a hold in force), locking its row; `NotFound` without the cluster.
+async fn current_hold(tx: &mut sqlx::PgConnection, name: &str) -> Result<Option<String>, PoolError> {
+    let found: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT CASE WHEN hold_until > now() THEN hold_by END FROM clusters WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    found.map(|(holder,)| holder).ok_or_else(|| PoolError::NotFound(name.to_owned()))
+}
+
+/// Ends a hold: the holder's, or an admin's override. A cluster not held stays as it is.
+pub async fn unhold(pool: &PgPool, name: &str, actor: Actor<'_>) -> Result<ClusterView, PoolError> {
     let mut tx = pool.begin().await?;
-    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+    let recorded = match current_hold(&mut tx, name).await? {
+        Some(holder) => actor.acting_on(&format!("the hold on cluster `{name}`"), &holder)?,
+        None => actor.name.to_owned(),
+    };
+    let row: ClusterRow = sqlx::query_as(&format!(
         "UPDATE clusters SET hold_by = NULL, hold_reason = NULL, hold_until = NULL, updated_at = now()
          WHERE name = $1 RETURNING {COLUMNS}"
     ))
     .bind(name)
-    .fetch_optional(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    let row = row.ok_or_else(|| PoolError::NotFound(name.to_owned()))?;
+    let by = recorded.as_str();
     event(&mut tx, name, "unheld", by, None, None).await?;
     notify_freed(&mut tx, &row.purpose).await?;
     tx.commit().await?;

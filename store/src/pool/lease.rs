@@ -7,8 +7,9 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::inventory::get;
-use super::{check_osimage, event, notify_freed, ClusterRow, ClusterView, Lease, PoolError, COLUMNS, OSIMAGE_PURPOSES};
+use super::{
+    check_osimage, event, notify_freed, Actor, ClusterRow, ClusterView, Lease, PoolError, COLUMNS, OSIMAGE_PURPOSES,
+};
 
 /// What a lease is for.
 #[derive(Debug, Clone)]
@@ -174,17 +175,47 @@ async fn lease_of(pool: &PgPool, job: &str, build: &str) -> Result<Option<Lease>
 }
 
 /// Extends a lease; refused for a token that is not the current one.
-pub async fn heartbeat(pool: &PgPool, token: i64, ttl: Duration) -> Result<Lease, PoolError> {
+pub async fn heartbeat(pool: &PgPool, token: i64, ttl: Duration, actor: Actor<'_>) -> Result<Lease, PoolError> {
+    let mut tx = pool.begin().await?;
+    let (_, holder) = current_lease(&mut tx, Some(token), None).await?;
+    actor.acting_on(&format!("lease {token}"), &holder)?;
     let row: Option<ClusterRow> = sqlx::query_as(&format!(
         "UPDATE clusters SET lease_expires_at = now() + make_interval(secs => $2), updated_at = now()
          WHERE lease_token = $1 RETURNING {COLUMNS}"
     ))
     .bind(token)
     .bind(ttl.as_secs_f64())
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
+    tx.commit().await?;
     row.and_then(|row| ClusterView::from(row).lease)
         .ok_or_else(|| PoolError::Conflict(format!("lease {token} is not current (it was released or expired)")))
+}
+
+/// The cluster and holder of the current lease named by token or by cluster, locked until the
+/// transaction ends; `Conflict` when there is none.
+async fn current_lease(
+    tx: &mut sqlx::PgConnection,
+    token: Option<i64>,
+    cluster: Option<&str>,
+) -> Result<(String, String), PoolError> {
+    let found: Option<(String, Option<String>)> = sqlx::query_as(
+        "SELECT name, lease_holder FROM clusters
+         WHERE ($1::bigint IS NULL OR lease_token = $1) AND ($2::text IS NULL OR name = $2) FOR UPDATE",
+    )
+    .bind(token)
+    .bind(cluster)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match (found, token, cluster) {
+        (Some((name, Some(holder))), _, _) => Ok((name, holder)),
+        (_, Some(token), _) => {
+            Err(PoolError::Conflict(format!("lease {token} is not current (it was released or expired)")))
+        }
+        (Some(_), None, Some(name)) => Err(PoolError::Conflict(format!("cluster `{name}` is not leased"))),
+        (None, None, Some(name)) => Err(PoolError::NotFound(name.to_owned())),
+        (_, None, None) => Err(PoolError::Invalid("nothing to release".into())),
+    }
 }
 
 /// How the lease's work went, for the cluster's health.
@@ -207,7 +238,7 @@ pub async fn release(
     pool: &PgPool,
     which: Release<'_>,
     outcome: ReleaseOutcome,
-    actor: &str,
+    actor: Actor<'_>,
     auto_disable_after: i32,
 ) -> Result<ClusterView, PoolError> {
     let (token, cluster) = match which {
@@ -215,37 +246,26 @@ pub async fn release(
         Release::Cluster(name) => (None, Some(name)),
     };
     let mut tx = pool.begin().await?;
-    let row: Option<ClusterRow> = sqlx::query_as(&format!(
+    let (name, holder) = current_lease(&mut tx, token, cluster).await?;
+    let recorded = actor.acting_on(&format!("the lease of cluster `{name}`"), &holder)?;
+    let row: ClusterRow = sqlx::query_as(&format!(
         "UPDATE clusters SET lease_token = NULL, lease_holder = NULL, lease_job = NULL, lease_build = NULL,
                 lease_run = NULL, leased_at = NULL, lease_expires_at = NULL, vacant_since = now(), updated_at = now(),
-                infra_failures = CASE WHEN $3 THEN infra_failures + 1 ELSE 0 END,
-                disabled_reason = CASE WHEN $3 AND infra_failures + 1 >= $4 AND disabled_reason IS NULL
+                infra_failures = CASE WHEN $2 THEN infra_failures + 1 ELSE 0 END,
+                disabled_reason = CASE WHEN $2 AND infra_failures + 1 >= $3 AND disabled_reason IS NULL
                     THEN 'disabled automatically after ' || (infra_failures + 1) || ' infrastructure failures in a row'
                     ELSE disabled_reason END,
-                disabled_at = CASE WHEN $3 AND infra_failures + 1 >= $4 AND disabled_reason IS NULL
+                disabled_at = CASE WHEN $2 AND infra_failures + 1 >= $3 AND disabled_reason IS NULL
                     THEN now() ELSE disabled_at END
-         WHERE lease_token IS NOT NULL AND ($1::bigint IS NULL OR lease_token = $1) AND ($2::text IS NULL OR name = $2)
+         WHERE name = $1
          RETURNING {COLUMNS}"
     ))
-    .bind(token)
-    .bind(cluster)
+    .bind(&name)
     .bind(outcome == ReleaseOutcome::InfraFailure)
     .bind(auto_disable_after)
-    .fetch_optional(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    let Some(row) = row else {
-        tx.rollback().await?;
-        return Err(match (token, cluster) {
-            (Some(token), _) => {
-                PoolError::Conflict(format!("lease {token} is not current (it was released or expired)"))
-            }
-            (None, Some(name)) => match get(pool, name).await {
-                Ok(_) => PoolError::Conflict(format!("cluster `{name}` is not leased")),
-                Err(err) => err,
-            },
-            (None, None) => PoolError::Invalid("nothing to release".into()),
-        });
-    };
+    let actor = recorded.as_str();
     let detail = (outcome == ReleaseOutcome::InfraFailure).then_some("infrastructure failure");
     event(&mut tx, &row.name, "released", actor, token, detail).await?;
     if let Some(reason) = row.disabled_reason.as_deref().filter(|r| r.starts_with("disabled automatically")) {

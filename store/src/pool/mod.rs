@@ -30,8 +30,41 @@ pub enum PoolError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// The lease or hold is someone else's.
+    #[error("{0}")]
+    NotYours(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+}
+
+/// Who acts on a lease or a hold: its holder may; anyone else only with `may_override` (an admin),
+/// and the history records that it was an override.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub name: &'a str,
+    pub may_override: bool,
+}
+
+impl<'a> Actor<'a> {
+    /// The holder acting on their own (the agent, for the runs it leased for).
+    pub fn holder(name: &'a str) -> Self {
+        Self { name, may_override: false }
+    }
+
+    /// How the history names this actor acting on `owner`'s lease or hold; `NotYours` unless it
+    /// is theirs or an override is allowed.
+    pub(crate) fn acting_on(&self, what: &str, owner: &str) -> Result<String, PoolError> {
+        if owner == self.name {
+            Ok(self.name.to_owned())
+        } else if self.may_override {
+            Ok(format!("{} (admin, overriding {owner})", self.name))
+        } else {
+            Err(PoolError::NotYours(format!(
+                "{what} belongs to `{owner}`; only they (or an admin) may change it, not `{}`",
+                self.name
+            )))
+        }
+    }
 }
 
 /// The purpose of a cluster or a lease that names none (as in the original CIMaster).

@@ -11,7 +11,7 @@ use axum::Json;
 use cimaster_common::{BranchName, EnvName, JobSpec, TriggerRequest};
 use serde::Serialize;
 
-use super::{acquire_waiting, check_name, release_outcome};
+use super::{acquire_waiting, actor, check_name, release_outcome};
 use crate::auth::{Caller, Role};
 use crate::http::error::ApiError;
 use crate::http::jobs::job_name;
@@ -64,7 +64,7 @@ pub(super) async fn getvacant(
         osimage: optional(&params, "osimage").map(str::to_owned),
         job: param(&params, "job")?.to_owned(),
         build: param(&params, "build")?.to_owned(),
-        holder: optional(&params, "email").map_or_else(|| caller.subject.clone(), str::to_owned),
+        holder: holder(&caller, optional(&params, "email"))?,
         run: None,
         ttl: state.pool_config.lease_ttl,
         waited: Duration::ZERO,
@@ -87,6 +87,19 @@ pub(super) async fn getvacant(
     Ok(answer(&headers, lease.cluster.clone(), cluster))
 }
 
+/// Who a lease is recorded for: the caller. `email=` may name someone else only for an admin.
+fn holder(caller: &Caller, email: Option<&str>) -> Result<String, ApiError> {
+    match email {
+        Some(email) if email != caller.subject && !caller.has(Role::Admin) => Err(ApiError::Forbidden(format!(
+            "`email={email}` would record the lease for someone else; leases are recorded for the token's \
+             subject (`{}`), and only an admin may name another",
+            caller.subject
+        ))),
+        Some(email) => Ok(email.to_owned()),
+        None => Ok(caller.subject.clone()),
+    }
+}
+
 /// `GET /finishtest?cluster=[&result=infra_failure]`: return a leased cluster to the pool.
 pub(super) async fn finishtest(
     State(state): State<AppState>,
@@ -101,7 +114,7 @@ pub(super) async fn finishtest(
         &state.pool,
         Release::Cluster(name),
         outcome,
-        &caller.subject,
+        actor(&caller),
         state.pool_config.auto_disable_after,
     )
     .await?;
@@ -140,7 +153,7 @@ pub(super) async fn holdcluster(
         Some(claimed) if claimed != caller.subject => format!("{reason} (name={claimed})"),
         _ => reason.to_owned(),
     };
-    let view = store::hold(&state.pool, name, &caller.subject, &reason, duration).await?;
+    let view = store::hold(&state.pool, name, actor(&caller), &reason, duration).await?;
     metrics::counter!("cimaster_pool_holds_total").increment(1);
     let until = view.hold.as_ref().map(|hold| hold.until.to_rfc3339()).unwrap_or_default();
     Ok(answer(&headers, format!("cluster {name} held by {} until {until}", caller.subject), view))
@@ -159,7 +172,7 @@ pub(super) async fn releasecluster(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Trigger)?;
     let name = param(&params, "cluster")?;
-    let view = store::unhold(&state.pool, name, &caller.subject).await?;
+    let view = store::unhold(&state.pool, name, actor(&caller)).await?;
     Ok(answer(&headers, format!("cluster {name} released"), view))
 }
 

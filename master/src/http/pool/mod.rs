@@ -12,6 +12,7 @@ use axum::Router;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::auth::{Caller, Role};
 use crate::pool::store::{self, AcquireRequest, Lease, PoolError, ReleaseOutcome};
 
 pub fn router() -> Router<AppState> {
@@ -41,6 +42,7 @@ impl From<PoolError> for ApiError {
             PoolError::NotFound(_) => ApiError::NotFound(err.to_string()),
             PoolError::Exists(_) | PoolError::Conflict(_) => ApiError::Conflict(err.to_string()),
             PoolError::Invalid(message) => ApiError::Unprocessable(message),
+            PoolError::NotYours(message) => ApiError::Forbidden(message),
             PoolError::Database(err) => err.into(),
         }
     }
@@ -110,6 +112,19 @@ fn no_vacancy(request: &AcquireRequest) -> ApiError {
         request.purpose,
         request.osimage.as_deref().map(|image| format!(" and osimage `{image}`")).unwrap_or_default()
     ))
+}
+
+/// The caller, acting on a lease or hold: an admin may act on anyone's, recorded as an override.
+fn actor(caller: &Caller) -> store::Actor<'_> {
+    store::Actor { name: &caller.subject, may_override: caller.has(Role::Admin) }
+}
+
+/// A lease's job, build or osimage: 1 to 256 printable characters.
+pub(super) fn check_label(what: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > 256 || value.chars().any(char::is_control) {
+        return Err(ApiError::Unprocessable(format!("`{what}` must be 1 to 256 printable characters")));
+    }
+    Ok(())
 }
 
 /// Cluster, region and purpose names: what the original CIMaster accepted.

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::{acquire_waiting, check_name, release_outcome};
+use super::{acquire_waiting, actor, check_label, check_name, release_outcome};
 use crate::auth::{Caller, Role};
 use crate::http::error::{ApiError, Problem};
 use crate::http::json::{ApiJson, OptionalJson};
@@ -59,9 +59,9 @@ pub(super) async fn list_clusters(
     State(state): State<AppState>,
     caller: Caller,
     ApiQuery(filter): ApiQuery<ClusterFilter>,
-) -> Result<Json<ClusterList>, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Role::Read)?;
-    Ok(Json(ClusterList { clusters: store::list(&state.pool, filter.purpose.as_deref()).await? }))
+    for_caller(&caller, ClusterList { clusters: store::list(&state.pool, filter.purpose.as_deref()).await? })
 }
 
 #[utoipa::path(get, path = "/pool/clusters/{name}", tag = "pool", params(("name" = String, Path)),
@@ -71,9 +71,9 @@ pub(super) async fn get_cluster(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-) -> Result<Json<ClusterView>, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Role::Read)?;
-    Ok(Json(store::get(&state.pool, &name).await?))
+    for_caller(&caller, store::get(&state.pool, &name).await?)
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -165,10 +165,13 @@ pub(super) async fn acquire(
     ApiJson(body): ApiJson<AcquireBody>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
     caller.require(Role::Trigger)?;
-    let ttl = body.ttl_seconds.map_or(state.pool_config.lease_ttl, Duration::from_secs);
-    if ttl.is_zero() || ttl > Duration::from_secs(7 * 24 * 3600) {
-        return Err(ApiError::Unprocessable("ttlSeconds must be between 1 and 604800".into()));
+    let ttl = lease_ttl(&state, body.ttl_seconds)?;
+    check_name("purpose", &body.purpose)?;
+    if let Some(osimage) = &body.osimage {
+        check_label("osimage", osimage)?;
     }
+    check_label("job", &body.job)?;
+    check_label("build", &body.build)?;
     let request = AcquireRequest {
         purpose: body.purpose,
         osimage: body.osimage,
@@ -183,6 +186,36 @@ pub(super) async fn acquire(
     };
     let lease = acquire_waiting(&state, &request, Duration::from_secs(body.wait_seconds.min(300))).await?;
     Ok((StatusCode::CREATED, Json(lease)))
+}
+
+/// The answer as the caller may see it: fencing tokens (which release and extend a lease) only for
+/// callers who may lease.
+fn for_caller(caller: &Caller, answer: impl Serialize) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut value = serde_json::to_value(answer).map_err(|err| ApiError::Internal(err.into()))?;
+    if !caller.has(Role::Trigger) {
+        drop_tokens(&mut value);
+    }
+    Ok(Json(value))
+}
+
+fn drop_tokens(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            fields.remove("token");
+            fields.values_mut().for_each(drop_tokens);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_tokens),
+        _ => {}
+    }
+}
+
+/// A lease's length: the pool's default, or 1 s to 7 days.
+fn lease_ttl(state: &AppState, seconds: Option<u64>) -> Result<Duration, ApiError> {
+    let ttl = seconds.map_or(state.pool_config.lease_ttl, Duration::from_secs);
+    if ttl.is_zero() || ttl > Duration::from_secs(7 * 24 * 3600) {
+        return Err(ApiError::Unprocessable("ttlSeconds must be between 1 and 604800".into()));
+    }
+    Ok(ttl)
 }
 
 fn lease_token(raw: &str) -> Result<i64, ApiError> {
@@ -207,8 +240,8 @@ pub(super) async fn heartbeat(
 ) -> Result<Json<Lease>, ApiError> {
     caller.require(Role::Trigger)?;
     let token = lease_token(&token)?;
-    let ttl = body.ttl_seconds.map_or(state.pool_config.lease_ttl, Duration::from_secs);
-    Ok(Json(store::heartbeat(&state.pool, token, ttl).await?))
+    let ttl = lease_ttl(&state, body.ttl_seconds)?;
+    Ok(Json(store::heartbeat(&state.pool, token, ttl, actor(&caller)).await?))
 }
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]
@@ -236,7 +269,7 @@ pub(super) async fn release(
             &state.pool,
             Release::Token(token),
             outcome,
-            &caller.subject,
+            actor(&caller),
             state.pool_config.auto_disable_after,
         )
         .await?,
@@ -265,11 +298,11 @@ pub(super) async fn list_events(
     State(state): State<AppState>,
     caller: Caller,
     ApiQuery(filter): ApiQuery<EventFilter>,
-) -> Result<Json<EventPage>, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Role::Read)?;
     let limit = filter.limit.unwrap_or(500).clamp(1, 10_000);
     let events = store::events(&state.pool, filter.cluster.as_deref(), filter.after.unwrap_or(0), limit).await?;
-    Ok(Json(EventPage { events }))
+    for_caller(&caller, EventPage { events })
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
