@@ -31,6 +31,13 @@ pub const LABEL_ATTEMPT: &str = "cimaster.attempt";
 /// Marks a network this agent lends to its runs one at a time (see `networks`).
 pub const LABEL_REUSABLE: &str = "cimaster.reusable";
 
+/// What a build may use: the run's CPUs and memory, on the run's network.
+pub struct BuildLimits {
+    pub cpus: f64,
+    pub memory: u64,
+    pub network: String,
+}
+
 /// Output of the job container, as the engine delivers it.
 pub enum Chunk {
     Stdout(Bytes),
@@ -327,14 +334,21 @@ impl DockerClient {
         dockerfile: &str,
         tag: &str,
         labels: HashMap<String, String>,
+        limits: BuildLimits,
         mut line: impl FnMut(String),
     ) -> Result<(), DockerError> {
+        let memory = i32::try_from(limits.memory).unwrap_or(i32::MAX);
         let options = BuildImageOptions {
             dockerfile: dockerfile.to_owned(),
             t: Some(tag.to_owned()),
             rm: true,
             forcerm: true,
             labels: Some(labels),
+            memory: Some(memory),
+            memswap: Some(memory),
+            cpuperiod: Some(100_000),
+            cpuquota: Some((limits.cpus * 100_000.0) as i32),
+            networkmode: Some(limits.network),
             ..Default::default()
         };
         let mut build =

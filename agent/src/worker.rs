@@ -167,8 +167,9 @@ impl Worker {
             }
         };
         let pool = &self.executor.pool;
-        let resources = match attempts::queued_resources(pool, message.run_id, message.attempt).await {
-            Ok(Some(resources)) => resources,
+        // The job's resources and its services': what the run takes of this agent.
+        let (cpus, memory) = match attempts::queued_resources(pool, message.run_id, message.attempt).await {
+            Ok(Some(demand)) => demand,
             Ok(None) => {
                 tracing::debug!(run_id = %message.run_id, attempt = message.attempt, "nothing to claim; dropping message");
                 let _ = delivery.ack(BasicAckOptions::default()).await;
@@ -181,7 +182,6 @@ impl Worker {
                 return;
             }
         };
-        let (cpus, memory) = (resources.cpus, resources.memory.bytes());
         let reservation = match self.admission.reserve(cpus, memory, stop_taking).await {
             Ok(Some(reservation)) => reservation,
             Ok(None) => {

@@ -74,6 +74,14 @@ pub struct ServiceSpec {
     pub env: BTreeMap<EnvName, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<Readiness>,
+    /// The service container's limits, counted in what the run needs of an agent.
+    #[serde(default = "service_resources")]
+    pub resources: Resources,
+}
+
+/// What a service gets unless it says: half a CPU and 256 MiB.
+fn service_resources() -> Resources {
+    Resources { cpus: 0.5, memory: crate::job::Memory::parse("256Mi").expect("a valid default") }
 }
 
 /// When a service counts as ready: one of `command`, `tcp` and `http`, polled until `timeoutSeconds`.
@@ -220,6 +228,13 @@ impl RepoConfig {
         Ok(config)
     }
 
+    /// What a run of this config takes of an agent: the job's resources and every service's.
+    pub fn demand(&self) -> (f64, u64) {
+        self.services.values().fold((self.resources.cpus, self.resources.memory.bytes()), |(cpus, memory), service| {
+            (cpus + service.resources.cpus, memory.saturating_add(service.resources.memory.bytes()))
+        })
+    }
+
     /// Checks that need more than one field.
     pub fn check(&self) -> Result<(), String> {
         match (&self.image, &self.build) {
@@ -278,6 +293,10 @@ cluster: {purpose: tess-ci}
         let config = RepoConfig::parse(FULL).unwrap();
         assert_eq!(config.image.as_deref(), Some("busybox:latest"));
         assert_eq!(config.services.len(), 2);
+        // Each service counts in what the run needs: its own resources, or the small default.
+        let (cpus, memory) = config.demand();
+        assert!(cpus > config.resources.cpus, "{cpus}");
+        assert!(memory > config.resources.memory.bytes(), "{memory}");
         let db = &config.services.values().next().unwrap();
         assert_eq!(db.ready.as_ref().unwrap().tcp, Some(5432));
         assert_eq!(config.timeout_seconds, 900);

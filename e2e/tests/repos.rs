@@ -163,15 +163,18 @@ services:
     image: busybox:latest
     command: "echo web starting; mkdir -p /www; echo pong > /www/ping; sleep 1; exec httpd -f -v -p 8080 -h /www"
     ready: {http: {port: 8080, path: /ping}, timeoutSeconds: 30}
+    resources: {cpus: 0.25, memory: 32Mi}
   db:
     image: busybox:latest
     command: "sleep 1; while true; do echo db-ok | nc -l -p 5432; done"
     env: {ROLE: database}
     ready: {tcp: 5432, timeoutSeconds: 30}
+    resources: {cpus: 0.25, memory: 32Mi}
   queue:
     image: busybox:latest
     command: "sleep 2; touch /tmp/up; exec sleep 600"
     ready: {command: "test -f /tmp/up", timeoutSeconds: 30}
+    resources: {cpus: 0.25, memory: 32Mi}
 resources: {cpus: 0.25, memory: 64Mi}
 "#;
 
@@ -184,7 +187,8 @@ async fn sidecars_are_reached_by_name_once_ready_and_runs_do_not_collide(pool: P
                  command: sleep 60\n    ready: {tcp: 5432, timeoutSeconds: 2}\n";
     git.commit("svc", "never-ready", &[(".cimaster.yml", never)]);
     let mut stack = Stack::start(pool).await;
-    // Host CPU use must not hold back the second run: this test wants both at once.
+    // Host CPU use must not hold back the second run: this test wants both at once. Each run takes
+    // 1 CPU of the agent's 2: the job's 0.25 and its three services' 0.25 each.
     stack.add_agent(AgentOptions { cpus: Some(2.0), max_cpu: Some(1.0), ..AgentOptions::default() }).await;
     stack.put_job("svc", json!({"kind": "git", "repository": url})).await;
 

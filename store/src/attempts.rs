@@ -35,18 +35,20 @@ struct ClaimRow {
     config: Option<Json<RepoConfig>>,
 }
 
-/// The declared needs of a queued run, read before deciding whether it fits.
-pub async fn queued_resources(pool: &PgPool, run: RunId, attempt: u32) -> Result<Option<Resources>, sqlx::Error> {
+/// What a queued run needs of an agent (CPUs, memory bytes): the job and its services, read before
+/// deciding whether it fits.
+pub async fn queued_resources(pool: &PgPool, run: RunId, attempt: u32) -> Result<Option<(f64, u64)>, sqlx::Error> {
     let row: Option<(Json<JobSpec>, Option<Json<RepoConfig>>)> =
         sqlx::query_as("SELECT spec, config FROM runs WHERE id = $1 AND attempt = $2 AND status = 'queued'")
             .bind(run.0)
             .bind(attempt as i32)
             .fetch_optional(pool)
             .await?;
+    let plain = |resources: Resources| (resources.cpus, resources.memory.bytes());
     Ok(row.map(|(spec, config)| match (spec.0, config) {
-        (_, Some(config)) => config.0.resources,
-        (JobSpec::Freestyle(job), None) => job.resources,
-        (JobSpec::Git(_), None) => Resources::default(),
+        (_, Some(config)) => config.0.demand(),
+        (JobSpec::Freestyle(job), None) => plain(job.resources),
+        (JobSpec::Git(_), None) => plain(Resources::default()),
     }))
 }
 

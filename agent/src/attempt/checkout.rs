@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use cimaster_common::Resources;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::output::pump_to_console;
@@ -18,6 +19,7 @@ impl Attempt<'_> {
         checkout: &Checkout,
         secrets: &HashMap<String, SecretString>,
         network: &str,
+        resources: &Resources,
     ) -> Result<(), Stop> {
         let docker = &self.executor.docker;
         let volume = self.interrupts.step(docker.create_volume(&self.labels)).await??;
@@ -32,6 +34,9 @@ impl Attempt<'_> {
             image: self.executor.git_image.clone(),
             script: Some(CHECKOUT_SCRIPT.to_owned()),
             env: checkout_env(checkout, secrets),
+            // Within what the run was admitted for: the job has not started yet.
+            nano_cpus: Some((resources.cpus * 1e9) as i64),
+            memory_bytes: Some(i64::try_from(resources.memory.bytes()).unwrap_or(i64::MAX)),
             network: network.to_owned(),
             workspace: Some(volume),
             ..Default::default()

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use cimaster_common::BuildSpec;
+use cimaster_common::{BuildSpec, Resources};
+
+use crate::docker::BuildLimits;
 
 use super::{Attempt, AttemptError, Stop};
 use crate::archive;
@@ -12,17 +14,23 @@ use crate::plan::{ImageSource, WORKSPACE};
 
 impl Attempt<'_> {
     /// The image the job runs in.
-    pub(super) async fn image(&mut self, source: &ImageSource) -> Result<String, Stop> {
+    /// A build is held to the run's resources and network.
+    pub(super) async fn image(
+        &mut self,
+        source: &ImageSource,
+        resources: &Resources,
+        network: &str,
+    ) -> Result<String, Stop> {
         match source {
             ImageSource::Image(image) => {
                 self.interrupts.step(self.executor.docker.ensure_image(image)).await??;
                 Ok(image.clone())
             }
-            ImageSource::Build(build) => Ok(self.interrupts.step(self.build(build)).await??),
+            ImageSource::Build(build) => Ok(self.interrupts.step(self.build(build, resources, network)).await??),
         }
     }
 
-    async fn build(&self, build: &BuildSpec) -> Result<String, AttemptError> {
+    async fn build(&self, build: &BuildSpec, resources: &Resources, network: &str) -> Result<String, AttemptError> {
         let docker = &self.executor.docker;
         let Some(helper) = &self.held.checkout else {
             return Err(AttemptError::Build("`build` needs the repository's checkout".into()));
@@ -45,6 +53,8 @@ impl Attempt<'_> {
             ("cimaster.job".to_owned(), self.claim.job.clone()),
             ("cimaster.context-digest".to_owned(), built.digest.clone()),
         ]);
+        let limits =
+            BuildLimits { cpus: resources.cpus, memory: resources.memory.bytes(), network: network.to_owned() };
         // Build output goes to the console as it comes, without holding up the build.
         let (lines, mut printed) = tokio::sync::mpsc::unbounded_channel::<String>();
         let printer = {
@@ -56,7 +66,7 @@ impl Attempt<'_> {
             })
         };
         let result = docker
-            .build_image(bytes::Bytes::from(built.tar), &built.dockerfile, &tag, labels, |line| {
+            .build_image(bytes::Bytes::from(built.tar), &built.dockerfile, &tag, labels, limits, |line| {
                 let _ = lines.send(line);
             })
             .await;

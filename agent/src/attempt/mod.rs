@@ -255,9 +255,9 @@ impl Attempt<'_> {
         self.interrupts.deadline = Some((tokio::time::Instant::now() + timeout, timeout));
         let network = self.take_network().await?;
         if let Some(checkout) = &plan.checkout {
-            self.check_out(checkout, &secrets, &network).await?;
+            self.check_out(checkout, &secrets, &network, &plan.resources).await?;
         }
-        let image = self.image(&plan.image).await?;
+        let image = self.image(&plan.image, &plan.resources, &network).await?;
         self.start_services(&plan.services, &network).await?;
         let (id, stop) = self.run_job(&plan, image, network).await?;
         if !matches!(stop, Stop::LeaseLost(_)) {

@@ -67,6 +67,8 @@ impl Attempt<'_> {
             image: service.image.clone(),
             script: service.command.clone(),
             env: service.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            nano_cpus: Some((service.resources.cpus * 1e9) as i64),
+            memory_bytes: Some(i64::try_from(service.resources.memory.bytes()).unwrap_or(i64::MAX)),
             network: network.to_owned(),
             aliases: vec![name.to_string()],
             ..Default::default()
@@ -84,6 +86,9 @@ impl Attempt<'_> {
             role: "probe".into(),
             image: self.executor.git_image.clone(),
             script: Some("exec sleep infinity".into()),
+            // It only opens connections: a sliver of a CPU and a little memory.
+            nano_cpus: Some(250_000_000),
+            memory_bytes: Some(64 << 20),
             network: network.to_owned(),
             ..Default::default()
         };
