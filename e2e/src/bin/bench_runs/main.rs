@@ -3,8 +3,12 @@
 //! same image through the Docker API, at the same concurrency. Prints trigger→container-start and
 //! trigger→finished p50/p95, runs/s, their ratio to the baseline, and the idle agent's RSS.
 //!
+//! With `--abort`, it measures aborts instead (`abort`).
+//!
 //! Needs the release binaries next to this one and CIMASTER_DATABASE_URL, CIMASTER_AMQP_URL and the
 //! CIMASTER_S3_* variables (`scripts/bench runs` sets everything up).
+
+mod abort;
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -34,6 +38,9 @@ struct Args {
     database_url: String,
     #[arg(long, env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
+    /// Measure aborts of running runs (`--runs` of them, one at a time) instead.
+    #[arg(long)]
+    abort: bool,
 }
 
 struct Sample {
@@ -80,10 +87,10 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     let dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
     let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-    let (mut master, base) = start_master(&dir, url, prefix, &secret, &http).await?;
+    let (master, base) = start_master(&dir, url, prefix, &secret, &http).await?;
     let token = Signer::hs256(&secret)?.mint("bench", &[Role::Admin], Duration::from_secs(3600));
     put_noop_job(&http, &base, &token, &args.image).await?;
-    let mut agent = tokio::process::Command::new(dir.join("cimaster-agent"))
+    let agent = tokio::process::Command::new(dir.join("cimaster-agent"))
         .env("CIMASTER_AGENT_ID", format!("{prefix}-agent"))
         .env("CIMASTER_DATABASE_URL", url)
         .env("CIMASTER_QUEUE_PREFIX", prefix)
@@ -101,15 +108,18 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss = rss_mib(agent_pid);
 
+    if args.abort {
+        let mut ours = abort::measure_ours(args.runs, &http, &base, &token, &pool, &args.image).await;
+        stop(agent, agent_pid, master).await;
+        let mut with_init = abort::measure_baseline(args.runs, &args.image, true).await?;
+        let mut without_init = abort::measure_baseline(args.runs.min(5), &args.image, false).await?;
+        abort::report(ours.as_mut().map_err(|err| anyhow::anyhow!("{err:#}"))?, &mut with_init, &mut without_init);
+        return Ok(());
+    }
     let permits = Arc::new(Semaphore::new(args.concurrency));
     let (ours, ours_elapsed) = measure_ours(args.runs, &permits, &http, &base, &token, &pool).await?;
     let busy_rss = rss_mib(agent_pid);
-    // SIGTERM: the agent removes its idle networks before it exits.
-    let _ = std::process::Command::new("kill").args(["-TERM", &agent_pid.to_string()]).status();
-    if tokio::time::timeout(Duration::from_secs(30), agent.wait()).await.is_err() {
-        let _ = agent.kill().await;
-    }
-    let _ = master.kill().await;
+    stop(agent, agent_pid, master).await;
     let (baseline, base_elapsed) = measure_baseline(args.runs, &permits, &args.image).await?;
 
     println!("end-to-end benchmark: {} runs of `true` in {}, concurrency {}", args.runs, args.image, args.concurrency);
@@ -130,6 +140,15 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     );
     println!("agent RSS: {idle_rss:.1} MiB idle (target <= 40), {busy_rss:.1} MiB after the runs");
     Ok(())
+}
+
+/// Stops the agent (SIGTERM: it removes its idle networks before it exits) and the master.
+async fn stop(mut agent: tokio::process::Child, agent_pid: u32, mut master: tokio::process::Child) {
+    let _ = std::process::Command::new("kill").args(["-TERM", &agent_pid.to_string()]).status();
+    if tokio::time::timeout(Duration::from_secs(30), agent.wait()).await.is_err() {
+        let _ = agent.kill().await;
+    }
+    let _ = master.kill().await;
 }
 
 /// Starts a master on a free port and waits until it is ready; returns it and its base URL.
