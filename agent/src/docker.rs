@@ -58,6 +58,11 @@ pub enum DockerError {
     SubnetTaken(String),
     #[error("no free subnet is left in CIMASTER_AGENT_NETWORK_POOL ({0} tried)")]
     SubnetsExhausted(u32),
+    #[error(
+        "the Docker engine has no address pool left for another network (its default-address-pools allow about \
+         31 bridge networks): set CIMASTER_AGENT_NETWORK_POOL, or widen default-address-pools in daemon.json"
+    )]
+    AddressPoolsExhausted,
     #[error("creating the job container failed: {0}")]
     CreateContainer(#[source] BollardError),
     #[error("attaching to the job container failed: {0}")]
@@ -78,6 +83,13 @@ pub enum DockerError {
     Output(#[source] BollardError),
     #[error("running a command in the container failed: {0}")]
     Exec(#[source] BollardError),
+}
+
+impl DockerError {
+    /// Whether no more networks can be made now (the agent's subnet pool or the engine's pools).
+    pub fn no_network_left(&self) -> bool {
+        matches!(self, DockerError::SubnetsExhausted(_) | DockerError::AddressPoolsExhausted)
+    }
 }
 
 /// Labels of one attempt's resources.
@@ -189,6 +201,12 @@ impl DockerClient {
                 if message.contains("overlaps") && subnet.is_some() =>
             {
                 Err(DockerError::SubnetTaken(subnet.unwrap_or_default()))
+            }
+            // The engine's answer when its default address pools are used up.
+            Err(BollardError::DockerResponseServerError { message, .. })
+                if message.contains("non-overlapping IPv4 address pool") =>
+            {
+                Err(DockerError::AddressPoolsExhausted)
             }
             Err(source) => Err(DockerError::CreateNetwork { name, source }),
         }

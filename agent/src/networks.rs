@@ -8,8 +8,16 @@
 //! instead), and is lent again only when the engine reports nothing attached to it. With `keep` at 0 every run gets a new
 //! network labelled with the run, removed after it. Idle networks carry the agent's label: a
 //! graceful stop removes them, and the start-up sweep removes those a killed agent left.
+//!
+//! Networks are finite (the engine's default address pools allow about 31 bridges; a subnet pool
+//! has as many /27 blocks as it spans). A run is admitted only with a network slot; once no network
+//! could be made, the agent admits no more runs than it holds networks for, for a while, and a run
+//! that meets the limit anyway waits for a network to come back instead of failing.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::docker::{DockerClient, DockerError, RunLabels};
 use crate::subnets::SubnetPool;
@@ -27,12 +35,64 @@ pub(crate) struct Networks {
     idle: Mutex<Vec<String>>,
     /// Where new networks get their subnets; the engine's default pools when `None`.
     subnets: Option<SubnetPool>,
+    room: Mutex<Room>,
+    /// A network came back, or a slot was given up.
+    freed: Notify,
+}
+
+/// How many runs hold a network slot, and how many networks could be had when none more could be
+/// made (until `since` is `LIMIT_FOR` old: the engine may have room again by then).
+#[derive(Default)]
+struct Room {
+    admitted: usize,
+    lent: usize,
+    limit: Option<(usize, Instant)>,
+}
+
+/// How long a learnt limit on networks holds before the agent tries for more.
+const LIMIT_FOR: Duration = Duration::from_secs(60);
+/// How long a run waits for a network to come back before it fails.
+const WAIT_FOR_NETWORK: Duration = Duration::from_secs(120);
+
+/// A run's right to a network, taken before the run is claimed and given up when it ends.
+pub(crate) struct NetworkSlot(Arc<Networks>);
+
+impl Drop for NetworkSlot {
+    fn drop(&mut self) {
+        self.0.room().admitted -= 1;
+        self.0.freed.notify_waiters();
+    }
 }
 
 impl Networks {
     pub fn new(docker: DockerClient, agent: String, keep: usize, subnets: Option<SubnetPool>) -> Self {
         let subnets = subnets.map(|pool| pool.starting_for(&agent));
-        Self { docker, agent, keep, idle: Mutex::new(Vec::new()), subnets }
+        let room = Mutex::new(Room::default());
+        Self { docker, agent, keep, idle: Mutex::new(Vec::new()), subnets, room, freed: Notify::new() }
+    }
+
+    fn room(&self) -> std::sync::MutexGuard<'_, Room> {
+        self.room.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A slot for one more run, unless the networks this agent could make are all taken.
+    pub fn admit(self: &Arc<Self>) -> Option<NetworkSlot> {
+        let mut room = self.room();
+        if let Some((limit, since)) = room.limit {
+            if since.elapsed() < LIMIT_FOR && room.admitted >= limit {
+                return None;
+            }
+            if since.elapsed() >= LIMIT_FOR {
+                room.limit = None;
+            }
+        }
+        room.admitted += 1;
+        Some(NetworkSlot(self.clone()))
+    }
+
+    /// Runs the agent can hold networks for, when a limit was met (for the agent's log).
+    pub fn limit(&self) -> Option<usize> {
+        self.room().limit.map(|(limit, _)| limit)
     }
 
     /// Creates a network (labelled with the run when `labels` is given, reusable otherwise), on the
@@ -58,8 +118,29 @@ impl Networks {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// An idle network, or a new one.
+    /// An idle network, or a new one; when none can be made, the next one given back (waiting up to
+    /// `WAIT_FOR_NETWORK`).
     pub async fn take(&self, labels: &RunLabels) -> Result<RunNetwork, DockerError> {
+        let deadline = tokio::time::Instant::now() + WAIT_FOR_NETWORK;
+        loop {
+            let freed = self.freed.notified();
+            match self.take_now(labels).await {
+                Ok(network) => {
+                    self.room().lent += 1;
+                    return Ok(network);
+                }
+                Err(err) if err.no_network_left() && tokio::time::Instant::now() < deadline => {
+                    let held = self.room().lent + self.idle().len();
+                    self.room().limit = Some((held, Instant::now()));
+                    tracing::warn!(networks = held, error = %err, "no network can be made; runs wait for one, and no more are admitted");
+                    let _ = tokio::time::timeout_at(deadline, freed).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn take_now(&self, labels: &RunLabels) -> Result<RunNetwork, DockerError> {
         if self.keep == 0 {
             return Ok(RunNetwork { name: self.create(Some(labels)).await?, reusable: false });
         }
@@ -81,14 +162,19 @@ impl Networks {
     /// Takes the network back once the run's containers are removed; `take` checks it before it is
     /// lent again.
     pub async fn give_back(&self, network: RunNetwork) {
-        if network.reusable {
+        self.room().lent -= 1;
+        let kept = network.reusable && {
             let mut idle = self.idle();
-            if idle.len() < self.keep {
-                idle.push(network.name);
-                return;
+            let room = idle.len() < self.keep;
+            if room {
+                idle.push(network.name.clone());
             }
+            room
+        };
+        if !kept {
+            self.docker.remove_network(&network.name).await;
         }
-        self.docker.remove_network(&network.name).await;
+        self.freed.notify_waiters();
     }
 
     /// Removes the idle networks (at shutdown).

@@ -196,6 +196,13 @@ impl Worker {
                 return;
             }
         };
+        let Some(network) = self.executor.networks.admit() else {
+            // Every network this agent can make is taken: leave the run to an agent that has one.
+            tracing::info!(run_id = %message.run_id, limit = ?self.executor.networks.limit(), "no network for another run now; returning the message");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            return;
+        };
         let claim = match attempts::claim(
             pool,
             message.run_id,
@@ -228,6 +235,7 @@ impl Worker {
             let run = claim.run;
             executor.execute(claim, abort, hard_stop).await;
             aborts.remove(run);
+            drop(network);
             drop(reservation);
         });
     }

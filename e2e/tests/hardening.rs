@@ -199,3 +199,42 @@ async fn a_flood_of_output_is_cut_at_the_console_limits(pool: PgPool) {
     assert!((95_000..110_000).contains(&kept), "{kept} lines kept");
     assert_eq!(leftovers(&id).await, (0, 0));
 }
+
+/// An agent with room for more runs than networks admits no more runs than it can give networks,
+/// and none fails for the lack of one: here its subnet pool spans two networks, and four runs that
+/// all fit its CPUs come in at once.
+#[sqlx::test(migrations = "../migrations")]
+async fn runs_wait_for_a_network_instead_of_failing_when_none_can_be_made(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    let env = vec![
+        // Two /27 blocks, and no idle networks kept: a network per run, removed after it.
+        ("CIMASTER_AGENT_NETWORK_POOL", format!("10.241.{}.0/26", 4 * (std::process::id() % 60))),
+        ("CIMASTER_AGENT_IDLE_NETWORKS", "0".to_owned()),
+    ];
+    stack.add_agent(AgentOptions { cpus: Some(4.0), max_cpu: Some(1.0), env, ..AgentOptions::default() }).await;
+    stack.put_job("netted", job("busybox:latest", "sleep 2; echo done")).await;
+    let mut paths = Vec::new();
+    for _ in 0..4 {
+        paths.push(stack.trigger("netted").await);
+    }
+    let mut spans = Vec::new();
+    for path in &paths {
+        let run = stack.wait_finished(path, Duration::from_secs(120)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        // From its container's start (a claimed run may wait for a network before it) to its end.
+        let started: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar("SELECT container_started_at FROM run_attempts WHERE run_id = $1::uuid")
+                .bind(run_id(path))
+                .fetch_one(&stack.pool)
+                .await
+                .unwrap();
+        // Its container sleeps 2 s, holding the run's network all along.
+        spans.push((started, started + chrono::Duration::milliseconds(1900)));
+        assert_eq!(leftovers(&run_id(path)).await, (0, 0));
+    }
+    // Never more than two at once: the networks there were.
+    for (start, _) in &spans {
+        let running = spans.iter().filter(|(s, f)| s <= start && start < f).count();
+        assert!(running <= 2, "{running} runs at once with two networks: {spans:?}");
+    }
+}

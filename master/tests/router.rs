@@ -13,6 +13,7 @@ use cimaster_master::Application;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
+use utoipa::OpenApi;
 
 async fn app() -> Application {
     let mut config = support::config("postgres://nobody:nothing@127.0.0.1:1/none", &support::unique_prefix());
@@ -35,6 +36,19 @@ async fn send(app: &Application, method: &str, uri: &str, token: Option<Role>, b
     let problem: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(problem["status"], status.as_u16(), "{problem}");
     (status, problem)
+}
+
+/// The statuses the OpenAPI document lists for the operation serving `method uri`, if it has one.
+fn documented(doc: &Value, method: &str, uri: &str) -> Option<Vec<String>> {
+    let path = uri.split('?').next().unwrap();
+    let segments: Vec<&str> = path.split('/').collect();
+    let (_, item) = doc["paths"].as_object().unwrap().iter().find(|(template, _)| {
+        let parts: Vec<&str> = template.split('/').collect();
+        parts.len() == segments.len()
+            && parts.iter().zip(&segments).all(|(part, segment)| part.starts_with('{') || part == segment)
+    })?;
+    let responses = item[method.to_lowercase()]["responses"].as_object()?;
+    Some(responses.keys().cloned().collect())
 }
 
 #[tokio::test]
@@ -110,9 +124,14 @@ async fn bad_input_is_refused_before_any_service_is_asked() {
         ),
         ("GET", "/pool/report?window=300000y", admin, "", StatusCode::BAD_REQUEST, "window"),
     ];
+    let doc = serde_json::to_value(cimaster_master::http::ApiDoc::openapi()).unwrap();
     for (method, uri, role, body, expected, mentions) in cases {
         let (status, problem) = send(&app, method, uri, role, body).await;
         assert_eq!(status, expected, "{method} {uri}: {problem}");
+        // Every answer of a documented operation is documented for it.
+        if let Some(statuses) = documented(&doc, method, uri) {
+            assert!(statuses.contains(&status.as_str().to_owned()), "{method} {uri}: {status} is not in {statuses:?}");
+        }
         let detail = problem["detail"].as_str().unwrap_or_default().to_lowercase();
         assert!(detail.contains(&mentions.to_lowercase()), "{method} {uri}: `{detail}` should mention `{mentions}`");
     }

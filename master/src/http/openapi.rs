@@ -25,9 +25,48 @@ use super::AppState;
         cimaster_common::Resources, cimaster_common::RunStatus, cimaster_common::TriggerRequest,
         super::error::Problem,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonAnswers),
 )]
 pub struct ApiDoc;
+
+/// The answers any operation can give besides its own, documented on every one: a malformed path
+/// or query (400, e.g. a NUL), an unavailable database or a request past its timeout (503), a
+/// missing or bad token (401) and a missing role (403) where a token is needed, and a body that is
+/// not JSON (400, 415), too large (413) or does not fit (422) where a body is taken.
+struct CommonAnswers;
+
+impl Modify for CommonAnswers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete];
+            for operation in operations.into_iter().flatten() {
+                let mut statuses = vec![("400", "malformed path, query or body"), ("503", "unavailable; try again")];
+                if operation.security.is_some() {
+                    statuses.push(("401", "no valid bearer token"));
+                    statuses.push(("403", "the token lacks the role this needs"));
+                }
+                if operation.request_body.is_some() {
+                    statuses.push(("413", "the body is over 1 MiB"));
+                    statuses.push(("415", "the body is not JSON"));
+                    statuses.push(("422", "the body does not fit"));
+                }
+                for (status, description) in statuses {
+                    operation.responses.responses.entry(status.to_owned()).or_insert_with(|| problem(description));
+                }
+            }
+        }
+    }
+}
+
+/// A problem+json answer.
+fn problem(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Response> {
+    let schema = utoipa::openapi::Ref::from_schema_name("Problem");
+    utoipa::openapi::ResponseBuilder::new()
+        .description(description)
+        .content("application/problem+json", utoipa::openapi::Content::new(Some(schema)))
+        .build()
+        .into()
+}
 
 struct BearerAuth;
 
