@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::docker::{DockerClient, DockerError, RunLabels};
 use crate::subnets::SubnetPool;
@@ -38,6 +39,8 @@ pub(crate) struct Networks {
     room: Mutex<Room>,
     /// A network came back, or a slot was given up.
     freed: Notify,
+    /// How long a run waits for a network to come back before it fails.
+    wait: Duration,
 }
 
 /// How many runs hold a network slot, and how many networks could be had when none more could be
@@ -51,7 +54,9 @@ struct Room {
 
 /// How long a learnt limit on networks holds before the agent tries for more.
 const LIMIT_FOR: Duration = Duration::from_secs(60);
-/// How long a run waits for a network to come back before it fails.
+/// How often a run waiting for a network tries to make one anyway.
+const RETRY_NETWORK: Duration = Duration::from_secs(5);
+/// How long a run waits for a network to come back before it fails, unless told otherwise.
 const WAIT_FOR_NETWORK: Duration = Duration::from_secs(120);
 
 /// A run's right to a network, taken before the run is claimed and given up when it ends.
@@ -68,7 +73,15 @@ impl Networks {
     pub fn new(docker: DockerClient, agent: String, keep: usize, subnets: Option<SubnetPool>) -> Self {
         let subnets = subnets.map(|pool| pool.starting_for(&agent));
         let room = Mutex::new(Room::default());
-        Self { docker, agent, keep, idle: Mutex::new(Vec::new()), subnets, room, freed: Notify::new() }
+        let (idle, freed, wait) = (Mutex::new(Vec::new()), Notify::new(), WAIT_FOR_NETWORK);
+        Self { docker, agent, keep, idle, subnets, room, freed, wait }
+    }
+
+    /// Sets how long a run waits for a network to come back when none can be made.
+    #[cfg(test)]
+    pub fn waiting_up_to(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
     }
 
     fn room(&self) -> std::sync::MutexGuard<'_, Room> {
@@ -88,6 +101,28 @@ impl Networks {
         }
         room.admitted += 1;
         Some(NetworkSlot(self.clone()))
+    }
+
+    /// A slot, waiting for one while every network this agent can make is taken; `None` once
+    /// `stop` is cancelled.
+    pub async fn admit_waiting(self: &Arc<Self>, stop: &CancellationToken) -> Option<NetworkSlot> {
+        let mut logged = false;
+        loop {
+            let freed = self.freed.notified();
+            if let Some(slot) = self.admit() {
+                return Some(slot);
+            }
+            if !logged {
+                tracing::info!(limit = ?self.limit(), "every network this agent can make is taken; the next run waits for one");
+                logged = true;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = freed => {}
+                // The learnt limit runs out, or room appears in the engine.
+                () = tokio::time::sleep(RETRY_NETWORK) => {}
+            }
+        }
     }
 
     /// Runs the agent can hold networks for, when a limit was met (for the agent's log).
@@ -119,9 +154,9 @@ impl Networks {
     }
 
     /// An idle network, or a new one; when none can be made, the next one given back (waiting up to
-    /// `WAIT_FOR_NETWORK`).
+    /// `wait`).
     pub async fn take(&self, labels: &RunLabels) -> Result<RunNetwork, DockerError> {
-        let deadline = tokio::time::Instant::now() + WAIT_FOR_NETWORK;
+        let deadline = tokio::time::Instant::now() + self.wait;
         loop {
             let freed = self.freed.notified();
             match self.take_now(labels).await {
@@ -129,11 +164,17 @@ impl Networks {
                     self.room().lent += 1;
                     return Ok(network);
                 }
-                Err(err) if err.no_network_left() && tokio::time::Instant::now() < deadline => {
+                Err(err) if err.no_network_left() => {
                     let held = self.room().lent + self.idle().len();
                     self.room().limit = Some((held, Instant::now()));
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(err);
+                    }
                     tracing::warn!(networks = held, error = %err, "no network can be made; runs wait for one, and no more are admitted");
-                    let _ = tokio::time::timeout_at(deadline, freed).await;
+                    // Woken when one of this agent's networks comes back; the engine may free room
+                    // of its own (another agent's network), so it looks again every few seconds too.
+                    let look_again = tokio::time::Instant::now() + RETRY_NETWORK;
+                    let _ = tokio::time::timeout_at(deadline.min(look_again), freed).await;
                 }
                 Err(err) => return Err(err),
             }
@@ -294,8 +335,10 @@ mod tests {
         let taken = format!("10.241.{third}.0/27");
         assert!(!docker(&["network", "create", "--subnet", &taken, &foreign]).is_empty(), "cannot create {taken}");
         let pool: SubnetPool = range.parse().unwrap();
+        // Told not to wait, it says at once that none is left.
         let networks =
-            Networks::new(DockerClient::connect(RegistryAuths::default()).await.unwrap(), agent.clone(), 0, Some(pool));
+            Networks::new(DockerClient::connect(RegistryAuths::default()).await.unwrap(), agent.clone(), 0, Some(pool))
+                .waiting_up_to(Duration::ZERO);
 
         let first = networks.take(&labels(&agent)).await.unwrap();
         let subnet = docker(&["network", "inspect", &first.name, "--format", "{{(index .IPAM.Config 0).Subnet}}"]);
@@ -306,9 +349,42 @@ mod tests {
         if let Ok(network) = second {
             networks.give_back(network).await;
         }
+        assert_eq!(networks.limit(), Some(1), "it learnt how many networks it can have");
         networks.give_back(first).await;
         docker(&["network", "rm", &foreign]);
         assert!(exhausted, "with one block taken and one in use, none is left");
+        assert!(networks_of(&agent).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_run_waits_for_a_network_to_come_back_and_no_more_are_admitted_meanwhile() {
+        let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
+        // One /27 block: one network at a time.
+        let third = uuid::Uuid::new_v4().as_bytes()[0];
+        let pool: SubnetPool = format!("10.243.{third}.0/27").parse().unwrap();
+        let docker_client = DockerClient::connect(RegistryAuths::default()).await.unwrap();
+        let networks = Arc::new(Networks::new(docker_client, agent.clone(), 0, Some(pool)));
+        let (one, two) = (networks.admit().unwrap(), networks.admit().unwrap());
+        let first = networks.take(&labels(&agent)).await.unwrap();
+        // The second run finds none, learns the limit, and waits for the first's network.
+        let waiting = {
+            let networks = networks.clone();
+            let agent = agent.clone();
+            tokio::spawn(async move { networks.take(&labels(&agent)).await })
+        };
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while networks.limit().is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the limit is learnt");
+        assert!(networks.admit().is_none(), "a third run is admitted with no network for it");
+        networks.give_back(first).await;
+        drop(one);
+        let second = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap().unwrap().unwrap();
+        networks.give_back(second).await;
+        drop(two);
         assert!(networks_of(&agent).is_empty());
     }
 }

@@ -196,10 +196,9 @@ impl Worker {
                 return;
             }
         };
-        let Some(network) = self.executor.networks.admit() else {
-            // Every network this agent can make is taken: leave the run to an agent that has one.
-            tracing::info!(run_id = %message.run_id, limit = ?self.executor.networks.limit(), "no network for another run now; returning the message");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        // Like CPUs and memory, a network: the run waits here (unacked) until this agent can give it
+        // one, so it is neither lost to the queue's delivery limit nor claimed without one.
+        let Some(network) = self.executor.networks.admit_waiting(stop_taking).await else {
             let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
             return;
         };

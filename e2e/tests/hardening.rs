@@ -208,7 +208,14 @@ async fn runs_wait_for_a_network_instead_of_failing_when_none_can_be_made(pool: 
     let mut stack = Stack::start(pool).await;
     let env = vec![
         // Two /27 blocks, and no idle networks kept: a network per run, removed after it.
-        ("CIMASTER_AGENT_NETWORK_POOL", format!("10.241.{}.0/26", 4 * (std::process::id() % 60))),
+        (
+            "CIMASTER_AGENT_NETWORK_POOL",
+            format!(
+                "10.242.{}.{}/26",
+                uuid::Uuid::new_v4().as_bytes()[0],
+                64 * (uuid::Uuid::new_v4().as_bytes()[1] % 4)
+            ),
+        ),
         ("CIMASTER_AGENT_IDLE_NETWORKS", "0".to_owned()),
     ];
     stack.add_agent(AgentOptions { cpus: Some(4.0), max_cpu: Some(1.0), env, ..AgentOptions::default() }).await;
