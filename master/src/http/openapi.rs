@@ -25,22 +25,27 @@ use super::AppState;
         cimaster_common::Resources, cimaster_common::RunStatus, cimaster_common::TriggerRequest,
         super::error::Problem,
     )),
-    modifiers(&BearerAuth, &CommonAnswers),
+    modifiers(&BearerAuth, &CommonAnswers, &KindTaggedJobs),
 )]
 pub struct ApiDoc;
 
 /// The answers any operation can give besides its own, documented on every one: a malformed path
 /// or query (400, e.g. a NUL), an unavailable database or a request past its timeout (503), a
-/// missing or bad token (401) and a missing role (403) where a token is needed, and a body that is
-/// not JSON (400, 415), too large (413) or does not fit (422) where a body is taken.
+/// missing or bad token (401) and a missing role (403) where a token is needed, nothing by the name
+/// in the path (404) where the path names something, and a body that is not JSON (400, 415), too
+/// large (413) or does not fit (422) where a body is taken.
 struct CommonAnswers;
 
 impl Modify for CommonAnswers {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let names_something = path.contains('{');
             let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete];
             for operation in operations.into_iter().flatten() {
                 let mut statuses = vec![("400", "malformed path, query or body"), ("503", "unavailable; try again")];
+                if names_something {
+                    statuses.push(("404", "no such job, run, attempt, file, secret, cluster or lease"));
+                }
                 if operation.security.is_some() {
                     statuses.push(("401", "no valid bearer token"));
                     statuses.push(("403", "the token lacks the role this needs"));
@@ -54,6 +59,48 @@ impl Modify for CommonAnswers {
                     operation.responses.responses.entry(status.to_owned()).or_insert_with(|| problem(description));
                 }
             }
+        }
+    }
+}
+
+/// The job spec as the API reads it: `kind` beside the variant's own fields, in one closed object
+/// per kind (serde's internally tagged enum). The derived `allOf` of a closed variant and `kind`
+/// can be met by no value; this states it as it is. `script` is a string or a list of strings.
+struct KindTaggedJobs;
+
+impl Modify for KindTaggedJobs {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+        use utoipa::openapi::RefOr;
+        let Some(components) = openapi.components.as_mut() else { return };
+        let mut variants = Vec::new();
+        for (name, kind) in [("FreestyleJob", "freestyle"), ("GitJob", "git")] {
+            let Some(RefOr::T(Schema::Object(object))) = components.schemas.get(name) else { continue };
+            let mut object = object.clone();
+            object.properties.insert(
+                "kind".to_owned(),
+                ObjectBuilder::new().schema_type(Type::String).enum_values(Some([kind])).into(),
+            );
+            object.required.insert(0, "kind".to_owned());
+            if let Some(script) = object.properties.get_mut("script") {
+                let one = ObjectBuilder::new().schema_type(Type::String);
+                let many = ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String));
+                *script = OneOfBuilder::new()
+                    .item(one)
+                    .item(many)
+                    .description(Some(
+                        "One shell script, or a list of commands run in order (stopping at the first failure).",
+                    ))
+                    .into();
+            }
+            variants.push(Schema::Object(object));
+        }
+        if variants.len() == 2 {
+            let mut one_of = OneOfBuilder::new();
+            for variant in variants {
+                one_of = one_of.item(variant);
+            }
+            components.schemas.insert("JobSpec".to_owned(), one_of.into());
         }
     }
 }
