@@ -82,6 +82,9 @@ async fn bad_input_is_refused_before_any_service_is_asked() {
             "colour",
         ),
         ("PUT", "/jobs/unit", admin, "{not json", StatusCode::BAD_REQUEST, ""),
+        // The role is checked before the body is read: a reader's bad body is refused for the role.
+        ("PUT", "/jobs/unit", Some(Role::Read), "{not json", StatusCode::FORBIDDEN, "admin"),
+        ("POST", "/jobs/unit/runs", Some(Role::Read), r#"{"commitSha": "xyz"}"#, StatusCode::FORBIDDEN, "trigger"),
         (
             "POST",
             "/jobs/unit/runs",

@@ -145,6 +145,49 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// Callers holding a role, checked while the request's head is read: a caller without it gets 403
+/// before any body is looked at.
+macro_rules! role_extractor {
+    ($(#[$doc:meta])* $name:ident, $role:expr) => {
+        $(#[$doc])*
+        pub struct $name(pub Caller);
+
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+                let caller = Caller::from_request_parts(parts, state).await?;
+                caller.require($role)?;
+                Ok(Self(caller))
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = Caller;
+
+            fn deref(&self) -> &Caller {
+                &self.0
+            }
+        }
+    };
+}
+
+role_extractor!(
+    /// A caller with `read` (or more).
+    Reader,
+    Role::Read
+);
+role_extractor!(
+    /// A caller with `trigger` (or more).
+    Triggerer,
+    Role::Trigger
+);
+role_extractor!(
+    /// A caller with `admin`.
+    Admin,
+    Role::Admin
+);
+
 impl Caller {
     /// 403 unless the caller holds `role` (or a role above it).
     pub fn require(&self, role: Role) -> Result<(), ApiError> {

@@ -26,7 +26,7 @@ use super::jobs::job_name;
 use super::query::ApiQuery;
 use super::runs::{run_id, run_not_found};
 use super::AppState;
-use crate::auth::{Caller, Role};
+use crate::http::Reader;
 use crate::wakeups::ConsoleWake;
 
 pub fn router() -> Router<AppState> {
@@ -69,11 +69,10 @@ pub struct ResultList {
     security(("bearer" = [])))]
 async fn list_results(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: Reader,
     Path((name, id)): Path<(String, String)>,
     ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<axum::Json<ResultList>, ApiError> {
-    caller.require(Role::Read)?;
     let job = job_name(&name)?;
     let run = run_id(&id)?;
     let progress = runs::progress(&state.pool, &job, run).await?.ok_or_else(|| run_not_found(&job, run))?;
@@ -202,12 +201,11 @@ pub struct JunitReport {
     security(("bearer" = [])))]
 async fn junit(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: Reader,
     Path((name, id)): Path<(String, String)>,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Read)?;
     let (run, attempt, live) = chosen_attempt(&state, &name, &id, query.attempt).await?;
     let files = stored_files(&state, run, attempt, &[KIND_JUNIT], None).await?;
     if files.is_empty() {
@@ -271,11 +269,10 @@ async fn zip_files(state: &AppState, files: &[ResultFile]) -> Result<Vec<u8>, Ap
     security(("bearer" = [])))]
 async fn artifact(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: Reader,
     Path((name, id, file)): Path<(String, String, String)>,
     ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Read)?;
     let (run, attempt, _) = chosen_attempt(&state, &name, &id, query.attempt).await?;
     let found = stored_files(&state, run, attempt, &[KIND_ARTIFACT, KIND_JUNIT], Some(&file)).await?;
     let stored = found
@@ -294,11 +291,10 @@ async fn artifact(
     security(("bearer" = [])))]
 async fn service_log(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: Reader,
     Path((name, id, service)): Path<(String, String, String)>,
     ApiQuery(query): ApiQuery<AttemptQuery>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Read)?;
     let (run, attempt, _) = chosen_attempt(&state, &name, &id, query.attempt).await?;
     let file = format!("{}.log", service.trim_end_matches(".log"));
     let found = stored_files(&state, run, attempt, &[KIND_SERVICE_LOG], Some(&file)).await?;
@@ -381,11 +377,10 @@ pub struct ConsoleQuery {
     security(("bearer" = [])))]
 async fn console(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: Reader,
     Path((name, id)): Path<(String, String)>,
     ApiQuery(query): ApiQuery<ConsoleQuery>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Read)?;
     let (run, attempt, _) = chosen_attempt(&state, &name, &id, query.attempt).await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     let pool = state.pool.clone();

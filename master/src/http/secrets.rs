@@ -13,7 +13,7 @@ use super::error::{ApiError, Problem};
 use super::jobs::{job_name, job_not_found, require_job};
 use super::json::ApiJson;
 use super::AppState;
-use crate::auth::{Caller, Role};
+use crate::http::{Admin, Reader};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -67,11 +67,10 @@ fn secret_name(raw: &str) -> Result<EnvName, ApiError> {
     security(("bearer" = [])))]
 async fn put_secret(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Admin,
     Path((name, key)): Path<(String, String)>,
     ApiJson(body): ApiJson<SecretBody>,
 ) -> Result<(StatusCode, Json<SecretInfo>), ApiError> {
-    caller.require(Role::Admin)?;
     let job = job_name(&name)?;
     let key = secret_name(&key)?;
     let secrets = state
@@ -95,10 +94,9 @@ async fn put_secret(
     responses((status = 200, body = SecretList)), security(("bearer" = [])))]
 async fn list_secrets(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: Reader,
     Path(name): Path<String>,
 ) -> Result<Json<SecretList>, ApiError> {
-    caller.require(Role::Read)?;
     let job = job_name(&name)?;
     require_job(&state, &job).await?;
     let secrets = store::list(&state.pool, &job).await?.into_iter().map(SecretInfo::from).collect();
@@ -112,10 +110,9 @@ async fn list_secrets(
     security(("bearer" = [])))]
 async fn delete_secret(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: Admin,
     Path((name, key)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require(Role::Admin)?;
     let job = job_name(&name)?;
     let key = secret_name(&key)?;
     if !store::delete(&state.pool, &job, key.as_str()).await? {

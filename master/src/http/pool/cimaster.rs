@@ -18,6 +18,7 @@ use crate::http::jobs::job_name;
 use crate::http::query::ApiQuery;
 use crate::http::runs::RunView;
 use crate::http::AppState;
+use crate::http::{Admin, Triggerer};
 use crate::pool::store::{self, AcquireRequest, NewCluster, Release};
 use crate::trigger::{Created, Trigger};
 
@@ -54,11 +55,10 @@ fn optional<'a>(params: &'a BTreeMap<String, String>, name: &str) -> Option<&'a 
 /// `GET /getvacant?build=&job=&email=[&purpose=&osimage=&wait=]`: lease a vacant cluster; answers its name.
 pub(super) async fn getvacant(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Triggerer,
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Trigger)?;
     let request = AcquireRequest {
         purpose: optional(&params, "purpose").unwrap_or(store::DEFAULT_PURPOSE).to_owned(),
         osimage: optional(&params, "osimage").map(str::to_owned),
@@ -103,11 +103,10 @@ fn holder(caller: &Caller, email: Option<&str>) -> Result<String, ApiError> {
 /// `GET /finishtest?cluster=[&result=infra_failure]`: return a leased cluster to the pool.
 pub(super) async fn finishtest(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Triggerer,
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Trigger)?;
     let name = param(&params, "cluster")?;
     let outcome = release_outcome(optional(&params, "result"))?;
     let view = store::release(
@@ -124,11 +123,10 @@ pub(super) async fn finishtest(
 /// `GET /holdcluster?cluster=&name=&desc=[&hours=]`: hold a cluster for debugging (6 h by default).
 pub(super) async fn holdcluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Triggerer,
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Trigger)?;
     let name = param(&params, "cluster")?;
     let reason = param(&params, "desc")?;
     let duration = match optional(&params, "hours") {
@@ -166,11 +164,10 @@ fn max_hold(state: &AppState) -> ApiError {
 /// `GET /releasecluster?cluster=&name=`: end a hold.
 pub(super) async fn releasecluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Triggerer,
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Trigger)?;
     let name = param(&params, "cluster")?;
     let view = store::unhold(&state.pool, name, actor(&caller)).await?;
     Ok(answer(&headers, format!("cluster {name} released"), view))
@@ -179,11 +176,10 @@ pub(super) async fn releasecluster(
 /// `GET /addcluster?cluster=&region=&name=[&purpose=&osimage=]` (admin).
 pub(super) async fn addcluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Admin,
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Admin)?;
     let name = param(&params, "cluster")?;
     check_name("cluster", name)?;
     let region = param(&params, "region")?;
@@ -205,11 +201,10 @@ pub(super) async fn addcluster(
 /// `GET /deletecluster?cluster=&name=` (admin).
 pub(super) async fn deletecluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Admin,
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Admin)?;
     let name = param(&params, "cluster")?;
     store::delete(&state.pool, name, &caller.subject).await?;
     Ok(answer(&headers, format!("cluster {name} deleted"), serde_json::json!({"deleted": name})))
@@ -218,11 +213,10 @@ pub(super) async fn deletecluster(
 /// `GET /disablecluster?cluster=&name=[&reason=]` (admin).
 pub(super) async fn disablecluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Admin,
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Admin)?;
     let name = param(&params, "cluster")?;
     let reason = optional(&params, "reason").map_or_else(|| format!("disabled by {}", caller.subject), str::to_owned);
     let view = store::set_disabled(&state.pool, name, Some(&reason), &caller.subject).await?;
@@ -232,11 +226,10 @@ pub(super) async fn disablecluster(
 /// `GET /enablecluster?cluster=&name=` (admin).
 pub(super) async fn enablecluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Admin,
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Admin)?;
     let name = param(&params, "cluster")?;
     let view = store::set_disabled(&state.pool, name, None, &caller.subject).await?;
     Ok(answer(&headers, format!("cluster {name} enabled"), view))
@@ -246,11 +239,10 @@ pub(super) async fn enablecluster(
 /// passed as its `AUTHOR` parameter; answers the run's link.
 pub(super) async fn createcluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Triggerer,
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Trigger)?;
     let user = param(&params, "user")?;
     let job = job_name(optional(&params, "job").unwrap_or(&state.pool_config.provision_job))?;
     let spec = cimaster_store::jobs::get(&state.pool, &job)

@@ -14,6 +14,7 @@ use crate::http::error::{ApiError, Problem};
 use crate::http::json::{ApiJson, OptionalJson};
 use crate::http::query::ApiQuery;
 use crate::http::AppState;
+use crate::http::{Admin, Reader, Triggerer};
 use crate::pool::store::{self, AcquireRequest, ClusterView, Event, Lease, NewCluster, Release};
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -33,10 +34,9 @@ pub struct WaiterList {
     responses((status = 200, body = WaiterList)), security(("bearer" = [])))]
 pub(super) async fn list_waiters(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: Reader,
     ApiQuery(filter): ApiQuery<WaiterFilter>,
 ) -> Result<Json<WaiterList>, ApiError> {
-    caller.require(Role::Read)?;
     Ok(Json(WaiterList { waiters: store::waiters(&state.pool, filter.purpose.as_deref()).await? }))
 }
 
@@ -57,10 +57,9 @@ pub struct ClusterFilter {
     responses((status = 200, body = ClusterList)), security(("bearer" = [])))]
 pub(super) async fn list_clusters(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Reader,
     ApiQuery(filter): ApiQuery<ClusterFilter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require(Role::Read)?;
     for_caller(&caller, ClusterList { clusters: store::list(&state.pool, filter.purpose.as_deref()).await? })
 }
 
@@ -69,10 +68,9 @@ pub(super) async fn list_clusters(
     security(("bearer" = [])))]
 pub(super) async fn get_cluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Reader,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require(Role::Read)?;
     for_caller(&caller, store::get(&state.pool, &name).await?)
 }
 
@@ -107,11 +105,10 @@ pub struct AppliedCluster {
     security(("bearer" = [])))]
 pub(super) async fn put_cluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Admin,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<ClusterBody>,
 ) -> Result<(StatusCode, Json<AppliedCluster>), ApiError> {
-    caller.require(Role::Admin)?;
     check_name("cluster", &name)?;
     check_name("region", &body.region)?;
     check_name("purpose", &body.purpose)?;
@@ -128,10 +125,9 @@ pub(super) async fn put_cluster(
     security(("bearer" = [])))]
 pub(super) async fn delete_cluster(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Admin,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require(Role::Admin)?;
     store::delete(&state.pool, &name, &caller.subject).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -161,10 +157,9 @@ pub struct AcquireBody {
     security(("bearer" = [])))]
 pub(super) async fn acquire(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Triggerer,
     ApiJson(body): ApiJson<AcquireBody>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
-    caller.require(Role::Trigger)?;
     let ttl = lease_ttl(&state, body.ttl_seconds)?;
     check_name("purpose", &body.purpose)?;
     if let Some(osimage) = &body.osimage {
@@ -234,11 +229,10 @@ pub struct HeartbeatBody {
     security(("bearer" = [])))]
 pub(super) async fn heartbeat(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Triggerer,
     Path(token): Path<String>,
     OptionalJson(body): OptionalJson<HeartbeatBody>,
 ) -> Result<Json<Lease>, ApiError> {
-    caller.require(Role::Trigger)?;
     let token = lease_token(&token)?;
     let ttl = lease_ttl(&state, body.ttl_seconds)?;
     Ok(Json(store::heartbeat(&state.pool, token, ttl, actor(&caller)).await?))
@@ -257,11 +251,10 @@ pub struct ReleaseBody {
     security(("bearer" = [])))]
 pub(super) async fn release(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Triggerer,
     Path(token): Path<String>,
     OptionalJson(body): OptionalJson<ReleaseBody>,
 ) -> Result<Json<ClusterView>, ApiError> {
-    caller.require(Role::Trigger)?;
     let token = lease_token(&token)?;
     let outcome = release_outcome(body.result.as_deref())?;
     Ok(Json(
@@ -296,10 +289,9 @@ pub struct EventPage {
     responses((status = 200, body = EventPage)), security(("bearer" = [])))]
 pub(super) async fn list_events(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Reader,
     ApiQuery(filter): ApiQuery<EventFilter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require(Role::Read)?;
     let limit = filter.limit.unwrap_or(500).clamp(1, 10_000);
     let events = store::events(&state.pool, filter.cluster.as_deref(), filter.after.unwrap_or(0), limit).await?;
     for_caller(&caller, EventPage { events })
@@ -318,10 +310,9 @@ pub struct ReportQuery {
     responses((status = 200, body = store::UsageReport)), security(("bearer" = [])))]
 pub(super) async fn usage_report(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: Reader,
     ApiQuery(query): ApiQuery<ReportQuery>,
 ) -> Result<Json<store::UsageReport>, ApiError> {
-    caller.require(Role::Read)?;
     let window = match query.window.as_deref() {
         Some(text) => humantime::parse_duration(text)
             .map_err(|err| ApiError::BadRequest(format!("window `{text}`: {err}; e.g. 24h or 7d")))?,
