@@ -389,11 +389,7 @@ async fn abort_stops_queued_runs_and_signals_running_ones(pool: PgPool) {
     // A running run (as an agent would have claimed it) is signalled through NOTIFY.
     let running = api.post_empty("/jobs/unit-test/runs").await;
     let id = running.body["id"].as_str().unwrap().to_owned();
-    sqlx::query("UPDATE runs SET status = 'running', agent = 'agent-1', started_at = now() WHERE id = $1::uuid")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    support::claim_as_agent(&pool, &id).await;
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
     listener.listen("cimaster_run_abort").await.unwrap();
     let signalled = api.post_empty(&format!("/jobs/unit-test/runs/{id}/abort")).await;

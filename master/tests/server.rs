@@ -40,6 +40,17 @@ async fn a_half_sent_request_or_an_idle_connection_is_closed(pool: PgPool) {
     app.stop().await;
 }
 
+/// Writes a chunk of attempt 1's live console, as the run's agent would.
+async fn print(pool: &PgPool, id: &str, seq: i64, data: &[u8]) {
+    sqlx::query("INSERT INTO run_console (run_id, attempt, seq, data) VALUES ($1::uuid, 1, $2, $3)")
+        .bind(id)
+        .bind(seq)
+        .bind(data)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 /// Console follows open on the replica, from its metrics.
 async fn follows(app: &TestApp) -> u64 {
     let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
@@ -72,11 +83,7 @@ async fn followers_cost_the_database_nothing_while_a_run_is_silent_and_stop_when
     let id = run.body["id"].as_str().unwrap().to_owned();
     let console = format!("{}/results/console?follow=true", run.body["links"]["self"].as_str().unwrap());
     // As an agent would have claimed it: running, and silent.
-    sqlx::query("UPDATE runs SET status = 'running', agent = 'agent-1', started_at = now() WHERE id = $1::uuid")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    support::claim_as_agent(&pool, &id).await;
 
     let before = transactions(&pool).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -97,12 +104,7 @@ async fn followers_cost_the_database_nothing_while_a_run_is_silent_and_stop_when
     assert!(silent < 300, "20 silent followers made {silent} transactions in 5.5 s");
 
     // A line printed reaches a follower at once.
-    sqlx::query("INSERT INTO run_console (run_id, attempt, seq, data) VALUES ($1::uuid, 1, 0, $2)")
-        .bind(&id)
-        .bind(b"2026-12-02T00:00:00Z hello\n".to_vec())
-        .execute(&pool)
-        .await
-        .unwrap();
+    print(&pool, &id, 0, b"2026-12-02T00:00:00Z hello\n").await;
     let mut first = followers.pop().unwrap();
     let chunk = tokio::time::timeout(Duration::from_secs(1), first.chunk()).await.unwrap().unwrap().unwrap();
     assert!(String::from_utf8_lossy(&chunk).contains("hello"));
@@ -189,27 +191,13 @@ async fn a_follow_ends_at_its_limit_and_resumes_where_it_was(pool: PgPool) {
     assert_eq!(api.put("/jobs/long", freestyle("default")).await.status, 201);
     let run = api.post_empty("/jobs/long/runs").await;
     let id = run.body["id"].as_str().unwrap().to_owned();
-    sqlx::query("UPDATE runs SET status = 'running', agent = 'agent-1', started_at = now() WHERE id = $1::uuid")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO run_console (run_id, attempt, seq, data) VALUES ($1::uuid, 1, 0, $2)")
-        .bind(&id)
-        .bind(b"first\n".to_vec())
-        .execute(&pool)
-        .await
-        .unwrap();
+    support::claim_as_agent(&pool, &id).await;
+    print(&pool, &id, 0, b"first\n").await;
     let console = format!("{}/results/console", run.body["links"]["self"].as_str().unwrap());
     let response = api.request(reqwest::Method::GET, &format!("{console}?follow=true")).send().await.unwrap();
     let body = tokio::time::timeout(Duration::from_secs(15), response.text()).await.expect("the follow ended");
     assert_eq!(body.unwrap(), "first\n", "the run is still running; the follow ended at its limit");
-    sqlx::query("INSERT INTO run_console (run_id, attempt, seq, data) VALUES ($1::uuid, 1, 1, $2)")
-        .bind(&id)
-        .bind(b"second\n".to_vec())
-        .execute(&pool)
-        .await
-        .unwrap();
+    print(&pool, &id, 1, b"second\n").await;
     let resumed = api.request(reqwest::Method::GET, &format!("{console}?follow=true&after=6")).send().await.unwrap();
     let rest = tokio::time::timeout(Duration::from_secs(15), resumed.text()).await.expect("the follow ended");
     assert_eq!(rest.unwrap(), "second\n");

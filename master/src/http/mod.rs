@@ -1,5 +1,6 @@
 //! The HTTP API: one `router()` per resource, merged here.
 
+mod console;
 mod error;
 mod health;
 mod jobs;
@@ -61,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(runs::router())
         .merge(results::router())
+        .merge(console::router())
         .merge(pool::router())
         .merge(secrets::router())
         .merge(health::router())

@@ -13,7 +13,7 @@ use super::AppState;
     paths(
         super::jobs::put_job, super::jobs::get_job, super::jobs::list_jobs, super::jobs::delete_job,
         super::runs::trigger, super::runs::get_run, super::runs::list_runs, super::runs::abort_run,
-        super::results::console, super::results::list_results, super::results::junit, super::results::artifact,
+        super::console::console, super::results::list_results, super::results::junit, super::results::artifact,
         super::results::service_log,
         super::secrets::put_secret, super::secrets::list_secrets, super::secrets::delete_secret,
         super::pool::rest::list_clusters, super::pool::rest::get_cluster, super::pool::rest::put_cluster, super::pool::rest::delete_cluster, super::pool::rest::acquire, super::pool::rest::heartbeat,

@@ -305,6 +305,15 @@ impl LocalRepo {
     }
 }
 
+/// Marks a queued run running, as an agent that claimed it would.
+pub async fn claim_as_agent(pool: &PgPool, id: &str) {
+    sqlx::query("UPDATE runs SET status = 'running', agent = 'agent-1', started_at = now() WHERE id = $1::uuid")
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     let connection = cimaster_master::broker::connect(&SecretString::from(amqp_url()), "cimaster-test").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
