@@ -185,6 +185,12 @@ pub struct PoolConfig {
           value_parser = humantime::parse_duration)]
     pub max_hold: Duration,
 
+    /// The longest a lease request may wait for a vacant cluster (`/getvacant?wait=`,
+    /// `POST /pool/leases {waitSeconds}`); longer asks are cut to this.
+    #[arg(long = "pool-max-wait", env = "CIMASTER_POOL_MAX_WAIT", default_value = "5m",
+          value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+
     /// Infrastructure failures in a row after which a cluster is disabled automatically.
     #[arg(long = "pool-auto-disable-after", env = "CIMASTER_POOL_AUTO_DISABLE_AFTER", default_value_t = 3)]
     pub auto_disable_after: i32,

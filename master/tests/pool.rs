@@ -298,6 +298,23 @@ async fn a_waiting_acquire_is_woken_when_a_cluster_frees(pool: PgPool) {
     app.stop().await;
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn a_wait_longer_than_the_pools_longest_is_cut_to_it(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| config.pool.max_wait = Duration::from_secs(1)).await;
+    let api = app.admin();
+    add(&api, "cluster=c1&region=r").await;
+    assert_eq!(text(&api, "/getvacant?build=1&job=j").await.1, "c1");
+
+    let started = Instant::now();
+    api.get("/getvacant?build=2&job=j&wait=300").await.expect_problem(503, "no vacant cluster");
+    let body = json!({"purpose": "tess-ci", "job": "j", "build": "3", "waitSeconds": 300});
+    api.post("/pool/leases", body).await.expect_problem(503, "no vacant cluster");
+    // Two waits of 1 s each, not of 300 s; both left the waiting queue.
+    assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
+    waiting(&api, 0).await;
+    app.stop().await;
+}
+
 /// 200 acquirers race for 20 clusters until 10,000 leases have been held. Each holder marks its
 /// cluster in a shared record that is independent of the pool's own history (asserting nobody held
 /// it), keeps it a few random milliseconds, unmarks it and releases it. 50 connections let 50

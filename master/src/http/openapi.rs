@@ -18,6 +18,9 @@ use super::AppState;
         super::secrets::put_secret, super::secrets::list_secrets, super::secrets::delete_secret,
         super::pool::rest::list_clusters, super::pool::rest::get_cluster, super::pool::rest::put_cluster, super::pool::rest::delete_cluster, super::pool::rest::acquire, super::pool::rest::heartbeat,
         super::pool::rest::release, super::pool::rest::list_events, super::pool::rest::usage_report, super::pool::rest::list_waiters,
+        super::pool::cimaster::getvacant, super::pool::cimaster::finishtest, super::pool::cimaster::holdcluster,
+        super::pool::cimaster::releasecluster, super::pool::cimaster::addcluster, super::pool::cimaster::deletecluster,
+        super::pool::cimaster::disablecluster, super::pool::cimaster::enablecluster, super::pool::cimaster::createcluster,
         super::health::healthz, super::health::readyz, super::health::metrics,
     ),
     components(schemas(
@@ -25,7 +28,7 @@ use super::AppState;
         cimaster_common::Resources, cimaster_common::RunStatus, cimaster_common::TriggerRequest,
         super::error::Problem,
     )),
-    modifiers(&BearerAuth, &CommonAnswers, &KindTaggedJobs),
+    modifiers(&BearerAuth, &CommonAnswers, &KindTaggedJobs, &DistinctOperationIds),
 )]
 pub struct ApiDoc;
 
@@ -101,6 +104,21 @@ impl Modify for KindTaggedJobs {
                 one_of = one_of.item(variant);
             }
             components.schemas.insert("JobSpec".to_owned(), one_of.into());
+        }
+    }
+}
+
+/// The original CIMaster endpoints answer `GET` and `POST` alike, documented once per method: the
+/// `POST`'s operation id gets a `_post` suffix so every id stays unique.
+struct DistinctOperationIds;
+
+impl Modify for DistinctOperationIds {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let (Some(get), Some(post)) = (&item.get, &mut item.post) else { continue };
+            if get.operation_id.is_some() && post.operation_id == get.operation_id {
+                post.operation_id = post.operation_id.take().map(|id| format!("{id}_post"));
+            }
         }
     }
 }

@@ -62,6 +62,7 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             lease_ttl: Duration::from_secs(3600),
             hold: Duration::from_secs(6 * 3600),
             max_hold: Duration::from_secs(72 * 3600),
+            max_wait: Duration::from_secs(300),
             auto_disable_after: 3,
             provision_job: "create-cluster".to_owned(),
             expiry_interval: Duration::from_millis(200),

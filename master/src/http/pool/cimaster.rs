@@ -13,13 +13,13 @@ use serde::Serialize;
 
 use super::{acquire_waiting, actor, check_name, release_outcome};
 use crate::auth::{Caller, Role};
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, Problem};
 use crate::http::jobs::job_name;
 use crate::http::query::ApiQuery;
 use crate::http::runs::RunView;
 use crate::http::AppState;
 use crate::http::{Admin, Triggerer};
-use crate::pool::store::{self, AcquireRequest, NewCluster, Release};
+use crate::pool::store::{self, AcquireRequest, ClusterView, NewCluster, Release};
 use crate::trigger::{Created, Trigger};
 
 fn wants_json(headers: &HeaderMap) -> bool {
@@ -53,6 +53,20 @@ fn optional<'a>(params: &'a BTreeMap<String, String>, name: &str) -> Option<&'a 
 }
 
 /// `GET /getvacant?build=&job=&email=[&purpose=&osimage=&wait=]`: lease a vacant cluster; answers its name.
+#[utoipa::path(method(get, post), path = "/getvacant", tag = "cimaster", operation_id = "getvacant",
+    params(
+        ("build" = String, Query, description = "with `job`, identifies the lease: the same pair gets the same cluster back"),
+        ("job" = String, Query),
+        ("email" = Option<String>, Query, description = "whom the lease is recorded for: the token's subject; only an admin may name another"),
+        ("purpose" = Option<String>, Query, description = "default `tess-ci`"),
+        ("osimage" = Option<String>, Query),
+        ("wait" = Option<u64>, Query, description = "seconds to wait for a vacant cluster (at most the pool's longest wait)"),
+        ("priority" = Option<i32>, Query, description = "among waiters, higher is served first"),
+    ),
+    responses((status = 200, description = "the leased cluster's name, or the cluster with `Accept: application/json`",
+        content((String = "text/plain"), (ClusterView = "application/json"))),
+        (status = 503, description = "nothing vacant", body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 pub(super) async fn getvacant(
     State(state): State<AppState>,
     caller: Triggerer,
@@ -78,7 +92,7 @@ pub(super) async fn getvacant(
     };
     let wait = match optional(&params, "wait") {
         Some(seconds) => Duration::from_secs(
-            seconds.parse::<u64>().map_err(|_| ApiError::BadRequest("`wait` is a number of seconds".into()))?.min(300),
+            seconds.parse::<u64>().map_err(|_| ApiError::BadRequest("`wait` is a number of seconds".into()))?,
         ),
         None => Duration::ZERO,
     };
@@ -101,6 +115,11 @@ fn holder(caller: &Caller, email: Option<&str>) -> Result<String, ApiError> {
 }
 
 /// `GET /finishtest?cluster=[&result=infra_failure]`: return a leased cluster to the pool.
+#[utoipa::path(method(get, post), path = "/finishtest", tag = "cimaster", operation_id = "finishtest",
+    params(("cluster" = String, Query), ("result" = Option<String>, Query, description = "`ok` (default) or `infra_failure`")),
+    responses((status = 200, description = "the cluster is back in the pool", content((String = "text/plain"), (ClusterView = "application/json"))),
+        (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 pub(super) async fn finishtest(
     State(state): State<AppState>,
     caller: Triggerer,
@@ -121,6 +140,15 @@ pub(super) async fn finishtest(
 }
 
 /// `GET /holdcluster?cluster=&name=&desc=[&hours=]`: hold a cluster for debugging (6 h by default).
+#[utoipa::path(method(get, post), path = "/holdcluster", tag = "cimaster", operation_id = "holdcluster",
+    params(("cluster" = String, Query), ("desc" = String, Query, description = "why it is held"),
+        ("name" = Option<String>, Query, description = "who asks; recorded beside the token's subject"),
+        ("hours" = Option<f64>, Query, description = "how long (default 6, at most the pool's longest hold)")),
+    responses((status = 200, description = "the cluster, held", content((String = "text/plain"), (ClusterView = "application/json"))),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 pub(super) async fn holdcluster(
     State(state): State<AppState>,
     caller: Triggerer,
@@ -162,6 +190,12 @@ fn max_hold(state: &AppState) -> ApiError {
 }
 
 /// `GET /releasecluster?cluster=&name=`: end a hold.
+#[utoipa::path(method(get, post), path = "/releasecluster", tag = "cimaster", operation_id = "releasecluster",
+    params(("cluster" = String, Query), ("name" = Option<String>, Query, description = "who asks (the token says who it is)")),
+    responses((status = 200, description = "the cluster, no longer held", content((String = "text/plain"), (ClusterView = "application/json"))),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 pub(super) async fn releasecluster(
     State(state): State<AppState>,
     caller: Triggerer,
@@ -174,6 +208,13 @@ pub(super) async fn releasecluster(
 }
 
 /// `GET /addcluster?cluster=&region=&name=[&purpose=&osimage=]` (admin).
+#[utoipa::path(method(get, post), path = "/addcluster", tag = "cimaster", operation_id = "addcluster",
+    params(("cluster" = String, Query), ("region" = String, Query),
+        ("name" = Option<String>, Query, description = "who asks (the token says who it is)"),
+        ("purpose" = Option<String>, Query, description = "default `tess-ci`"), ("osimage" = Option<String>, Query)),
+    responses((status = 201, description = "the cluster, added", content((String = "text/plain"), (ClusterView = "application/json"))),
+        (status = 409, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 pub(super) async fn addcluster(
     State(state): State<AppState>,
     caller: Admin,
@@ -199,6 +240,12 @@ pub(super) async fn addcluster(
 }
 
 /// `GET /deletecluster?cluster=&name=` (admin).
+#[utoipa::path(method(get, post), path = "/deletecluster", tag = "cimaster", operation_id = "deletecluster",
+    params(("cluster" = String, Query), ("name" = Option<String>, Query, description = "who asks (the token says who it is)")),
+    responses((status = 200, description = "the cluster is gone", content((String = "text/plain"), (Deleted = "application/json"))),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 pub(super) async fn deletecluster(
     State(state): State<AppState>,
     caller: Admin,
@@ -207,10 +254,23 @@ pub(super) async fn deletecluster(
 ) -> Result<Response, ApiError> {
     let name = param(&params, "cluster")?;
     store::delete(&state.pool, name, &caller.subject).await?;
-    Ok(answer(&headers, format!("cluster {name} deleted"), serde_json::json!({"deleted": name})))
+    Ok(answer(&headers, format!("cluster {name} deleted"), Deleted { deleted: name.to_owned() }))
+}
+
+/// `/deletecluster`'s JSON answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Deleted {
+    /// The cluster's name.
+    pub deleted: String,
 }
 
 /// `GET /disablecluster?cluster=&name=[&reason=]` (admin).
+#[utoipa::path(method(get, post), path = "/disablecluster", tag = "cimaster", operation_id = "disablecluster",
+    params(("cluster" = String, Query), ("name" = Option<String>, Query, description = "who asks (the token says who it is)"),
+        ("reason" = Option<String>, Query)),
+    responses((status = 200, description = "the cluster, disabled", content((String = "text/plain"), (ClusterView = "application/json"))),
+        (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 pub(super) async fn disablecluster(
     State(state): State<AppState>,
     caller: Admin,
@@ -224,6 +284,11 @@ pub(super) async fn disablecluster(
 }
 
 /// `GET /enablecluster?cluster=&name=` (admin).
+#[utoipa::path(method(get, post), path = "/enablecluster", tag = "cimaster", operation_id = "enablecluster",
+    params(("cluster" = String, Query), ("name" = Option<String>, Query, description = "who asks (the token says who it is)")),
+    responses((status = 200, description = "the cluster, enabled", content((String = "text/plain"), (ClusterView = "application/json"))),
+        (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 pub(super) async fn enablecluster(
     State(state): State<AppState>,
     caller: Admin,
@@ -237,6 +302,14 @@ pub(super) async fn enablecluster(
 
 /// `GET /createcluster?user=&branch=&job=`: run the provisioning job (ours, not Prow's), the user
 /// passed as its `AUTHOR` parameter; answers the run's link.
+#[utoipa::path(method(get, post), path = "/createcluster", tag = "cimaster", operation_id = "createcluster",
+    params(("user" = String, Query, description = "passed to the job as its `AUTHOR` parameter"),
+        ("branch" = Option<String>, Query, description = "for a git job: the branch (default: the job's)"),
+        ("job" = Option<String>, Query, description = "the provisioning job (default: the pool's)")),
+    responses((status = 201, description = "the run, triggered", content((String = "text/plain"), (RunView = "application/json"))),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 pub(super) async fn createcluster(
     State(state): State<AppState>,
     caller: Triggerer,

@@ -2,7 +2,7 @@
 //! `/finishtest`, …; plain text, or JSON with `Accept: application/json`) and a REST API under
 //! `/pool` (`rest.rs`). Both lease through the same waiting queue.
 
-mod cimaster;
+pub(super) mod cimaster;
 pub(super) mod rest;
 
 use std::time::Duration;
@@ -49,8 +49,10 @@ impl From<PoolError> for ApiError {
 }
 
 /// Tries to lease; while nothing is vacant, takes a place in the waiting queue (priority, then
-/// first come, first served) and waits, up to `wait`, woken whenever a cluster frees.
+/// first come, first served) and waits, up to `wait` (at most the pool's longest wait), woken
+/// whenever a cluster frees.
 async fn acquire_waiting(state: &AppState, request: &AcquireRequest, wait: Duration) -> Result<Lease, ApiError> {
+    let wait = wait.min(state.pool_config.max_wait);
     let started = std::time::Instant::now();
     let mut request = request.clone();
     // Subscribed before the first try, so a cluster freed in between is not missed.

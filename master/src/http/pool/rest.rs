@@ -143,7 +143,7 @@ pub struct AcquireBody {
     pub run: Option<uuid::Uuid>,
     /// Lease length; the pool's default when absent.
     pub ttl_seconds: Option<u64>,
-    /// Wait up to this long (max 300) for a cluster to free.
+    /// Wait up to this long for a cluster to free (at most the pool's `CIMASTER_POOL_MAX_WAIT`, 300 by default).
     #[serde(default)]
     pub wait_seconds: u64,
     /// Among waiters, higher is served first (default 0); equal priorities are first come, first served.
@@ -179,7 +179,7 @@ pub(super) async fn acquire(
         priority: body.priority,
         waiter: None,
     };
-    let lease = acquire_waiting(&state, &request, Duration::from_secs(body.wait_seconds.min(300))).await?;
+    let lease = acquire_waiting(&state, &request, Duration::from_secs(body.wait_seconds)).await?;
     Ok((StatusCode::CREATED, Json(lease)))
 }
 
