@@ -117,6 +117,11 @@ pub struct DatabaseConfig {
     #[arg(long = "database-max-connections", env = "CIMASTER_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub max_connections: u32,
 
+    /// Connections opened at start and kept open when idle, so the first requests of a burst do
+    /// not wait for a connection to be made.
+    #[arg(long = "database-min-connections", env = "CIMASTER_DATABASE_MIN_CONNECTIONS", default_value_t = 4)]
+    pub min_connections: u32,
+
     /// How long a request waits for a database connection before answering 503.
     #[arg(long = "database-acquire-timeout", env = "CIMASTER_DATABASE_ACQUIRE_TIMEOUT", default_value = "3s",
           value_parser = humantime::parse_duration)]

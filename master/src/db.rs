@@ -15,6 +15,7 @@ pub fn pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(config.url.expose_secret())?.application_name("cimaster-master");
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
+        .min_connections(config.min_connections.min(config.max_connections))
         .acquire_timeout(config.acquire_timeout)
         .test_before_acquire(false)
         .connect_lazy_with(options))

@@ -372,6 +372,86 @@ async fn runs_are_listed_with_filters_and_pages(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn every_jobs_runs_are_listed_and_found_by_id(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let api = app.admin();
+    let repo = LocalRepo::new(&[]);
+    assert_eq!(api.put("/jobs/build", git_job(&repo)).await.status, 201);
+    assert_eq!(api.put("/jobs/lint", git_job(&repo)).await.status, 201);
+    let mut ids = Vec::new();
+    for job in ["build", "lint", "build"] {
+        let run = api.post(&format!("/jobs/{job}/runs"), json!({"branchName": "main"})).await;
+        assert_eq!(run.status, 201);
+        ids.push(run.body["id"].as_str().unwrap().to_owned());
+    }
+    let all = api.get("/runs?limit=2").await;
+    let got: Vec<_> = all.body["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()], "every job's runs, newest first");
+    let older = api.get(all.body["next"].as_str().unwrap()).await;
+    assert_eq!(older.body["runs"][0]["id"], ids[0].as_str());
+    let build = api.get("/runs?job=build").await;
+    assert_eq!(build.body["runs"].as_array().unwrap().len(), 2);
+    let paged = api.get("/runs?job=build&limit=1").await;
+    let rest = api.get(paged.body["next"].as_str().unwrap()).await;
+    assert_eq!(rest.body["runs"][0]["id"], ids[0].as_str(), "the next page keeps to the job");
+    let lint = api.get("/runs?status=queued&limit=1").await;
+    assert!(lint.body["next"].as_str().unwrap().starts_with("/runs?"), "{}", lint.body);
+
+    let found = api.get(&format!("/runs/{}", ids[1])).await;
+    assert_eq!((found.status, found.body["job"].as_str()), (200, Some("lint")));
+    api.get("/runs/0190e6a4-0000-7000-8000-000000000000").await.expect_problem(404, "no run");
+    api.get("/runs/nope").await.expect_problem(400, "");
+    api.get("/jobs/build/runs?job=lint").await.expect_problem(400, "the path names the job");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_rerun_repeats_the_commit_and_parameters_and_names_the_run(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let api = app.admin();
+    let mut repo = LocalRepo::new(&[]);
+    let mut job = git_job(&repo);
+    job["parameters"] = json!({"TARGET": "all"});
+    assert_eq!(api.put("/jobs/e2e", job).await.status, 201);
+    let first = api.post("/jobs/e2e/runs", json!({"branchName": "main", "parameters": {"TARGET": "unit"}})).await;
+    assert_eq!(first.status, 201);
+    let id = first.body["id"].as_str().unwrap();
+    // A new commit on the branch does not change what a rerun runs.
+    let later = repo.commit_config("main", "image: busybox:latest\nscript: echo later\n");
+    assert_ne!(first.body["commitSha"], later.as_str());
+
+    let rerun = api
+        .request(Method::POST, &format!("/jobs/e2e/runs/{id}/rerun"))
+        .header("Idempotency-Key", "again-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rerun.status(), 201);
+    let rerun: serde_json::Value = rerun.json().await.unwrap();
+    assert_ne!(rerun["id"], first.body["id"]);
+    assert_eq!(rerun["rerunOf"], first.body["id"]);
+    assert_eq!(rerun["commitSha"], first.body["commitSha"]);
+    assert_eq!(rerun["branchName"], "main");
+    assert_eq!(rerun["parameters"], json!({"TARGET": "unit"}));
+    assert_eq!(rerun["status"], "queued");
+    assert!(first.body.get("rerunOf").is_none());
+    // The same key returns the same rerun.
+    let again = api
+        .request(Method::POST, &format!("/jobs/e2e/runs/{id}/rerun"))
+        .header("Idempotency-Key", "again-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<serde_json::Value>().await.unwrap()["id"], rerun["id"]);
+
+    api.post_empty("/jobs/e2e/runs/0190e6a4-0000-7000-8000-000000000000/rerun").await.expect_problem(404, "has no run");
+    let reader = app.as_role(Role::Read);
+    reader.post_empty(&format!("/jobs/e2e/runs/{id}/rerun")).await.expect_problem(403, "");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn abort_stops_queued_runs_and_signals_running_ones(pool: PgPool) {
     let app = TestApp::spawn(pool.clone()).await;
     let api = app.admin();

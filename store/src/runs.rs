@@ -10,7 +10,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 const COLUMNS: &str = "id, job, status, attempt, queue, commit_sha, branch_name, parameters, triggered_by, \
-    agent, exit_code, message, abort_requested, created_at, published_at, started_at, finished_at, updated_at, config";
+    agent, exit_code, message, abort_requested, created_at, published_at, started_at, finished_at, updated_at, config, rerun_of";
 
 /// A run as stored.
 #[derive(Debug, Clone)]
@@ -34,6 +34,8 @@ pub struct Run {
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
     pub config: Option<serde_json::Value>,
+    /// The run this one repeats.
+    pub rerun_of: Option<Uuid>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -58,6 +60,7 @@ struct RunRow {
     finished_at: Option<DateTime<Utc>>,
     updated_at: DateTime<Utc>,
     config: Option<Json<serde_json::Value>>,
+    rerun_of: Option<Uuid>,
 }
 
 impl From<RunRow> for Run {
@@ -82,6 +85,7 @@ impl From<RunRow> for Run {
             finished_at: row.finished_at,
             updated_at: row.updated_at,
             config: row.config.map(|config| config.0),
+            rerun_of: row.rerun_of,
         }
     }
 }
@@ -101,6 +105,8 @@ pub struct NewRun<'a> {
     /// The job's `version` and `updated_at` the run was planned against.
     pub job_version: i64,
     pub job_updated_at: DateTime<Utc>,
+    /// The run this one repeats.
+    pub rerun_of: Option<RunId>,
 }
 
 /// Inserts a queued run, in one statement: the job row is locked FOR SHARE while the run is
@@ -110,8 +116,8 @@ pub struct NewRun<'a> {
 pub async fn insert(pool: &PgPool, run: &NewRun<'_>) -> Result<Option<Run>, sqlx::Error> {
     let row: Option<RunRow> = sqlx::query_as(&format!(
         "INSERT INTO runs (id, job, queue, commit_sha, branch_name, parameters, spec, triggered_by,
-                           idempotency_key, request_hash, config)
-         SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12 FROM jobs
+                           idempotency_key, request_hash, config, rerun_of)
+         SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12, $13 FROM jobs
          WHERE name = $2 AND version = $10 AND updated_at = $11
          FOR SHARE
          ON CONFLICT (job, idempotency_key) DO NOTHING
@@ -129,6 +135,7 @@ pub async fn insert(pool: &PgPool, run: &NewRun<'_>) -> Result<Option<Run>, sqlx
     .bind(run.job_version)
     .bind(run.job_updated_at)
     .bind(run.config.as_ref().map(Json))
+    .bind(run.rerun_of.map(|id| id.0))
     .fetch_optional(pool)
     .await?;
     Ok(row.map(Run::from))
@@ -164,9 +171,17 @@ pub async fn get(pool: &PgPool, job: &JobName, id: RunId) -> Result<Option<Run>,
     Ok(row.map(Run::from))
 }
 
-/// Which of a job's runs to list, newest first.
+/// A run by its id alone (run ids are unique across jobs).
+pub async fn find(pool: &PgPool, id: RunId) -> Result<Option<Run>, sqlx::Error> {
+    let row: Option<RunRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM runs WHERE id = $1")).bind(id.0).fetch_optional(pool).await?;
+    Ok(row.map(Run::from))
+}
+
+/// Which runs to list, newest first: one job's, or every job's.
 #[derive(Debug, Default)]
 pub struct Filter<'a> {
+    pub job: Option<&'a JobName>,
     pub statuses: Option<&'a [RunStatus]>,
     pub branch_name: Option<&'a str>,
     pub commit_sha: Option<&'a str>,
@@ -175,11 +190,11 @@ pub struct Filter<'a> {
     pub limit: i64,
 }
 
-pub async fn list(pool: &PgPool, job: &JobName, filter: &Filter<'_>) -> Result<Vec<Run>, sqlx::Error> {
+pub async fn list(pool: &PgPool, filter: &Filter<'_>) -> Result<Vec<Run>, sqlx::Error> {
     let statuses: Option<Vec<&str>> = filter.statuses.map(|list| list.iter().map(|status| status.as_str()).collect());
     let rows: Vec<RunRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM runs
-         WHERE job = $1
+         WHERE ($1::text IS NULL OR job = $1)
            AND ($2::text[] IS NULL OR status = ANY($2))
            AND ($3::text IS NULL OR branch_name = $3)
            AND ($4::text IS NULL OR commit_sha = $4)
@@ -187,7 +202,7 @@ pub async fn list(pool: &PgPool, job: &JobName, filter: &Filter<'_>) -> Result<V
          ORDER BY id DESC
          LIMIT $6"
     ))
-    .bind(job.as_str())
+    .bind(filter.job.map(JobName::as_str))
     .bind(statuses)
     .bind(filter.branch_name)
     .bind(filter.commit_sha)

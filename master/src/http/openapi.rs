@@ -12,7 +12,8 @@ use super::AppState;
     info(title = "CIMaster", description = "Queue-driven CI runner: jobs, runs and results."),
     paths(
         super::jobs::put_job, super::jobs::get_job, super::jobs::list_jobs, super::jobs::delete_job,
-        super::runs::trigger, super::runs::get_run, super::runs::list_runs, super::runs::abort_run,
+        super::runs::trigger, super::runs::get_run, super::runs::list_runs, super::runs::abort_run, super::runs::rerun,
+        super::runs::list_all_runs, super::runs::find_run,
         super::console::console, super::results::list_results, super::results::junit, super::results::artifact,
         super::results::service_log,
         super::secrets::put_secret, super::secrets::list_secrets, super::secrets::delete_secret,

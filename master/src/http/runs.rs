@@ -1,4 +1,5 @@
-//! `/jobs/{name}/runs`: triggering, reading, listing and aborting runs.
+//! Runs: triggering, reading, listing, aborting and rerunning (`/jobs/{name}/runs`), and every
+//! job's runs at once (`/runs`).
 
 use std::collections::BTreeMap;
 
@@ -19,13 +20,16 @@ use super::json::OptionalJson;
 use super::query::ApiQuery;
 use super::AppState;
 use crate::http::{Reader, Triggerer};
-use crate::trigger::{Created, Trigger, TriggerError};
+use crate::trigger::{Created, Repeats, Trigger, TriggerError};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/jobs/{name}/runs", post(trigger).get(list_runs))
         .route("/jobs/{name}/runs/{id}", get(get_run))
         .route("/jobs/{name}/runs/{id}/abort", post(abort_run))
+        .route("/jobs/{name}/runs/{id}/rerun", post(rerun))
+        .route("/runs", get(list_all_runs))
+        .route("/runs/{id}", get(find_run))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -60,6 +64,9 @@ pub struct RunView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub config: Option<serde_json::Value>,
+    /// The run this one repeats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<Uuid>,
     pub links: RunLinks,
 }
 
@@ -71,6 +78,7 @@ pub struct RunLinks {
     pub results: String,
     pub console: String,
     pub junit: String,
+    pub rerun: String,
 }
 
 impl From<Run> for RunView {
@@ -96,11 +104,13 @@ impl From<Run> for RunView {
             finished_at: run.finished_at,
             updated_at: run.updated_at,
             config: run.config,
+            rerun_of: run.rerun_of,
             links: RunLinks {
                 abort: format!("{base}/abort"),
                 results: format!("{base}/results"),
                 console: format!("{base}/results/console"),
                 junit: format!("{base}/results/junit"),
+                rerun: format!("{base}/rerun"),
                 this: base,
             },
         }
@@ -158,12 +168,67 @@ async fn trigger(
 ) -> Result<impl IntoResponse, ApiError> {
     let job = job_name(&name)?;
     let key = idempotency_key(&headers)?;
-    let trigger = Trigger { job: &job, request: &request, by: &caller.subject, idempotency_key: key.as_deref() };
-    let (status, run) = match state.triggers.create(&trigger).await? {
+    let trigger =
+        Trigger { job: &job, request: &request, by: &caller.subject, idempotency_key: key.as_deref(), rerun_of: None };
+    create(&state, &trigger).await
+}
+
+/// Creates the run and answers 201, or 200 with the run an earlier request with the same key made.
+async fn create(state: &AppState, trigger: &Trigger<'_>) -> Result<Response, ApiError> {
+    let (status, run) = match state.triggers.create(trigger).await? {
         Created::New(run) => (StatusCode::CREATED, run),
         Created::Replayed(run) => (StatusCode::OK, run),
     };
     Ok(respond(status, RunView::from(run)))
+}
+
+/// Run again: a new run of the job at the same commit and branch with the same parameters, which
+/// names the run it repeats (`rerunOf`).
+#[utoipa::path(post, path = "/jobs/{name}/runs/{id}/rerun", tag = "runs",
+    params(("name" = String, Path, description = "job name"), ("id" = Uuid, Path, description = "the run to repeat"),
+        ("Idempotency-Key" = Option<String>, Header, description = "the same key returns the same run")),
+    responses(
+        (status = 201, description = "run created", body = RunView, headers(("Location" = String))),
+        (status = 200, description = "the run an earlier request with this Idempotency-Key created", body = RunView),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "the job no longer takes the run's parameters", body = Problem,
+            content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn rerun(
+    State(state): State<AppState>,
+    caller: Triggerer,
+    Path((name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let job = job_name(&name)?;
+    let id = run_id(&id)?;
+    let key = idempotency_key(&headers)?;
+    let original = runs::get(&state.pool, &job, id).await?.ok_or_else(|| run_not_found(&job, id))?;
+    let request = TriggerRequest {
+        commit_sha: original
+            .commit_sha
+            .as_deref()
+            .map(cimaster_common::CommitSha::parse)
+            .transpose()
+            .map_err(|err| ApiError::Internal(err.into()))?,
+        // The commit itself, not the branch's newest.
+        branch_name: None,
+        parameters: original
+            .parameters
+            .iter()
+            .map(|(name, value)| Ok((cimaster_common::EnvName::parse(name)?, value.clone())))
+            .collect::<Result<_, cimaster_common::InvalidValue>>()
+            .map_err(|err| ApiError::Internal(err.into()))?,
+    };
+    let trigger = Trigger {
+        job: &job,
+        request: &request,
+        by: &caller.subject,
+        idempotency_key: key.as_deref(),
+        rerun_of: Some(Repeats { run: id, branch_name: original.branch_name.as_deref() }),
+    };
+    create(&state, &trigger).await
 }
 
 fn respond(status: StatusCode, view: RunView) -> Response {
@@ -186,10 +251,27 @@ async fn get_run(
     Ok(Json(run.into()))
 }
 
+/// One run by its id alone, whatever its job.
+#[utoipa::path(get, path = "/runs/{id}", tag = "runs",
+    params(("id" = Uuid, Path, description = "run id")),
+    responses((status = 200, body = RunView), (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn find_run(
+    State(state): State<AppState>,
+    _caller: Reader,
+    Path(id): Path<String>,
+) -> Result<Json<RunView>, ApiError> {
+    let id = run_id(&id)?;
+    let run = runs::find(&state.pool, id).await?.ok_or_else(|| ApiError::NotFound(format!("no run {id}")))?;
+    Ok(Json(run.into()))
+}
+
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct RunFilter {
+    /// `/runs` only: one job's runs.
+    job: Option<String>,
     /// Comma-separated statuses, e.g. `queued,running`.
     status: Option<String>,
     branch_name: Option<String>,
@@ -217,10 +299,31 @@ async fn list_runs(
     State(state): State<AppState>,
     _caller: Reader,
     Path(name): Path<String>,
-    ApiQuery(query): ApiQuery<RunFilter>,
+    ApiQuery(filter): ApiQuery<RunFilter>,
 ) -> Result<Json<RunPage>, ApiError> {
     let job = job_name(&name)?;
-    let filter = query;
+    if filter.job.is_some() {
+        return Err(ApiError::BadRequest(format!("the path names the job; leave out `job` (or use /runs?job={job})")));
+    }
+    require_job(&state, &job).await?;
+    page(&state, Some(&job), &filter).await.map(Json)
+}
+
+/// Every job's runs, newest first, with filters (`job` among them) and pagination.
+#[utoipa::path(get, path = "/runs", tag = "runs", params(RunFilter),
+    responses((status = 200, body = RunPage)),
+    security(("bearer" = [])))]
+async fn list_all_runs(
+    State(state): State<AppState>,
+    _caller: Reader,
+    ApiQuery(filter): ApiQuery<RunFilter>,
+) -> Result<Json<RunPage>, ApiError> {
+    let job = filter.job.as_deref().map(job_name).transpose()?;
+    page(&state, job.as_ref(), &filter).await.map(Json)
+}
+
+/// One page of runs, and the link to the next (older) one.
+async fn page(state: &AppState, job: Option<&JobName>, filter: &RunFilter) -> Result<RunPage, ApiError> {
     let statuses: Option<Vec<RunStatus>> = filter
         .status
         .as_deref()
@@ -238,20 +341,23 @@ async fn list_runs(
         .map(|sha| cimaster_common::CommitSha::parse(sha).map_err(|err| ApiError::BadRequest(err.to_string())))
         .transpose()?;
 
-    require_job(&state, &job).await?;
-    let page = runs::Filter {
+    let query = runs::Filter {
+        job,
         statuses: statuses.as_deref(),
         branch_name: filter.branch_name.as_deref(),
         commit_sha: commit.as_ref().map(|commit| commit.as_str()),
         before,
         limit: limit + 1,
     };
-    let rows = runs::list(&state.pool, &job, &page).await?;
+    let rows = runs::list(&state.pool, &query).await?;
     let has_more = rows.len() as i64 > limit;
     let runs: Vec<RunView> = rows.into_iter().take(limit as usize).map(RunView::from).collect();
     let next = match (has_more, runs.last()) {
         (true, Some(last)) => {
-            let mut link = format!("/jobs/{job}/runs?limit={limit}&before={}", last.id);
+            let mut link = match job {
+                Some(job) => format!("/jobs/{job}/runs?limit={limit}&before={}", last.id),
+                None => format!("/runs?limit={limit}&before={}", last.id),
+            };
             if let Some(status) = &statuses {
                 let status: Vec<&str> = status.iter().map(|status| status.as_str()).collect();
                 link.push_str(&format!("&status={}", status.join(",")));
@@ -266,7 +372,7 @@ async fn list_runs(
         }
         _ => None,
     };
-    Ok(Json(RunPage { runs, next }))
+    Ok(RunPage { runs, next })
 }
 
 fn urlencode(value: &str) -> String {

@@ -48,6 +48,16 @@ pub struct Trigger<'a> {
     pub by: &'a str,
     /// The same key returns the run it created first.
     pub idempotency_key: Option<&'a str>,
+    /// The run this one repeats (`POST …/rerun`).
+    pub rerun_of: Option<Repeats<'a>>,
+}
+
+/// The run a rerun repeats: its id, and the branch its commit came from (the rerun asks for the
+/// commit itself, and keeps the branch's name beside it).
+#[derive(Clone, Copy)]
+pub struct Repeats<'a> {
+    pub run: RunId,
+    pub branch_name: Option<&'a str>,
 }
 
 /// A new run, or the one an earlier trigger with the same idempotency key created.
@@ -134,7 +144,12 @@ impl Triggers {
             job: trigger.job,
             queue: queue.as_str(),
             commit_sha,
-            branch_name: trigger.request.branch_name.as_ref().map(|branch| branch.as_str()),
+            branch_name: trigger
+                .request
+                .branch_name
+                .as_ref()
+                .map(|branch| branch.as_str())
+                .or(trigger.rerun_of.and_then(|repeats| repeats.branch_name)),
             parameters: &parameters,
             triggered_by: trigger.by,
             idempotency_key: trigger.idempotency_key,
@@ -142,6 +157,7 @@ impl Triggers {
             config,
             job_version: job.version,
             job_updated_at: job.updated_at,
+            rerun_of: trigger.rerun_of.map(|repeats| repeats.run),
         };
         Ok(runs::insert(&self.pool, &new).await?)
     }

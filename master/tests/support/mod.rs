@@ -43,6 +43,7 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
         database: DatabaseConfig {
             url: SecretString::from(database_url.to_owned()),
             max_connections: 8,
+            min_connections: 0,
             acquire_timeout: Duration::from_secs(2),
         },
         broker: BrokerConfig {

@@ -345,7 +345,7 @@ pub(super) async fn createcluster(
         branch_name: branch,
         parameters: BTreeMap::from([(author, user.to_owned())]),
     };
-    let trigger = Trigger { job: &job, request: &request, by: &caller.subject, idempotency_key: None };
+    let trigger = Trigger { job: &job, request: &request, by: &caller.subject, idempotency_key: None, rerun_of: None };
     let run = match state.triggers.create(&trigger).await? {
         Created::New(run) | Created::Replayed(run) => RunView::from(run),
     };

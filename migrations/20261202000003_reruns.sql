@@ -1,0 +1,2 @@
+-- A rerun names the run it repeats (`POST /jobs/{name}/runs/{id}/rerun`).
+ALTER TABLE runs ADD COLUMN rerun_of uuid;
