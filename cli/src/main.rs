@@ -97,7 +97,7 @@ async fn run(cli: Cli) -> Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "cim", &mut std::io::stdout());
             Ok(())
         }
-        Command::Login(args) => session::login(args).await,
+        Command::Login(args) => session::login(connect.url.as_deref(), args).await,
         Command::Context(command) => session::context(command),
         Command::Whoami(args) => session::whoami(&connect.token()?, &args),
         Command::Run(args) => runs::run(&connect.api()?, args).await,
@@ -149,5 +149,15 @@ impl Connect {
             .context(self.context.as_deref())
             .map(|(_, context)| context.token.clone())
             .ok_or_else(|| failed("no token: set CIMASTER_TOKEN or run `cim login --url URL`"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commands_are_well_formed() {
+        Cli::command().debug_assert();
     }
 }

@@ -207,12 +207,12 @@ fn diff(old: &str, new: &str) -> Vec<String> {
         if i < a.len() && j < b.len() && a[i] == b[j] {
             lines.push(format!("  {}", a[i]));
             (i, j) = (i + 1, j + 1);
-        } else if j < b.len() && (i == a.len() || common[i][j + 1] >= common[i + 1][j]) {
-            lines.push(paint(Style::Green, &format!("+ {}", b[j])));
-            j += 1;
-        } else {
+        } else if i < a.len() && (j == b.len() || common[i + 1][j] >= common[i][j + 1]) {
             lines.push(paint(Style::Red, &format!("- {}", a[i])));
             i += 1;
+        } else {
+            lines.push(paint(Style::Green, &format!("+ {}", b[j])));
+            j += 1;
         }
     }
     lines

@@ -10,11 +10,9 @@ use crate::config::{ConfigFile, Context};
 use crate::error::{failed, Result};
 use crate::output::{table, Output};
 
+/// `cim login --url URL [--name NAME]` (`--url` is the global flag).
 #[derive(clap::Args)]
 pub struct LoginArgs {
-    /// The master's URL, e.g. http://127.0.0.1:8080.
-    #[arg(long = "url", id = "login_url")]
-    url: String,
     /// The context's name (default: the URL's host and port).
     #[arg(long)]
     name: Option<String>,
@@ -22,12 +20,13 @@ pub struct LoginArgs {
 
 /// Reads the token (stdin, or a prompt that does not echo), checks it against the master, and saves
 /// it as a context that becomes the current one.
-pub async fn login(args: LoginArgs) -> Result<()> {
+pub async fn login(url: Option<&str>, args: LoginArgs) -> Result<()> {
+    let url = url.ok_or_else(|| failed("give the master's URL: `cim login --url http://host:port`"))?;
     let token = read_token()?;
-    let api = Api::new(&args.url, Some(token.clone()))?;
+    let api = Api::new(url, Some(token.clone()))?;
     api.get("/runs?limit=1").await?;
     let name = args.name.unwrap_or_else(|| {
-        args.url.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/').to_owned()
+        url.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/').to_owned()
     });
     let mut saved = ConfigFile::load()?;
     saved.contexts.insert(name.clone(), Context { url: api.base.clone(), token });

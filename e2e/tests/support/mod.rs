@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 pub const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-e2e";
 pub const SECRETS_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
-fn binary(name: &str) -> PathBuf {
+pub fn binary(name: &str) -> PathBuf {
     // Test executables live in target/<profile>/deps; the workspace's binaries one level up.
     let exe = std::env::current_exe().unwrap();
     let path = exe.parent().unwrap().parent().unwrap().join(name);
