@@ -23,6 +23,9 @@ pub enum CliError {
     /// The run was aborted (exit 6).
     #[error("{0}")]
     RunAborted(String),
+    /// Ctrl-C while following: the run goes on (exit 130, as for any program stopped by SIGINT).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl CliError {
@@ -33,6 +36,7 @@ impl CliError {
             CliError::NotAuthorised(_) => 4,
             CliError::RunFailed(_) => 5,
             CliError::RunAborted(_) => 6,
+            CliError::Interrupted(_) => 130,
         })
     }
 }

@@ -55,7 +55,7 @@ enum Command {
     /// A job's secrets (values are read from stdin and never printed).
     #[command(subcommand)]
     Secrets(secrets::SecretsCommand),
-    /// The test-cluster pool: list, lease, release, hold, report.
+    /// The test-cluster pool: list, lease, release, hold, report, import.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
     /// Save a master's URL and a token (read from stdin or a prompt) as a named context.

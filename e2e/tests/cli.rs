@@ -263,3 +263,122 @@ async fn cim_keeps_secrets_out_of_sight_and_refuses_clearly(pool: PgPool) {
     assert!(completion.stdout.contains("_cim()"), "{}", &completion.stdout[..200.min(completion.stdout.len())]);
     drop(stack);
 }
+
+const INVENTORY: &str = r#"[
+  {"name": "cluster-01", "region": "us-west", "status": "testing", "lastJob": "e2e-conformance",
+   "lastBuild": "12345", "lastTriggerName": "john", "hold": false, "disabled": false,
+   "purpose": "tess-ci", "osimage": "centos-atomic-7.6.1810-qcow2"},
+  {"name": "cluster-02", "region": "eu-central", "status": "vacant", "lastTriggerName": "mary", "hold": true,
+   "disabled": false, "purpose": "tess-ci"},
+  {"name": "cluster-03", "region": "eu-central", "status": "vacant", "hold": false, "disabled": true,
+   "purpose": "tnet-ci", "osimage": "ubuntu-22.04", "somethingNew": 1}
+]"#;
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cim_imports_the_original_inventory_idempotently(pool: PgPool) {
+    let stack = Stack::start(pool).await;
+    let cli = Cli::new(&stack);
+
+    let dry = cli.run_with_stdin(&["pool", "import", "-", "--dry-run"], INVENTORY);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(dry.stdout.contains("cluster-02: would be created (held)"), "{}", dry.stdout);
+    assert_eq!(stack.api.get("/pool/clusters").await.body["clusters"], json!([]), "the dry run changed the pool");
+
+    let imported = cli.run_with_stdin(&["pool", "import", "-"], INVENTORY);
+    assert_eq!(imported.code, 0, "{}", imported.stderr);
+    assert_eq!(
+        imported.stdout,
+        "cluster cluster-01: created\ncluster cluster-02: created (held)\ncluster cluster-03: created (disabled)\n"
+    );
+    let again = cli.run_with_stdin(&["pool", "import", "-"], INVENTORY);
+    assert_eq!(
+        again.stdout,
+        "cluster cluster-01: unchanged\ncluster cluster-02: unchanged\ncluster cluster-03: unchanged\n"
+    );
+    let cluster = |name: &str| {
+        let api = stack.api.clone();
+        let name = name.to_owned();
+        async move { api.get(&format!("/pool/clusters/{name}")).await.body }
+    };
+    // `testing` there comes in vacant; holds and disabled flags are kept.
+    assert_eq!(cluster("cluster-01").await["status"], "vacant");
+    assert_eq!(cluster("cluster-01").await["osimage"], "centos-atomic-7.6.1810-qcow2");
+    assert_eq!(cluster("cluster-02").await["status"], "held");
+    assert_eq!(cluster("cluster-03").await["status"], "disabled");
+    assert_eq!(cluster("cluster-03").await["purpose"], "tnet-ci");
+
+    // With --keep-leases, the cluster under test is leased again for its job and build.
+    let kept = cli.run_with_stdin(&["pool", "import", "-", "--keep-leases"], INVENTORY);
+    assert!(kept.stdout.contains("cluster-01: updated (leased)"), "{}", kept.stdout);
+    let leased = cluster("cluster-01").await;
+    assert_eq!((leased["status"].as_str(), leased["lease"]["build"].as_str()), (Some("leased"), Some("12345")));
+
+    // The listing shows it all.
+    let listed = cli.run(&["pool", "ls"]);
+    assert!(listed.stdout.contains("cluster-02  held"), "{}", listed.stdout);
+    let broken = cli.run_with_stdin(&["pool", "import", "-"], "{\"not\": \"an array\"}");
+    assert_eq!(broken.code, 1);
+    assert!(broken.stderr.contains("cluster.json"), "{}", broken.stderr);
+    drop(stack);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn ctrl_c_while_following_detaches_or_aborts(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let cli = Cli::new(&stack);
+    stack
+        .put_job(
+            "lingers",
+            json!({"kind": "freestyle", "image": "busybox:latest", "script": "echo started; sleep 60",
+                                   "resources": {"cpus": 0.5, "memory": "64Mi"}}),
+        )
+        .await;
+    for (flags, code, status) in [(&[][..], 130, "running"), (&["--abort-on-interrupt"][..], 6, "aborted")] {
+        let mut args = vec!["run", "lingers", "--follow", "-o", "json"];
+        args.extend_from_slice(flags);
+        let mut child = Command::new(binary("cim"))
+            .args(&args)
+            .env("CIMASTER_URL", &cli.url)
+            .env("CIMASTER_TOKEN", &cli.token)
+            .env("CIMASTER_CONFIG", cli.config_file())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Interrupted once the run's first line has been streamed.
+        let stdout = child.stdout.take().unwrap();
+        let (seen, started) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+            while let Some(Ok(line)) = lines.next() {
+                if line.ends_with("started") {
+                    let _ = seen.send(());
+                }
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text
+        });
+        started.recv_timeout(Duration::from_secs(60)).expect("the run's first line");
+        Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        let output = wait_bounded(child, Duration::from_secs(30));
+        let stdout = reader.join().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{stderr}");
+        // The run as JSON (pretty, up to its closing brace), then the log.
+        let json = &stdout[..stdout.find("\n}\n").unwrap() + 2];
+        let run: Value = serde_json::from_str(json).unwrap();
+        let path = format!("/jobs/lingers/runs/{}", run["id"].as_str().unwrap());
+        if status == "running" {
+            assert!(stderr.contains("cim abort lingers/"), "{stderr}");
+            assert_eq!(stack.api.get(&path).await.body["status"], "running");
+            stack.api.post(&format!("{path}/abort"), json!({})).await;
+        } else {
+            stack.wait_finished(&path, Duration::from_secs(30)).await;
+            assert_eq!(stack.api.get(&path).await.body["status"], "aborted");
+        }
+    }
+    drop(stack);
+}

@@ -315,6 +315,27 @@ async fn a_wait_longer_than_the_pools_longest_is_cut_to_it(pool: PgPool) {
     app.stop().await;
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn a_named_cluster_is_leased_at_once_or_not_at_all(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let api = app.admin();
+    add(&api, "cluster=c1&region=r").await;
+    add(&api, "cluster=c2&region=r").await;
+    let lease = |build: &str, extra: serde_json::Value| {
+        let mut body = json!({"purpose": "tess-ci", "job": "j", "build": build, "cluster": "c2"});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let got = api.post("/pool/leases", lease("1", json!({}))).await;
+    assert_eq!((got.status, got.body["cluster"].as_str()), (201, Some("c2")));
+    // Taken: no other cluster instead, and no waiting for it.
+    api.post("/pool/leases", lease("2", json!({}))).await.expect_problem(503, "no vacant cluster");
+    api.post("/pool/leases", lease("3", json!({"waitSeconds": 5}))).await.expect_problem(422, "at once or not at all");
+    api.post("/pool/leases", lease("4", json!({"cluster": "no such/name"}))).await.expect_problem(400, "cluster");
+    assert_eq!(api.get("/pool/clusters/c1").await.body["status"], "vacant");
+    app.stop().await;
+}
+
 /// 200 acquirers race for 20 clusters until 10,000 leases have been held. Each holder marks its
 /// cluster in a shared record that is independent of the pool's own history (asserting nobody held
 /// it), keeps it a few random milliseconds, unmarks it and releases it. 50 connections let 50
@@ -352,6 +373,7 @@ async fn contention_never_gives_one_cluster_to_two_holders(_: PgPoolOptions, con
                     waited: Duration::ZERO,
                     priority: 0,
                     waiter: None,
+                    cluster: None,
                 };
                 random ^= random << 13;
                 random ^= random >> 7;

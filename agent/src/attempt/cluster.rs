@@ -69,6 +69,7 @@ impl Attempt<'_> {
             waited: Duration::ZERO,
             priority: 0,
             waiter: None,
+            cluster: None,
         };
         let mut waiting = false;
         let outcome = loop {

@@ -67,7 +67,7 @@ async fn interrupted(api: &Api, run: &Target<'_>, abort: bool) -> Result<()> {
         api.send(api.request(Method::POST, &format!("{}/abort", run.path()))).await?;
         Err(CliError::RunAborted(format!("interrupted: run {} is being aborted", run.name())))
     } else {
-        Err(CliError::Failed(format!(
+        Err(CliError::Interrupted(format!(
             "interrupted: stopped following; run {} goes on. Abort it with `cim abort {}`",
             run.name(),
             run.name()

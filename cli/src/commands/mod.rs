@@ -3,6 +3,7 @@
 mod follow;
 pub mod jobs;
 pub mod pool;
+mod pool_import;
 pub mod runs;
 pub mod secrets;
 pub mod session;

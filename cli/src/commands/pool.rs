@@ -1,4 +1,4 @@
-//! `cim pool ls|lease|release|hold|unhold|report`: the test-cluster pool.
+//! `cim pool ls|lease|release|hold|unhold|report|import`: the test-cluster pool.
 
 use std::time::Duration;
 
@@ -58,6 +58,8 @@ pub enum PoolCommand {
     },
     /// End a hold.
     Unhold { cluster: String },
+    /// Import the original CIMaster's inventory (`cluster.json`), idempotently (admin).
+    Import(super::pool_import::ImportArgs),
     /// Utilisation, wait times and hold hours.
     Report {
         /// How far back, e.g. `24h`, `7d`.
@@ -117,6 +119,7 @@ pub async fn pool(api: &Api, command: PoolCommand) -> Result<()> {
             let view = api.json(api.request(Method::POST, &path).header("Accept", "application/json")).await?;
             println!("cluster {cluster} is {}", text(&view, "status"));
         }
+        PoolCommand::Import(args) => super::pool_import::import(api, args).await?,
         PoolCommand::Report { window, output } => {
             let report = api.get(&format!("/pool/report?window={}", encode(&window))).await?;
             output.print(&report, |report| print!("{}", serde_yaml::to_string(report).unwrap_or_default()));

@@ -337,6 +337,7 @@ impl Door {
                     waited: Duration::ZERO,
                     priority: 0,
                     waiter: None,
+                    cluster: None,
                 };
                 Ok(store::acquire(pool, &request).await?.context("no vacant cluster")?.token)
             }

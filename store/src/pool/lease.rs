@@ -27,6 +27,8 @@ pub struct AcquireRequest {
     pub priority: i32,
     /// This request's place in the waiting queue, once it has one ([`enqueue`]).
     pub waiter: Option<i64>,
+    /// Only this cluster (e.g. to carry over a lease from another inventory); never waits.
+    pub cluster: Option<String>,
 }
 
 /// Leases a vacant, enabled, un-held cluster of the purpose, in one statement. The same (job, build)
@@ -41,6 +43,7 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
                  WHERE lease_token IS NULL AND disabled_reason IS NULL
                    AND (hold_until IS NULL OR hold_until <= now())
                    AND purpose = $1 AND ($2::text IS NULL OR osimage = $2)
+                   AND ($11::text IS NULL OR name = $11)
                    -- Nobody is waiting ahead of this request.
                    AND NOT EXISTS (
                        SELECT 1 FROM cluster_waiters w
@@ -74,6 +77,7 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
         .bind(i64::try_from(request.waited.as_millis()).unwrap_or(i64::MAX))
         .bind(request.priority)
         .bind(request.waiter)
+        .bind(request.cluster.as_deref())
         .fetch_optional(pool)
         .await;
         match result {

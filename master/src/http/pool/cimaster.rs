@@ -89,6 +89,7 @@ pub(super) async fn getvacant(
             None => 0,
         },
         waiter: None,
+        cluster: None,
     };
     let wait = match optional(&params, "wait") {
         Some(seconds) => Duration::from_secs(

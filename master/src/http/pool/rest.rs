@@ -149,6 +149,9 @@ pub struct AcquireBody {
     /// Among waiters, higher is served first (default 0); equal priorities are first come, first served.
     #[serde(default)]
     pub priority: i32,
+    /// Lease this cluster only (e.g. carrying a lease over from another inventory): at once or not
+    /// at all, so `waitSeconds` must be 0.
+    pub cluster: Option<String>,
 }
 
 /// Lease a cluster (optionally waiting for one).
@@ -167,6 +170,14 @@ pub(super) async fn acquire(
     }
     check_label("job", &body.job)?;
     check_label("build", &body.build)?;
+    if let Some(cluster) = &body.cluster {
+        check_name("cluster", cluster)?;
+        if body.wait_seconds > 0 {
+            return Err(ApiError::Unprocessable(
+                "a named cluster is leased at once or not at all: leave out `waitSeconds`".into(),
+            ));
+        }
+    }
     let request = AcquireRequest {
         purpose: body.purpose,
         osimage: body.osimage,
@@ -178,6 +189,7 @@ pub(super) async fn acquire(
         waited: Duration::ZERO,
         priority: body.priority,
         waiter: None,
+        cluster: body.cluster,
     };
     let lease = acquire_waiting(&state, &request, Duration::from_secs(body.wait_seconds)).await?;
     Ok((StatusCode::CREATED, Json(lease)))
