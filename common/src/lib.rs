@@ -4,6 +4,7 @@
 //! machine, the message an agent takes from the queue, and the id newtypes. No web, queue or
 //! container library is linked from here.
 
+mod cause;
 mod ids;
 mod job;
 #[cfg(feature = "logging")]
@@ -17,6 +18,7 @@ pub mod secrets;
 #[cfg(feature = "storage")]
 pub mod storage;
 
+pub use cause::{Cause, RunEvent, UnknownEvent};
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
 pub use job::{ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
 pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_arguments, QueueArgument, RunMessage};

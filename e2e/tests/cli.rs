@@ -94,6 +94,7 @@ script:
   - echo first line
   - echo "second line for $TARGET"
   - echo third line
+  - echo "started by $CIMASTER_EVENT"
 parameters:
   TARGET: everyone
 resources: {cpus: 0.5, memory: 64Mi}
@@ -146,6 +147,7 @@ async fn cim_runs_jobs_and_its_exit_code_says_how_they_ended(pool: PgPool) {
         ["first line", "second line", "third line"].iter().map(|line| followed.stdout.find(line).unwrap()).collect();
     assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "out of order: {}", followed.stdout);
     assert!(followed.stderr.contains("succeeded"), "{}", followed.stderr);
+    assert!(followed.stdout.contains("started by api"), "the job knows its cause: {}", followed.stdout);
 
     // Failed: exit 5.
     let broke = cli.run(&["run", "breaks", "--follow"]);

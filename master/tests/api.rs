@@ -445,6 +445,23 @@ async fn a_rerun_repeats_the_commit_and_parameters_and_names_the_run(pool: PgPoo
     assert_eq!(again.status(), 200);
     assert_eq!(again.json::<serde_json::Value>().await.unwrap()["id"], rerun["id"]);
 
+    assert_eq!(rerun["event"], "api");
+    // A rerun keeps the cause: a pull request's run, rerun, is that pull request's run.
+    sqlx::query("UPDATE runs SET event = 'pull_request', pull_request = 7, sender = 'octocat' WHERE id = $1::uuid")
+        .bind(id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let of_pr = api.post_empty(&format!("/jobs/e2e/runs/{id}/rerun")).await;
+    assert_eq!(of_pr.status, 201);
+    assert_eq!((of_pr.body["event"].as_str(), of_pr.body["pullRequest"].as_i64()), (Some("pull_request"), Some(7)));
+    assert_eq!(of_pr.body["sender"], "octocat");
+    let by_pr = api.get("/runs?event=pull_request&pullRequest=7").await;
+    let ids: Vec<_> = by_pr.body["runs"].as_array().unwrap().iter().map(|run| run["id"].clone()).collect();
+    assert_eq!(ids, vec![of_pr.body["id"].clone(), json!(id)]);
+    assert_eq!(api.get("/runs?event=push").await.body["runs"], json!([]));
+    api.get("/runs?event=merge").await.expect_problem(400, "unknown event");
+
     api.post_empty("/jobs/e2e/runs/0190e6a4-0000-7000-8000-000000000000/rerun").await.expect_problem(404, "has no run");
     let reader = app.as_role(Role::Read);
     reader.post_empty(&format!("/jobs/e2e/runs/{id}/rerun")).await.expect_problem(403, "");

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cimaster_common::{JobSpec, RepoConfig, Resources, RunId, RunStatus};
+use cimaster_common::{Cause, JobSpec, RepoConfig, Resources, RunEvent, RunId, RunStatus};
 use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -22,6 +22,8 @@ pub struct Claim {
     /// Git runs: the commit and the job config file read there at trigger time.
     pub commit: Option<String>,
     pub config: Option<RepoConfig>,
+    /// Why the run exists (the job's `CIMASTER_EVENT`, `CIMASTER_PR`, …).
+    pub cause: Cause,
     /// When the claim that granted the lease was sent: the fence window starts here.
     pub granted: tokio::time::Instant,
 }
@@ -33,6 +35,12 @@ struct ClaimRow {
     parameters: Json<BTreeMap<String, String>>,
     commit_sha: Option<String>,
     config: Option<Json<RepoConfig>>,
+    #[sqlx(try_from = "String")]
+    event: RunEvent,
+    pull_request: Option<i64>,
+    sender: Option<String>,
+    base_branch: Option<String>,
+    base_sha: Option<String>,
 }
 
 /// What a queued run needs of an agent (CPUs, memory bytes): the job and its services, read before
@@ -68,11 +76,13 @@ pub async fn claim<'e>(
                              lease_expires_at = now() + make_interval(secs => $4),
                              message = CASE WHEN starts_with(message, $5) THEN NULL ELSE message END
              WHERE id = $1 AND attempt = $2 AND status = 'queued' AND NOT abort_requested
-             RETURNING id, attempt, job, spec, parameters, commit_sha, config
+             RETURNING id, attempt, job, spec, parameters, commit_sha, config,
+                       event, pull_request, sender, base_branch, base_sha
          ), attempt AS (
              INSERT INTO run_attempts (run_id, attempt, agent) SELECT id, attempt, $3 FROM claimed
          )
-         SELECT job, spec, parameters, commit_sha, config FROM claimed",
+         SELECT job, spec, parameters, commit_sha, config, event, pull_request, sender, base_branch, base_sha
+         FROM claimed",
     )
     .bind(run.0)
     .bind(attempt as i32)
@@ -89,6 +99,13 @@ pub async fn claim<'e>(
         parameters: row.parameters.0,
         commit: row.commit_sha,
         config: row.config.map(|config| config.0),
+        cause: Cause {
+            event: row.event,
+            pull_request: row.pull_request,
+            sender: row.sender,
+            base_branch: row.base_branch,
+            base_sha: row.base_sha,
+        },
         granted,
     }))
 }

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use cimaster_common::{JobName, RunId, RunStatus};
+use cimaster_common::{Cause, JobName, RunEvent, RunId, RunStatus};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 const COLUMNS: &str = "id, job, status, attempt, queue, commit_sha, branch_name, parameters, triggered_by, \
-    agent, exit_code, message, abort_requested, created_at, published_at, started_at, finished_at, updated_at, config, rerun_of";
+    agent, exit_code, message, abort_requested, created_at, published_at, started_at, finished_at, updated_at, config, rerun_of, \
+    event, pull_request, sender, base_branch, base_sha";
 
 /// A run as stored.
 #[derive(Debug, Clone)]
@@ -36,6 +37,7 @@ pub struct Run {
     pub config: Option<serde_json::Value>,
     /// The run this one repeats.
     pub rerun_of: Option<Uuid>,
+    pub cause: Cause,
 }
 
 #[derive(sqlx::FromRow)]
@@ -61,6 +63,12 @@ struct RunRow {
     updated_at: DateTime<Utc>,
     config: Option<Json<serde_json::Value>>,
     rerun_of: Option<Uuid>,
+    #[sqlx(try_from = "String")]
+    event: RunEvent,
+    pull_request: Option<i64>,
+    sender: Option<String>,
+    base_branch: Option<String>,
+    base_sha: Option<String>,
 }
 
 impl From<RunRow> for Run {
@@ -86,6 +94,13 @@ impl From<RunRow> for Run {
             updated_at: row.updated_at,
             config: row.config.map(|config| config.0),
             rerun_of: row.rerun_of,
+            cause: Cause {
+                event: row.event,
+                pull_request: row.pull_request,
+                sender: row.sender,
+                base_branch: row.base_branch,
+                base_sha: row.base_sha,
+            },
         }
     }
 }
@@ -107,6 +122,7 @@ pub struct NewRun<'a> {
     pub job_updated_at: DateTime<Utc>,
     /// The run this one repeats.
     pub rerun_of: Option<RunId>,
+    pub cause: &'a Cause,
 }
 
 /// Inserts a queued run, in one statement: the job row is locked FOR SHARE while the run is
@@ -116,8 +132,9 @@ pub struct NewRun<'a> {
 pub async fn insert(pool: &PgPool, run: &NewRun<'_>) -> Result<Option<Run>, sqlx::Error> {
     let row: Option<RunRow> = sqlx::query_as(&format!(
         "INSERT INTO runs (id, job, queue, commit_sha, branch_name, parameters, spec, triggered_by,
-                           idempotency_key, request_hash, config, rerun_of)
-         SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12, $13 FROM jobs
+                           idempotency_key, request_hash, config, rerun_of,
+                           event, pull_request, sender, base_branch, base_sha)
+         SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12, $13, $14, $15, $16, $17, $18 FROM jobs
          WHERE name = $2 AND version = $10 AND updated_at = $11
          FOR SHARE
          ON CONFLICT (job, idempotency_key) DO NOTHING
@@ -136,6 +153,11 @@ pub async fn insert(pool: &PgPool, run: &NewRun<'_>) -> Result<Option<Run>, sqlx
     .bind(run.job_updated_at)
     .bind(run.config.as_ref().map(Json))
     .bind(run.rerun_of.map(|id| id.0))
+    .bind(run.cause.event.as_str())
+    .bind(run.cause.pull_request)
+    .bind(run.cause.sender.as_deref())
+    .bind(run.cause.base_branch.as_deref())
+    .bind(run.cause.base_sha.as_deref())
     .fetch_optional(pool)
     .await?;
     Ok(row.map(Run::from))
@@ -185,6 +207,8 @@ pub struct Filter<'a> {
     pub statuses: Option<&'a [RunStatus]>,
     pub branch_name: Option<&'a str>,
     pub commit_sha: Option<&'a str>,
+    pub event: Option<RunEvent>,
+    pub pull_request: Option<i64>,
     /// Only runs older than this one.
     pub before: Option<RunId>,
     pub limit: i64,
@@ -199,6 +223,8 @@ pub async fn list(pool: &PgPool, filter: &Filter<'_>) -> Result<Vec<Run>, sqlx::
            AND ($3::text IS NULL OR branch_name = $3)
            AND ($4::text IS NULL OR commit_sha = $4)
            AND ($5::uuid IS NULL OR id < $5)
+           AND ($7::text IS NULL OR event = $7)
+           AND ($8::bigint IS NULL OR pull_request = $8)
          ORDER BY id DESC
          LIMIT $6"
     ))
@@ -208,6 +234,8 @@ pub async fn list(pool: &PgPool, filter: &Filter<'_>) -> Result<Vec<Run>, sqlx::
     .bind(filter.commit_sha)
     .bind(filter.before.map(|id| id.0))
     .bind(filter.limit)
+    .bind(filter.event.map(RunEvent::as_str))
+    .bind(filter.pull_request)
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(Run::from).collect())

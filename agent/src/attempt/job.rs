@@ -27,6 +27,7 @@ impl Attempt<'_> {
         env.push(format!("CIMASTER_RUN_ID={}", claim.run));
         env.push(format!("CIMASTER_JOB={}", claim.job));
         env.push(format!("CIMASTER_ATTEMPT={}", claim.attempt));
+        env.extend(claim.cause.env());
         if let Some(checkout) = &plan.checkout {
             env.push(format!("CIMASTER_COMMIT={}", checkout.commit));
         }

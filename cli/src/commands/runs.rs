@@ -236,6 +236,12 @@ pub struct ListArgs {
     /// Only runs of this branch.
     #[arg(long)]
     branch: Option<String>,
+    /// Only runs started by this event: api, pull_request, push, comment, schedule.
+    #[arg(long, value_parser = ["api", "pull_request", "push", "comment", "schedule"])]
+    event: Option<String>,
+    /// Only runs of this pull request.
+    #[arg(long)]
+    pr: Option<u64>,
     /// How many (1 to 200).
     #[arg(long, default_value_t = 20)]
     limit: u32,
@@ -256,6 +262,12 @@ pub async fn runs(api: &Api, command: RunsCommand) -> Result<()> {
             if let Some(branch) = &args.branch {
                 query.push(format!("branchName={}", encode(branch)));
             }
+            if let Some(event) = &args.event {
+                query.push(format!("event={event}"));
+            }
+            if let Some(number) = args.pr {
+                query.push(format!("pullRequest={number}"));
+            }
             let page = api.get(&format!("/runs?{}", query.join("&"))).await?;
             args.output.print(&page, |page| {
                 let rows: Vec<Vec<String>> = page["runs"]
@@ -268,10 +280,15 @@ pub async fn runs(api: &Api, command: RunsCommand) -> Result<()> {
                             _ => String::new(),
                         };
                         let commit: String = text(run, "commitSha").chars().take(8).collect();
+                        let event = match run["pullRequest"].as_i64() {
+                            Some(number) => format!("{} #{number}", text(run, "event")),
+                            None => text(run, "event"),
+                        };
                         vec![
                             format!("{}/{}", text(run, "job"), text(run, "id")),
                             status(&text(run, "status")),
                             took,
+                            event,
                             text(run, "branchName"),
                             commit,
                             text(run, "triggeredBy"),
@@ -279,7 +296,7 @@ pub async fn runs(api: &Api, command: RunsCommand) -> Result<()> {
                         ]
                     })
                     .collect();
-                table(&["RUN", "STATUS", "DURATION", "BRANCH", "COMMIT", "BY", "CREATED"], &rows);
+                table(&["RUN", "STATUS", "DURATION", "EVENT", "BRANCH", "COMMIT", "BY", "CREATED"], &rows);
             });
         }
         RunsCommand::Show { run, output } => {
@@ -306,6 +323,10 @@ fn show_run(run: &Value) {
     line("branch", text(run, "branchName"));
     line("commit", text(run, "commitSha"));
     line("by", text(run, "triggeredBy"));
+    line("event", text(run, "event"));
+    line("pull request", text(run, "pullRequest"));
+    line("sender", text(run, "sender"));
+    line("base", [text(run, "baseBranch"), text(run, "baseSha")].join(" ").trim().to_owned());
     line("rerun of", text(run, "rerunOf"));
     line("created", text(run, "createdAt"));
     line("started", text(run, "startedAt"));

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use cimaster_common::{JobName, RunId, RunStatus, TriggerRequest};
+use cimaster_common::{Cause, JobName, RunEvent, RunId, RunStatus, TriggerRequest};
 use cimaster_store::runs::{self, Abort, Run};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -67,6 +67,10 @@ pub struct RunView {
     /// The run this one repeats.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rerun_of: Option<Uuid>,
+    /// Why the run exists: `event`, and for code-host events `pullRequest`, `sender`, `baseBranch`,
+    /// `baseSha`.
+    #[serde(flatten)]
+    pub cause: Cause,
     pub links: RunLinks,
 }
 
@@ -105,6 +109,7 @@ impl From<Run> for RunView {
             updated_at: run.updated_at,
             config: run.config,
             rerun_of: run.rerun_of,
+            cause: run.cause,
             links: RunLinks {
                 abort: format!("{base}/abort"),
                 results: format!("{base}/results"),
@@ -168,8 +173,14 @@ async fn trigger(
 ) -> Result<impl IntoResponse, ApiError> {
     let job = job_name(&name)?;
     let key = idempotency_key(&headers)?;
-    let trigger =
-        Trigger { job: &job, request: &request, by: &caller.subject, idempotency_key: key.as_deref(), rerun_of: None };
+    let trigger = Trigger {
+        job: &job,
+        request: &request,
+        by: &caller.subject,
+        idempotency_key: key.as_deref(),
+        rerun_of: None,
+        cause: &Cause::default(),
+    };
     create(&state, &trigger).await
 }
 
@@ -227,6 +238,8 @@ async fn rerun(
         by: &caller.subject,
         idempotency_key: key.as_deref(),
         rerun_of: Some(Repeats { run: id, branch_name: original.branch_name.as_deref() }),
+        // The same cause: a rerun of a pull request's run is that pull request's run.
+        cause: &original.cause,
     };
     create(&state, &trigger).await
 }
@@ -276,6 +289,10 @@ pub struct RunFilter {
     status: Option<String>,
     branch_name: Option<String>,
     commit_sha: Option<String>,
+    /// `api`, `pull_request`, `push`, `comment` or `schedule`.
+    event: Option<String>,
+    /// Runs of this pull request.
+    pull_request: Option<i64>,
     /// Page size, 1 to 200 (default 50).
     limit: Option<i64>,
     /// Return runs older than this run id (the `next` link carries it).
@@ -341,8 +358,16 @@ async fn page(state: &AppState, job: Option<&JobName>, filter: &RunFilter) -> Re
         .map(|sha| cimaster_common::CommitSha::parse(sha).map_err(|err| ApiError::BadRequest(err.to_string())))
         .transpose()?;
 
+    let event = filter
+        .event
+        .as_deref()
+        .map(str::parse::<RunEvent>)
+        .transpose()
+        .map_err(|err| ApiError::BadRequest(err.to_string()))?;
     let query = runs::Filter {
         job,
+        event,
+        pull_request: filter.pull_request,
         statuses: statuses.as_deref(),
         branch_name: filter.branch_name.as_deref(),
         commit_sha: commit.as_ref().map(|commit| commit.as_str()),
@@ -367,6 +392,12 @@ async fn page(state: &AppState, job: Option<&JobName>, filter: &RunFilter) -> Re
             }
             if let Some(commit) = &commit {
                 link.push_str(&format!("&commitSha={commit}"));
+            }
+            if let Some(event) = event {
+                link.push_str(&format!("&event={event}"));
+            }
+            if let Some(number) = filter.pull_request {
+                link.push_str(&format!("&pullRequest={number}"));
             }
             Some(link)
         }

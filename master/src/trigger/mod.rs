@@ -10,7 +10,7 @@ mod repo_config;
 use std::sync::Arc;
 
 use cimaster_common::secrets::SecretBox;
-use cimaster_common::{JobName, JobSpec, QueueName, RunId, RunMessage, TriggerRequest};
+use cimaster_common::{Cause, JobName, JobSpec, QueueName, RunId, RunMessage, TriggerRequest};
 use cimaster_store::jobs;
 use cimaster_store::runs::{self, NewRun, Run};
 use sqlx::PgPool;
@@ -50,6 +50,8 @@ pub struct Trigger<'a> {
     pub idempotency_key: Option<&'a str>,
     /// The run this one repeats (`POST …/rerun`).
     pub rerun_of: Option<Repeats<'a>>,
+    /// Why: the API, a webhook's event, a schedule.
+    pub cause: &'a Cause,
 }
 
 /// The run a rerun repeats: its id, and the branch its commit came from (the rerun asks for the
@@ -158,6 +160,7 @@ impl Triggers {
             job_version: job.version,
             job_updated_at: job.updated_at,
             rerun_of: trigger.rerun_of.map(|repeats| repeats.run),
+            cause: trigger.cause,
         };
         Ok(runs::insert(&self.pool, &new).await?)
     }

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use cimaster_common::{BranchName, EnvName, JobSpec, TriggerRequest};
+use cimaster_common::{BranchName, Cause, EnvName, JobSpec, TriggerRequest};
 use serde::Serialize;
 
 use super::{acquire_waiting, actor, check_name, release_outcome};
@@ -346,7 +346,14 @@ pub(super) async fn createcluster(
         branch_name: branch,
         parameters: BTreeMap::from([(author, user.to_owned())]),
     };
-    let trigger = Trigger { job: &job, request: &request, by: &caller.subject, idempotency_key: None, rerun_of: None };
+    let trigger = Trigger {
+        job: &job,
+        request: &request,
+        by: &caller.subject,
+        idempotency_key: None,
+        rerun_of: None,
+        cause: &Cause::default(),
+    };
     let run = match state.triggers.create(&trigger).await? {
         Created::New(run) | Created::Replayed(run) => RunView::from(run),
     };
