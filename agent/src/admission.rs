@@ -127,10 +127,14 @@ impl Admission {
         memory: u64,
         cancel: &CancellationToken,
     ) -> Result<Option<Reservation>, String> {
+        let started = std::time::Instant::now();
         loop {
             let released = self.inner.released.notified();
             match self.try_reserve(cpus, memory) {
-                Ok(reservation) => return Ok(Some(reservation)),
+                Ok(reservation) => {
+                    metrics::histogram!(crate::telemetry::ADMISSION_WAIT).record(started.elapsed().as_secs_f64());
+                    return Ok(Some(reservation));
+                }
                 Err(Refusal::TooLarge(reason)) => return Err(reason),
                 Err(Refusal::Busy) => {}
             }

@@ -85,6 +85,11 @@ pub struct AgentConfig {
         value_parser = parse_memory)]
     pub live_console_limit: Memory,
 
+    /// Where to serve `/metrics` (Prometheus) and `/healthz`, e.g. `0.0.0.0:9090`; not served when
+    /// unset.
+    #[arg(long = "listen", env = "CIMASTER_AGENT_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
+
     /// The agent's private directory (logs being written, result parcels, uploads still pending,
     /// which survive restarts). Default: `cimaster-agent-<id>` in the system's temp directory.
     /// Made 0700; a symlink or another user's directory there is refused.

@@ -232,6 +232,7 @@ impl Log {
         }
         self.file.write_all(chunk).await?;
         self.written += chunk.len() as u64;
+        metrics::counter!(crate::telemetry::CONSOLE_BYTES).increment(chunk.len() as u64);
         if self.live_open {
             self.live_written += chunk.len() as u64;
             if self.live.push(chunk) >= FLUSH_BYTES {

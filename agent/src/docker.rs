@@ -23,6 +23,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use crate::registry::RegistryAuths;
+use crate::telemetry::Timer;
 
 pub const LABEL_AGENT: &str = "cimaster.agent";
 pub const LABEL_JOB: &str = "cimaster.job";
@@ -152,6 +153,7 @@ impl DockerClient {
 
     /// Uses the image if present, pulls it otherwise.
     pub async fn ensure_image(&self, image: &str) -> Result<(), DockerError> {
+        let _timer = Timer::docker("ensure_image");
         if self.docker.inspect_image(image).await.is_ok() {
             return Ok(());
         }
@@ -165,6 +167,7 @@ impl DockerClient {
 
     /// A network for this attempt only, labelled with the run; on `subnet` when given.
     pub async fn create_network(&self, labels: &RunLabels, subnet: Option<String>) -> Result<String, DockerError> {
+        let _timer = Timer::docker("create_network");
         self.create_bridge(labels.name(), labels.map(), subnet).await
     }
 
@@ -222,6 +225,7 @@ impl DockerClient {
     /// Its output is attached before it starts, so nothing is missed, and goes only to the agent
     /// (the engine keeps no log file that could rotate lines away).
     pub async fn start_job(&self, labels: &RunLabels, spec: JobContainer) -> Result<(String, Output), DockerError> {
+        let _timer = Timer::docker("start_container");
         let mounts = spec.workspace.map(|volume| {
             vec![Mount {
                 target: Some(crate::plan::WORKSPACE.to_owned()),
@@ -303,6 +307,7 @@ impl DockerClient {
 
     /// SIGTERM, then SIGKILL after `grace`.
     pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), DockerError> {
+        let _timer = Timer::docker("stop_container");
         let options = StopContainerOptions { t: Some(grace.as_secs() as i32), signal: None };
         match self.docker.stop_container(id, Some(options)).await {
             Ok(()) => Ok(()),
@@ -315,6 +320,7 @@ impl DockerClient {
     /// Removes a container, logging (not failing) on errors: cleanup is best effort here and
     /// complete at the next sweep.
     pub async fn remove_container(&self, id: &str) {
+        let _timer = Timer::docker("remove_container");
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
         if let Err(err) = self.docker.remove_container(id, Some(options)).await {
             tracing::warn!(container = id, error = %err, "cannot remove container");
@@ -322,12 +328,14 @@ impl DockerClient {
     }
 
     pub async fn remove_network(&self, name: &str) {
+        let _timer = Timer::docker("remove_network");
         if let Err(err) = self.docker.remove_network(name).await {
             tracing::warn!(network = name, error = %err, "cannot remove network");
         }
     }
 
     pub async fn remove_volume(&self, name: &str) {
+        let _timer = Timer::docker("remove_volume");
         if let Err(err) = self.docker.remove_volume(name, Some(RemoveVolumeOptions { force: true })).await {
             tracing::warn!(volume = name, error = %err, "cannot remove volume");
         }
@@ -335,6 +343,7 @@ impl DockerClient {
 
     /// The run's workspace: a labelled volume named like the attempt.
     pub async fn create_volume(&self, labels: &RunLabels) -> Result<String, DockerError> {
+        let _timer = Timer::docker("create_volume");
         let request =
             VolumeCreateOptions { name: Some(labels.name()), labels: Some(labels.map()), ..Default::default() };
         let volume = self.docker.create_volume(request).await.map_err(DockerError::Volume)?;
@@ -355,6 +364,7 @@ impl DockerClient {
         limits: BuildLimits,
         mut line: impl FnMut(String),
     ) -> Result<(), DockerError> {
+        let _timer = Timer::docker("build_image");
         let memory = i32::try_from(limits.memory).unwrap_or(i32::MAX);
         let options = BuildImageOptions {
             dockerfile: dockerfile.to_owned(),

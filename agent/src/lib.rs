@@ -15,6 +15,7 @@ pub mod plan;
 pub mod registry;
 pub mod storage;
 pub mod subnets;
+pub mod telemetry;
 mod workdir;
 pub mod worker;
 
@@ -43,6 +44,11 @@ pub struct Shutdown {
 /// Runs the agent until `shutdown.drain` and the drain that follows.
 pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let agent = config.agent_id();
+    telemetry::metrics();
+    // Served from the start, so probes see the agent while it connects and sweeps.
+    let stop_serving = CancellationToken::new();
+    let health = telemetry::Health { agent: agent.clone(), draining: shutdown.drain.clone() };
+    let served = config.listen.map(|listen| tokio::spawn(telemetry::serve(listen, health, stop_serving.clone())));
     let timing = lease::LeaseTiming::new(config.lease, config.stop_grace, config.lease_margin)?;
     let (pool, leases) = databases(&config, &timing)?;
     let docker = docker(&config, &agent).await?;
@@ -107,6 +113,12 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let _ = sampler.await;
     let _ = uploader.await;
     let _ = listener.await;
+    stop_serving.cancel();
+    if let Some(served) = served {
+        if let Ok(Err(err)) = served.await {
+            tracing::warn!(error = %err, "the /metrics and /healthz listener failed");
+        }
+    }
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::docker::{DockerClient, DockerError, RunLabels};
 use crate::subnets::SubnetPool;
+use crate::telemetry;
 
 /// The network a run holds.
 pub(crate) struct RunNetwork {
@@ -114,6 +115,7 @@ impl Networks {
             }
             if !logged {
                 tracing::info!(limit = ?self.limit(), "every network this agent can make is taken; the next run waits for one");
+                metrics::counter!(telemetry::NETWORK_WAITS).increment(1);
                 logged = true;
             }
             tokio::select! {
@@ -157,6 +159,7 @@ impl Networks {
     /// `wait`).
     pub async fn take(&self, labels: &RunLabels) -> Result<RunNetwork, DockerError> {
         let deadline = tokio::time::Instant::now() + self.wait;
+        let mut waited = false;
         loop {
             let freed = self.freed.notified();
             match self.take_now(labels).await {
@@ -167,10 +170,16 @@ impl Networks {
                 Err(err) if err.no_network_left() => {
                     let held = self.room().lent + self.idle().len();
                     self.room().limit = Some((held, Instant::now()));
+                    metrics::counter!(telemetry::NETWORKS_EXHAUSTED).increment(1);
+                    metrics::gauge!(telemetry::NETWORK_LIMIT).set(held as f64);
                     if tokio::time::Instant::now() >= deadline {
                         return Err(err);
                     }
                     tracing::warn!(networks = held, error = %err, "no network can be made; runs wait for one, and no more are admitted");
+                    if !waited {
+                        metrics::counter!(telemetry::NETWORK_WAITS).increment(1);
+                        waited = true;
+                    }
                     // Woken when one of this agent's networks comes back; the engine may free room
                     // of its own (another agent's network), so it looks again every few seconds too.
                     let look_again = tokio::time::Instant::now() + RETRY_NETWORK;

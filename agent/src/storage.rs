@@ -17,6 +17,7 @@ pub async fn upload(
     path: &Path,
     content_type: &str,
 ) -> anyhow::Result<()> {
+    let _timer = crate::telemetry::Timer::s3_upload();
     let size = tokio::fs::metadata(path).await?.len();
     if size <= PART_BYTES as u64 {
         s3.put_object()

@@ -230,12 +230,14 @@ impl Worker {
         let executor = self.executor.clone();
         let aborts = self.aborts.clone();
         let hard_stop = hard_stop.clone();
+        let in_progress = crate::telemetry::InProgress::begin();
         running.spawn(async move {
             let run = claim.run;
             executor.execute(claim, abort, hard_stop).await;
             aborts.remove(run);
             drop(network);
             drop(reservation);
+            drop(in_progress);
         });
     }
 }

@@ -384,3 +384,65 @@ async fn ctrl_c_while_following_detaches_or_aborts(pool: PgPool) {
     }
     drop(stack);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cim_reads_results_and_leases_clusters(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let cli = Cli::new(&stack);
+    let junit = r#"<testsuite name="calc"><testcase classname="calc" name="adds"/><testcase classname="calc" name="carries"><failure message="expected 10, got 0">trace</failure></testcase></testsuite>"#;
+    let script = format!("mkdir -p out && echo '{junit}' > out/junit.xml && echo built-binary > out/app.txt");
+    let job = json!({"kind": "freestyle", "image": "busybox:latest", "script": script, "workingDir": "/build",
+                     "results": {"junit": ["out/*.xml"], "artifacts": ["out/*.txt"]},
+                     "resources": {"cpus": 0.5, "memory": "64Mi"}});
+    stack.put_job("tested", job).await;
+
+    // The same idempotency key twice: one run.
+    let first = cli.run(&["run", "tested", "--idempotency-key", "build-77", "--follow", "-o", "json"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert!(first.stderr.contains("tests: 2 run, 1 failed"), "{}", first.stderr);
+    assert!(first.stderr.contains("calc.carries: expected 10, got 0"), "{}", first.stderr);
+    let again = cli.run(&["run", "tested", "--idempotency-key", "build-77", "-o", "json"]);
+    let (a, b): (Value, Value) = (
+        serde_json::from_str(&first.stdout[..first.stdout.find("\n}\n").unwrap() + 2]).unwrap(),
+        serde_json::from_str(&again.stdout).unwrap(),
+    );
+    assert_eq!(a["id"], b["id"], "a retried command started a second run");
+    let run = format!("tested/{}", a["id"].as_str().unwrap());
+
+    let listed = cli.run(&["results", &run]);
+    assert!(listed.stdout.contains("out/app.txt") && listed.stdout.contains("out/junit.xml"), "{}", listed.stdout);
+    let failed = cli.run(&["results", "junit", &run]);
+    assert_eq!(failed.code, 5, "failed tests are a failure to scripts: {}", failed.stderr);
+    assert!(failed.stdout.contains("calc.carries: expected 10, got 0"), "{}", failed.stdout);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.txt");
+    let got = cli.run(&["artifacts", "get", &run, "out/app.txt", "-o", file.to_str().unwrap()]);
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "built-binary\n");
+    let logs = cli.run(&["logs", a["id"].as_str().unwrap(), "--attempt", "1"]);
+    assert!(logs.stdout.contains("runs attempt 1"), "{}", logs.stdout);
+
+    // The pool: lease, hold, release.
+    for name in ["c1", "c2"] {
+        let added = stack.api.put(&format!("/pool/clusters/{name}"), json!({"region": "r"})).await;
+        assert_eq!(added.status, 201, "{}", added.body);
+    }
+    let lease = cli.run(&["pool", "lease", "--purpose", "tess-ci", "-o", "json"]);
+    assert_eq!(lease.code, 0, "{}", lease.stderr);
+    let lease: Value = serde_json::from_str(&lease.stdout).unwrap();
+    let held = cli.run(&["pool", "hold", "c2", "--hours", "1", "--desc", "debugging"]);
+    assert_eq!(held.code, 0, "{}", held.stderr);
+    let busy = cli.run(&["pool", "lease"]);
+    assert_eq!(busy.code, 1, "nothing vacant: {}", busy.stderr);
+    assert!(busy.stderr.contains("no vacant cluster"), "{}", busy.stderr);
+    let released = cli.run(&["pool", "release", &lease["token"].to_string()]);
+    assert_eq!(released.code, 0, "{}", released.stderr);
+    assert_eq!(cli.run(&["pool", "unhold", "c2"]).code, 0);
+    let listed = cli.run(&["pool", "ls", "-o", "json"]);
+    let listed: Value = serde_json::from_str(&listed.stdout).unwrap();
+    let states: Vec<&str> =
+        listed["clusters"].as_array().unwrap().iter().map(|c| c["status"].as_str().unwrap()).collect();
+    assert_eq!(states, ["vacant", "vacant"]);
+    drop(stack);
+}

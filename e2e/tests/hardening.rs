@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::json;
 use sqlx::PgPool;
-use support::{leftovers, run_id, AgentOptions, Stack};
+use support::{free_port, leftovers, metric, run_id, AgentOptions, Stack};
 
 /// A registry on loopback that records the `Authorization` header of every request it receives and
 /// answers each with a Basic challenge, as a registry that wants a login does. Docker speaks plain
@@ -217,7 +217,9 @@ async fn runs_wait_for_a_network_instead_of_failing_when_none_can_be_made(pool: 
             ),
         ),
         ("CIMASTER_AGENT_IDLE_NETWORKS", "0".to_owned()),
+        ("CIMASTER_AGENT_LISTEN", format!("127.0.0.1:{}", free_port())),
     ];
+    let metrics_url = format!("http://{}/metrics", env[2].1);
     stack.add_agent(AgentOptions { cpus: Some(4.0), max_cpu: Some(1.0), env, ..AgentOptions::default() }).await;
     stack.put_job("netted", job("busybox:latest", "sleep 2; echo done")).await;
     let mut paths = Vec::new();
@@ -244,4 +246,9 @@ async fn runs_wait_for_a_network_instead_of_failing_when_none_can_be_made(pool: 
         let running = spans.iter().filter(|(s, f)| s <= start && start < f).count();
         assert!(running <= 2, "{running} runs at once with two networks: {spans:?}");
     }
+    // The agent says so in its metrics, too.
+    let metrics = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
+    assert!(metric(&metrics, "cimaster_agent_address_pools_exhausted_total", "") >= 1.0, "{metrics}");
+    assert!(metric(&metrics, "cimaster_agent_network_waits_total", "") >= 1.0, "{metrics}");
+    assert!(metrics.contains("cimaster_agent_network_limit "), "{metrics}");
 }

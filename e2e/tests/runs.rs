@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::json;
 use sqlx::PgPool;
-use support::{leftovers, run_id, AgentOptions, Stack};
+use support::{free_port, leftovers, metric, run_id, AgentOptions, Stack};
 
 fn job(script: &str) -> serde_json::Value {
     json!({"kind": "freestyle", "image": "busybox:latest", "script": script,
@@ -514,4 +514,68 @@ async fn a_job_whose_cluster_lease_is_taken_away_is_stopped_and_ends_in_error(po
     let console = stack.console(&path).await;
     assert!(console.contains("lost the cluster lease: sending SIGTERM"), "{console}");
     assert_eq!(leftovers(&run_id(&path)).await, (0, 0));
+}
+
+/// The agent serves `/healthz` (which says when it drains) and `/metrics`: runs in progress, Docker
+/// operation durations, console bytes and S3 uploads.
+#[sqlx::test(migrations = "../migrations")]
+async fn the_agent_serves_its_health_and_metrics(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let env = vec![("CIMASTER_AGENT_LISTEN", listen.clone())];
+    let agent = stack.add_agent(AgentOptions { env, ..AgentOptions::default() }).await;
+    let get = |path: &str| {
+        let url = format!("http://{listen}{path}");
+        async move {
+            // The agent listens once it has started.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match reqwest::get(&url).await {
+                    Ok(answer) => return answer.text().await.unwrap(),
+                    Err(err) if Instant::now() < deadline && err.is_connect() => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    Err(err) => panic!("{url}: {err}"),
+                }
+            }
+        }
+    };
+    let health: serde_json::Value = serde_json::from_str(&get("/healthz").await).unwrap();
+    assert_eq!(health["status"], "ok");
+
+    stack.put_job("talks", job("echo some output; echo more output")).await;
+    let done = stack.trigger("talks").await;
+    assert_eq!(stack.wait_finished(&done, Duration::from_secs(60)).await["status"], "succeeded");
+    stack.put_job("stays", job("echo staying; sleep 60")).await;
+    let staying = stack.trigger("stays").await;
+    stack.wait_for(&staying, Duration::from_secs(60), |status| status == "running").await;
+
+    // Once the second run's container has started (running is set at the claim, before it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = get("/metrics").await;
+        if metric(&metrics, "cimaster_agent_docker_seconds_count", "operation=\"start_container\"") >= 2.0 {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(metric(&metrics, "cimaster_agent_runs_in_progress", ""), 1.0, "{metrics}");
+    assert!(metric(&metrics, "cimaster_agent_console_bytes_total", "") > 20.0, "{metrics}");
+    assert!(metric(&metrics, "cimaster_agent_s3_upload_seconds_count", "") >= 1.0, "{metrics}");
+    assert!(metric(&metrics, "cimaster_agent_admission_wait_seconds_count", "") >= 2.0, "{metrics}");
+
+    // SIGTERM: the agent drains (its run goes on) and says so.
+    stack.signal_agent(agent, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health: serde_json::Value = serde_json::from_str(&get("/healthz").await).unwrap();
+        if health["status"] == "draining" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{health}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.api.post(&format!("{staying}/abort"), json!({})).await;
+    assert!(stack.agent_exit(agent, Duration::from_secs(30)).await, "the drained agent did not exit");
 }

@@ -42,6 +42,8 @@ pub enum PoolCommand {
     },
     /// Give a leased cluster back.
     Release {
+        /// The lease's token, as `pool lease` printed it.
+        #[arg(id = "lease_token", value_name = "TOKEN")]
         token: i64,
         /// `infra_failure` when the cluster was at fault (repeated ones disable it).
         #[arg(long, value_parser = ["ok", "infra_failure"], default_value = "ok")]

@@ -25,7 +25,7 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -561,4 +561,16 @@ pub struct SshServer {
     pub wrong_known_hosts: String,
     _dir: tempfile::TempDir,
     _child: tokio::process::Child,
+}
+
+/// A counter's or gauge's value in a Prometheus text exposition (summed over its label sets that
+/// contain `labels`), 0 when absent.
+pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                && line.contains(labels)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
