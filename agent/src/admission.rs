@@ -94,6 +94,12 @@ impl Admission {
         })
     }
 
+    /// CPUs and memory bytes reserved by runs now.
+    pub fn in_use(&self) -> (f64, u64) {
+        let free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
+        ((self.inner.total_cpus - free.cpus).max(0.0), self.inner.total_memory.saturating_sub(free.memory))
+    }
+
     pub fn host_cpu(&self) -> f64 {
         f64::from(f32::from_bits(self.inner.host_cpu.load(Ordering::Relaxed)))
     }

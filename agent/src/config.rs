@@ -85,6 +85,11 @@ pub struct AgentConfig {
         value_parser = parse_memory)]
     pub live_console_limit: Memory,
 
+    /// How often the agent reports itself to the registry (`GET /agents`, `GET /queues`).
+    #[arg(long = "report-interval", env = "CIMASTER_AGENT_REPORT_INTERVAL", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub report_interval: Duration,
+
     /// Where to serve `/metrics` (Prometheus) and `/healthz`, e.g. `0.0.0.0:9090`; not served when
     /// unset.
     #[arg(long = "listen", env = "CIMASTER_AGENT_LISTEN")]

@@ -12,6 +12,7 @@ mod live;
 mod networks;
 pub mod pending;
 pub mod plan;
+pub mod presence;
 pub mod registry;
 pub mod storage;
 pub mod subnets;
@@ -96,6 +97,15 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let aborts = worker::AbortRegistry::default();
     let listener = tokio::spawn(worker::listen_for_aborts(pool.clone(), aborts.clone(), background.clone()));
     tracing::info!(agent, cpus = admission.cpus(), memory_mib = admission.memory() >> 20, "agent started");
+    let presence = presence::Presence {
+        pool: pool.clone(),
+        agent: agent.clone(),
+        queues: config.queues.iter().map(ToString::to_string).collect(),
+        admission: admission.clone(),
+        draining: shutdown.drain.clone(),
+        every: config.report_interval,
+    };
+    let reporter = tokio::spawn(presence.run(background.clone()));
     let worker = worker::Worker {
         amqp_url: config.amqp_url.clone(),
         prefix: config.queue_prefix.clone(),
@@ -113,6 +123,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let _ = sampler.await;
     let _ = uploader.await;
     let _ = listener.await;
+    let _ = reporter.await;
     stop_serving.cancel();
     if let Some(served) = served {
         if let Ok(Err(err)) = served.await {

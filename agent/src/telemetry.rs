@@ -3,6 +3,7 @@
 //! served on `CIMASTER_AGENT_LISTEN` (`/metrics`, `/healthz`) when it is set.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -76,18 +77,27 @@ impl Drop for Timer {
     }
 }
 
-/// A run counted in `cimaster_agent_runs_in_progress` while it lives.
+static IN_PROGRESS: AtomicU32 = AtomicU32::new(0);
+
+/// A run counted in `cimaster_agent_runs_in_progress` (and the registry's `runs`) while it lives.
 pub struct InProgress;
 
 impl InProgress {
     pub fn begin() -> Self {
+        IN_PROGRESS.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(RUNS_IN_PROGRESS).increment(1.0);
         Self
+    }
+
+    /// Runs in progress now.
+    pub fn count() -> u32 {
+        IN_PROGRESS.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for InProgress {
     fn drop(&mut self) {
+        IN_PROGRESS.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!(RUNS_IN_PROGRESS).decrement(1.0);
     }
 }

@@ -542,6 +542,27 @@ async fn the_agent_serves_its_health_and_metrics(pool: PgPool) {
     };
     let health: serde_json::Value = serde_json::from_str(&get("/healthz").await).unwrap();
     assert_eq!(health["status"], "ok");
+    // The registry knows it.
+    let (id, registry) = (stack.agents[agent].id.clone(), stack.api.clone());
+    let registered = |state: &'static str| {
+        let (api, id) = (registry.clone(), id.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let agents = api.get("/agents").await.body;
+                let found = agents["agents"].as_array().unwrap().iter().find(|a| a["id"] == id.as_str()).cloned();
+                if found.as_ref().map(|a| a["state"].as_str().unwrap_or_default()) == Some(state)
+                    || (state == "gone" && found.is_none())
+                {
+                    return found;
+                }
+                assert!(Instant::now() < deadline, "agent {id} never became {state}: {agents}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let active = registered("active").await.unwrap();
+    assert_eq!(active["queues"], json!(["default"]));
 
     stack.put_job("talks", job("echo some output; echo more output")).await;
     let done = stack.trigger("talks").await;
@@ -576,6 +597,12 @@ async fn the_agent_serves_its_health_and_metrics(pool: PgPool) {
         assert!(Instant::now() < deadline, "{health}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let draining = registered("draining").await.unwrap();
+    assert_eq!(draining["runs"], 1, "{draining}");
+    let queues = stack.api.get("/queues").await.body;
+    assert_eq!(queues["queues"][0]["running"], 1, "{queues}");
+    assert_eq!(queues["queues"][0]["agents"], 0, "a draining agent takes nothing: {queues}");
     stack.api.post(&format!("{staying}/abort"), json!({})).await;
     assert!(stack.agent_exit(agent, Duration::from_secs(30)).await, "the drained agent did not exit");
+    registered("gone").await;
 }

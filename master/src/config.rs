@@ -40,6 +40,9 @@ pub struct Config {
     #[command(flatten)]
     pub http: HttpConfig,
 
+    #[command(flatten)]
+    pub agents: AgentsConfig,
+
     /// Key for job secrets at rest: 32 bytes, base64 (`openssl rand -base64 32`). Without it the
     /// secrets API is unavailable.
     #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
@@ -52,6 +55,20 @@ pub struct Config {
     /// Apply database migrations when the server starts (safe with several replicas).
     #[arg(long, env = "CIMASTER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
+}
+
+/// How the master reads the agent registry.
+#[derive(Debug, Clone, Args)]
+pub struct AgentsConfig {
+    /// An agent not heard from for this long is shown as lost (agents report every 5 s by default).
+    #[arg(long = "agent-lost-after", env = "CIMASTER_AGENT_LOST_AFTER", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub lost_after: Duration,
+
+    /// An agent not heard from for this long is forgotten.
+    #[arg(long = "agent-forget-after", env = "CIMASTER_AGENT_FORGET_AFTER", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub forget_after: Duration,
 }
 
 /// Limits of the HTTP server.

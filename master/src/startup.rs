@@ -84,6 +84,7 @@ impl Application {
             s3: config.s3.client(),
             bucket: config.s3.bucket.clone(),
             pool_config: config.pool.clone(),
+            agents: config.agents.clone(),
             request_timeout: config.http.request_timeout,
             follow_limit: config.http.follow_limit,
             wakeups,

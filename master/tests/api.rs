@@ -469,6 +469,76 @@ async fn a_rerun_repeats_the_commit_and_parameters_and_names_the_run(pool: PgPoo
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn agents_and_queue_depths_are_listed(pool: PgPool) {
+    use cimaster_store::agents::{report, Report};
+    let app = TestApp::spawn(pool.clone()).await;
+    let api = app.admin();
+    let queues = ["default".to_owned(), "large".to_owned()];
+    let base = Report {
+        id: "agent-a",
+        version: "test",
+        queues: &queues,
+        cpus: 4.0,
+        memory: 8 << 30,
+        cpus_used: 1.0,
+        memory_used: 1 << 30,
+        runs: 1,
+        host_cpu: 0.25,
+        draining: false,
+    };
+    report(&pool, &base, true).await.unwrap();
+    report(&pool, &Report { id: "agent-b", queues: &queues[..1], draining: true, ..base.clone() }, true).await.unwrap();
+    report(&pool, &Report { id: "agent-c", queues: &queues[..1], ..base.clone() }, true).await.unwrap();
+    sqlx::query("UPDATE agents SET last_seen = now() - interval '5 minutes' WHERE id = 'agent-c'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO agents (id, version, queues, cpus, memory, last_seen) VALUES ('ancient', 't', '{default}', 1, 1, now() - interval '2 hours')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(api.put("/jobs/unit-test", freestyle("default")).await.status, 201);
+    for _ in 0..3 {
+        assert_eq!(api.post_empty("/jobs/unit-test/runs").await.status, 201);
+    }
+
+    let agents = api.get("/agents").await;
+    assert_eq!(agents.status, 200, "{}", agents.body);
+    let states: Vec<(&str, &str)> = agents.body["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|agent| (agent["id"].as_str().unwrap(), agent["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [("agent-a", "active"), ("agent-b", "draining"), ("agent-c", "lost")],
+        "the ancient one is forgotten"
+    );
+    assert_eq!(agents.body["agents"][0]["cpusUsed"], 1.0);
+
+    let queues = api.get("/queues").await;
+    let default = queues.body["queues"].as_array().unwrap().iter().find(|q| q["queue"] == "default").unwrap().clone();
+    // Only the active agent serves: the draining one takes nothing, the lost one may be gone.
+    assert_eq!(
+        (default["waiting"].as_i64(), default["running"].as_i64(), default["agents"].as_i64()),
+        (Some(3), Some(0), Some(1))
+    );
+    assert_eq!(default["freeCpus"], 3.0);
+    assert!(default["oldestWaitingSeconds"].as_f64().unwrap() >= 0.0);
+    let large = queues.body["queues"].as_array().unwrap().iter().find(|q| q["queue"] == "large").unwrap().clone();
+    assert_eq!((large["waiting"].as_i64(), large["agents"].as_i64()), (Some(0), Some(1)));
+
+    let metrics = api.get("/metrics").await.body.as_str().unwrap_or_default().to_owned();
+    assert!(metrics.contains(r#"cimaster_queue_runs{queue="default",state="waiting"} 3"#), "{metrics}");
+    assert!(metrics.contains(r#"cimaster_agents{state="lost"} 1"#), "{metrics}");
+    assert!(metrics.contains("cimaster_queue_oldest_waiting_seconds{queue=\"default\"}"), "{metrics}");
+    app.as_role(Role::Read).get("/queues").await.body["queues"].as_array().unwrap();
+    app.anonymous().get("/agents").await.expect_problem(401, "");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn abort_stops_queued_runs_and_signals_running_ones(pool: PgPool) {
     let app = TestApp::spawn(pool.clone()).await;
     let api = app.admin();

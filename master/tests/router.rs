@@ -126,6 +126,14 @@ async fn bad_input_is_refused_before_any_service_is_asked() {
             "at most",
         ),
         ("GET", "/pool/report?window=300000y", admin, "", StatusCode::BAD_REQUEST, "window"),
+        (
+            "GET",
+            "/jobs/j/runs/0190e6a4-0000-7000-8000-000000000000/results/console?after=9223372036854775808",
+            admin,
+            "",
+            StatusCode::BAD_REQUEST,
+            "after",
+        ),
     ];
     let doc = serde_json::to_value(cimaster_master::http::ApiDoc::openapi()).unwrap();
     for (method, uri, role, body, expected, mentions) in cases {

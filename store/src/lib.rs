@@ -4,6 +4,7 @@
 //!
 //! [`RunStatus`]: cimaster_common::RunStatus
 
+pub mod agents;
 pub mod attempts;
 pub mod channels;
 pub mod console;

@@ -58,6 +58,10 @@ async fn console(
     Path((name, id)): Path<(String, String)>,
     ApiQuery(query): ApiQuery<ConsoleQuery>,
 ) -> Result<Response, ApiError> {
+    // No log is that long, and S3 ranges end at 2^63 - 1.
+    if i64::try_from(query.after).is_err() {
+        return Err(ApiError::BadRequest(format!("`after` is at most {}", i64::MAX)));
+    }
     let (run, attempt, _) = chosen_attempt(&state, &name, &id, query.attempt).await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     let pool = state.pool.clone();

@@ -44,5 +44,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus metrics")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Queue depths and agents as the registry has them now (skipped while Postgres is away).
+    let _ = tokio::time::timeout(Duration::from_secs(2), super::agents::refresh_gauges(&state)).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

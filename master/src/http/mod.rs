@@ -1,5 +1,6 @@
 //! The HTTP API: one `router()` per resource, merged here.
 
+mod agents;
 mod console;
 mod error;
 mod health;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub s3: aws_sdk_s3::Client,
     pub bucket: String,
     pub pool_config: crate::config::PoolConfig,
+    /// When an agent counts as lost, and when it is forgotten.
+    pub agents: crate::config::AgentsConfig,
     pub secrets: Option<cimaster_common::secrets::SecretBox>,
     /// How long a request may take to be answered (waiting acquires have their own bound).
     pub request_timeout: std::time::Duration,
@@ -59,6 +62,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::<AppState>::new()
+        .merge(agents::router())
         .merge(jobs::router())
         .merge(runs::router())
         .merge(results::router())

@@ -22,6 +22,7 @@ use super::AppState;
         super::pool::cimaster::getvacant, super::pool::cimaster::finishtest, super::pool::cimaster::holdcluster,
         super::pool::cimaster::releasecluster, super::pool::cimaster::addcluster, super::pool::cimaster::deletecluster,
         super::pool::cimaster::disablecluster, super::pool::cimaster::enablecluster, super::pool::cimaster::createcluster,
+        super::agents::list_agents, super::agents::list_queues,
         super::health::healthz, super::health::readyz, super::health::metrics,
     ),
     components(schemas(
@@ -99,13 +100,35 @@ impl Modify for KindTaggedJobs {
             }
             variants.push(Schema::Object(object));
         }
-        if variants.len() == 2 {
-            let mut one_of = OneOfBuilder::new();
-            for variant in variants {
-                one_of = one_of.item(variant);
-            }
-            components.schemas.insert("JobSpec".to_owned(), one_of.into());
+        if variants.len() != 2 {
+            return;
         }
+        // A job as the API answers it: the spec's fields beside its own (`name`, `version`, …), in
+        // one closed object per kind too (the derived `allOf` of a closed spec and more fields can
+        // be met by no answer).
+        let own = match components.schemas.get("JobView") {
+            Some(RefOr::T(Schema::AllOf(all_of))) => all_of.items.iter().find_map(|item| match item {
+                RefOr::T(Schema::Object(object)) => Some(object.clone()),
+                _ => None,
+            }),
+            _ => None,
+        };
+        if let Some(own) = own {
+            let mut views = OneOfBuilder::new();
+            for variant in &variants {
+                let Schema::Object(variant) = variant else { continue };
+                let mut view = variant.clone();
+                view.properties.extend(own.properties.clone());
+                view.required.extend(own.required.iter().cloned());
+                views = views.item(Schema::Object(view));
+            }
+            components.schemas.insert("JobView".to_owned(), views.into());
+        }
+        let mut one_of = OneOfBuilder::new();
+        for variant in variants {
+            one_of = one_of.item(variant);
+        }
+        components.schemas.insert("JobSpec".to_owned(), one_of.into());
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 use cimaster_common::storage::S3Config;
 use cimaster_master::auth::{Role, Signer};
 use cimaster_master::config::{
-    AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, GitConfig, HttpConfig, PoolConfig, ReaperConfig,
+    AgentsConfig, AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, GitConfig, HttpConfig, PoolConfig,
+    ReaperConfig,
 };
 use cimaster_master::Application;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -76,6 +77,7 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             follow_limit: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(2),
         },
+        agents: AgentsConfig { lost_after: Duration::from_secs(30), forget_after: Duration::from_secs(3600) },
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
         secrets_key: Some(SecretString::from(SECRETS_KEY)),

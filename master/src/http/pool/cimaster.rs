@@ -65,6 +65,7 @@ fn optional<'a>(params: &'a BTreeMap<String, String>, name: &str) -> Option<&'a 
     ),
     responses((status = 200, description = "the leased cluster's name, or the cluster with `Accept: application/json`",
         content((String = "text/plain"), (ClusterView = "application/json"))),
+        (status = 409, description = "the lease kept changing; retry", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "nothing vacant", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub(super) async fn getvacant(
@@ -119,7 +120,8 @@ fn holder(caller: &Caller, email: Option<&str>) -> Result<String, ApiError> {
 #[utoipa::path(method(get, post), path = "/finishtest", tag = "cimaster", operation_id = "finishtest",
     params(("cluster" = String, Query), ("result" = Option<String>, Query, description = "`ok` (default) or `infra_failure`")),
     responses((status = 200, description = "the cluster is back in the pool", content((String = "text/plain"), (ClusterView = "application/json"))),
-        (status = 404, body = Problem, content_type = "application/problem+json")),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the cluster is not leased", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub(super) async fn finishtest(
     State(state): State<AppState>,

@@ -156,7 +156,8 @@ pub struct AcquireBody {
 
 /// Lease a cluster (optionally waiting for one).
 #[utoipa::path(post, path = "/pool/leases", tag = "pool", request_body = AcquireBody,
-    responses((status = 201, body = Lease), (status = 503, description = "nothing vacant", body = Problem, content_type = "application/problem+json")),
+    responses((status = 201, body = Lease), (status = 503, description = "nothing vacant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the lease kept changing; retry", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub(super) async fn acquire(
     State(state): State<AppState>,
