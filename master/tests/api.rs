@@ -525,6 +525,7 @@ async fn agents_and_queue_depths_are_listed(pool: PgPool) {
         (Some(3), Some(0), Some(1))
     );
     assert_eq!(default["freeCpus"], 3.0);
+    assert_eq!(default["demand"], 3, "waiting + running");
     assert!(default["oldestWaitingSeconds"].as_f64().unwrap() >= 0.0);
     let large = queues.body["queues"].as_array().unwrap().iter().find(|q| q["queue"] == "large").unwrap().clone();
     assert_eq!((large["waiting"].as_i64(), large["agents"].as_i64()), (Some(0), Some(1)));

@@ -103,6 +103,8 @@ pub struct QueueView {
     /// Runs queued and not yet started.
     pub waiting: i64,
     pub running: i64,
+    /// `waiting + running`: what an autoscaler divides by the runs one agent takes.
+    pub demand: i64,
     /// Agents serving the queue that take work (not draining, not lost).
     pub agents: i64,
     /// What those agents have free.
@@ -129,6 +131,7 @@ pub async fn queues(pool: &PgPool, lost_after: std::time::Duration) -> Result<Ve
          )
          SELECT coalesce(w.queue, s.queue) AS queue,
                 coalesce(w.waiting, 0) AS waiting, coalesce(w.running, 0) AS running,
+                coalesce(w.waiting, 0) + coalesce(w.running, 0) AS demand,
                 coalesce(s.agents, 0) AS agents, coalesce(s.free_cpus, 0)::float8 AS free_cpus,
                 coalesce(s.free_memory, 0)::bigint AS free_memory,
                 coalesce(extract(epoch FROM now() - w.oldest), 0)::float8 AS oldest_waiting_seconds
