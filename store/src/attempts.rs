@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cimaster_common::{Cause, JobSpec, RepoConfig, Resources, RunEvent, RunId, RunStatus};
+use cimaster_common::{Cause, JobSpec, RepoConfig, Resources, RunId, RunStatus};
 use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -35,12 +35,8 @@ struct ClaimRow {
     parameters: Json<BTreeMap<String, String>>,
     commit_sha: Option<String>,
     config: Option<Json<RepoConfig>>,
-    #[sqlx(try_from = "String")]
-    event: RunEvent,
-    pull_request: Option<i64>,
-    sender: Option<String>,
-    base_branch: Option<String>,
-    base_sha: Option<String>,
+    #[sqlx(flatten)]
+    cause: crate::runs::CauseColumns,
 }
 
 /// What a queued run needs of an agent (CPUs, memory bytes): the job and its services, read before
@@ -99,13 +95,7 @@ pub async fn claim<'e>(
         parameters: row.parameters.0,
         commit: row.commit_sha,
         config: row.config.map(|config| config.0),
-        cause: Cause {
-            event: row.event,
-            pull_request: row.pull_request,
-            sender: row.sender,
-            base_branch: row.base_branch,
-            base_sha: row.base_sha,
-        },
+        cause: row.cause.into(),
         granted,
     }))
 }

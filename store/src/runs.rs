@@ -63,12 +63,32 @@ struct RunRow {
     updated_at: DateTime<Utc>,
     config: Option<Json<serde_json::Value>>,
     rerun_of: Option<Uuid>,
+    #[sqlx(flatten)]
+    cause: CauseColumns,
+}
+
+/// A run's cause as its columns hold it (`event`, `pull_request`, `sender`, `base_branch`,
+/// `base_sha`), for every row that carries one.
+#[derive(sqlx::FromRow)]
+pub(crate) struct CauseColumns {
     #[sqlx(try_from = "String")]
     event: RunEvent,
     pull_request: Option<i64>,
     sender: Option<String>,
     base_branch: Option<String>,
     base_sha: Option<String>,
+}
+
+impl From<CauseColumns> for Cause {
+    fn from(row: CauseColumns) -> Self {
+        Cause {
+            event: row.event,
+            pull_request: row.pull_request,
+            sender: row.sender,
+            base_branch: row.base_branch,
+            base_sha: row.base_sha,
+        }
+    }
 }
 
 impl From<RunRow> for Run {
@@ -94,13 +114,7 @@ impl From<RunRow> for Run {
             updated_at: row.updated_at,
             config: row.config.map(|config| config.0),
             rerun_of: row.rerun_of,
-            cause: Cause {
-                event: row.event,
-                pull_request: row.pull_request,
-                sender: row.sender,
-                base_branch: row.base_branch,
-                base_sha: row.base_sha,
-            },
+            cause: row.cause.into(),
         }
     }
 }
