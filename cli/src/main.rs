@@ -122,6 +122,10 @@ struct Connect {
 
 impl Connect {
     fn api(&self) -> Result<Api> {
+        // Flags or the environment name both: no need for the file.
+        if let (Some(url), Some(token), None) = (&self.url, &self.token, &self.context) {
+            return Api::new(url, Some(token.clone()));
+        }
         let saved = config::ConfigFile::load()?;
         let context = saved.context(self.context.as_deref());
         if let (Some(name), None) = (&self.context, context) {

@@ -101,6 +101,7 @@ async fn stream(api: &Api, run: &Target<'_>) -> Result<Value> {
         let path = format!("{}/results/console?attempt={attempt}&after={after}&follow={}", run.path(), !was_over);
         let response = api.send(api.request(Method::GET, &path)).await?;
         let mut body = response.bytes_stream();
+        let from = after;
         while let Some(chunk) = body.next().await {
             // A stream cut short (a master replica going away) resumes from where it was.
             let Ok(chunk) = chunk else { break };
@@ -110,8 +111,9 @@ async fn stream(api: &Api, run: &Target<'_>) -> Result<Value> {
         if was_over {
             return Ok(current);
         }
-        let again = api.get(&run.path()).await?;
-        if !ended(&again) && again["attempt"].as_i64() == Some(attempt) {
+        // The next turn reads the run again; a stream that ended with nothing new is not
+        // reopened at once.
+        if after == from {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
