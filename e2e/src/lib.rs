@@ -1,1 +1,7 @@
-//! End-to-end tests live in `tests/`; this crate has no library code.
+//! What the end-to-end tests (`tests/`) and the benchmarks (`src/bin/`) share: the execution
+//! history jobs report to, the product's executables started as processes, and the scaling
+//! scenario.
+
+pub mod history;
+pub mod processes;
+pub mod scale;

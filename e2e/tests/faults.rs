@@ -106,7 +106,7 @@ impl Drop for PostgresOutage {
 #[sqlx::test(migrations = "../migrations")]
 async fn runs_in_flight_ride_out_a_postgres_restart_and_end_exactly_once(pool: PgPool) {
     const RUNS: usize = 12;
-    let recorder = Recorder::start().await;
+    let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
     // A lease long enough to ride out the restart: the agent fences only after 12 s without renewal.
     let options =
@@ -180,4 +180,15 @@ async fn a_console_followed_through_a_killed_replica_resumes_on_another_without_
     let lines: Vec<&str> = whole.lines().filter_map(|line| line.split_once(' ').map(|(_, text)| text)).collect();
     let counted: Vec<String> = (0..60).map(|i| format!("line {i}")).collect();
     assert_eq!(lines.iter().filter(|l| l.starts_with("line ")).copied().collect::<Vec<_>>(), counted);
+}
+
+/// The scaling scenario with one agent SIGKILLed (and restarted under its id, as Kubernetes
+/// restarts a crashed container) and RabbitMQ restarted mid-way: every run still ends once.
+#[sqlx::test(migrations = "../migrations")]
+async fn scaling_rides_out_a_killed_agent_and_a_rabbitmq_restart(pool: PgPool) {
+    let scenario = support::scaling::small(true);
+    let outcome = support::scaling::run_scenario(&pool, &scenario).await;
+    assert_eq!((outcome.lost, outcome.double), (0, 0), "{outcome:#?}");
+    assert_eq!(outcome.succeeded, scenario.runs, "{outcome:#?}");
+    assert_eq!(outcome.agents_killed, 1, "{outcome:#?}");
 }

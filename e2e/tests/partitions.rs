@@ -90,7 +90,7 @@ fn cpus() -> f64 {
 #[sqlx::test(migrations = "../migrations")]
 async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgPool) {
     let runs_in_flight = runs();
-    let recorder = Recorder::start().await;
+    let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
     let cut_off = CutOff::start(&mut stack, "").await;
     history::put_beats_job(&stack, &recorder, beats()).await;
@@ -133,7 +133,7 @@ async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgP
 #[sqlx::test(migrations = "../migrations")]
 async fn runs_go_on_and_the_agent_consumes_again_when_it_is_cut_off_from_rabbitmq(pool: PgPool) {
     let runs_in_flight = runs() / 2 * 2;
-    let recorder = Recorder::start().await;
+    let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
     // Heartbeats every 2 s, so the broker gives up on the connection during the cut.
     let cut_off = CutOff::start(&mut stack, "?heartbeat=2").await;
@@ -167,7 +167,7 @@ async fn runs_go_on_and_the_agent_consumes_again_when_it_is_cut_off_from_rabbitm
 #[sqlx::test(migrations = "../migrations")]
 async fn runs_end_and_their_output_follows_when_the_agent_is_cut_off_from_s3(pool: PgPool) {
     const RUNS: usize = 6;
-    let recorder = Recorder::start().await;
+    let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
     let cut_off = CutOff::start(&mut stack, "").await;
     history::put_beats_job(&stack, &recorder, 8).await;
@@ -285,7 +285,7 @@ impl Seeded {
 async fn a_soak_of_random_cuts_loses_no_run_and_runs_none_twice(pool: PgPool) {
     let seconds = setting("CIMASTER_SOAK_SECONDS", 40);
     let mut random = Seeded(setting("CIMASTER_SOAK_SEED", 7));
-    let recorder = Recorder::start().await;
+    let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
     let cut_off = CutOff::start(&mut stack, "?heartbeat=2").await;
     stack.add_agent(AgentOptions { cpus: Some(cpus()), ..Default::default() }).await;

@@ -606,3 +606,53 @@ async fn the_agent_serves_its_health_and_metrics(pool: PgPool) {
     assert!(stack.agent_exit(agent, Duration::from_secs(30)).await, "the drained agent did not exit");
     registered("gone").await;
 }
+
+/// `cimaster_dispatch_seconds` and `cimaster_run_seconds` count each run once, whichever replica
+/// counts it: summed over two replicas, the counts are the runs' own.
+#[sqlx::test(migrations = "../migrations")]
+async fn dispatch_and_run_times_are_counted_once_across_replicas(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    let second = stack.add_master().await;
+    stack.add_agent(AgentOptions::default()).await;
+    stack.put_job("passes", job("true")).await;
+    stack.put_job("fails", job("exit 3")).await;
+    let mut runs = Vec::new();
+    for name in ["passes", "passes", "fails"] {
+        runs.push(stack.trigger(name).await);
+    }
+    for path in &runs {
+        stack.wait_finished(path, Duration::from_secs(60)).await;
+    }
+
+    let summed = |name: &'static str, labels: &'static str| {
+        let apis = [stack.api.clone(), second.api.clone()];
+        async move {
+            let mut total = 0.0;
+            for api in apis {
+                let text = api.get("/metrics").await.body.as_str().unwrap_or_default().to_owned();
+                total += metric(&text, name, labels);
+            }
+            total
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts = (
+            summed("cimaster_dispatch_seconds_count", "queue=\"default\"").await,
+            summed("cimaster_run_seconds_count", "queue=\"default\",status=\"succeeded\"").await,
+            summed("cimaster_run_seconds_count", "queue=\"default\",status=\"failed\"").await,
+        );
+        if counts == (3.0, 2.0, 1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "counts (dispatch, succeeded, failed) summed over replicas: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Counted once: a later pass adds nothing.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(summed("cimaster_dispatch_seconds_count", "queue=\"default\"").await, 3.0);
+    // The run histogram has buckets for runs of hours.
+    let text = stack.api.get("/metrics").await.body.as_str().unwrap_or_default().to_owned()
+        + second.api.get("/metrics").await.body.as_str().unwrap_or_default();
+    assert!(text.contains("cimaster_run_seconds_bucket{queue=\"default\",status=\"succeeded\",le=\"7200\"}"), "{text}");
+}

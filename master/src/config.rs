@@ -69,6 +69,17 @@ pub struct AgentsConfig {
     #[arg(long = "agent-forget-after", env = "CIMASTER_AGENT_FORGET_AFTER", default_value = "1h",
           value_parser = humantime::parse_duration)]
     pub forget_after: Duration,
+
+    /// Queues `GET /queues` lists even when they are idle and no agent serves them, so that an
+    /// autoscaler scaling to zero still reads a value for them.
+    #[arg(long = "queues", env = "CIMASTER_QUEUES", default_value = "default", value_delimiter = ',')]
+    pub queues: Vec<String>,
+
+    /// How often each replica counts newly started and ended runs into `cimaster_dispatch_seconds`
+    /// and `cimaster_run_seconds`, and forgets agents gone for `CIMASTER_AGENT_FORGET_AFTER`.
+    #[arg(long = "observe-interval", env = "CIMASTER_OBSERVE_INTERVAL", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub observe_interval: Duration,
 }
 
 /// Limits of the HTTP server.

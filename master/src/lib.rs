@@ -6,6 +6,7 @@ pub mod config;
 pub mod db;
 pub mod dispatch;
 pub mod http;
+pub mod observer;
 pub mod pool;
 pub mod reaper;
 pub mod repo;

@@ -59,6 +59,7 @@ impl Application {
                 cancel.clone(),
             )),
             tokio::spawn(crate::pool::expiry::run_expiry(pool.clone(), config.pool.expiry_interval, cancel.clone())),
+            tokio::spawn(crate::observer::run_observer(pool.clone(), config.agents.clone(), cancel.clone())),
             confirm_task,
         ];
         let max_timeout_seconds = u32::try_from(config.max_timeout.as_secs()).unwrap_or(u32::MAX);

@@ -15,6 +15,16 @@ pub fn metrics_handle() -> PrometheusHandle {
                     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
                 )
                 .expect("valid buckets")
+                .set_buckets_for_metric(
+                    Matcher::Full("cimaster_dispatch_seconds".to_owned()),
+                    &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0],
+                )
+                .expect("valid buckets")
+                .set_buckets_for_metric(
+                    Matcher::Full("cimaster_run_seconds".to_owned()),
+                    &[1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 86400.0],
+                )
+                .expect("valid buckets")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {

@@ -502,19 +502,24 @@ async fn agents_and_queue_depths_are_listed(pool: PgPool) {
         assert_eq!(api.post_empty("/jobs/unit-test/runs").await.status, 201);
     }
 
-    let agents = api.get("/agents").await;
-    assert_eq!(agents.status, 200, "{}", agents.body);
-    let states: Vec<(&str, &str)> = agents.body["agents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|agent| (agent["id"].as_str().unwrap(), agent["state"].as_str().unwrap()))
-        .collect();
-    assert_eq!(
-        states,
-        [("agent-a", "active"), ("agent-b", "draining"), ("agent-c", "lost")],
-        "the ancient one is forgotten"
-    );
+    // The ancient one is forgotten by the replica's next observer pass.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (agents, states) = loop {
+        let agents = api.get("/agents").await;
+        assert_eq!(agents.status, 200, "{}", agents.body);
+        let states: Vec<(String, String)> = agents.body["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|agent| (agent["id"].as_str().unwrap().to_owned(), agent["state"].as_str().unwrap().to_owned()))
+            .collect();
+        if states.len() == 3 || std::time::Instant::now() > deadline {
+            break (agents, states);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let states: Vec<(&str, &str)> = states.iter().map(|(id, state)| (id.as_str(), state.as_str())).collect();
+    assert_eq!(states, [("agent-a", "active"), ("agent-b", "draining"), ("agent-c", "lost")]);
     assert_eq!(agents.body["agents"][0]["cpusUsed"], 1.0);
 
     let queues = api.get("/queues").await;
@@ -529,6 +534,9 @@ async fn agents_and_queue_depths_are_listed(pool: PgPool) {
     assert!(default["oldestWaitingSeconds"].as_f64().unwrap() >= 0.0);
     let large = queues.body["queues"].as_array().unwrap().iter().find(|q| q["queue"] == "large").unwrap().clone();
     assert_eq!((large["waiting"].as_i64(), large["agents"].as_i64()), (Some(0), Some(1)));
+    // A queue named in CIMASTER_QUEUES is listed while idle and unserved: scale-to-zero reads it.
+    let idle = queues.body["queues"].as_array().unwrap().iter().find(|q| q["queue"] == "idle").unwrap().clone();
+    assert_eq!((idle["demand"].as_i64(), idle["agents"].as_i64()), (Some(0), Some(0)), "{idle}");
 
     let metrics = api.get("/metrics").await.body.as_str().unwrap_or_default().to_owned();
     assert!(metrics.contains(r#"cimaster_queue_runs{queue="default",state="waiting"} 3"#), "{metrics}");

@@ -73,16 +73,17 @@ pub struct AgentView {
     pub last_seen: DateTime<Utc>,
 }
 
-/// Every agent seen within `forget_after`, newest first; older ones are deleted on the way.
-pub async fn list(
-    pool: &PgPool,
-    lost_after: std::time::Duration,
-    forget_after: std::time::Duration,
-) -> Result<Vec<AgentView>, sqlx::Error> {
-    sqlx::query("DELETE FROM agents WHERE last_seen < now() - make_interval(secs => $1)")
+/// Deletes the agents not seen for `forget_after`; returns how many.
+pub async fn forget(pool: &PgPool, forget_after: std::time::Duration) -> Result<u64, sqlx::Error> {
+    let deleted = sqlx::query("DELETE FROM agents WHERE last_seen < now() - make_interval(secs => $1)")
         .bind(forget_after.as_secs_f64())
         .execute(pool)
         .await?;
+    Ok(deleted.rows_affected())
+}
+
+/// Every agent not yet forgotten, by id.
+pub async fn list(pool: &PgPool, lost_after: std::time::Duration) -> Result<Vec<AgentView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, CASE WHEN last_seen < now() - make_interval(secs => $1) THEN 'lost'
                          WHEN draining THEN 'draining' ELSE 'active' END AS state,
@@ -114,8 +115,13 @@ pub struct QueueView {
     pub oldest_waiting_seconds: f64,
 }
 
-/// Every queue that has runs waiting or running, or an agent serving it.
-pub async fn queues(pool: &PgPool, lost_after: std::time::Duration) -> Result<Vec<QueueView>, sqlx::Error> {
+/// Every queue that has runs waiting or running, an agent serving it, or is named in `listed`
+/// (queues an autoscaler reads even while they are idle and have no agent).
+pub async fn queues(
+    pool: &PgPool,
+    lost_after: std::time::Duration,
+    listed: &[String],
+) -> Result<Vec<QueueView>, sqlx::Error> {
     sqlx::query_as(
         "WITH live AS (
              SELECT unnest(queues) AS queue, cpus - cpus_used AS free_cpus, memory - memory_used AS free_memory
@@ -128,17 +134,20 @@ pub async fn queues(pool: &PgPool, lost_after: std::time::Duration) -> Result<Ve
                     count(*) FILTER (WHERE status = 'running') AS running,
                     min(created_at) FILTER (WHERE status = 'queued') AS oldest
              FROM runs WHERE status IN ('queued', 'running') GROUP BY queue
+         ), names AS (
+             SELECT queue FROM work UNION SELECT queue FROM served UNION SELECT unnest($2::text[])
          )
-         SELECT coalesce(w.queue, s.queue) AS queue,
+         SELECT n.queue,
                 coalesce(w.waiting, 0) AS waiting, coalesce(w.running, 0) AS running,
                 coalesce(w.waiting, 0) + coalesce(w.running, 0) AS demand,
                 coalesce(s.agents, 0) AS agents, coalesce(s.free_cpus, 0)::float8 AS free_cpus,
                 coalesce(s.free_memory, 0)::bigint AS free_memory,
                 coalesce(extract(epoch FROM now() - w.oldest), 0)::float8 AS oldest_waiting_seconds
-         FROM work w FULL JOIN served s ON s.queue = w.queue
+         FROM names n LEFT JOIN work w ON w.queue = n.queue LEFT JOIN served s ON s.queue = n.queue
          ORDER BY 1",
     )
     .bind(lost_after.as_secs_f64())
+    .bind(listed)
     .fetch_all(pool)
     .await
 }

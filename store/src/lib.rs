@@ -9,6 +9,7 @@ pub mod attempts;
 pub mod channels;
 pub mod console;
 pub mod jobs;
+pub mod observations;
 pub mod outbox;
 pub mod pool;
 pub mod results;

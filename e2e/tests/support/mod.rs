@@ -4,6 +4,7 @@
 
 pub mod history;
 pub mod partition;
+pub mod scaling;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -58,7 +59,7 @@ pub struct Replica {
 
 /// Deletes the queues and the exchange the stack's prefix declared, so that a day of test runs leaves
 /// nothing in the broker. Runs on a thread of its own: drops happen inside the test's runtime.
-fn delete_topology(prefix: &str) {
+pub fn delete_topology(prefix: &str) {
     let Ok(url) = std::env::var("CIMASTER_AMQP_URL") else { return };
     let prefix = prefix.to_owned();
     let cleanup = std::thread::spawn(move || {
@@ -85,6 +86,7 @@ async fn spawn_master(database_url: &str, prefix: &str) -> (Child, Api) {
         .env("CIMASTER_DISPATCH_INTERVAL", "200ms")
         .env("CIMASTER_DISPATCH_GRACE", "500ms")
         .env("CIMASTER_LEASE_CHECK_INTERVAL", "200ms")
+        .env("CIMASTER_OBSERVE_INTERVAL", "200ms")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)

@@ -24,7 +24,7 @@ pub struct AgentList {
 #[utoipa::path(get, path = "/agents", tag = "agents", responses((status = 200, body = AgentList)),
     security(("bearer" = [])))]
 pub(super) async fn list_agents(State(state): State<AppState>, _caller: Reader) -> Result<Json<AgentList>, ApiError> {
-    let agents = agents::list(&state.pool, state.agents.lost_after, state.agents.forget_after).await?;
+    let agents = agents::list(&state.pool, state.agents.lost_after).await?;
     Ok(Json(AgentList { agents }))
 }
 
@@ -34,24 +34,25 @@ pub struct QueueList {
 }
 
 /// Per queue: runs waiting and running, the agents serving it and what they have free, and how
-/// long the oldest waiting run has waited.
+/// long the oldest waiting run has waited. Queues named in `CIMASTER_QUEUES` are listed even when
+/// idle.
 #[utoipa::path(get, path = "/queues", tag = "agents", responses((status = 200, body = QueueList)),
     security(("bearer" = [])))]
 pub(super) async fn list_queues(State(state): State<AppState>, _caller: Reader) -> Result<Json<QueueList>, ApiError> {
-    let queues = agents::queues(&state.pool, state.agents.lost_after).await?;
+    let queues = agents::queues(&state.pool, state.agents.lost_after, &state.agents.queues).await?;
     Ok(Json(QueueList { queues }))
 }
 
 /// Sets the queue and agent gauges from the registry, for a scrape of `/metrics`.
 pub(super) async fn refresh_gauges(state: &AppState) {
-    let Ok(queues) = agents::queues(&state.pool, state.agents.lost_after).await else { return };
+    let Ok(queues) = agents::queues(&state.pool, state.agents.lost_after, &state.agents.queues).await else { return };
     for queue in queues {
         let name = queue.queue.clone();
         metrics::gauge!("cimaster_queue_runs", "queue" => name.clone(), "state" => "waiting").set(queue.waiting as f64);
         metrics::gauge!("cimaster_queue_runs", "queue" => name.clone(), "state" => "running").set(queue.running as f64);
         metrics::gauge!("cimaster_queue_oldest_waiting_seconds", "queue" => name).set(queue.oldest_waiting_seconds);
     }
-    let Ok(agents) = agents::list(&state.pool, state.agents.lost_after, state.agents.forget_after).await else {
+    let Ok(agents) = agents::list(&state.pool, state.agents.lost_after).await else {
         return;
     };
     for state_name in ["active", "draining", "lost"] {

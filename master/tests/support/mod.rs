@@ -77,7 +77,12 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             follow_limit: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(2),
         },
-        agents: AgentsConfig { lost_after: Duration::from_secs(30), forget_after: Duration::from_secs(3600) },
+        agents: AgentsConfig {
+            lost_after: Duration::from_secs(30),
+            forget_after: Duration::from_secs(3600),
+            queues: vec!["default".to_owned(), "idle".to_owned()],
+            observe_interval: Duration::from_millis(200),
+        },
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
         secrets_key: Some(SecretString::from(SECRETS_KEY)),

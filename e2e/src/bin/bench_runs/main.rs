@@ -1,7 +1,7 @@
-//! `cimaster-bench-runs`: N trivial runs (`true` in busybox) end to end through a master and one agent
-//! process, beside a baseline measured in the same run: the same number of `docker run --rm` of the
+//! `cimaster-bench-runs`: N trivial runs (`true` in busybox) end to end through a master and one or
+//! more agent processes (`--agents`), beside a baseline measured in the same run: the same number of `docker run --rm` of the
 //! same image through the Docker API, at the same concurrency. Prints trigger→container-start and
-//! trigger→finished p50/p95, runs/s, their ratio to the baseline, and the idle agent's RSS.
+//! trigger→finished p50/p95, runs/s, their ratio to the baseline, and the first agent's RSS.
 //!
 //! With `--abort`, it measures aborts instead (`abort`).
 //!
@@ -10,7 +10,6 @@
 
 mod abort;
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,11 +18,11 @@ use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{RemoveContainerOptions, WaitContainerOptions};
 use bollard::Docker;
 use chrono::{DateTime, Utc};
+use cimaster_e2e::processes::{self, ScratchDatabase};
 use cimaster_master::auth::{Role, Signer};
 use clap::Parser;
 use futures::StreamExt;
 use serde_json::json;
-use sqlx::{Connection, PgConnection};
 use tokio::sync::Semaphore;
 
 #[derive(Parser)]
@@ -32,6 +31,9 @@ struct Args {
     runs: usize,
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// Agent processes taking the runs.
+    #[arg(long, default_value_t = 1)]
+    agents: usize,
     #[arg(long, default_value = "busybox:latest")]
     image: String,
     #[arg(long, env = "CIMASTER_DATABASE_URL")]
@@ -68,14 +70,10 @@ fn rss_mib(pid: u32) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
-    let database = format!("cimaster_bench_{suffix}");
-    let (server, _) = args.database_url.rsplit_once('/').context("database URL has no database name")?;
-    let url = format!("{server}/{database}");
-    let mut admin = PgConnection::connect(&args.database_url).await?;
-    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&mut admin).await?;
+    let database = ScratchDatabase::create(&args.database_url, suffix).await?;
     let prefix = format!("bench-{suffix}");
-    let result = run(&args, &url, &prefix).await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&mut admin).await?;
+    let result = run(&args, &database.url, &prefix).await;
+    database.drop_now().await?;
     let amqp_url = secrecy::SecretString::from(args.amqp_url.clone());
     if let Err(err) = cimaster_amqp::delete_prefix(&amqp_url, &prefix, &["default"]).await {
         eprintln!("cannot delete the benchmark's queues: {err}");
@@ -84,25 +82,20 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
-    let dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
+    let dir = processes::binaries()?;
     let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-    let (master, base) = start_master(&dir, url, prefix, &secret, &http).await?;
+    let (master, base) = processes::start_master(&dir, url, prefix, &secret, &[]).await?;
     let token = Signer::hs256(&secret)?.mint("bench", &[Role::Admin], Duration::from_secs(3600));
     put_noop_job(&http, &base, &token, &args.image).await?;
-    let agent = tokio::process::Command::new(dir.join("cimaster-agent"))
-        .env("CIMASTER_AGENT_ID", format!("{prefix}-agent"))
-        .env("CIMASTER_DATABASE_URL", url)
-        .env("CIMASTER_QUEUE_PREFIX", prefix)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the agent")?;
-    let agent_pid = agent.id().context("agent pid")?;
+    let mut agents = Vec::new();
+    for index in 1..=args.agents.max(1) {
+        agents.push(processes::start_agent(&dir, &format!("{prefix}-agent-{index}"), url, prefix, &[])?);
+    }
+    let agent_pid = agents[0].id().context("agent pid")?;
 
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(url).await?;
-    // Warm up: the agent connects and declares its queue; one run end to end.
+    // Warm up: the agents connect and declare their queue; one run end to end.
     let warm = trigger(&http, &base, &token).await?;
     wait_finished(&pool, warm.0).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -110,7 +103,7 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
 
     if args.abort {
         let mut ours = abort::measure_ours(args.runs, &http, &base, &token, &pool, &args.image).await;
-        stop(agent, agent_pid, master).await;
+        stop(agents, master).await;
         let mut with_init = abort::measure_baseline(args.runs, &args.image, true).await?;
         let mut without_init = abort::measure_baseline(args.runs.min(5), &args.image, false).await?;
         abort::report(ours.as_mut().map_err(|err| anyhow::anyhow!("{err:#}"))?, &mut with_init, &mut without_init);
@@ -119,10 +112,16 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(args.concurrency));
     let (ours, ours_elapsed) = measure_ours(args.runs, &permits, &http, &base, &token, &pool).await?;
     let busy_rss = rss_mib(agent_pid);
-    stop(agent, agent_pid, master).await;
+    stop(agents, master).await;
     let (baseline, base_elapsed) = measure_baseline(args.runs, &permits, &args.image).await?;
 
-    println!("end-to-end benchmark: {} runs of `true` in {}, concurrency {}", args.runs, args.image, args.concurrency);
+    println!(
+        "end-to-end benchmark: {} runs of `true` in {}, concurrency {}, {} agent(s)",
+        args.runs,
+        args.image,
+        args.concurrency,
+        args.agents.max(1)
+    );
     println!("{:<26} {:>9} {:>9} {:>9} {:>9} {:>8}", "", "start p50", "start p95", "end p50", "end p95", "runs/s");
     println!("{:<26} {:>9} {:>9} {:>9} {:>9} {:>8}", "(ms from trigger/request)", "", "", "", "", "");
     let (our_start95, our_end50, our_rate) = report("CIMaster (201 → …)", &ours, ours_elapsed);
@@ -142,43 +141,10 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops the agent (SIGTERM: it removes its idle networks before it exits) and the master.
-async fn stop(mut agent: tokio::process::Child, agent_pid: u32, mut master: tokio::process::Child) {
-    let _ = std::process::Command::new("kill").args(["-TERM", &agent_pid.to_string()]).status();
-    if tokio::time::timeout(Duration::from_secs(30), agent.wait()).await.is_err() {
-        let _ = agent.kill().await;
-    }
+/// Stops the agents (SIGTERM: each removes its idle networks before it exits) and the master.
+async fn stop(agents: Vec<tokio::process::Child>, mut master: tokio::process::Child) {
+    futures::future::join_all(agents.into_iter().map(|agent| processes::stop(agent, Duration::from_secs(30)))).await;
     let _ = master.kill().await;
-}
-
-/// Starts a master on a free port and waits until it is ready; returns it and its base URL.
-async fn start_master(
-    dir: &std::path::Path,
-    url: &str,
-    prefix: &str,
-    secret: &str,
-    http: &reqwest::Client,
-) -> anyhow::Result<(tokio::process::Child, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let master = tokio::process::Command::new(dir.join("cimaster"))
-        .arg("serve")
-        .env("CIMASTER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CIMASTER_DATABASE_URL", url)
-        .env("CIMASTER_QUEUE_PREFIX", prefix)
-        .env("CIMASTER_JWT_SECRET", secret)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the master")?;
-    let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..200 {
-        if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-            return Ok((master, base));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("master did not become ready")
 }
 
 async fn put_noop_job(http: &reqwest::Client, base: &str, token: &str, image: &str) -> anyhow::Result<()> {

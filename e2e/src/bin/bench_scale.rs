@@ -1,0 +1,84 @@
+//! `cimaster-bench-scale`: the scaling scenario (`cimaster_e2e::scale`) at full size, on a database
+//! and queue prefix of its own. Prints the agents over time, `lost:`, `double:` and `efficiency:`
+//! lines, and exits 1 when a run was lost or ran twice.
+//!
+//! Needs the release binaries next to this one and CIMASTER_DATABASE_URL, CIMASTER_AMQP_URL and the
+//! CIMASTER_S3_* variables (`scripts/bench scale` sets everything up).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use cimaster_e2e::processes::{self, ScratchDatabase};
+use cimaster_e2e::scale::{self, Environment, Scenario};
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1000)]
+    runs: usize,
+    #[arg(long, default_value_t = 1)]
+    min_agents: usize,
+    #[arg(long, default_value_t = 4)]
+    max_agents: usize,
+    #[arg(long, default_value_t = 4)]
+    runs_per_agent: usize,
+    #[arg(long, default_value_t = 5)]
+    max_seconds: u32,
+    #[arg(long, default_value_t = 5)]
+    bursts: usize,
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    burst_every: Duration,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    cooldown: Duration,
+    /// SIGKILL one agent and restart RabbitMQ once half the runs were triggered.
+    #[arg(long)]
+    chaos: bool,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    deadline: Duration,
+    #[arg(long, env = "CIMASTER_DATABASE_URL")]
+    database_url: String,
+    #[arg(long, env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let database = ScratchDatabase::create(&args.database_url, suffix).await?;
+    let prefix = format!("bench-{suffix}");
+    let environment = Environment {
+        binaries: processes::binaries()?,
+        database_url: database.url.clone(),
+        prefix: prefix.clone(),
+        dev_script: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dev"),
+    };
+    let scenario = Scenario {
+        runs: args.runs,
+        min_agents: args.min_agents,
+        max_agents: args.max_agents,
+        runs_per_agent: args.runs_per_agent,
+        max_seconds: args.max_seconds,
+        bursts: args.bursts,
+        burst_every: args.burst_every,
+        cooldown: args.cooldown,
+        chaos: args.chaos,
+        lease: Duration::from_secs(10),
+        seed: args.seed,
+        deadline: args.deadline,
+    };
+    let outcome = scale::run(&scenario, &environment).await;
+    database.drop_now().await.context("dropping the benchmark's database")?;
+    let amqp_url = secrecy::SecretString::from(args.amqp_url.clone());
+    if let Err(err) = cimaster_amqp::delete_prefix(&amqp_url, &prefix, &["default"]).await {
+        eprintln!("cannot delete the benchmark's queues: {err}");
+    }
+    let outcome = outcome?;
+    outcome.print(&scenario);
+    if outcome.lost > 0 || outcome.double > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

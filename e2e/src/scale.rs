@@ -1,0 +1,472 @@
+//! The scaling scenario: runs of mixed length arrive in bursts while an autoscaler inside the
+//! harness does what KEDA does with `deploy/autoscaling.yaml` — every second it reads `GET /queues`,
+//! wants `ceil(demand / runs per agent)` agents between a minimum and a maximum, starts agents, and
+//! sends SIGTERM to surplus ones (newest first) once the lower want has held for the cool-down,
+//! as the HPA's scale-down stabilisation does. A SIGTERM'd agent drains: it finishes what it runs.
+//!
+//! Every job reports its start and end to a [`Recorder`] outside CIMaster, so "lost" and "run
+//! twice" are read from what the jobs did, not from CIMaster's own records. With `chaos`, one agent
+//! is SIGKILLed mid-way (and restarted with its id, as Kubernetes restarts a crashed container) and
+//! RabbitMQ is restarted.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::process::Child;
+use tokio_util::sync::CancellationToken;
+
+use crate::history::{self, Recorder};
+use crate::processes;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub runs: usize,
+    pub min_agents: usize,
+    pub max_agents: usize,
+    /// Runs one agent takes at once (its CPUs ÷ a run's CPUs).
+    pub runs_per_agent: usize,
+    /// Each run sleeps a whole number of seconds from 0 to this.
+    pub max_seconds: u32,
+    pub bursts: usize,
+    pub burst_every: Duration,
+    /// How long a lower want must hold before agents are stopped.
+    pub cooldown: Duration,
+    /// SIGKILL one agent and restart RabbitMQ once half the runs were triggered.
+    pub chaos: bool,
+    /// The agents' lease: how soon a killed agent's runs are given to another.
+    pub lease: Duration,
+    pub seed: u64,
+    /// The most the runs may take to end, and the agents to come back to the minimum after.
+    pub deadline: Duration,
+}
+
+/// Where to run it.
+pub struct Environment {
+    /// The master's and agent's executables.
+    pub binaries: PathBuf,
+    /// A database of the scenario's own.
+    pub database_url: String,
+    /// The queue prefix of the scenario's own.
+    pub prefix: String,
+    /// `scripts/dev`, to restart RabbitMQ for `chaos`.
+    pub dev_script: PathBuf,
+}
+
+/// What happened.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub runs: usize,
+    pub succeeded: usize,
+    /// Runs that did not end, ended other than `succeeded`, or succeeded without their job's end.
+    pub lost: usize,
+    /// Runs whose job ran twice at once.
+    pub double: usize,
+    /// Runs that needed more than one attempt.
+    pub retried: usize,
+    pub aborted: usize,
+    pub peak_agents: usize,
+    pub final_agents: usize,
+    pub agents_started: usize,
+    pub agents_stopped: usize,
+    pub agents_killed: usize,
+    /// Agents that exited without being told to (a crash, a refused setting).
+    pub agents_exited: usize,
+    /// First trigger → last run ended.
+    pub drain: Duration,
+    /// Total work ÷ the maximum agents' capacity (and no less than the last burst's arrival).
+    pub ideal: Duration,
+    pub work_seconds: u64,
+    /// (seconds since the first trigger, agents taking work) whenever the count changed.
+    pub timeline: Vec<(f64, usize)>,
+}
+
+impl Outcome {
+    pub fn efficiency(&self) -> f64 {
+        self.ideal.as_secs_f64() / self.drain.as_secs_f64().max(f64::EPSILON)
+    }
+
+    /// The figures, one per line; `lost:`, `double:` and `efficiency:` are for scripts to read.
+    pub fn print(&self, scenario: &Scenario) {
+        println!(
+            "scale: {} runs of 0-{} s in {} bursts {} s apart; agents {}..{} x {} runs; cool-down {} s{}",
+            scenario.runs,
+            scenario.max_seconds,
+            scenario.bursts,
+            scenario.burst_every.as_secs(),
+            scenario.min_agents,
+            scenario.max_agents,
+            scenario.runs_per_agent,
+            scenario.cooldown.as_secs(),
+            if scenario.chaos { "; one agent SIGKILLed and RabbitMQ restarted mid-way" } else { "" }
+        );
+        let timeline: Vec<String> = self.timeline.iter().map(|(at, agents)| format!("{agents}@{at:.0}s")).collect();
+        println!("agents over time: {}", timeline.join(" "));
+        println!(
+            "agents: peak {}, final {}, started {}, stopped by SIGTERM {}, killed {}, exited on their own {}",
+            self.peak_agents,
+            self.final_agents,
+            self.agents_started,
+            self.agents_stopped,
+            self.agents_killed,
+            self.agents_exited
+        );
+        println!("runs: {} of {} succeeded, aborted {}, retried {}", self.succeeded, self.runs, self.aborted, self.retried);
+        println!("lost: {}", self.lost);
+        println!("double: {}", self.double);
+        println!(
+            "drain: {:.1} s; ideal {:.1} s (the larger of {} s of work / {} slots and the last burst's arrival)",
+            self.drain.as_secs_f64(),
+            self.ideal.as_secs_f64(),
+            self.work_seconds,
+            scenario.max_agents * scenario.runs_per_agent
+        );
+        println!("efficiency: {:.2}", self.efficiency());
+    }
+}
+
+const JOB: &str = "scaled";
+
+pub async fn run(scenario: &Scenario, environment: &Environment) -> anyhow::Result<Outcome> {
+    let recorder = Recorder::start().await.context("starting the recorder")?;
+    let secret = format!("scale-{}", uuid::Uuid::new_v4().simple());
+    let (master, base) = processes::start_master(
+        &environment.binaries,
+        &environment.database_url,
+        &environment.prefix,
+        &secret,
+        &[("CIMASTER_LEASE_CHECK_INTERVAL", "500ms".to_owned()), ("CIMASTER_DISPATCH_INTERVAL", "500ms".to_owned())],
+    )
+    .await?;
+    let token = cimaster_master::auth::Signer::hs256(&secret)?.mint(
+        "scale",
+        &[cimaster_master::auth::Role::Admin],
+        Duration::from_secs(4 * 3600),
+    );
+    let api = Api { http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?, base, token };
+    api.put_job(&recorder, scenario.runs_per_agent).await?;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&environment.database_url).await?;
+
+    let fleet = Arc::new(Mutex::new(Fleet::new(scenario, environment)));
+    let stop = CancellationToken::new();
+    let began = Instant::now();
+    let scaler = tokio::spawn(autoscale(api.clone(), fleet.clone(), scenario.clone(), began, stop.clone()));
+
+    let result = drive(scenario, environment, &api, &pool, &fleet, began).await;
+    stop.cancel();
+    let _ = scaler.await;
+    let final_agents = fleet.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).active.len();
+    let agents = fleet.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take_all();
+    for agent in agents {
+        processes::stop(agent, Duration::from_secs(30)).await;
+    }
+    processes::stop(master, Duration::from_secs(10)).await;
+    let work_seconds = result?;
+
+    let runs = history::runs(&pool).await?;
+    let verdict = history::check(&recorder.events(), &runs);
+    let drain: f64 = sqlx::query_scalar("SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8 FROM runs")
+        .fetch_one(&pool)
+        .await?;
+    let fleet = fleet.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // The work at full capacity, but never before the last burst has arrived.
+    let slots = (scenario.max_agents * scenario.runs_per_agent) as f64;
+    let last_burst = scenario.burst_every.as_secs_f64() * scenario.bursts.saturating_sub(1) as f64;
+    let ideal = (work_seconds as f64 / slots).max(last_burst);
+    Ok(Outcome {
+        runs: runs.len(),
+        succeeded: runs.iter().filter(|(_, status, _)| status == "succeeded").count(),
+        lost: runs
+            .iter()
+            .filter(|(id, status, _)| status != "succeeded" || verdict.unfinished_successes.contains(id))
+            .count()
+            + scenario.runs.saturating_sub(runs.len()),
+        double: verdict.double.len(),
+        retried: verdict.retried,
+        aborted: runs.iter().filter(|(_, status, _)| status == "aborted").count(),
+        peak_agents: fleet.peak,
+        final_agents,
+        agents_started: fleet.started,
+        agents_stopped: fleet.stopped,
+        agents_killed: fleet.killed,
+        agents_exited: fleet.exited,
+        drain: Duration::from_secs_f64(drain.max(0.0)),
+        ideal: Duration::from_secs_f64(ideal),
+        work_seconds,
+        timeline: fleet.timeline.clone(),
+    })
+}
+
+/// Triggers the bursts (with the chaos mid-way), waits for every run to end and for the agents to
+/// come back to the minimum; returns the seconds of work triggered.
+async fn drive(
+    scenario: &Scenario,
+    environment: &Environment,
+    api: &Api,
+    pool: &PgPool,
+    fleet: &Arc<Mutex<Fleet>>,
+    began: Instant,
+) -> anyhow::Result<u64> {
+    let deadline = began + scenario.deadline;
+    let mut random = XorShift(scenario.seed.max(1));
+    let mut work = 0;
+    let mut triggered = 0;
+    let mut chaos_done = !scenario.chaos;
+    for burst in 0..scenario.bursts {
+        tokio::time::sleep_until((began + scenario.burst_every * burst as u32).into()).await;
+        let size = scenario.runs / scenario.bursts + usize::from(burst < scenario.runs % scenario.bursts);
+        let pauses: Vec<u32> = (0..size).map(|_| random.below(scenario.max_seconds + 1)).collect();
+        work += pauses.iter().map(|&pause| u64::from(pause)).sum::<u64>();
+        api.trigger_all(&pauses).await?;
+        triggered += size;
+        if !chaos_done && triggered * 2 >= scenario.runs {
+            chaos(api, fleet, &environment.dev_script, deadline).await?;
+            chaos_done = true;
+        }
+    }
+    while history::open_runs(pool).await? > 0 {
+        if Instant::now() > deadline {
+            bail!("{} runs still open at the deadline", history::open_runs(pool).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let settle = Instant::now() + scenario.cooldown + Duration::from_secs(30);
+    while !fleet.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).settled(scenario.min_agents) {
+        if Instant::now() > settle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(work)
+}
+
+/// Waits until an agent runs something, SIGKILLs it and starts it again under its id; then stops
+/// RabbitMQ for a few seconds.
+async fn chaos(api: &Api, fleet: &Arc<Mutex<Fleet>>, dev_script: &std::path::Path, deadline: Instant) -> anyhow::Result<()> {
+    loop {
+        let busy = api.busy_agent().await?;
+        if let Some(id) = busy {
+            let mut fleet = fleet.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if fleet.kill_and_restart(&id)? {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no agent ever ran anything to kill");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dev = |what: &str| {
+        let status = std::process::Command::new(dev_script).args([what, "rabbitmq"]).status()?;
+        anyhow::ensure!(status.success(), "scripts/dev {what} rabbitmq failed");
+        anyhow::Ok(())
+    };
+    dev("stop-service")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    dev("start-service")
+}
+
+/// The autoscaler: every second, the queue's demand → the agents wanted → start or stop agents.
+async fn autoscale(api: Api, fleet: Arc<Mutex<Fleet>>, scenario: Scenario, began: Instant, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut wants: Vec<(Instant, usize)> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(demand) = api.demand().await else { continue };
+        let want = demand.div_ceil(scenario.runs_per_agent).clamp(scenario.min_agents, scenario.max_agents);
+        let now = Instant::now();
+        wants.push((now, want));
+        wants.retain(|(at, _)| now.duration_since(*at) <= scenario.cooldown);
+        // Up at once; down only to the highest want of the cool-down window.
+        let target = wants.iter().map(|(_, want)| *want).max().unwrap_or(want);
+        let mut fleet = fleet.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(err) = fleet.scale_to(target, began) {
+            eprintln!("autoscaler: {err:#}");
+        }
+    }
+}
+
+/// The agents the autoscaler runs: those taking work, and those draining after a SIGTERM.
+struct Fleet {
+    binaries: PathBuf,
+    database_url: String,
+    prefix: String,
+    env: Vec<(&'static str, String)>,
+    active: Vec<(String, Child)>,
+    draining: Vec<Child>,
+    next_id: usize,
+    peak: usize,
+    started: usize,
+    stopped: usize,
+    killed: usize,
+    /// Agents that exited without being told to.
+    exited: usize,
+    timeline: Vec<(f64, usize)>,
+}
+
+impl Fleet {
+    fn new(scenario: &Scenario, environment: &Environment) -> Self {
+        let env = vec![
+            ("CIMASTER_AGENT_CPUS", "1".to_owned()),
+            ("CIMASTER_AGENT_REPORT_INTERVAL", "1s".to_owned()),
+            // A short lease hands a killed agent's runs on soon; the stop grace and margin fit in it.
+            ("CIMASTER_LEASE_TTL", format!("{}s", scenario.lease.as_secs().max(5))),
+            ("CIMASTER_STOP_GRACE", "2s".to_owned()),
+            ("CIMASTER_LEASE_MARGIN", "1s".to_owned()),
+        ];
+        Fleet {
+            binaries: environment.binaries.clone(),
+            database_url: environment.database_url.clone(),
+            prefix: environment.prefix.clone(),
+            env,
+            active: Vec::new(),
+            draining: Vec::new(),
+            next_id: 1,
+            peak: 0,
+            started: 0,
+            stopped: 0,
+            killed: 0,
+            exited: 0,
+            timeline: Vec::new(),
+        }
+    }
+
+    fn spawn(&self, id: &str) -> anyhow::Result<Child> {
+        processes::start_agent(&self.binaries, id, &self.database_url, &self.prefix, &self.env)
+    }
+
+    /// Starts or SIGTERMs agents until `target` take work; reaps drained ones.
+    fn scale_to(&mut self, target: usize, began: Instant) -> anyhow::Result<()> {
+        self.draining.retain_mut(|child| child.try_wait().map_or(true, |status| status.is_none()));
+        let before = self.active.len();
+        self.active.retain_mut(|(id, child)| match child.try_wait() {
+            Ok(None) => true,
+            exited => {
+                eprintln!("autoscaler: agent {id} exited on its own: {exited:?}");
+                false
+            }
+        });
+        self.exited += before - self.active.len();
+        while self.active.len() < target {
+            let id = format!("{}-agent-{}", self.prefix, self.next_id);
+            self.next_id += 1;
+            let child = self.spawn(&id)?;
+            self.active.push((id, child));
+            self.started += 1;
+        }
+        while self.active.len() > target {
+            let Some((_, child)) = self.active.pop() else { break };
+            processes::signal(&child, "TERM")?;
+            self.draining.push(child);
+            self.stopped += 1;
+        }
+        self.peak = self.peak.max(self.active.len());
+        if self.active.len() != before || self.timeline.is_empty() {
+            self.timeline.push((began.elapsed().as_secs_f64(), self.active.len()));
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the agent `id` and starts it again; false if the autoscaler already stopped it.
+    fn kill_and_restart(&mut self, id: &str) -> anyhow::Result<bool> {
+        let Some(index) = self.active.iter().position(|(active, _)| active == id) else { return Ok(false) };
+        processes::signal(&self.active[index].1, "KILL")?;
+        self.killed += 1;
+        self.active[index].1 = self.spawn(id)?;
+        Ok(true)
+    }
+
+    /// At the minimum, with every stopped agent gone.
+    fn settled(&mut self, min: usize) -> bool {
+        self.draining.retain_mut(|child| child.try_wait().map_or(true, |status| status.is_none()));
+        self.active.len() == min && self.draining.is_empty()
+    }
+
+    fn take_all(&mut self) -> Vec<Child> {
+        self.active.drain(..).map(|(_, child)| child).chain(self.draining.drain(..)).collect()
+    }
+}
+
+/// The master's API as the scenario uses it.
+#[derive(Clone)]
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    /// The job every run runs: it reports to the recorder, sleeps `PAUSE` seconds, reports its end.
+    async fn put_job(&self, recorder: &Recorder, runs_per_agent: usize) -> anyhow::Result<()> {
+        let body = json!({"kind": "freestyle", "image": "busybox:latest",
+                          "script": recorder.sleeping_script("PAUSE"), "parameters": {"PAUSE": "0"},
+                          "resources": {"cpus": 1.0 / runs_per_agent as f64, "memory": "16Mi"}});
+        let answer = self.http.put(format!("{}/jobs/{JOB}", self.base)).bearer_auth(&self.token).json(&body).send().await?;
+        if !answer.status().is_success() {
+            bail!("PUT /jobs/{JOB} answered {}: {}", answer.status(), answer.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// Triggers one run per pause, 16 at a time.
+    async fn trigger_all(&self, pauses: &[u32]) -> anyhow::Result<()> {
+        for chunk in pauses.chunks(16) {
+            let triggers = chunk.iter().map(|pause| {
+                self.http
+                    .post(format!("{}/jobs/{JOB}/runs", self.base))
+                    .bearer_auth(&self.token)
+                    .json(&json!({"parameters": {"PAUSE": pause.to_string()}}))
+                    .send()
+            });
+            for answer in futures::future::join_all(triggers).await {
+                let answer = answer?;
+                if answer.status() != 201 {
+                    bail!("a trigger answered {}", answer.status());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waiting + running runs of the default queue, as `GET /queues` says.
+    async fn demand(&self) -> anyhow::Result<usize> {
+        let queues: serde_json::Value =
+            self.http.get(format!("{}/queues", self.base)).bearer_auth(&self.token).send().await?.json().await?;
+        let default = queues["queues"].as_array().and_then(|list| list.iter().find(|q| q["queue"] == "default"));
+        Ok(default.and_then(|queue| queue["demand"].as_u64()).unwrap_or(0) as usize)
+    }
+
+    /// An agent that runs something now, as `GET /agents` says.
+    async fn busy_agent(&self) -> anyhow::Result<Option<String>> {
+        let agents: serde_json::Value =
+            self.http.get(format!("{}/agents", self.base)).bearer_auth(&self.token).send().await?.json().await?;
+        let list = agents["agents"].as_array().cloned().unwrap_or_default();
+        let busy: BTreeMap<String, i64> = list
+            .iter()
+            .filter(|agent| agent["state"] == "active")
+            .filter_map(|agent| Some((agent["id"].as_str()?.to_owned(), agent["runs"].as_i64()?)))
+            .filter(|(_, runs)| *runs > 0)
+            .collect();
+        Ok(busy.into_iter().max_by_key(|(_, runs)| *runs).map(|(id, _)| id))
+    }
+}
+
+/// A small seeded generator: the same seed, the same run lengths.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, bound: u32) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % u64::from(bound.max(1))) as u32
+    }
+}
