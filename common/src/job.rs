@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ids::{BranchName, ConfigPath, EnvName, QueueName, RepositoryUrl};
 use crate::repo::Results;
+use crate::schedule::Schedule;
 
 /// Timeout of a freestyle job that does not set `timeoutSeconds`.
 pub const DEFAULT_TIMEOUT_SECONDS: u32 = 3600;
@@ -67,6 +68,9 @@ pub struct FreestyleJob {
     #[serde(default, skip_serializing_if = "Results::is_empty")]
     #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub results: Results,
+    /// Runs on a schedule (cron), beside those triggered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
 }
 
 /// Which kind of test cluster a job needs.
@@ -134,6 +138,9 @@ pub struct GitJob {
     /// one of them; when absent, the key the server presents is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_known_hosts: Option<String>,
+    /// Runs on a schedule (cron), beside those triggered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
 }
 
 impl GitJob {
@@ -165,8 +172,23 @@ impl JobSpec {
         }
     }
 
+    pub fn schedule(&self) -> Option<&Schedule> {
+        match self {
+            JobSpec::Freestyle(job) => job.schedule.as_ref(),
+            JobSpec::Git(job) => job.schedule.as_ref(),
+        }
+    }
+
     /// Checks that need more than one field. `max_timeout` is the installation's cap.
     pub fn check(&self, max_timeout_seconds: u32) -> Result<(), String> {
+        if let Some(schedule) = self.schedule() {
+            if schedule.branch.is_some() && matches!(self, JobSpec::Freestyle(_)) {
+                return Err("schedule.branch is for git jobs; a freestyle job has no branch".into());
+            }
+            if let Some(name) = schedule.parameters.keys().find(|name| !self.parameters().contains_key(*name)) {
+                return Err(format!("schedule.parameters names `{name}`, which is not among the job's parameters"));
+            }
+        }
         if let JobSpec::Git(GitJob { ssh_known_hosts: Some(lines), .. }) = self {
             if lines.trim().is_empty() || lines.len() > MAX_ENV_VALUE || lines.contains('\0') {
                 return Err(format!("sshKnownHosts must be 1 to {MAX_ENV_VALUE} bytes of known_hosts lines"));

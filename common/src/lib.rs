@@ -13,6 +13,7 @@ mod queue;
 mod repo;
 pub mod results;
 mod run;
+mod schedule;
 #[cfg(feature = "secrets")]
 pub mod secrets;
 #[cfg(feature = "storage")]
@@ -24,3 +25,4 @@ pub use job::{ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resourc
 pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_arguments, QueueArgument, RunMessage};
 pub use repo::{BuildSpec, ConfigError, HttpCheck, Readiness, RepoConfig, Results, ServiceName, ServiceSpec};
 pub use run::{RunStatus, TriggerRequest, UnknownStatus};
+pub use schedule::{CronExpr, Overlap, Schedule, TimeZone};

@@ -48,6 +48,10 @@ pub struct Config {
     #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
     pub secrets_key: Option<SecretString>,
 
+    /// How often each replica looks for scheduled jobs whose slot is due.
+    #[arg(long, env = "CIMASTER_SCHEDULE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub schedule_interval: Duration,
+
     /// Upper bound for any job's `timeoutSeconds`.
     #[arg(long, env = "CIMASTER_MAX_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_timeout: Duration,

@@ -10,6 +10,7 @@ pub mod observer;
 pub mod pool;
 pub mod reaper;
 pub mod repo;
+pub mod scheduler;
 pub mod serve;
 pub mod startup;
 pub mod telemetry;

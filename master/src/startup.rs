@@ -73,6 +73,12 @@ impl Application {
             secrets: secrets.clone(),
             max_timeout_seconds,
         };
+        let mut tasks = tasks;
+        tasks.push(tokio::spawn(crate::scheduler::run_scheduler(
+            triggers.clone(),
+            config.schedule_interval,
+            cancel.clone(),
+        )));
         let state = AppState {
             pool,
             broker,

@@ -5,7 +5,7 @@ use cimaster_common::{JobName, JobSpec};
 use sqlx::types::Json;
 use sqlx::PgPool;
 
-use crate::runs;
+use crate::{runs, schedules};
 
 /// A job as stored.
 #[derive(Debug, Clone)]
@@ -47,15 +47,22 @@ pub enum Applied {
     Unchanged,
 }
 
-/// Creates or updates a job; an unchanged spec keeps its version. `None`: the job was unchanged and
-/// deleted before it could be read back.
-pub async fn apply(pool: &PgPool, name: &JobName, spec: &JobSpec) -> Result<Option<(Job, Applied)>, sqlx::Error> {
+/// Creates or updates a job; an unchanged spec keeps its version (and its schedule's next slot).
+/// A new or changed spec sets the schedule's next slot to `next_slot`, in the same transaction.
+/// `None`: the job was unchanged and deleted before it could be read back.
+pub async fn apply(
+    pool: &PgPool,
+    name: &JobName,
+    spec: &JobSpec,
+    next_slot: Option<DateTime<Utc>>,
+) -> Result<Option<(Job, Applied)>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Written {
         #[sqlx(flatten)]
         row: JobRow,
         inserted: bool,
     }
+    let mut tx = pool.begin().await?;
     let written: Option<Written> = sqlx::query_as(
         "INSERT INTO jobs (name, kind, spec) VALUES ($1, $2, $3)
          ON CONFLICT (name) DO UPDATE
@@ -66,8 +73,12 @@ pub async fn apply(pool: &PgPool, name: &JobName, spec: &JobSpec) -> Result<Opti
     .bind(name.as_str())
     .bind(spec.kind())
     .bind(Json(spec))
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
+    if written.is_some() {
+        schedules::set(&mut tx, name, next_slot).await?;
+    }
+    tx.commit().await?;
     match written {
         Some(Written { row, inserted: true }) => Ok(Some((row.into(), Applied::Created))),
         Some(Written { row, inserted: false }) => Ok(Some((row.into(), Applied::Updated))),

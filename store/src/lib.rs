@@ -14,6 +14,7 @@ pub mod outbox;
 pub mod pool;
 pub mod results;
 pub mod runs;
+pub mod schedules;
 pub mod secrets;
 
 /// The schema's migrations, applied by the master at start-up.

@@ -8,6 +8,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use cimaster_common::{JobName, JobSpec};
 use cimaster_store::jobs::{self, Applied, Deleted, Job};
+use cimaster_store::schedules;
 use serde::Serialize;
 
 use super::error::ApiError;
@@ -41,6 +42,26 @@ pub struct JobView {
     /// Set on `PUT` answers only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub change: Option<Change>,
+    /// Jobs with a `schedule`: when it fires next and what its last slot did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule_state: Option<ScheduleState>,
+}
+
+/// A schedule's next slots and its last one.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleState {
+    /// The next three slots.
+    pub next_runs: Vec<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_slot: Option<DateTime<Utc>>,
+    /// The run the last slot started, or the one it found still running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<uuid::Uuid>,
+    /// `started`, `skipped: …` (the previous run still ran) or `refused: …` (the trigger was not
+    /// accepted, e.g. the branch is gone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_outcome: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -52,11 +73,17 @@ impl From<Job> for JobView {
     fn from(row: Job) -> Self {
         JobView {
             name: row.name,
-            spec: row.spec,
             version: row.version,
             created_at: row.created_at,
             updated_at: row.updated_at,
             change: None,
+            schedule_state: row.spec.schedule().map(|schedule| ScheduleState {
+                next_runs: schedule.upcoming(Utc::now(), 3),
+                last_slot: None,
+                last_run: None,
+                last_outcome: None,
+            }),
+            spec: row.spec,
         }
     }
 }
@@ -103,7 +130,9 @@ async fn put_job(
             .check_scheme(git.repository.as_str())
             .map_err(|err| ApiError::Unprocessable(err.to_string()))?;
     }
-    let (job, applied) = jobs::apply(&state.pool, &name, &spec).await?.ok_or_else(|| job_not_found(&name))?;
+    let next_slot = spec.schedule().and_then(|schedule| schedule.next_after(Utc::now()));
+    let (job, applied) =
+        jobs::apply(&state.pool, &name, &spec, next_slot).await?.ok_or_else(|| job_not_found(&name))?;
     let change = match applied {
         Applied::Created => Change::Created,
         Applied::Updated => Change::Updated,
@@ -129,7 +158,13 @@ async fn get_job(
 ) -> Result<Json<JobView>, ApiError> {
     let name = job_name(&name)?;
     let job = jobs::get(&state.pool, &name).await?.ok_or_else(|| job_not_found(&name))?;
-    Ok(Json(job.into()))
+    let mut view = JobView::from(job);
+    if let (Some(shown), Some(stored)) = (view.schedule_state.as_mut(), schedules::state(&state.pool, &name).await?) {
+        shown.last_slot = stored.last_slot;
+        shown.last_run = stored.last_run;
+        shown.last_outcome = stored.last_outcome;
+    }
+    Ok(Json(view))
 }
 
 /// All jobs, by name.

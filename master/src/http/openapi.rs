@@ -28,6 +28,7 @@ use super::AppState;
     components(schemas(
         cimaster_common::JobSpec, cimaster_common::FreestyleJob, cimaster_common::GitJob,
         cimaster_common::Resources, cimaster_common::RunStatus, cimaster_common::TriggerRequest,
+        cimaster_common::Schedule, cimaster_common::Overlap,
         super::error::Problem,
     )),
     modifiers(&BearerAuth, &CommonAnswers, &KindTaggedJobs, &DistinctOperationIds),

@@ -83,6 +83,7 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             queues: vec!["default".to_owned(), "idle".to_owned()],
             observe_interval: Duration::from_millis(200),
         },
+        schedule_interval: Duration::from_millis(200),
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
         secrets_key: Some(SecretString::from(SECRETS_KEY)),
