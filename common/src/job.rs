@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::ids::{BranchName, ConfigPath, EnvName, QueueName, RepositoryUrl};
 use crate::repo::Results;
 use crate::schedule::Schedule;
+use crate::subscription::GithubSubscription;
 
 /// Timeout of a freestyle job that does not set `timeoutSeconds`.
 pub const DEFAULT_TIMEOUT_SECONDS: u32 = 3600;
@@ -138,6 +139,9 @@ pub struct GitJob {
     /// one of them; when absent, the key the server presents is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_known_hosts: Option<String>,
+    /// Runs for pull requests and pushes on GitHub (`POST /hooks/github`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github: Option<GithubSubscription>,
     /// Runs on a schedule (cron), beside those triggered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,

@@ -18,6 +18,7 @@ mod schedule;
 pub mod secrets;
 #[cfg(feature = "storage")]
 pub mod storage;
+mod subscription;
 
 pub use cause::{Cause, RunEvent, UnknownEvent};
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
@@ -26,3 +27,4 @@ pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_a
 pub use repo::{BuildSpec, ConfigError, HttpCheck, Readiness, RepoConfig, Results, ServiceName, ServiceSpec};
 pub use run::{RunStatus, TriggerRequest, UnknownStatus};
 pub use schedule::{CronExpr, Overlap, Schedule, TimeZone};
+pub use subscription::{BranchFilter, BranchGlob, GithubSubscription, RepoFullName};

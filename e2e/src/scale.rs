@@ -116,7 +116,10 @@ impl Outcome {
             self.agents_killed,
             self.agents_exited
         );
-        println!("runs: {} of {} succeeded, aborted {}, retried {}", self.succeeded, self.runs, self.aborted, self.retried);
+        println!(
+            "runs: {} of {} succeeded, aborted {}, retried {}",
+            self.succeeded, self.runs, self.aborted, self.retried
+        );
         println!("lost: {}", self.lost);
         println!("double: {}", self.double);
         println!(
@@ -170,9 +173,10 @@ pub async fn run(scenario: &Scenario, environment: &Environment) -> anyhow::Resu
 
     let runs = history::runs(&pool).await?;
     let verdict = history::check(&recorder.events(), &runs);
-    let drain: f64 = sqlx::query_scalar("SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8 FROM runs")
-        .fetch_one(&pool)
-        .await?;
+    let drain: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8 FROM runs")
+            .fetch_one(&pool)
+            .await?;
     let fleet = fleet.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     // The work at full capacity, but never before the last burst has arrived.
     let slots = (scenario.max_agents * scenario.runs_per_agent) as f64;
@@ -247,7 +251,12 @@ async fn drive(
 
 /// Waits until an agent runs something, SIGKILLs it and starts it again under its id; then stops
 /// RabbitMQ for a few seconds.
-async fn chaos(api: &Api, fleet: &Arc<Mutex<Fleet>>, dev_script: &std::path::Path, deadline: Instant) -> anyhow::Result<()> {
+async fn chaos(
+    api: &Api,
+    fleet: &Arc<Mutex<Fleet>>,
+    dev_script: &std::path::Path,
+    deadline: Instant,
+) -> anyhow::Result<()> {
     loop {
         let busy = api.busy_agent().await?;
         if let Some(id) = busy {
@@ -316,6 +325,8 @@ impl Fleet {
     fn new(scenario: &Scenario, environment: &Environment) -> Self {
         let env = vec![
             ("CIMASTER_AGENT_CPUS", "1".to_owned()),
+            // An idle network for each run it takes at once: no network is made per run.
+            ("CIMASTER_AGENT_IDLE_NETWORKS", scenario.runs_per_agent.to_string()),
             ("CIMASTER_AGENT_REPORT_INTERVAL", "1s".to_owned()),
             // A short lease hands a killed agent's runs on soon; the stop grace and margin fit in it.
             ("CIMASTER_LEASE_TTL", format!("{}s", scenario.lease.as_secs().max(5))),
@@ -409,7 +420,8 @@ impl Api {
         let body = json!({"kind": "freestyle", "image": "busybox:latest",
                           "script": recorder.sleeping_script("PAUSE"), "parameters": {"PAUSE": "0"},
                           "resources": {"cpus": 1.0 / runs_per_agent as f64, "memory": "16Mi"}});
-        let answer = self.http.put(format!("{}/jobs/{JOB}", self.base)).bearer_auth(&self.token).json(&body).send().await?;
+        let answer =
+            self.http.put(format!("{}/jobs/{JOB}", self.base)).bearer_auth(&self.token).json(&body).send().await?;
         if !answer.status().is_success() {
             bail!("PUT /jobs/{JOB} answered {}: {}", answer.status(), answer.text().await.unwrap_or_default());
         }

@@ -71,6 +71,9 @@ pub enum AuthError {
     Expired,
     #[error("the token is not valid: {0}")]
     Invalid(String),
+    /// A webhook whose signature does not verify.
+    #[error("{0}")]
+    Signature(String),
 }
 
 #[derive(Debug, thiserror::Error)]

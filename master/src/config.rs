@@ -43,6 +43,9 @@ pub struct Config {
     #[command(flatten)]
     pub agents: AgentsConfig,
 
+    #[command(flatten)]
+    pub github: GithubConfig,
+
     /// Key for job secrets at rest: 32 bytes, base64 (`openssl rand -base64 32`). Without it the
     /// secrets API is unavailable.
     #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
@@ -276,4 +279,23 @@ mod tests {
     fn arguments_are_well_formed() {
         super::Config::augment_args(Command::new("serve")).debug_assert();
     }
+}
+
+/// GitHub webhooks.
+#[derive(Debug, Clone, Args)]
+pub struct GithubConfig {
+    /// Secrets GitHub signs webhook deliveries with, comma-separated so one can be rotated;
+    /// `POST /hooks/github` answers 503 without one.
+    #[arg(
+        long = "github-webhook-secret",
+        env = "CIMASTER_GITHUB_WEBHOOK_SECRET",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub webhook_secrets: Vec<SecretString>,
+
+    /// How often each replica looks for recorded deliveries to handle.
+    #[arg(long = "github-handle-interval", env = "CIMASTER_GITHUB_HANDLE_INTERVAL", default_value = "500ms",
+          value_parser = humantime::parse_duration)]
+    pub handle_interval: Duration,
 }

@@ -5,6 +5,7 @@ pub mod broker;
 pub mod config;
 pub mod db;
 pub mod dispatch;
+pub mod github;
 pub mod http;
 pub mod observer;
 pub mod pool;

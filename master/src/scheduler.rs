@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cimaster_common::{Cause, JobName, JobSpec, Overlap, RunEvent, Schedule, TriggerRequest};
-use cimaster_store::schedules::{self, Due};
 use cimaster_store::jobs;
+use cimaster_store::schedules::{self, Due};
 use tokio_util::sync::CancellationToken;
 
 use crate::ticker::Ticker;

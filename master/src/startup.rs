@@ -79,6 +79,11 @@ impl Application {
             config.schedule_interval,
             cancel.clone(),
         )));
+        tasks.push(tokio::spawn(crate::github::handle::run_handler(
+            triggers.clone(),
+            config.github.handle_interval,
+            cancel.clone(),
+        )));
         let state = AppState {
             pool,
             broker,
@@ -96,6 +101,7 @@ impl Application {
             follow_limit: config.http.follow_limit,
             wakeups,
             secrets,
+            github: config.github.clone(),
         };
         let limits = ServerLimits {
             header_timeout: config.http.header_timeout,

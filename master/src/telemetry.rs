@@ -22,7 +22,10 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("valid buckets")
                 .set_buckets_for_metric(
                     Matcher::Full("cimaster_run_seconds".to_owned()),
-                    &[1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 86400.0],
+                    &[
+                        1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+                        86400.0,
+                    ],
                 )
                 .expect("valid buckets")
                 .build_recorder();

@@ -137,3 +137,15 @@ pub async fn delete(pool: &PgPool, name: &JobName) -> Result<Deleted, sqlx::Erro
     tx.commit().await?;
     Ok(Deleted::Deleted)
 }
+
+/// The git jobs whose `github.repository` is `repository` (`owner/name`, any case).
+pub async fn subscribed(pool: &PgPool, repository: &str) -> Result<Vec<Job>, sqlx::Error> {
+    let rows: Vec<JobRow> = sqlx::query_as(
+        "SELECT name, spec, version, created_at, updated_at FROM jobs
+         WHERE kind = 'git' AND lower(spec->'github'->>'repository') = lower($1) ORDER BY name",
+    )
+    .bind(repository)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(Job::from).collect())
+}

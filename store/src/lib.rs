@@ -8,6 +8,7 @@ pub mod agents;
 pub mod attempts;
 pub mod channels;
 pub mod console;
+pub mod deliveries;
 pub mod jobs;
 pub mod observations;
 pub mod outbox;

@@ -384,3 +384,19 @@ pub async fn note_unserved(pool: &PgPool, queue: &str, served: bool) -> Result<u
     };
     Ok(sqlx::query(statement).bind(queue).bind(unserved_note(queue)).execute(pool).await?.rows_affected())
 }
+
+/// A pull request's queued and running runs of a job: (run id, commit).
+pub async fn active_of_pull_request(
+    pool: &PgPool,
+    job: &JobName,
+    pull_request: i64,
+) -> Result<Vec<(Uuid, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, commit_sha FROM runs
+         WHERE job = $1 AND pull_request = $2 AND status IN ('queued', 'running') ORDER BY created_at",
+    )
+    .bind(job.as_str())
+    .bind(pull_request)
+    .fetch_all(pool)
+    .await
+}

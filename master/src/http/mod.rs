@@ -4,6 +4,7 @@ mod agents;
 mod console;
 mod error;
 mod health;
+mod hooks;
 mod jobs;
 mod json;
 mod openapi;
@@ -58,11 +59,14 @@ pub struct AppState {
     pub follow_limit: std::time::Duration,
     /// The replica's one LISTEN connection: waiting acquires and console follows wait on it.
     pub wakeups: crate::wakeups::Wakeups,
+    /// Webhook secrets.
+    pub github: crate::config::GithubConfig,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::<AppState>::new()
         .merge(agents::router())
+        .merge(hooks::router())
         .merge(jobs::router())
         .merge(runs::router())
         .merge(results::router())

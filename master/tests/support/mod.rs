@@ -8,8 +8,8 @@ use std::time::Duration;
 use cimaster_common::storage::S3Config;
 use cimaster_master::auth::{Role, Signer};
 use cimaster_master::config::{
-    AgentsConfig, AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, GitConfig, HttpConfig, PoolConfig,
-    ReaperConfig,
+    AgentsConfig, AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, GitConfig, GithubConfig,
+    HttpConfig, PoolConfig, ReaperConfig,
 };
 use cimaster_master::Application;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 /// 32 bytes, base64.
 pub const SECRETS_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+/// The secret test webhooks are signed with.
+pub const WEBHOOK_SECRET: &str = "webhook-secret";
 
 pub fn amqp_url() -> String {
     std::env::var("CIMASTER_AMQP_URL").unwrap_or_else(|_| "amqp://cimaster:cimaster@127.0.0.1:5672/%2f".into())
@@ -82,6 +84,10 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             forget_after: Duration::from_secs(3600),
             queues: vec!["default".to_owned(), "idle".to_owned()],
             observe_interval: Duration::from_millis(200),
+        },
+        github: GithubConfig {
+            webhook_secrets: vec![SecretString::from(WEBHOOK_SECRET)],
+            handle_interval: Duration::from_millis(100),
         },
         schedule_interval: Duration::from_millis(200),
         max_timeout: Duration::from_secs(24 * 3600),
@@ -291,9 +297,12 @@ impl LocalRepo {
         repo
     }
 
-    /// Commits `config` as `.cimaster.yml` on `branch` (a new orphan branch unless it is `main`).
+    /// Commits `config` as `.cimaster.yml` on `branch` (a new orphan branch unless it is `main` or
+    /// already made).
     pub fn commit_config(&mut self, branch: &str, config: &str) -> String {
-        if branch != "main" {
+        if self.shas.contains_key(branch) {
+            self.git(&["checkout", "-q", branch]);
+        } else if branch != "main" {
             self.git(&["checkout", "-q", "--orphan", branch]);
         }
         std::fs::write(self.dir.path().join(".cimaster.yml"), config).unwrap();

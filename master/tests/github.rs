@@ -1,0 +1,202 @@
+//! GitHub webhooks: signed deliveries, shaped like GitHub's documentation shows them, become runs of
+//! the subscribed git jobs — once per delivery, superseded and aborted as the pull request moves.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use sqlx::PgPool;
+use support::{git_job, LocalRepo, Reply, TestApp, WEBHOOK_SECRET};
+
+const REPO: &str = "octo-org/hello";
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Sends a delivery as GitHub does; `signature` overrides the right one.
+async fn deliver(app: &TestApp, event: &str, id: &str, payload: &Value, signature: Option<&str>) -> Reply {
+    let body = serde_json::to_vec(payload).unwrap();
+    let mut request = app
+        .anonymous()
+        .request(reqwest::Method::POST, "/hooks/github")
+        .header("content-type", "application/json")
+        .header("x-github-event", event)
+        .header("x-github-delivery", id)
+        .header("user-agent", "GitHub-Hookshot/test");
+    let signature = signature.map_or_else(|| sign(&body), str::to_owned);
+    if !signature.is_empty() {
+        request = request.header("x-hub-signature-256", signature);
+    }
+    app.anonymous().send(request.body(body)).await
+}
+
+fn pull_request(action: &str, number: i64, head: &str, author: &str, association: &str) -> Value {
+    json!({
+        "action": action,
+        "number": number,
+        "pull_request": {
+            "number": number, "state": "open", "draft": false, "author_association": association,
+            "user": {"login": author, "type": "User"},
+            "head": {"ref": "feature", "sha": head, "repo": {"full_name": REPO}},
+            "base": {"ref": "main", "sha": "1111111111111111111111111111111111111111", "repo": {"full_name": REPO}}
+        },
+        "repository": {"full_name": REPO, "name": "hello", "owner": {"login": "octo-org"}},
+        "sender": {"login": author}
+    })
+}
+
+fn push(branch: &str, after: &str) -> Value {
+    json!({
+        "ref": format!("refs/heads/{branch}"), "before": "0000000000000000000000000000000000000000",
+        "after": after, "created": false, "deleted": false, "forced": false,
+        "repository": {"full_name": REPO}, "pusher": {"name": "mona"}, "sender": {"login": "mona"}
+    })
+}
+
+/// A git job over `repo` subscribed to pull requests into main and pushes to main.
+async fn subscribe(app: &TestApp, repo: &LocalRepo, name: &str) {
+    let mut job = git_job(repo);
+    job["github"] = json!({"repository": "Octo-Org/Hello", "pullRequests": {"branches": ["main"]},
+                           "push": {"branches": ["main", "release-*"]}});
+    let put = app.admin().put(&format!("/jobs/{name}"), job).await;
+    assert_eq!(put.status, 201, "{}", put.body);
+}
+
+/// Waits until the delivery is handled; its outcome and runs.
+async fn handled(app: &TestApp, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = app.admin().get("/hooks/github/deliveries").await;
+        assert_eq!(list.status, 200, "{}", list.body);
+        let found = list.body["deliveries"].as_array().unwrap().iter().find(|d| d["id"] == id).cloned();
+        if let Some(delivery) = found.filter(|d| d["state"] == "done") {
+            return delivery;
+        }
+        assert!(Instant::now() < deadline, "delivery {id} never handled: {}", list.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn runs_of(pool: &PgPool) -> Vec<(String, String, Option<String>, Option<i64>, String)> {
+    sqlx::query_as("SELECT id::text, status, commit_sha, pull_request, event FROM runs ORDER BY created_at")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn deliveries_are_authenticated_by_their_signature_and_checked(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let ping = json!({"zen": "Design for failure.", "hook_id": 1, "repository": {"full_name": REPO}});
+    deliver(&app, "ping", "d-unsigned", &ping, Some("")).await.expect_problem(401, "no X-Hub-Signature-256");
+    deliver(&app, "ping", "d-forged", &ping, Some(&sign(b"something else")))
+        .await
+        .expect_problem(401, "does not match");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM github_deliveries").fetch_one(&pool).await.unwrap();
+    assert_eq!(stored, 0, "nothing is stored for a delivery that is not authentic");
+
+    let pong = deliver(&app, "ping", "d-ping", &ping, None).await;
+    assert_eq!((pong.status, pong.body["outcome"].as_str()), (200, Some("pong")), "{}", pong.body);
+    let ignored = deliver(&app, "star", "d-star", &json!({"action": "created"}), None).await;
+    assert_eq!(ignored.status, 202);
+    assert_eq!(ignored.body["outcome"], "the `star` event starts nothing");
+    let broken = deliver(&app, "pull_request", "d-broken", &json!({"action": "opened"}), None).await;
+    broken.expect_problem(400, "the payload has no `repository.full_name`");
+    let nobody = deliver(&app, "push", "d-nobody", &push("main", &"a".repeat(40)), None).await;
+    assert_eq!((nobody.status, nobody.body["outcome"].as_str()), (202, Some("no job subscribes to octo-org/hello")));
+    let deleted = json!({"ref": "refs/heads/old", "after": "0".repeat(40), "deleted": true,
+                         "repository": {"full_name": REPO}, "sender": {"login": "mona"}});
+    let gone = deliver(&app, "push", "d-deleted", &deleted, None).await;
+    assert_eq!(gone.body["outcome"], "branch `old` was deleted: nothing to run");
+
+    let listed = app.admin().get("/hooks/github/deliveries?repository=OCTO-ORG/hello").await;
+    let ids: Vec<&str> =
+        listed.body["deliveries"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"d-nobody") && ids.contains(&"d-ping"), "{ids:?}");
+    app.as_role(cimaster_master::auth::Role::Read).get("/hooks/github/deliveries").await.expect_problem(403, "");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_members_pull_request_runs_at_its_head_and_moves_with_it(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let mut repo = LocalRepo::new(&["feature"]);
+    subscribe(&app, &repo, "unit").await;
+    let first = repo.sha("feature").to_owned();
+
+    let opened = deliver(&app, "pull_request", "d-1", &pull_request("opened", 7, &first, "mona", "MEMBER"), None).await;
+    assert_eq!((opened.status, opened.body["outcome"].as_str()), (202, Some("accepted")), "{}", opened.body);
+    let delivery = handled(&app, "d-1").await;
+    assert_eq!(delivery["runs"].as_array().unwrap().len(), 1, "{delivery}");
+    let runs = runs_of(&pool).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!((runs[0].2.as_deref(), runs[0].3, runs[0].4.as_str()), (Some(first.as_str()), Some(7), "pull_request"));
+    let run = app.admin().get(&format!("/runs/{}", runs[0].0)).await.body;
+    assert_eq!((run["sender"].as_str(), run["baseBranch"].as_str()), (Some("mona"), Some("main")), "{run}");
+
+    // GitHub redelivers the same delivery: nothing new.
+    let again = deliver(&app, "pull_request", "d-1", &pull_request("opened", 7, &first, "mona", "MEMBER"), None).await;
+    assert_eq!((again.status, again.body["outcome"].as_str()), (200, Some("already received")));
+
+    // A new push to the pull request: the old run is superseded, a new one starts.
+    let second = repo.commit_config("feature", "image: busybox:latest\nscript: echo second\n");
+    deliver(&app, "pull_request", "d-2", &pull_request("synchronize", 7, &second, "mona", "MEMBER"), None).await;
+    let delivery = handled(&app, "d-2").await;
+    assert!(delivery["outcome"].as_str().unwrap().contains("superseded"), "{delivery}");
+    let runs = runs_of(&pool).await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!((runs[0].1.as_str(), runs[1].1.as_str()), ("aborted", "queued"));
+    assert_eq!(runs[1].2.as_deref(), Some(second.as_str()));
+
+    // Closed: its runs are aborted.
+    deliver(&app, "pull_request", "d-3", &pull_request("closed", 7, &second, "mona", "MEMBER"), None).await;
+    handled(&app, "d-3").await;
+    let statuses: Vec<String> = runs_of(&pool).await.into_iter().map(|run| run.1).collect();
+    assert_eq!(statuses, ["aborted", "aborted"]);
+    let listed = app.admin().get("/runs?pullRequest=7&event=pull_request").await.body;
+    assert_eq!(listed["runs"].as_array().unwrap().len(), 2, "{listed}");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn strangers_drafts_and_other_branches_start_nothing_and_pushes_run(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let repo = LocalRepo::new(&["feature"]);
+    subscribe(&app, &repo, "unit").await;
+    let head = repo.sha("feature").to_owned();
+
+    let stranger = pull_request("opened", 8, &head, "stranger", "FIRST_TIME_CONTRIBUTOR");
+    deliver(&app, "pull_request", "d-stranger", &stranger, None).await;
+    let delivery = handled(&app, "d-stranger").await;
+    assert_eq!(delivery["outcome"], "unit: waiting for /ok-to-test: stranger is not trusted");
+    let mut draft = pull_request("opened", 9, &head, "mona", "OWNER");
+    draft["pull_request"]["draft"] = json!(true);
+    deliver(&app, "pull_request", "d-draft", &draft, None).await;
+    assert!(handled(&app, "d-draft").await["outcome"].as_str().unwrap().contains("draft"));
+    let mut fork = pull_request("opened", 10, &head, "mona", "MEMBER");
+    fork["pull_request"]["head"]["repo"]["full_name"] = json!("mona/hello");
+    deliver(&app, "pull_request", "d-fork", &fork, None).await;
+    assert!(handled(&app, "d-fork").await["outcome"].as_str().unwrap().contains("fork"));
+    let mut other_base = pull_request("opened", 11, &head, "mona", "MEMBER");
+    other_base["pull_request"]["base"]["ref"] = json!("develop");
+    deliver(&app, "pull_request", "d-develop", &other_base, None).await;
+    assert_eq!(handled(&app, "d-develop").await["outcome"], "no job subscribes to octo-org/hello for this event");
+    deliver(&app, "push", "d-push-feature", &push("feature", &head), None).await;
+    handled(&app, "d-push-feature").await;
+    assert!(runs_of(&pool).await.is_empty());
+
+    let main = repo.sha("main").to_owned();
+    deliver(&app, "push", "d-push-main", &push("main", &main), None).await;
+    let delivery = handled(&app, "d-push-main").await;
+    let runs = runs_of(&pool).await;
+    assert_eq!(runs.len(), 1, "{delivery}");
+    assert_eq!((runs[0].2.as_deref(), runs[0].4.as_str()), (Some(main.as_str()), "push"));
+    app.stop().await;
+}
