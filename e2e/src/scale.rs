@@ -44,6 +44,8 @@ pub struct Scenario {
     pub seed: u64,
     /// The most the runs may take to end, and the agents to come back to the minimum after.
     pub deadline: Duration,
+    /// Also measure the `docker run` baseline.
+    pub baseline: bool,
 }
 
 /// Where to run it.
@@ -81,6 +83,9 @@ pub struct Outcome {
     pub drain: Duration,
     /// Total work ÷ the maximum agents' capacity (and no less than the last burst's arrival).
     pub ideal: Duration,
+    /// The same runs, arriving the same way, as `docker run` of the same image and script at the
+    /// maximum capacity's concurrency, measured in the same run: what this machine can do.
+    pub baseline: Option<Duration>,
     pub work_seconds: u64,
     /// (seconds since the first trigger, agents taking work) whenever the count changed.
     pub timeline: Vec<(f64, usize)>,
@@ -130,6 +135,14 @@ impl Outcome {
             scenario.max_agents * scenario.runs_per_agent
         );
         println!("efficiency: {:.2}", self.efficiency());
+        if let Some(baseline) = self.baseline {
+            println!(
+                "baseline: the same runs by `docker run` at {} at once drained in {:.1} s; CIMaster took {:.2}x that",
+                scenario.max_agents * scenario.runs_per_agent,
+                baseline.as_secs_f64(),
+                self.drain.as_secs_f64() / baseline.as_secs_f64().max(f64::EPSILON)
+            );
+        }
     }
 }
 
@@ -169,7 +182,11 @@ pub async fn run(scenario: &Scenario, environment: &Environment) -> anyhow::Resu
         processes::stop(agent, Duration::from_secs(30)).await;
     }
     processes::stop(master, Duration::from_secs(10)).await;
-    let work_seconds = result?;
+    let (work_seconds, arrivals) = result?;
+    let baseline = match scenario.baseline {
+        true => Some(baseline(scenario, &arrivals).await?),
+        false => None,
+    };
 
     let runs = history::runs(&pool).await?;
     let verdict = history::check(&recorder.events(), &runs);
@@ -201,13 +218,14 @@ pub async fn run(scenario: &Scenario, environment: &Environment) -> anyhow::Resu
         agents_exited: fleet.exited,
         drain: Duration::from_secs_f64(drain.max(0.0)),
         ideal: Duration::from_secs_f64(ideal),
+        baseline,
         work_seconds,
         timeline: fleet.timeline.clone(),
     })
 }
 
 /// Triggers the bursts (with the chaos mid-way), waits for every run to end and for the agents to
-/// come back to the minimum; returns the seconds of work triggered.
+/// come back to the minimum; returns the seconds of work triggered and each burst's pauses.
 async fn drive(
     scenario: &Scenario,
     environment: &Environment,
@@ -215,8 +233,9 @@ async fn drive(
     pool: &PgPool,
     fleet: &Arc<Mutex<Fleet>>,
     began: Instant,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Vec<Vec<u32>>)> {
     let deadline = began + scenario.deadline;
+    let mut arrivals = Vec::new();
     let mut random = XorShift(scenario.seed.max(1));
     let mut work = 0;
     let mut triggered = 0;
@@ -227,6 +246,7 @@ async fn drive(
         let pauses: Vec<u32> = (0..size).map(|_| random.below(scenario.max_seconds + 1)).collect();
         work += pauses.iter().map(|&pause| u64::from(pause)).sum::<u64>();
         api.trigger_all(&pauses).await?;
+        arrivals.push(pauses);
         triggered += size;
         if !chaos_done && triggered * 2 >= scenario.runs {
             chaos(api, fleet, &environment.dev_script, deadline).await?;
@@ -246,7 +266,48 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(work)
+    Ok((work, arrivals))
+}
+
+/// The same bursts of the same pauses through `docker run --rm` of the job's image, at most the
+/// maximum capacity at once; how long until the last ended.
+async fn baseline(scenario: &Scenario, arrivals: &[Vec<u32>]) -> anyhow::Result<Duration> {
+    use bollard::models::{ContainerCreateBody, HostConfig};
+    use bollard::query_parameters::{RemoveContainerOptions, WaitContainerOptions};
+    use futures::StreamExt;
+
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(scenario.max_agents * scenario.runs_per_agent));
+    let began = Instant::now();
+    let mut tasks = Vec::new();
+    for (burst, pauses) in arrivals.iter().enumerate() {
+        tokio::time::sleep_until((began + scenario.burst_every * burst as u32).into()).await;
+        for &pause in pauses {
+            let (docker, slots) = (docker.clone(), slots.clone());
+            tasks.push(tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await?;
+                let body = ContainerCreateBody {
+                    image: Some("busybox:latest".to_owned()),
+                    cmd: Some(vec!["sh".into(), "-c".into(), format!("sleep {pause}")]),
+                    host_config: Some(HostConfig { init: Some(true), ..Default::default() }),
+                    ..Default::default()
+                };
+                let created =
+                    docker.create_container(None::<bollard::query_parameters::CreateContainerOptions>, body).await?;
+                docker.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>).await?;
+                let mut wait =
+                    docker.wait_container(&created.id, Some(WaitContainerOptions { condition: "not-running".into() }));
+                let _ = wait.next().await;
+                let remove = RemoveContainerOptions { force: true, ..Default::default() };
+                docker.remove_container(&created.id, Some(remove)).await?;
+                anyhow::Ok(())
+            }));
+        }
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(began.elapsed())
 }
 
 /// Waits until an agent runs something, SIGKILLs it and starts it again under its id; then stops
@@ -431,21 +492,36 @@ impl Api {
     /// Triggers one run per pause, 16 at a time.
     async fn trigger_all(&self, pauses: &[u32]) -> anyhow::Result<()> {
         for chunk in pauses.chunks(16) {
-            let triggers = chunk.iter().map(|pause| {
-                self.http
-                    .post(format!("{}/jobs/{JOB}/runs", self.base))
-                    .bearer_auth(&self.token)
-                    .json(&json!({"parameters": {"PAUSE": pause.to_string()}}))
-                    .send()
-            });
-            for answer in futures::future::join_all(triggers).await {
-                let answer = answer?;
-                if answer.status() != 201 {
-                    bail!("a trigger answered {}", answer.status());
-                }
+            for answer in futures::future::join_all(chunk.iter().map(|pause| self.trigger(*pause))).await {
+                answer?;
             }
         }
         Ok(())
+    }
+
+    /// One trigger, retried on a broken connection or a 503 as a client does, under one
+    /// idempotency key so that a retry never makes a second run.
+    async fn trigger(&self, pause: u32) -> anyhow::Result<()> {
+        let key = uuid::Uuid::new_v4().to_string();
+        let mut last = String::new();
+        for _ in 0..10 {
+            let sent = self
+                .http
+                .post(format!("{}/jobs/{JOB}/runs", self.base))
+                .bearer_auth(&self.token)
+                .header("idempotency-key", &key)
+                .json(&json!({"parameters": {"PAUSE": pause.to_string()}}))
+                .send()
+                .await;
+            match sent {
+                Ok(answer) if answer.status() == 201 || answer.status() == 200 => return Ok(()),
+                Ok(answer) if answer.status() != 503 => bail!("a trigger answered {}", answer.status()),
+                Ok(answer) => last = format!("answered {}", answer.status()),
+                Err(err) => last = format!("{err:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        bail!("a trigger failed ten times: {last}")
     }
 
     /// Waiting + running runs of the default queue, as `GET /queues` says.

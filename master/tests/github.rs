@@ -99,6 +99,10 @@ async fn deliveries_are_authenticated_by_their_signature_and_checked(pool: PgPoo
     deliver(&app, "ping", "d-forged", &ping, Some(&sign(b"something else")))
         .await
         .expect_problem(401, "does not match");
+    // GitHub caps payloads at 25 MB; a larger body is refused before anything is read from it.
+    let huge = json!({"zen": "x".repeat(26 << 20)});
+    let too_big = deliver(&app, "ping", "d-huge", &huge, None).await;
+    too_big.expect_problem(413, "larger than the limit of 26214400 bytes");
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM github_deliveries").fetch_one(&pool).await.unwrap();
     assert_eq!(stored, 0, "nothing is stored for a delivery that is not authentic");
 

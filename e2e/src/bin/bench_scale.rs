@@ -37,6 +37,9 @@ struct Args {
     seed: u64,
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     deadline: Duration,
+    /// Leave out the `docker run` baseline.
+    #[arg(long)]
+    no_baseline: bool,
     #[arg(long, env = "CIMASTER_DATABASE_URL")]
     database_url: String,
     #[arg(long, env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -68,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         lease: Duration::from_secs(10),
         seed: args.seed,
         deadline: args.deadline,
+        baseline: !args.no_baseline,
     };
     let outcome = scale::run(&scenario, &environment).await;
     database.drop_now().await.context("dropping the benchmark's database")?;

@@ -37,5 +37,6 @@ pub fn small(chaos: bool) -> Scenario {
         lease: Duration::from_secs(8),
         seed: 11,
         deadline: Duration::from_secs(240),
+        baseline: false,
     }
 }

@@ -70,7 +70,7 @@ pub struct Push {
 #[derive(Debug)]
 pub enum Reading {
     Ping,
-    Act(Event),
+    Act(Box<Event>),
     /// Nothing to do, and why.
     Ignored(String),
 }
@@ -122,7 +122,7 @@ fn read_pull_request(payload: &Value) -> Result<Reading, String> {
         sender: text(payload, "/sender/login")?,
         action,
     };
-    Ok(Reading::Act(if updated { Event::PullRequestUpdated(pull) } else { Event::PullRequestClosed(pull) }))
+    Ok(Reading::Act(Box::new(if updated { Event::PullRequestUpdated(pull) } else { Event::PullRequestClosed(pull) })))
 }
 
 fn read_push(payload: &Value) -> Result<Reading, String> {
@@ -133,12 +133,12 @@ fn read_push(payload: &Value) -> Result<Reading, String> {
     if payload["deleted"].as_bool() == Some(true) {
         return Ok(Reading::Ignored(format!("branch `{branch}` was deleted: nothing to run")));
     }
-    Ok(Reading::Act(Event::Push(Push {
+    Ok(Reading::Act(Box::new(Event::Push(Push {
         repository: text(payload, "/repository/full_name")?,
         branch: branch.to_owned(),
         after: text(payload, "/after")?.parse().map_err(|_| "`after` is not a commit SHA".to_owned())?,
         sender: text(payload, "/sender/login")?,
-    })))
+    }))))
 }
 
 fn text(payload: &Value, pointer: &str) -> Result<String, String> {
