@@ -25,6 +25,9 @@ pub struct Checkout {
     pub token_secret: Option<EnvName>,
     pub ssh_key_secret: Option<EnvName>,
     pub ssh_known_hosts: Option<String>,
+    /// Where the base repository keeps a pull request's head (`refs/pull/<n>/head`), forks
+    /// included: fetched when the commit is on no branch.
+    pub pull_ref: Option<String>,
 }
 
 pub struct Plan {
@@ -70,7 +73,7 @@ impl Plan {
                     image,
                     script: config.script.to_shell(),
                     env: config.env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-                    secrets: config.secrets.clone(),
+                    secrets: if withholds_secrets(claim, git) { Vec::new() } else { config.secrets.clone() },
                     timeout_seconds: config.timeout_seconds,
                     resources: config.resources.clone(),
                     working_dir: Some(WORKSPACE.to_owned()),
@@ -83,11 +86,18 @@ impl Plan {
                         token_secret: git.token_secret.clone(),
                         ssh_key_secret: git.ssh_key_secret.clone(),
                         ssh_known_hosts: git.ssh_known_hosts.clone(),
+                        pull_ref: claim.cause.pull_request.map(|number| format!("refs/pull/{number}/head")),
                     }),
                 })
             }
         }
     }
+}
+
+/// A pull request from a fork runs without the job's secrets unless the job opts in
+/// (`github.secretsForForks`): its code is whatever the fork's author wrote.
+pub fn withholds_secrets(claim: &Claim, git: &cimaster_common::GitJob) -> bool {
+    claim.cause.from_fork && !git.github.as_ref().is_some_and(|github| github.secrets_for_forks)
 }
 
 /// The checkout helper's script: the whole repository, then the run's commit, detached. The
@@ -118,6 +128,9 @@ git config --global --add safe.directory /workspace
 git remote add origin "$CIMASTER_GIT_REPOSITORY"
 echo "fetching $CIMASTER_GIT_REPOSITORY"
 git fetch --quiet --tags origin '+refs/heads/*:refs/remotes/origin/*'
+if [ -n "${CIMASTER_GIT_PULL_REF:-}" ] && ! git cat-file -e "$CIMASTER_GIT_COMMIT^{commit}" 2>/dev/null; then
+  git fetch --quiet origin "+$CIMASTER_GIT_PULL_REF:refs/remotes/origin/pull-head" || true
+fi
 git cat-file -e "$CIMASTER_GIT_COMMIT^{commit}" 2>/dev/null || git fetch --quiet origin "$CIMASTER_GIT_COMMIT"
 git -c advice.detachedHead=false checkout --quiet --detach "$CIMASTER_GIT_COMMIT"
 git log -1 --format='checked out %H (%s)'

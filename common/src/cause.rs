@@ -79,6 +79,13 @@ pub struct Cause {
     pub base_branch: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_sha: Option<String>,
+    /// The code host's repository (`owner/name`) the event came from; its commit gets the run's
+    /// status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// The pull request's head is in a fork: the run gets no job secrets unless the job opts in.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_fork: bool,
 }
 
 impl Cause {
@@ -92,6 +99,7 @@ impl Cause {
             ("CIMASTER_SENDER", &self.sender),
             ("CIMASTER_BASE_BRANCH", &self.base_branch),
             ("CIMASTER_BASE_SHA", &self.base_sha),
+            ("CIMASTER_REPOSITORY", &self.repository),
         ] {
             if let Some(value) = value {
                 env.push(format!("{name}={value}"));
@@ -122,6 +130,7 @@ mod tests {
             sender: Some("octocat".into()),
             base_branch: Some("main".into()),
             base_sha: None,
+            ..Cause::default()
         };
         assert_eq!(
             cause.env(),

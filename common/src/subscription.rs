@@ -22,6 +22,10 @@ pub struct GithubSubscription {
     /// members and collaborators.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_users: Vec<String>,
+    /// Runs of pull requests from forks get the job's secrets too. Off by default: a fork's code
+    /// is whatever its author wrote.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secrets_for_forks: bool,
 }
 
 impl GithubSubscription {

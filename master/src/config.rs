@@ -281,7 +281,7 @@ mod tests {
     }
 }
 
-/// GitHub webhooks.
+/// GitHub: webhooks in, commit statuses and pull request reads out.
 #[derive(Debug, Clone, Args)]
 pub struct GithubConfig {
     /// Secrets GitHub signs webhook deliveries with, comma-separated so one can be rotated;
@@ -298,4 +298,36 @@ pub struct GithubConfig {
     #[arg(long = "github-handle-interval", env = "CIMASTER_GITHUB_HANDLE_INTERVAL", default_value = "500ms",
           value_parser = humantime::parse_duration)]
     pub handle_interval: Duration,
+
+    /// GitHub's REST API (GitHub Enterprise: `https://HOST/api/v3`).
+    #[arg(long = "github-api-url", env = "CIMASTER_GITHUB_API_URL", default_value = "https://api.github.com")]
+    pub api_url: String,
+
+    /// A token for GitHub's API (commit statuses, pull requests); or use a GitHub App.
+    #[arg(long = "github-token", env = "CIMASTER_GITHUB_TOKEN", hide_env_values = true)]
+    pub token: Option<SecretString>,
+
+    /// A GitHub App's id; with its private key, the App's installation tokens are used for the API
+    /// and to read and clone the repositories it is installed on.
+    #[arg(long = "github-app-id", env = "CIMASTER_GITHUB_APP_ID")]
+    pub app_id: Option<u64>,
+
+    /// The GitHub App's private key (PEM), as GitHub hands it out.
+    #[arg(long = "github-app-private-key-file", env = "CIMASTER_GITHUB_APP_PRIVATE_KEY_FILE")]
+    pub app_private_key_file: Option<std::path::PathBuf>,
+
+    /// The base of links shown on GitHub (a status's `target_url`), e.g. `https://ci.example.com`.
+    #[arg(long = "public-url", env = "CIMASTER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// How often each replica looks for commit statuses to post.
+    #[arg(long = "github-report-interval", env = "CIMASTER_GITHUB_REPORT_INTERVAL", default_value = "500ms",
+          value_parser = humantime::parse_duration)]
+    pub report_interval: Duration,
+
+    /// How often the open pull requests of subscribed repositories are listed, to run any whose
+    /// webhook was missed (also once at start).
+    #[arg(long = "github-resync-interval", env = "CIMASTER_GITHUB_RESYNC_INTERVAL", default_value = "5m",
+          value_parser = humantime::parse_duration)]
+    pub resync_interval: Duration,
 }

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod codehost;
 pub mod config;
 pub mod db;
 pub mod dispatch;

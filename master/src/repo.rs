@@ -94,11 +94,13 @@ impl RepoReader {
             .ok_or_else(|| RepoError::NoSuchBranch(branch.to_owned()))
     }
 
-    /// The text of `path` at `commit`; `None` when the commit has no such file.
+    /// The text of `path` at `commit`; `None` when the commit has no such file. A commit the
+    /// repository does not give by its id is looked for at `also_at` (a pull request's ref).
     pub async fn read_file(
         &self,
         url: &str,
         commit: &str,
+        also_at: Option<&str>,
         path: &str,
         creds: &Credentials,
     ) -> Result<Option<String>, RepoError> {
@@ -112,12 +114,22 @@ impl RepoReader {
         self.git(dir.path(), creds, &["init", "--quiet", "--bare", "."]).await?;
         let fetched =
             self.git(dir.path(), creds, &["fetch", "--quiet", "--depth=1", "--no-tags", "--", url, commit]).await;
-        if let Err(RepoError::Unreadable(message)) = &fetched {
-            if message.contains("not our ref") || message.contains("couldn't find remote ref") {
+        let missing = |message: &str| message.contains("not our ref") || message.contains("couldn't find remote ref");
+        match (fetched, also_at) {
+            (Ok(_), _) => {}
+            (Err(RepoError::Unreadable(message)), Some(reference)) if missing(&message) => {
+                let fetch = ["fetch", "--quiet", "--depth=1", "--no-tags", "--", url, reference];
+                self.git(dir.path(), creds, &fetch).await?;
+                let object = format!("{commit}^{{commit}}");
+                if self.git(dir.path(), creds, &["cat-file", "-e", &object]).await.is_err() {
+                    return Err(RepoError::NoSuchCommit(commit.to_owned()));
+                }
+            }
+            (Err(RepoError::Unreadable(message)), None) if missing(&message) => {
                 return Err(RepoError::NoSuchCommit(commit.to_owned()));
             }
+            (Err(err), _) => return Err(err),
         }
-        fetched?;
         let object = format!("{commit}:{path}");
         let size = match self.git(dir.path(), creds, &["cat-file", "-s", &object]).await {
             Ok(size) => size.trim().parse::<usize>().unwrap_or(usize::MAX),
@@ -267,10 +279,16 @@ mod tests {
         let feature = reader.resolve_branch(&url, "feature", &creds).await.unwrap();
         assert_ne!(feature, main);
         assert!(matches!(reader.resolve_branch(&url, "nope", &creds).await, Err(RepoError::NoSuchBranch(_))));
-        assert_eq!(reader.read_file(&url, &main, ".cimaster.yml", &creds).await.unwrap().as_deref(), Some("one\n"));
-        assert_eq!(reader.read_file(&url, &feature, ".cimaster.yml", &creds).await.unwrap().as_deref(), Some("two\n"));
-        assert_eq!(reader.read_file(&url, &main, "missing.yml", &creds).await.unwrap(), None);
-        let err = reader.read_file(&url, &"0".repeat(40), ".cimaster.yml", &creds).await.unwrap_err();
+        assert_eq!(
+            reader.read_file(&url, &main, None, ".cimaster.yml", &creds).await.unwrap().as_deref(),
+            Some("one\n")
+        );
+        assert_eq!(
+            reader.read_file(&url, &feature, None, ".cimaster.yml", &creds).await.unwrap().as_deref(),
+            Some("two\n")
+        );
+        assert_eq!(reader.read_file(&url, &main, None, "missing.yml", &creds).await.unwrap(), None);
+        let err = reader.read_file(&url, &"0".repeat(40), None, ".cimaster.yml", &creds).await.unwrap_err();
         assert!(matches!(err, RepoError::NoSuchCommit(_)), "{err}");
         let err = reader.resolve_branch("file:///nowhere/at/all", "main", &creds).await.unwrap_err();
         assert!(matches!(err, RepoError::Unreadable(_)), "{err}");
@@ -280,7 +298,7 @@ mod tests {
             "git checkout -q main && head -c 300000 /dev/zero | tr '\\0' x > .cimaster.yml && git commit -qam big",
         );
         let big = sh(&repo, "git rev-parse main");
-        let err = reader.read_file(&url, &big, ".cimaster.yml", &creds).await.unwrap_err();
+        let err = reader.read_file(&url, &big, None, ".cimaster.yml", &creds).await.unwrap_err();
         assert!(matches!(err, RepoError::TooLarge(300000)), "{err}");
     }
 

@@ -64,6 +64,8 @@ impl Application {
         ];
         let max_timeout_seconds = u32::try_from(config.max_timeout.as_secs()).unwrap_or(u32::MAX);
         let jobs = JobCache::default();
+        let host: Option<Arc<dyn crate::codehost::CodeHost>> =
+            crate::github::api::GithubApi::from_config(&config.github)?.map(|api| Arc::new(api) as _);
         let triggers = Triggers {
             pool: pool.clone(),
             broker: broker.clone(),
@@ -72,6 +74,7 @@ impl Application {
             repos: Arc::new(crate::repo::RepoReader::new(&config.git)),
             secrets: secrets.clone(),
             max_timeout_seconds,
+            host: host.clone(),
         };
         let mut tasks = tasks;
         tasks.push(tokio::spawn(crate::scheduler::run_scheduler(
@@ -79,11 +82,29 @@ impl Application {
             config.schedule_interval,
             cancel.clone(),
         )));
-        tasks.push(tokio::spawn(crate::github::handle::run_handler(
-            triggers.clone(),
+        let integration = crate::codehost::Integration { triggers: triggers.clone(), host: host.clone() };
+        tasks.push(tokio::spawn(crate::codehost::handle::run_handler(
+            integration.clone(),
             config.github.handle_interval,
             cancel.clone(),
         )));
+        if let Some(host) = host {
+            let reporter = crate::codehost::report::Reporter {
+                pool: pool.clone(),
+                host,
+                public_url: config.github.public_url.clone(),
+            };
+            tasks.push(tokio::spawn(crate::codehost::report::run_reporter(
+                reporter,
+                config.github.report_interval,
+                cancel.clone(),
+            )));
+            tasks.push(tokio::spawn(crate::codehost::resync::run_resync(
+                integration,
+                config.github.resync_interval,
+                cancel.clone(),
+            )));
+        }
         let state = AppState {
             pool,
             broker,

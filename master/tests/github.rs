@@ -187,20 +187,24 @@ async fn strangers_drafts_and_other_branches_start_nothing_and_pushes_run(pool: 
     let mut fork = pull_request("opened", 10, &head, "mona", "MEMBER");
     fork["pull_request"]["head"]["repo"]["full_name"] = json!("mona/hello");
     deliver(&app, "pull_request", "d-fork", &fork, None).await;
-    assert!(handled(&app, "d-fork").await["outcome"].as_str().unwrap().contains("fork"));
+    // A member's pull request from a fork runs, marked as from a fork (its run gets no secrets).
+    let forked = handled(&app, "d-fork").await;
+    let fork_run = forked["runs"][0].as_str().unwrap().to_owned();
+    let run = app.admin().get(&format!("/runs/{fork_run}")).await.body;
+    assert_eq!((run["fromFork"].as_bool(), run["repository"].as_str()), (Some(true), Some(REPO)), "{run}");
     let mut other_base = pull_request("opened", 11, &head, "mona", "MEMBER");
     other_base["pull_request"]["base"]["ref"] = json!("develop");
     deliver(&app, "pull_request", "d-develop", &other_base, None).await;
     assert_eq!(handled(&app, "d-develop").await["outcome"], "no job subscribes to octo-org/hello for this event");
     deliver(&app, "push", "d-push-feature", &push("feature", &head), None).await;
     handled(&app, "d-push-feature").await;
-    assert!(runs_of(&pool).await.is_empty());
+    assert_eq!(runs_of(&pool).await.len(), 1, "only the fork's pull request ran");
 
     let main = repo.sha("main").to_owned();
     deliver(&app, "push", "d-push-main", &push("main", &main), None).await;
     let delivery = handled(&app, "d-push-main").await;
     let runs = runs_of(&pool).await;
-    assert_eq!(runs.len(), 1, "{delivery}");
-    assert_eq!((runs[0].2.as_deref(), runs[0].4.as_str()), (Some(main.as_str()), "push"));
+    assert_eq!(runs.len(), 2, "{delivery}");
+    assert_eq!((runs[1].2.as_deref(), runs[1].4.as_str()), (Some(main.as_str()), "push"));
     app.stop().await;
 }

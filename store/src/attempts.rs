@@ -73,11 +73,12 @@ pub async fn claim<'e>(
                              message = CASE WHEN starts_with(message, $5) THEN NULL ELSE message END
              WHERE id = $1 AND attempt = $2 AND status = 'queued' AND NOT abort_requested
              RETURNING id, attempt, job, spec, parameters, commit_sha, config,
-                       event, pull_request, sender, base_branch, base_sha
+                       event, pull_request, sender, base_branch, base_sha, repository, from_fork
          ), attempt AS (
              INSERT INTO run_attempts (run_id, attempt, agent) SELECT id, attempt, $3 FROM claimed
          )
-         SELECT job, spec, parameters, commit_sha, config, event, pull_request, sender, base_branch, base_sha
+         SELECT job, spec, parameters, commit_sha, config, event, pull_request, sender, base_branch, base_sha,
+                repository, from_fork
          FROM claimed",
     )
     .bind(run.0)
@@ -176,7 +177,9 @@ pub async fn finish(
     let mut tx = pool.begin().await?;
     let exit_code = outcome.exit_code.map(|code| code.clamp(i32::MIN as i64, i32::MAX as i64) as i32);
     let updated = sqlx::query(
-        "UPDATE runs SET status = $4, exit_code = $5, message = $6, finished_at = now(), updated_at = now(),
+        "UPDATE runs SET status = $4, exit_code = $5, finished_at = now(), updated_at = now(),
+                         message = CASE WHEN $4 = 'aborted' AND aborted_by IS NOT NULL
+                                        THEN 'aborted by ' || aborted_by ELSE $6 END,
                          lease_expires_at = NULL, console_key = $7, console_bytes = $8
          WHERE id = $1 AND attempt = $2 AND agent = $3 AND status = 'running'",
     )

@@ -138,6 +138,17 @@ pub async fn delete(pool: &PgPool, name: &JobName) -> Result<Deleted, sqlx::Erro
     Ok(Deleted::Deleted)
 }
 
+/// Every repository some git job subscribes to on GitHub.
+pub async fn subscribed_repositories(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT ON (lower(spec->'github'->>'repository')) spec->'github'->>'repository' FROM jobs
+         WHERE kind = 'git' AND spec->'github'->>'repository' IS NOT NULL
+         ORDER BY lower(spec->'github'->>'repository')",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// The git jobs whose `github.repository` is `repository` (`owner/name`, any case).
 pub async fn subscribed(pool: &PgPool, repository: &str) -> Result<Vec<Job>, sqlx::Error> {
     let rows: Vec<JobRow> = sqlx::query_as(

@@ -5,6 +5,7 @@
 //! [`RunStatus`]: cimaster_common::RunStatus
 
 pub mod agents;
+pub mod approvals;
 pub mod attempts;
 pub mod channels;
 pub mod console;
@@ -17,6 +18,7 @@ pub mod results;
 pub mod runs;
 pub mod schedules;
 pub mod secrets;
+pub mod statuses;
 
 /// The schema's migrations, applied by the master at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

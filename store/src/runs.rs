@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 const COLUMNS: &str = "id, job, status, attempt, queue, commit_sha, branch_name, parameters, triggered_by, \
     agent, exit_code, message, abort_requested, created_at, published_at, started_at, finished_at, updated_at, config, rerun_of, \
-    event, pull_request, sender, base_branch, base_sha";
+    event, pull_request, sender, base_branch, base_sha, repository, from_fork";
 
 /// A run as stored.
 #[derive(Debug, Clone)]
@@ -77,6 +77,8 @@ pub(crate) struct CauseColumns {
     sender: Option<String>,
     base_branch: Option<String>,
     base_sha: Option<String>,
+    repository: Option<String>,
+    from_fork: bool,
 }
 
 impl From<CauseColumns> for Cause {
@@ -87,6 +89,8 @@ impl From<CauseColumns> for Cause {
             sender: row.sender,
             base_branch: row.base_branch,
             base_sha: row.base_sha,
+            repository: row.repository,
+            from_fork: row.from_fork,
         }
     }
 }
@@ -147,8 +151,8 @@ pub async fn insert(pool: &PgPool, run: &NewRun<'_>) -> Result<Option<Run>, sqlx
     let row: Option<RunRow> = sqlx::query_as(&format!(
         "INSERT INTO runs (id, job, queue, commit_sha, branch_name, parameters, spec, triggered_by,
                            idempotency_key, request_hash, config, rerun_of,
-                           event, pull_request, sender, base_branch, base_sha)
-         SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12, $13, $14, $15, $16, $17, $18 FROM jobs
+                           event, pull_request, sender, base_branch, base_sha, repository, from_fork)
+         SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12, $13, $14, $15, $16, $17, $18, $19, $20 FROM jobs
          WHERE name = $2 AND version = $10 AND updated_at = $11
          FOR SHARE
          ON CONFLICT (job, idempotency_key) DO NOTHING
@@ -172,6 +176,8 @@ pub async fn insert(pool: &PgPool, run: &NewRun<'_>) -> Result<Option<Run>, sqlx
     .bind(run.cause.sender.as_deref())
     .bind(run.cause.base_branch.as_deref())
     .bind(run.cause.base_sha.as_deref())
+    .bind(run.cause.repository.as_deref())
+    .bind(run.cause.from_fork)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(Run::from))
@@ -272,6 +278,7 @@ pub async fn abort(pool: &PgPool, job: &JobName, id: RunId, by: &str) -> Result<
     let row: Option<RunRow> = sqlx::query_as(&format!(
         "UPDATE runs SET
             abort_requested = TRUE,
+            aborted_by = $3,
             status = CASE WHEN status = 'queued' THEN 'aborted' ELSE status END,
             finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
             message = CASE WHEN status = 'queued' THEN 'aborted by ' || $3 || ' before it started' ELSE message END,
@@ -399,4 +406,16 @@ pub async fn active_of_pull_request(
     .bind(pull_request)
     .fetch_all(pool)
     .await
+}
+
+/// The status of the job's newest run at `commit`, if it has one.
+pub async fn latest_at_commit(pool: &PgPool, job: &JobName, commit: &str) -> Result<Option<RunStatus>, sqlx::Error> {
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM runs WHERE job = $1 AND commit_sha = $2 ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(job.as_str())
+    .bind(commit)
+    .fetch_optional(pool)
+    .await?;
+    status.map(|status| status.parse().map_err(|err| sqlx::Error::Decode(Box::new(err)))).transpose()
 }

@@ -69,6 +69,9 @@ fn checkout_env(checkout: &Checkout, secrets: &HashMap<String, SecretString>) ->
     if let Some(key) = secret(&checkout.ssh_key_secret) {
         env.push(format!("CIMASTER_GIT_SSH_KEY={}", key.expose_secret()));
     }
+    if let Some(reference) = &checkout.pull_ref {
+        env.push(format!("CIMASTER_GIT_PULL_REF={reference}"));
+    }
     if let Some(lines) = &checkout.ssh_known_hosts {
         env.push(format!("CIMASTER_GIT_KNOWN_HOSTS={lines}"));
     }

@@ -44,6 +44,8 @@ pub struct Stack {
     pub api: Api,
     master: Child,
     pub agents: Vec<Agent>,
+    /// More settings for every master of the stack.
+    master_env: Vec<(&'static str, String)>,
 }
 
 pub struct Agent {
@@ -74,7 +76,7 @@ pub fn delete_topology(prefix: &str) {
 }
 
 /// Starts a master process and waits until it is ready.
-async fn spawn_master(database_url: &str, prefix: &str) -> (Child, Api) {
+async fn spawn_master(database_url: &str, prefix: &str, env: &[(&'static str, String)]) -> (Child, Api) {
     let port = free_port();
     let master = Command::new(binary("cimaster"))
         .arg("serve")
@@ -88,6 +90,7 @@ async fn spawn_master(database_url: &str, prefix: &str) -> (Child, Api) {
         .env("CIMASTER_LEASE_CHECK_INTERVAL", "200ms")
         .env("CIMASTER_OBSERVE_INTERVAL", "200ms")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -135,15 +138,20 @@ impl Default for AgentOptions {
 
 impl Stack {
     pub async fn start(pool: PgPool) -> Self {
+        Self::start_with(pool, Vec::new()).await
+    }
+
+    /// A stack whose masters get more settings.
+    pub async fn start_with(pool: PgPool, master_env: Vec<(&'static str, String)>) -> Self {
         let database_url = database_url(&pool);
         let prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let (master, api) = spawn_master(&database_url, &prefix).await;
-        Self { pool, database_url, prefix, api, master, agents: Vec::new() }
+        let (master, api) = spawn_master(&database_url, &prefix, &master_env).await;
+        Self { pool, database_url, prefix, api, master, agents: Vec::new(), master_env }
     }
 
     /// Another master replica over the same database and queues; it stops when dropped.
     pub async fn add_master(&self) -> Replica {
-        let (child, api) = spawn_master(&self.database_url, &self.prefix).await;
+        let (child, api) = spawn_master(&self.database_url, &self.prefix, &self.master_env).await;
         Replica { child, api }
     }
 

@@ -1,16 +1,18 @@
-//! What is GitHub's own: the webhook signature, and the payloads as CIMaster reads them. A
-//! delivery becomes an [`Event`] here, once, when it is received; the rest of the master sees only
-//! events (`handle` turns them into runs and aborts). GitLab or Gitea would be a sibling module
-//! making the same events.
+//! What is GitHub's own: the webhook signature, the payloads as CIMaster reads them, its REST API
+//! (`api`: commit statuses, pull requests) and App authentication (`app`). A delivery becomes a
+//! [`codehost::Event`](crate::codehost::Event) here, once, when it is received; the rest of the
+//! master sees only events and the [`CodeHost`](crate::codehost::CodeHost) interface. GitLab or
+//! Gitea would be a sibling module making the same events.
 
-pub mod handle;
+pub mod api;
+pub mod app;
 
-use cimaster_common::CommitSha;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
+
+use crate::codehost::{Command, Comment, Event, PullRequest, Push};
 
 /// Whether `signature` (`X-Hub-Signature-256: sha256=<hex>`) is the HMAC-SHA256 of `body` under
 /// one of `secrets` (several, so a secret can be rotated). Compared in constant time.
@@ -22,48 +24,6 @@ pub fn signature_valid(secrets: &[SecretString], body: &[u8], signature: &str) -
         mac.update(body);
         mac.verify_slice(&digest).is_ok()
     })
-}
-
-/// A delivery as CIMaster acts on it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Event {
-    /// A pull request opened, reopened, pushed to (`synchronize`) or marked ready for review.
-    PullRequestUpdated(PullRequest),
-    /// A pull request closed or turned back into a draft: its runs are aborted.
-    PullRequestClosed(PullRequest),
-    Push(Push),
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PullRequest {
-    pub repository: String,
-    pub action: String,
-    pub number: i64,
-    pub draft: bool,
-    pub head_sha: CommitSha,
-    /// `owner/name` of the head's repository: another than `repository` for a fork.
-    pub head_repository: String,
-    pub base_branch: String,
-    pub base_sha: String,
-    pub author: String,
-    /// GitHub's `author_association`: `OWNER`, `MEMBER`, `COLLABORATOR`, `CONTRIBUTOR`, `NONE`, …
-    pub association: String,
-    pub sender: String,
-}
-
-impl PullRequest {
-    pub fn from_fork(&self) -> bool {
-        !self.head_repository.eq_ignore_ascii_case(&self.repository)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Push {
-    pub repository: String,
-    pub branch: String,
-    pub after: CommitSha,
-    pub sender: String,
 }
 
 /// What a delivery is, read from its `X-GitHub-Event` and payload.
@@ -96,6 +56,7 @@ pub fn read(event: &str, payload: &Value) -> Result<Reading, String> {
         "ping" => Ok(Reading::Ping),
         "pull_request" => read_pull_request(payload),
         "push" => read_push(payload),
+        "issue_comment" => read_comment(payload),
         other => Ok(Reading::Ignored(format!("the `{other}` event starts nothing"))),
     }
 }
@@ -107,22 +68,66 @@ fn read_pull_request(payload: &Value) -> Result<Reading, String> {
     if !updated && !closed {
         return Ok(Reading::Ignored(format!("pull request action `{action}` starts nothing")));
     }
-    let pull = PullRequest {
-        repository: text(payload, "/repository/full_name")?,
-        number: payload.pointer("/pull_request/number").and_then(Value::as_i64).ok_or("no `pull_request.number`")?,
-        draft: payload.pointer("/pull_request/draft").and_then(Value::as_bool).unwrap_or(false),
-        head_sha: text(payload, "/pull_request/head/sha")?
-            .parse()
-            .map_err(|_| "`pull_request.head.sha` is not a commit SHA".to_owned())?,
-        head_repository: text(payload, "/pull_request/head/repo/full_name")?,
-        base_branch: text(payload, "/pull_request/base/ref")?,
-        base_sha: text(payload, "/pull_request/base/sha")?,
-        author: text(payload, "/pull_request/user/login")?,
-        association: text(payload, "/pull_request/author_association")?,
-        sender: text(payload, "/sender/login")?,
-        action,
-    };
+    let repository = text(payload, "/repository/full_name")?;
+    let sender = text(payload, "/sender/login")?;
+    let pull = pull_request(&payload["pull_request"], repository, action, sender)
+        .map_err(|field| format!("the payload has no `pull_request.{field}`"))?;
     Ok(Reading::Act(Box::new(if updated { Event::PullRequestUpdated(pull) } else { Event::PullRequestClosed(pull) })))
+}
+
+/// A pull request object as GitHub's webhooks and its REST API both show it; `Err` names the field
+/// it lacks.
+pub(crate) fn pull_request(
+    pull: &Value,
+    repository: String,
+    action: String,
+    sender: String,
+) -> Result<PullRequest, String> {
+    let field = |pointer: &str| {
+        pull.pointer(pointer).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| pointer[1..].replace('/', "."))
+    };
+    Ok(PullRequest {
+        number: pull.pointer("/number").and_then(Value::as_i64).ok_or("number")?,
+        draft: pull.pointer("/draft").and_then(Value::as_bool).unwrap_or(false),
+        state: field("/state").unwrap_or_else(|_| "open".to_owned()),
+        head_sha: field("/head/sha")?.parse().map_err(|_| "head.sha (a commit SHA)".to_owned())?,
+        // A fork that was deleted has no repository; its head is still fetched from ours.
+        head_repository: field("/head/repo/full_name").unwrap_or_else(|_| "(deleted fork)".to_owned()),
+        base_branch: field("/base/ref")?,
+        base_sha: field("/base/sha")?,
+        author: field("/user/login")?,
+        association: field("/author_association")?,
+        repository,
+        action,
+        sender,
+    })
+}
+
+fn read_comment(payload: &Value) -> Result<Reading, String> {
+    let action = text(payload, "/action")?;
+    if action != "created" {
+        return Ok(Reading::Ignored(format!("comment action `{action}` starts nothing")));
+    }
+    if payload.pointer("/issue/pull_request").is_none() {
+        return Ok(Reading::Ignored("a comment on an issue, not a pull request, starts nothing".to_owned()));
+    }
+    if payload.pointer("/issue/state").and_then(Value::as_str) == Some("closed") {
+        return Ok(Reading::Ignored("a comment on a closed pull request starts nothing".to_owned()));
+    }
+    let commands = Command::parse_all(&text(payload, "/comment/body")?);
+    if commands.is_empty() {
+        return Ok(Reading::Ignored("the comment has no command (/test, /retest, /ok-to-test)".to_owned()));
+    }
+    Ok(Reading::Act(Box::new(Event::Comment(Comment {
+        repository: text(payload, "/repository/full_name")?,
+        pull_request: payload
+            .pointer("/issue/number")
+            .and_then(Value::as_i64)
+            .ok_or("the payload has no `issue.number`")?,
+        commenter: text(payload, "/comment/user/login")?,
+        association: text(payload, "/comment/author_association")?,
+        commands,
+    }))))
 }
 
 fn read_push(payload: &Value) -> Result<Reading, String> {

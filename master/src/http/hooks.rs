@@ -1,6 +1,7 @@
 //! `POST /hooks/github`: GitHub's webhooks, authenticated by their signature, recorded by delivery
 //! id and answered at once; the work (config reads, run creation) follows in any replica
-//! (`github::handle`). `GET /hooks/github/deliveries`: what each delivery did.
+//! (`codehost::handle`). `GET /hooks/github/deliveries`: what each delivery did;
+//! `GET /hooks/github/statuses`: the commit statuses posted, waiting or given up.
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -10,12 +11,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cimaster_store::deliveries::{self, DeliveryView, Received};
 use cimaster_store::jobs;
+use cimaster_store::statuses::{self, StatusView};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::{Admin, AppState};
 use crate::auth::AuthError;
-use crate::github::{self, Event, Reading};
+use crate::codehost::Event;
+use crate::github::{self, Reading};
 
 /// GitHub sends payloads of up to 25 MB.
 pub const HOOK_BODY_LIMIT: usize = 25 << 20;
@@ -24,6 +27,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/hooks/github", post(receive).layer(DefaultBodyLimit::max(HOOK_BODY_LIMIT)))
         .route("/hooks/github/deliveries", get(list_deliveries))
+        .route("/hooks/github/statuses", get(list_statuses))
 }
 
 /// What became of a delivery at once.
@@ -125,10 +129,7 @@ fn header(headers: &HeaderMap, name: &str) -> Result<String, ApiError> {
 
 /// Why nothing subscribes to the event's repository, if nothing does.
 async fn unsubscribed(state: &AppState, event: &Event) -> Result<Option<String>, ApiError> {
-    let repository = match event {
-        Event::PullRequestUpdated(pull) | Event::PullRequestClosed(pull) => &pull.repository,
-        Event::Push(push) => &push.repository,
-    };
+    let repository = event.repository();
     if jobs::subscribed(&state.pool, repository).await?.is_empty() {
         Ok(Some(format!("no job subscribes to {repository}")))
     } else {
@@ -166,4 +167,36 @@ pub(super) async fn list_deliveries(
     }
     let deliveries = deliveries::list(&state.pool, filter.repository.as_deref(), limit).await?;
     Ok(Json(DeliveryList { deliveries }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct StatusFilter {
+    /// Only statuses of this commit.
+    sha: Option<String>,
+    /// At most this many, newest first (1–500, 50 by default).
+    limit: Option<i64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct StatusList {
+    pub statuses: Vec<StatusView>,
+}
+
+/// Commit statuses, newest first: what was posted to GitHub, what waits for a retry and why, and
+/// what GitHub refused.
+#[utoipa::path(get, path = "/hooks/github/statuses", tag = "github", params(StatusFilter),
+    responses((status = 200, body = StatusList)), security(("bearer" = [])))]
+pub(super) async fn list_statuses(
+    State(state): State<AppState>,
+    _caller: Admin,
+    super::query::ApiQuery(filter): super::query::ApiQuery<StatusFilter>,
+) -> Result<Json<StatusList>, ApiError> {
+    let limit = filter.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest(format!("limit must be 1 to 500, not {limit}")));
+    }
+    let statuses = statuses::list(&state.pool, filter.sha.as_deref(), limit).await?;
+    Ok(Json(StatusList { statuses }))
 }

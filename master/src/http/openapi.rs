@@ -23,7 +23,7 @@ use super::AppState;
         super::pool::cimaster::releasecluster, super::pool::cimaster::addcluster, super::pool::cimaster::deletecluster,
         super::pool::cimaster::disablecluster, super::pool::cimaster::enablecluster, super::pool::cimaster::createcluster,
         super::agents::list_agents, super::agents::list_queues,
-        super::hooks::receive, super::hooks::list_deliveries,
+        super::hooks::receive, super::hooks::list_deliveries, super::hooks::list_statuses,
         super::health::healthz, super::health::readyz, super::health::metrics,
     ),
     components(schemas(

@@ -79,6 +79,8 @@ pub struct Triggers {
     pub repos: Arc<RepoReader>,
     pub secrets: Option<SecretBox>,
     pub max_timeout_seconds: u32,
+    /// The code host's API: a GitHub App's installation token reads subscribed repositories.
+    pub host: Option<Arc<dyn crate::codehost::CodeHost>>,
 }
 
 impl Triggers {
@@ -129,7 +131,7 @@ impl Triggers {
     ) -> Result<Option<Run>, TriggerError> {
         let parameters = plan::parameters(trigger.job, &job.spec, trigger.request)?;
         let resolved = match job.spec.as_ref() {
-            JobSpec::Git(git) => Some(self.resolve(trigger.job, git, trigger.request).await?),
+            JobSpec::Git(git) => Some(self.resolve(trigger.job, git, trigger.request, trigger.cause).await?),
             JobSpec::Freestyle(_) => None,
         };
         let queue = resolved.as_ref().and_then(|resolved| resolved.config.queue.as_ref()).unwrap_or(job.spec.queue());

@@ -2,7 +2,7 @@
 //! the job's repository credentials. Every problem with the repository or the file is the trigger's.
 
 use cimaster_common::secrets::SecretBox;
-use cimaster_common::{EnvName, GitJob, JobName, RepoConfig, TriggerRequest};
+use cimaster_common::{Cause, EnvName, GitJob, JobName, RepoConfig, TriggerRequest};
 use cimaster_store::secrets::{self, OpenError};
 use sqlx::PgPool;
 
@@ -21,8 +21,14 @@ impl Triggers {
         job: &JobName,
         git: &GitJob,
         request: &TriggerRequest,
+        cause: &Cause,
     ) -> Result<Resolved, TriggerError> {
-        let creds = credentials(&self.pool, self.secrets.as_ref(), job, git).await?;
+        let mut creds = credentials(&self.pool, self.secrets.as_ref(), job, git).await?;
+        if let (None, Some(host), Some(github)) = (&creds.token, &self.host, &git.github) {
+            creds.token = host.repository_token(github.repository.as_str()).await.map_err(|err| {
+                TriggerError::Invalid(format!("GitHub gives no token for {}: {err}", github.repository.as_str()))
+            })?;
+        }
         let url = git.repository.as_str();
         let invalid = |err: RepoError| TriggerError::Invalid(format!("repository {url}: {err}"));
         let commit = match (&request.commit_sha, &request.branch_name) {
@@ -31,9 +37,12 @@ impl Triggers {
             (None, None) => return Err(TriggerError::Invalid(format!("git job `{job}` needs a commit or a branch"))),
         };
         let path = git.config_path.as_str();
-        let text = self.repos.read_file(url, &commit, path, &creds).await.map_err(invalid)?.ok_or_else(|| {
-            TriggerError::Invalid(format!("job config file `{path}` does not exist at commit {commit}"))
-        })?;
+        // A pull request's head (a fork's too) is kept by the base repository under this ref.
+        let pull_ref = cause.pull_request.map(|number| format!("refs/pull/{number}/head"));
+        let text =
+            self.repos.read_file(url, &commit, pull_ref.as_deref(), path, &creds).await.map_err(invalid)?.ok_or_else(
+                || TriggerError::Invalid(format!("job config file `{path}` does not exist at commit {commit}")),
+            )?;
         let config = RepoConfig::parse(&text)
             .map_err(|err| TriggerError::Invalid(format!("job config file `{path}` at commit {commit}, {err}")))?;
         if config.timeout_seconds > self.max_timeout_seconds {

@@ -88,6 +88,13 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
         github: GithubConfig {
             webhook_secrets: vec![SecretString::from(WEBHOOK_SECRET)],
             handle_interval: Duration::from_millis(100),
+            api_url: "http://127.0.0.1:9".to_owned(),
+            token: None,
+            app_id: None,
+            app_private_key_file: None,
+            public_url: None,
+            report_interval: Duration::from_millis(100),
+            resync_interval: Duration::from_secs(3600),
         },
         schedule_interval: Duration::from_millis(200),
         max_timeout: Duration::from_secs(24 * 3600),

@@ -1,0 +1,354 @@
+//! Handling deliveries after they were recorded: each replica claims pending ones in Postgres and
+//! turns their event into runs (through the one run-creation service), aborts and approvals. A run
+//! is created with the delivery's id in its idempotency key, so a replica that dies mid-way leaves a
+//! delivery that the next one finishes without doubling a run.
+
+use std::time::Duration;
+
+use cimaster_common::{Cause, GithubSubscription, JobName, JobSpec, RunEvent, RunId, RunStatus, TriggerRequest};
+use cimaster_store::approvals::{self, Approval};
+use cimaster_store::{deliveries, jobs, runs, statuses};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Command, Comment, Event, HostError, Integration, PullRequest, Push, StatusState};
+use crate::ticker::Ticker;
+use crate::trigger::{Created, Trigger, TriggerError};
+
+/// How long a claimed delivery is this replica's.
+const CLAIM: Duration = Duration::from_secs(60);
+
+/// What a pull request by someone untrusted shows until a trusted user comments `/ok-to-test`.
+pub const WAITING_FOR_APPROVAL: &str = "waiting for /ok-to-test by a maintainer";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error(transparent)]
+    Trigger(#[from] TriggerError),
+    #[error("GitHub: {0}")]
+    Host(#[from] HostError),
+}
+
+impl From<sqlx::Error> for HandleError {
+    fn from(err: sqlx::Error) -> Self {
+        HandleError::Trigger(err.into())
+    }
+}
+
+pub async fn run_handler(integration: Integration, interval: Duration, cancel: CancellationToken) {
+    let mut ticker = Ticker::new(interval, cancel);
+    while ticker.tick().await {
+        loop {
+            match deliveries::claim(integration.pool(), CLAIM).await {
+                Ok(Some(pending)) => handle_one(&integration, pending).await,
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "looking for webhook deliveries failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn handle_one(integration: &Integration, pending: deliveries::Pending) {
+    let pool = integration.pool();
+    let event: Event = match serde_json::from_value(pending.payload.0) {
+        Ok(event) => event,
+        Err(err) => {
+            let _ = deliveries::settle(pool, &pending.id, &format!("unreadable: {err}"), &[]).await;
+            return;
+        }
+    };
+    match handle(integration, &pending.id, &event).await {
+        Ok(report) => {
+            tracing::info!(delivery = %pending.id, event = %pending.event, outcome = %report.outcome(), "webhook handled");
+            if let Err(err) = deliveries::settle(pool, &pending.id, &report.outcome(), &report.runs).await {
+                tracing::warn!(delivery = %pending.id, error = %err, "cannot settle a delivery; it will be handled again");
+            }
+        }
+        Err(HandleError::Host(HostError::Refused { why } | HostError::Unreadable(why))) => {
+            let outcome = format!("GitHub refused what the delivery needed: {why}");
+            let _ = deliveries::settle(pool, &pending.id, &outcome, &[]).await;
+        }
+        // The claim lapses and a replica handles the delivery again; runs it made are found again.
+        Err(err) => tracing::warn!(delivery = %pending.id, error = %err, "a webhook could not be handled yet"),
+    }
+}
+
+/// What handling a delivery did, job by job.
+#[derive(Default)]
+pub struct Report {
+    pub runs: Vec<Uuid>,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub fn outcome(&self) -> String {
+        if self.notes.is_empty() {
+            "nothing to do".to_owned()
+        } else {
+            self.notes.join("; ")
+        }
+    }
+}
+
+/// A subscribed job, ready to act on.
+pub(super) struct Subscriber {
+    pub name: JobName,
+    pub subscription: GithubSubscription,
+}
+
+pub(super) async fn subscribers(pool: &PgPool, repository: &str) -> Result<Vec<Subscriber>, sqlx::Error> {
+    let found = jobs::subscribed(pool, repository).await?;
+    Ok(found
+        .into_iter()
+        .filter_map(|job| {
+            let JobSpec::Git(git) = job.spec else { return None };
+            Some(Subscriber { name: JobName::parse(&job.name).ok()?, subscription: git.github? })
+        })
+        .collect())
+}
+
+async fn handle(integration: &Integration, delivery: &str, event: &Event) -> Result<Report, HandleError> {
+    let repository = event.repository();
+    let mut report = Report::default();
+    let jobs = subscribers(integration.pool(), repository).await?;
+    match event {
+        Event::PullRequestUpdated(pull) => {
+            // One run per pull request head, whether the webhook or the resync sees it first; a
+            // reopened pull request runs again.
+            let key = if pull.action == "reopened" { format!("github:{delivery}") } else { head_key(pull) };
+            for job in &jobs {
+                pull_request_updated(integration, &key, job, pull, &mut report).await?;
+            }
+        }
+        Event::PullRequestClosed(pull) => {
+            for job in &jobs {
+                pull_request_closed(integration.pool(), &job.name, pull, &mut report).await?;
+            }
+        }
+        Event::Push(push) => {
+            for job in &jobs {
+                pushed(integration, delivery, job, push, &mut report).await?;
+            }
+        }
+        Event::Comment(comment) => commented(integration, delivery, &jobs, comment, &mut report).await?,
+    }
+    if report.notes.is_empty() {
+        report.notes.push(format!("no job subscribes to {repository} for this event"));
+    }
+    Ok(report)
+}
+
+/// The idempotency key of a pull request's run at its head.
+pub(super) fn head_key(pull: &PullRequest) -> String {
+    format!("pull:{}:{}", pull.number, pull.head_sha)
+}
+
+/// A pull request opened, pushed to or ready: a run at its head, if its author is trusted or the
+/// head was approved; else it waits for `/ok-to-test`. Also what the resync does for a missed one.
+pub(super) async fn pull_request_updated(
+    integration: &Integration,
+    key: &str,
+    job: &Subscriber,
+    pull: &PullRequest,
+    report: &mut Report,
+) -> Result<(), HandleError> {
+    let name = &job.name;
+    if !job.subscription.pull_requests.as_ref().is_some_and(|filter| filter.matches(&pull.base_branch)) {
+        return Ok(());
+    }
+    if pull.draft {
+        report.notes.push(format!("{name}: draft: runs start when it is marked ready for review"));
+        return Ok(());
+    }
+    if !trusted(integration.pool(), &job.subscription, pull).await? {
+        integration.show(name, pull, StatusState::Pending, WAITING_FOR_APPROVAL).await?;
+        report.notes.push(format!("{name}: waiting for /ok-to-test: {} is not trusted", pull.author));
+        return Ok(());
+    }
+    if pull.action == "synchronize" {
+        supersede(integration.pool(), name, pull, report).await?;
+    }
+    let cause = pull_cause(RunEvent::PullRequest, pull, &pull.sender);
+    start(integration, key, name, &pull.head_sha, &pull.sender, &cause, report).await
+}
+
+/// Whether the pull request runs without (more) approval: a trusted author, or a head a trusted
+/// user approved with `/ok-to-test`.
+async fn trusted(pool: &PgPool, subscription: &GithubSubscription, pull: &PullRequest) -> Result<bool, sqlx::Error> {
+    if subscription.trusts(&pull.author, &pull.association) {
+        return Ok(true);
+    }
+    approvals::approved(pool, &approval(pull)).await
+}
+
+fn approval(pull: &PullRequest) -> Approval<'_> {
+    Approval { repository: &pull.repository, pull_request: pull.number, sha: pull.head_sha.as_str() }
+}
+
+fn pull_cause(event: RunEvent, pull: &PullRequest, sender: &str) -> Cause {
+    Cause {
+        event,
+        pull_request: Some(pull.number),
+        sender: Some(sender.to_owned()),
+        base_branch: Some(pull.base_branch.clone()),
+        base_sha: Some(pull.base_sha.clone()),
+        repository: Some(pull.repository.clone()),
+        from_fork: pull.from_fork(),
+    }
+}
+
+/// Aborts the pull request's runs of the job at older commits.
+async fn supersede(pool: &PgPool, job: &JobName, pull: &PullRequest, report: &mut Report) -> Result<(), sqlx::Error> {
+    for (run, commit) in runs::active_of_pull_request(pool, job, pull.number).await? {
+        if commit.as_deref() != Some(pull.head_sha.as_str()) {
+            runs::abort(pool, job, RunId(run), "github (superseded by a newer push)").await?;
+            report.notes.push(format!("{job}: run {run} superseded"));
+        }
+    }
+    Ok(())
+}
+
+async fn pull_request_closed(
+    pool: &PgPool,
+    job: &JobName,
+    pull: &PullRequest,
+    report: &mut Report,
+) -> Result<(), sqlx::Error> {
+    let why = if pull.action == "closed" { "pull request closed" } else { "pull request turned into a draft" };
+    for (run, _) in runs::active_of_pull_request(pool, job, pull.number).await? {
+        runs::abort(pool, job, RunId(run), &format!("github ({why})")).await?;
+        report.notes.push(format!("{job}: run {run} aborted ({why})"));
+    }
+    Ok(())
+}
+
+async fn pushed(
+    integration: &Integration,
+    delivery: &str,
+    job: &Subscriber,
+    push: &Push,
+    report: &mut Report,
+) -> Result<(), HandleError> {
+    if !job.subscription.push.as_ref().is_some_and(|filter| filter.matches(&push.branch)) {
+        return Ok(());
+    }
+    let cause = Cause {
+        event: RunEvent::Push,
+        sender: Some(push.sender.clone()),
+        repository: Some(push.repository.clone()),
+        ..Cause::default()
+    };
+    let key = format!("github:{delivery}");
+    start(integration, &key, &job.name, &push.after, &push.sender, &cause, report).await
+}
+
+/// `/test`, `/retest` and `/ok-to-test` in a comment, by someone the job trusts; the pull request
+/// is read from GitHub (a comment's payload does not carry its head).
+async fn commented(
+    integration: &Integration,
+    delivery: &str,
+    jobs: &[Subscriber],
+    comment: &Comment,
+    report: &mut Report,
+) -> Result<(), HandleError> {
+    let Some(host) = &integration.host else {
+        report.notes.push("comment commands need GitHub API access: set CIMASTER_GITHUB_TOKEN or a GitHub App".into());
+        return Ok(());
+    };
+    let pull = host.pull_request(&comment.repository, comment.pull_request).await?;
+    if pull.state != "open" {
+        report.notes.push(format!("pull request #{} is {}: commands do nothing", pull.number, pull.state));
+        return Ok(());
+    }
+    let key = format!("github:{delivery}");
+    for job in jobs {
+        let name = &job.name;
+        if !job.subscription.pull_requests.as_ref().is_some_and(|filter| filter.matches(&pull.base_branch)) {
+            continue;
+        }
+        if !job.subscription.trusts(&comment.commenter, &comment.association) {
+            report.notes.push(format!("{name}: {} is not trusted: commands ignored", comment.commenter));
+            continue;
+        }
+        if wanted(integration.pool(), name, &pull, &comment.commands).await? {
+            if comment.commands.contains(&Command::OkToTest) {
+                approvals::approve(integration.pool(), &approval(&pull), &comment.commenter).await?;
+            }
+            let cause = pull_cause(RunEvent::Comment, &pull, &comment.commenter);
+            start(integration, &key, name, &pull.head_sha, &comment.commenter, &cause, report).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the commands ask for a run of `job` at the pull request's head.
+async fn wanted(pool: &PgPool, job: &JobName, pull: &PullRequest, commands: &[Command]) -> Result<bool, sqlx::Error> {
+    let last = runs::latest_at_commit(pool, job, pull.head_sha.as_str()).await?;
+    Ok(commands.iter().any(|command| match command {
+        Command::Test(name) => name == job.as_str(),
+        Command::TestAll => true,
+        Command::Retest => matches!(last, Some(RunStatus::Failed | RunStatus::TimedOut | RunStatus::Error)),
+        // Approval runs what has not run at this head yet.
+        Command::OkToTest => last.is_none(),
+    }))
+}
+
+/// Creates the job's run for this delivery (or finds the one an earlier attempt created), and
+/// has its state shown on the commit.
+async fn start(
+    integration: &Integration,
+    key: &str,
+    job: &JobName,
+    commit: &cimaster_common::CommitSha,
+    sender: &str,
+    cause: &Cause,
+    report: &mut Report,
+) -> Result<(), HandleError> {
+    let by = format!("github:{sender}");
+    let request = TriggerRequest { commit_sha: Some(commit.clone()), ..TriggerRequest::default() };
+    let trigger = Trigger { job, request: &request, by: &by, idempotency_key: Some(key), rerun_of: None, cause };
+    match integration.triggers.create(&trigger).await {
+        Ok(Created::New(run) | Created::Replayed(run)) => {
+            integration.follow(job, cause, commit.as_str(), run.id).await?;
+            report.runs.push(run.id);
+            report.notes.push(format!("{job}: run {} started", run.id));
+            Ok(())
+        }
+        Err(TriggerError::Invalid(why)) => {
+            report.notes.push(format!("{job}: refused: {why}"));
+            Ok(())
+        }
+        Err(TriggerError::JobNotFound(_)) => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+impl Integration {
+    /// Shows a fixed state on the pull request's head for the job (when statuses are posted).
+    async fn show(
+        &self,
+        job: &JobName,
+        pull: &PullRequest,
+        state: StatusState,
+        description: &str,
+    ) -> Result<(), sqlx::Error> {
+        if self.host.is_none() {
+            return Ok(());
+        }
+        let context = super::context(job);
+        let target = statuses::Target { repository: &pull.repository, sha: pull.head_sha.as_str(), context: &context };
+        statuses::show(self.pool(), &target, state.as_str(), description).await
+    }
+
+    /// Has the run's state shown on its commit (when statuses are posted).
+    async fn follow(&self, job: &JobName, cause: &Cause, sha: &str, run: Uuid) -> Result<(), sqlx::Error> {
+        let (Some(_), Some(repository)) = (&self.host, &cause.repository) else { return Ok(()) };
+        let context = super::context(job);
+        let target = statuses::Target { repository, sha, context: &context };
+        statuses::follow_run(self.pool(), &target, run).await
+    }
+}
