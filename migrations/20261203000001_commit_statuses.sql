@@ -42,3 +42,13 @@ CREATE TABLE github_approvals (
     approved_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (repository, pull_request, sha)
 );
+
+-- A code host's token that reads a repository (a GitHub App's installation token), sealed with the
+-- secrets key: the master keeps it fresh, agents clone with it.
+CREATE TABLE repository_tokens (
+    repository text PRIMARY KEY,
+    nonce      bytea NOT NULL,
+    ciphertext bytea NOT NULL,
+    expires_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);

@@ -25,6 +25,9 @@ pub struct Checkout {
     pub token_secret: Option<EnvName>,
     pub ssh_key_secret: Option<EnvName>,
     pub ssh_known_hosts: Option<String>,
+    /// The code host's `owner/name` whose token (a GitHub App's, kept by the master) clones the
+    /// repository when the job brings no token of its own.
+    pub host_repository: Option<String>,
     /// Where the base repository keeps a pull request's head (`refs/pull/<n>/head`), forks
     /// included: fetched when the commit is on no branch.
     pub pull_ref: Option<String>,
@@ -87,6 +90,10 @@ impl Plan {
                         ssh_key_secret: git.ssh_key_secret.clone(),
                         ssh_known_hosts: git.ssh_known_hosts.clone(),
                         pull_ref: claim.cause.pull_request.map(|number| format!("refs/pull/{number}/head")),
+                        host_repository: match (&git.token_secret, &git.ssh_key_secret, &git.github) {
+                            (None, None, Some(github)) => Some(github.repository.as_str().to_owned()),
+                            _ => None,
+                        },
                     }),
                 })
             }

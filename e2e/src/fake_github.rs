@@ -37,6 +37,8 @@ pub struct AppCheck {
     pub id: u64,
     pub public_key_pem: Vec<u8>,
     pub token_lifetime: Duration,
+    /// Hand out this token every time (a git server in the test takes only it), not fresh ones.
+    pub fixed_token: Option<String>,
 }
 
 #[derive(Default)]
@@ -261,7 +263,8 @@ async fn access_token(State(inner): Shared, Path(id): Path<u64>, headers: Header
     }
     let lifetime = inner.app.as_ref().map_or(Duration::from_secs(3600), |app| app.token_lifetime);
     let expires_at = chrono::Utc::now() + chrono::Duration::from_std(lifetime).unwrap_or_default();
-    let token = format!("ghs_installation_{}", inner.tokens.len() + 1);
+    let fixed = inner.app.as_ref().and_then(|app| app.fixed_token.clone());
+    let token = fixed.unwrap_or_else(|| format!("ghs_installation_{}", inner.tokens.len() + 1));
     inner.tokens.push((token.clone(), expires_at));
     (StatusCode::CREATED, Json(json!({"token": token, "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "permissions": {"statuses": "write"}})))
         .into_response()

@@ -244,8 +244,9 @@ async fn an_app_renews_its_token_pushes_supersede_closing_aborts_and_resync_find
     let app = AppCheck {
         id: 1234,
         public_key_pem: std::fs::read(format!("{keys}/rsa-test.pub.pem")).unwrap(),
-        // Renewed five minutes before it expires: good for a second here.
-        token_lifetime: Duration::from_secs(5 * 60 + 1),
+        // Renewed ten minutes before it expires: good for a second here.
+        token_lifetime: Duration::from_secs(10 * 60 + 1),
+        fixed_token: None,
     };
     let fake = FakeGithub::start(Some(app)).await.unwrap();
     let auth = vec![
@@ -291,7 +292,7 @@ async fn an_app_renews_its_token_pushes_supersede_closing_aborts_and_resync_find
     assert_eq!(runs.len(), 3, "{runs:?}");
     assert_eq!(runs[2].3, "pull_request");
 
-    // The token has less than five minutes left by now: the next call gets a new one.
+    // The token has less than ten minutes left by now: the next call gets a new one.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let path = format!("/jobs/slow/runs/{}", runs[2].0);
     assert_eq!(stack.api.post(&format!("{path}/abort"), json!({})).await.status, 202);
@@ -300,4 +301,38 @@ async fn an_app_renews_its_token_pushes_supersede_closing_aborts_and_resync_find
     assert!(fake.tokens_issued() >= 2, "the installation token was renewed: {}", fake.tokens_issued());
     assert_eq!(fake.unauthorized(), 0, "every call carried a valid JWT or token");
     assert!(fake.statuses().iter().all(|s| s.authorization.starts_with("Bearer ghs_installation_")));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_apps_installation_token_reads_and_clones_a_private_repository(pool: PgPool) {
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../master/tests/keys");
+    let git = GitServer::start();
+    git.repo("private");
+    git.commit("private", "main", &[(".cimaster.yml", "image: busybox:latest\nscript: cat README\n"), ("README", "from a private repository")]);
+    let (base, _server) = git.http("ghs_the_installation_token");
+    let app = AppCheck {
+        id: 77,
+        public_key_pem: std::fs::read(format!("{keys}/rsa-test.pub.pem")).unwrap(),
+        token_lifetime: Duration::from_secs(3600),
+        fixed_token: Some("ghs_the_installation_token".to_owned()),
+    };
+    let fake = FakeGithub::start(Some(app)).await.unwrap();
+    let auth = vec![
+        ("CIMASTER_GITHUB_APP_ID", "77".to_owned()),
+        ("CIMASTER_GITHUB_APP_PRIVATE_KEY_FILE", format!("{keys}/rsa-test.pem")),
+    ];
+    let mut stack = Stack::start_with(pool.clone(), settings(&fake, auth)).await;
+    stack.add_agent(AgentOptions::default()).await;
+    // No tokenSecret: the App's installation token reads the file and clones.
+    let job = json!({"kind": "git", "repository": format!("{base}/private"), "github": {"repository": REPO}});
+    stack.put_job("private", job).await;
+    let reply = stack.api.post("/jobs/private/runs", json!({"branchName": "main"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let path = reply.body["links"]["self"].as_str().unwrap().to_owned();
+    let run = stack.wait_finished(&path, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let console = stack.console(&path).await;
+    assert!(console.contains("from a private repository"), "{console}");
+    assert!(!console.contains("ghs_the_installation_token"), "{console}");
+    assert_eq!(fake.tokens_issued(), 1, "one token, cached");
 }

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod observations;
 pub mod outbox;
 pub mod pool;
+pub mod repository_tokens;
 pub mod results;
 pub mod runs;
 pub mod schedules;

@@ -63,7 +63,8 @@ fn checkout_env(checkout: &Checkout, secrets: &HashMap<String, SecretString>) ->
         format!("CIMASTER_GIT_COMMIT={}", checkout.commit),
     ];
     let secret = |name: &Option<cimaster_common::EnvName>| name.as_ref().and_then(|name| secrets.get(name.as_str()));
-    if let Some(token) = secret(&checkout.token_secret) {
+    let token = secret(&checkout.token_secret).or_else(|| secrets.get(super::secrets::REPOSITORY_TOKEN));
+    if let Some(token) = token {
         env.push(format!("CIMASTER_GIT_TOKEN={}", token.expose_secret()));
     }
     if let Some(key) = secret(&checkout.ssh_key_secret) {

@@ -10,7 +10,11 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{Attempt, AttemptError, Stop};
 use crate::plan::Plan;
-use cimaster_store::secrets;
+use cimaster_store::{repository_tokens, secrets};
+
+/// Where the code host's repository token sits among the opened secrets: not a name a secret can
+/// have.
+pub(super) const REPOSITORY_TOKEN: &str = "cimaster:repository-token";
 
 impl Attempt<'_> {
     /// Opens the job's secrets and the checkout's credentials; the job's go into its environment,
@@ -20,7 +24,12 @@ impl Attempt<'_> {
         if let Some(checkout) = &plan.checkout {
             names.extend(checkout.token_secret.iter().chain(&checkout.ssh_key_secret).cloned());
         }
-        let values = self.interrupts.step(self.decrypt(&names)).await??;
+        let mut values = self.interrupts.step(self.decrypt(&names)).await??;
+        if let Some(repository) = plan.checkout.as_ref().and_then(|checkout| checkout.host_repository.as_ref()) {
+            if let Some(token) = self.interrupts.step(self.repository_token(repository)).await?? {
+                values.insert(REPOSITORY_TOKEN.to_owned(), token);
+            }
+        }
         self.masker = Masker::new(values.values().map(|value| value.expose_secret()));
         self.env = plan.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         for name in &plan.secrets {
@@ -29,6 +38,13 @@ impl Attempt<'_> {
             }
         }
         Ok(values)
+    }
+
+    /// The code host's token for the repository, as the master keeps it.
+    async fn repository_token(&self, repository: &str) -> Result<Option<SecretString>, AttemptError> {
+        let Some(key) = self.executor.secrets.as_ref() else { return Ok(None) };
+        let token = repository_tokens::open(&self.executor.pool, key, repository).await;
+        Ok(token.map_err(secrets::OpenError::from)?)
     }
 
     async fn decrypt(&self, names: &[EnvName]) -> Result<HashMap<String, SecretString>, AttemptError> {

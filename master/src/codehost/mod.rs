@@ -216,7 +216,15 @@ pub trait CodeHost: Send + Sync {
     fn open_pull_requests<'a>(&'a self, repository: &'a str) -> BoxFuture<'a, Result<Vec<PullRequest>, HostError>>;
     /// A token that reads the repository, when the host grants one (a GitHub App's installation
     /// token); `None` when jobs bring their own.
-    fn repository_token<'a>(&'a self, repository: &'a str) -> BoxFuture<'a, Result<Option<SecretString>, HostError>>;
+    fn repository_token<'a>(&'a self, repository: &'a str)
+        -> BoxFuture<'a, Result<Option<RepositoryToken>, HostError>>;
+}
+
+/// A token that reads a repository, and until when.
+#[derive(Clone)]
+pub struct RepositoryToken {
+    pub value: SecretString,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[cfg(test)]

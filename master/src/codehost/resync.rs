@@ -27,6 +27,10 @@ pub async fn resync(integration: &Integration) -> Result<Report, HandleError> {
     let mut report = Report::default();
     let Some(host) = &integration.host else { return Ok(report) };
     for repository in jobs::subscribed_repositories(integration.pool()).await? {
+        // Keeps the token agents clone with fresh.
+        if let Err(err) = integration.triggers.repository_token(&repository).await {
+            tracing::warn!(repository = %repository, error = %err, "cannot renew the repository's token");
+        }
         let pulls = match host.open_pull_requests(&repository).await {
             Ok(pulls) => pulls,
             Err(err) => {

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::app::App;
-use crate::codehost::{CodeHost, CommitStatus, HostError, PullRequest};
+use crate::codehost::{CodeHost, CommitStatus, HostError, PullRequest, RepositoryToken};
 use crate::config::GithubConfig;
 
 /// A request to GitHub gives up after this long.
@@ -74,7 +74,7 @@ impl GithubApi {
         check_repository(repository)?;
         let token = match &self.auth {
             Auth::Token(token) => token.clone(),
-            Auth::App(app) => app.token(self, repository).await?,
+            Auth::App(app) => app.token(self, repository).await?.value,
         };
         Ok(self.request(method, &format!("/repos/{repository}{path}")).bearer_auth(token.expose_secret()))
     }
@@ -149,7 +149,7 @@ impl CodeHost for GithubApi {
         self.open_pull_requests_now(repository).boxed()
     }
 
-    fn repository_token<'a>(&'a self, repository: &'a str) -> BoxFuture<'a, Result<Option<SecretString>, HostError>> {
+    fn repository_token<'a>(&'a self, repository: &'a str) -> BoxFuture<'a, Result<Option<RepositoryToken>, HostError>> {
         async move {
             match &self.auth {
                 Auth::App(app) => Ok(Some(app.token(self, repository).await?)),

@@ -12,23 +12,18 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use crate::codehost::HostError;
+use crate::codehost::{HostError, RepositoryToken};
 
-/// An installation token is renewed when less than this is left of it.
-const RENEW_BEFORE: Duration = Duration::from_secs(5 * 60);
+/// An installation token is renewed when less than this is left of it: more than the resync
+/// interval, so that the token agents clone with (refreshed by the resync) stays good.
+const RENEW_BEFORE: Duration = Duration::from_secs(10 * 60);
 
 pub struct App {
     id: u64,
     key: EncodingKey,
     /// Installation id by repository (lower-case `owner/name`).
     installations: Mutex<HashMap<String, u64>>,
-    tokens: Mutex<HashMap<u64, Token>>,
-}
-
-#[derive(Clone)]
-struct Token {
-    value: SecretString,
-    expires_at: DateTime<Utc>,
+    tokens: Mutex<HashMap<u64, RepositoryToken>>,
 }
 
 #[derive(Serialize)]
@@ -68,21 +63,21 @@ impl App {
 
     /// An installation token for the repository's installation: the cached one while it has more
     /// than a few minutes left, else a new one.
-    pub async fn token(&self, api: &super::api::GithubApi, repository: &str) -> Result<SecretString, HostError> {
+    pub async fn token(&self, api: &super::api::GithubApi, repository: &str) -> Result<RepositoryToken, HostError> {
         let installation = self.installation(api, repository).await?;
         let cached = self.tokens.lock().expect("token cache").get(&installation).cloned();
         if let Some(token) = cached {
             let left = (token.expires_at - Utc::now()).to_std().unwrap_or_default();
             if left > RENEW_BEFORE {
-                return Ok(token.value);
+                return Ok(token);
             }
         }
         let path = format!("/app/installations/{installation}/access_tokens");
         let fresh: AccessToken = api.as_app(reqwest::Method::POST, &path, &self.jwt()?).await?;
         tracing::info!(installation, expires_at = %fresh.expires_at, "GitHub App installation token issued");
-        let token = Token { value: SecretString::from(fresh.token), expires_at: fresh.expires_at };
+        let token = RepositoryToken { value: SecretString::from(fresh.token), expires_at: fresh.expires_at };
         self.tokens.lock().expect("token cache").insert(installation, token.clone());
-        Ok(token.value)
+        Ok(token)
     }
 
     /// Forgets the repository's token (GitHub refused it: revoked, or the clocks disagree).

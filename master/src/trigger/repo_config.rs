@@ -3,7 +3,9 @@
 
 use cimaster_common::secrets::SecretBox;
 use cimaster_common::{Cause, EnvName, GitJob, JobName, RepoConfig, TriggerRequest};
+use cimaster_store::repository_tokens;
 use cimaster_store::secrets::{self, OpenError};
+use secrecy::SecretString;
 use sqlx::PgPool;
 
 use super::{TriggerError, Triggers};
@@ -24,10 +26,8 @@ impl Triggers {
         cause: &Cause,
     ) -> Result<Resolved, TriggerError> {
         let mut creds = credentials(&self.pool, self.secrets.as_ref(), job, git).await?;
-        if let (None, Some(host), Some(github)) = (&creds.token, &self.host, &git.github) {
-            creds.token = host.repository_token(github.repository.as_str()).await.map_err(|err| {
-                TriggerError::Invalid(format!("GitHub gives no token for {}: {err}", github.repository.as_str()))
-            })?;
+        if let (None, Some(github)) = (&creds.token, &git.github) {
+            creds.token = self.repository_token(github.repository.as_str()).await?;
         }
         let url = git.repository.as_str();
         let invalid = |err: RepoError| TriggerError::Invalid(format!("repository {url}: {err}"));
@@ -58,6 +58,23 @@ impl Triggers {
             )));
         }
         Ok(Resolved { commit, config })
+    }
+}
+
+impl Triggers {
+    /// The code host's token for a subscribed repository (a GitHub App's installation token), kept
+    /// sealed in the database too, for agents to clone with.
+    pub async fn repository_token(&self, repository: &str) -> Result<Option<SecretString>, TriggerError> {
+        let Some(host) = &self.host else { return Ok(None) };
+        let token = host
+            .repository_token(repository)
+            .await
+            .map_err(|err| TriggerError::Invalid(format!("GitHub gives no token for {repository}: {err}")))?;
+        let Some(token) = token else { return Ok(None) };
+        if let Some(key) = &self.secrets {
+            repository_tokens::store(&self.pool, key, repository, &token.value, token.expires_at).await?;
+        }
+        Ok(Some(token.value))
     }
 }
 
