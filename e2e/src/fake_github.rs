@@ -48,6 +48,13 @@ struct Inner {
     /// Status posts still to answer 502.
     failing: u32,
     failed: u32,
+    /// Status posts still to answer as rate-limited (403, `X-RateLimit-Remaining: 0`), and when
+    /// each such answer was given.
+    limiting: u32,
+    limited: Vec<std::time::Instant>,
+    /// Commits whose statuses GitHub refuses (422: too many statuses), and how often it did.
+    refused_shas: Vec<String>,
+    refusals: u32,
     app: Option<AppCheck>,
     /// Installation tokens handed out, and until when each is good.
     tokens: Vec<(String, chrono::DateTime<chrono::Utc>)>,
@@ -89,6 +96,26 @@ impl FakeGithub {
     /// The next `count` status posts answer 502.
     pub fn fail_statuses(&self, count: u32) {
         self.inner.lock().expect("fake").failing = count;
+    }
+
+    /// The next `count` status posts are refused by the rate limit, which resets in two seconds.
+    pub fn rate_limit_statuses(&self, count: u32) {
+        self.inner.lock().expect("fake").limiting = count;
+    }
+
+    /// When status posts were refused by the rate limit.
+    pub fn limited(&self) -> Vec<std::time::Instant> {
+        self.inner.lock().expect("fake").limited.clone()
+    }
+
+    /// Statuses for `sha` are refused as GitHub refuses the 1001st status of a commit and context.
+    pub fn refuse_statuses_of(&self, sha: &str) {
+        self.inner.lock().expect("fake").refused_shas.push(sha.to_owned());
+    }
+
+    /// How many status posts were refused for good.
+    pub fn refusals(&self) -> u32 {
+        self.inner.lock().expect("fake").refusals
     }
 
     /// How many status posts were answered 502.
@@ -165,6 +192,24 @@ async fn post_status(
     let Some(authorization) = authorized(&mut inner, &headers) else {
         return problem(StatusCode::UNAUTHORIZED, "Bad credentials");
     };
+    if inner.refused_shas.contains(&sha) {
+        inner.refusals += 1;
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "This SHA and context has reached the maximum number of statuses.",
+        );
+    }
+    if inner.limiting > 0 {
+        inner.limiting -= 1;
+        inner.limited.push(std::time::Instant::now());
+        let reset = (chrono::Utc::now().timestamp() + 2).to_string();
+        let mut response = problem(StatusCode::FORBIDDEN, "API rate limit exceeded for installation.");
+        let headers = response.headers_mut();
+        headers.insert("x-ratelimit-limit", "5000".parse().expect("header"));
+        headers.insert("x-ratelimit-remaining", "0".parse().expect("header"));
+        headers.insert("x-ratelimit-reset", reset.parse().expect("header"));
+        return response;
+    }
     if inner.failing > 0 {
         inner.failing -= 1;
         inner.failed += 1;

@@ -163,6 +163,37 @@ async fn a_members_pull_request_gets_its_statuses_in_order_through_github_errors
         "{}",
         listed.body
     );
+
+    // The rate limit runs out: nothing is posted before it resets.
+    fake.rate_limit_statuses(1);
+    let limited_sha = git.commit("hello", "main", &[("change.txt", "2")]);
+    let push = json!({"ref": "refs/heads/main", "before": main, "after": limited_sha, "deleted": false,
+                      "repository": {"full_name": REPO}, "sender": {"login": "mona"}});
+    deliver(&stack.api, "push", "d-push-limited", &push).await;
+    let posted = wait_status(&fake, &limited_sha, "cimaster/unit", |s| s.state == "success").await;
+    let limited_at = fake.limited();
+    assert_eq!(limited_at.len(), 1);
+    assert!(posted[0].at.duration_since(limited_at[0]) >= Duration::from_millis(900), "waited for the reset");
+
+    // GitHub refuses a commit's statuses for good: recorded and dropped, not retried.
+    let refused_sha = git.commit("hello", "main", &[("change.txt", "3")]);
+    fake.refuse_statuses_of(&refused_sha);
+    let push = json!({"ref": "refs/heads/main", "before": limited_sha, "after": refused_sha, "deleted": false,
+                      "repository": {"full_name": REPO}, "sender": {"login": "mona"}});
+    deliver(&stack.api, "push", "d-push-refused", &push).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dropped = loop {
+        let listed = stack.api.get(&format!("/hooks/github/statuses?sha={refused_sha}")).await.body;
+        if listed["statuses"][0]["settled"] == true {
+            break listed["statuses"][0].clone();
+        }
+        assert!(Instant::now() < deadline, "never dropped: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(dropped["outcome"].as_str().unwrap().contains("maximum number of statuses"), "{dropped}");
+    let refusals = fake.refusals();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(fake.refusals(), refusals, "a refused status is not retried");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -308,7 +339,11 @@ async fn an_apps_installation_token_reads_and_clones_a_private_repository(pool: 
     let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../master/tests/keys");
     let git = GitServer::start();
     git.repo("private");
-    git.commit("private", "main", &[(".cimaster.yml", "image: busybox:latest\nscript: cat README\n"), ("README", "from a private repository")]);
+    git.commit(
+        "private",
+        "main",
+        &[(".cimaster.yml", "image: busybox:latest\nscript: cat README\n"), ("README", "from a private repository")],
+    );
     let (base, _server) = git.http("ghs_the_installation_token");
     let app = AppCheck {
         id: 77,

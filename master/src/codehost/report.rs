@@ -224,6 +224,69 @@ fn clip(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cimaster_common::results::FailedCase;
+
+    fn run(status: RunStatus, message: Option<&str>) -> Run {
+        let now = chrono::Utc::now();
+        Run {
+            id: uuid::Uuid::nil(),
+            job: "unit".into(),
+            status,
+            attempt: 1,
+            queue: "default".into(),
+            commit_sha: None,
+            branch_name: None,
+            parameters: Default::default(),
+            triggered_by: "github:mona".into(),
+            agent: Some("agent-1".into()),
+            exit_code: Some(1),
+            message: message.map(str::to_owned),
+            abort_requested: false,
+            created_at: now,
+            published_at: None,
+            started_at: Some(now - chrono::Duration::seconds(72)),
+            finished_at: Some(now),
+            updated_at: now,
+            config: None,
+            rerun_of: None,
+            cause: Default::default(),
+        }
+    }
+
+    #[test]
+    fn descriptions_say_what_happened() {
+        let case = |classname: &str, name: &str| FailedCase {
+            suite: "calc".into(),
+            classname: classname.into(),
+            name: name.into(),
+            kind: "failure".into(),
+            message: "expected 10".into(),
+        };
+        let junit = JunitSummary {
+            tests: 341,
+            failures: 2,
+            failed: vec![case("calc", "Add carries"), case("calc", "Sub borrows")],
+            ..JunitSummary::default()
+        };
+        let failed = run(RunStatus::Failed, None);
+        assert_eq!(
+            describe(&failed, Some(&junit)),
+            (StatusState::Failure, "2 of 341 tests failed: calc.Add carries".into())
+        );
+        assert_eq!(describe(&failed, None), (StatusState::Failure, "failed with exit code 1 in 1m 12s".into()));
+        let passed = JunitSummary { tests: 341, ..JunitSummary::default() };
+        let succeeded = run(RunStatus::Succeeded, None);
+        assert_eq!(describe(&succeeded, Some(&passed)), (StatusState::Success, "341 tests passed in 1m 12s".into()));
+        let running = run(RunStatus::Running, None);
+        assert_eq!(describe(&running, None), (StatusState::Pending, "running on agent-1".into()));
+        let superseded = run(RunStatus::Aborted, Some("aborted by github (superseded by a newer push)"));
+        assert_eq!(describe(&superseded, None), (StatusState::Error, "superseded by a newer push".into()));
+        let aborted = run(RunStatus::Aborted, Some("aborted by alice"));
+        assert_eq!(describe(&aborted, None), (StatusState::Error, "aborted by alice".into()));
+        let error = run(RunStatus::Error, Some("image busybox:nope not found"));
+        assert_eq!(describe(&error, None).0, StatusState::Error);
+        assert_eq!(describe(&run(RunStatus::TimedOut, None), None), (StatusState::Failure, "timed out".into()));
+    }
 
     #[test]
     fn descriptions_fit_and_backoff_grows() {

@@ -149,7 +149,10 @@ impl CodeHost for GithubApi {
         self.open_pull_requests_now(repository).boxed()
     }
 
-    fn repository_token<'a>(&'a self, repository: &'a str) -> BoxFuture<'a, Result<Option<RepositoryToken>, HostError>> {
+    fn repository_token<'a>(
+        &'a self,
+        repository: &'a str,
+    ) -> BoxFuture<'a, Result<Option<RepositoryToken>, HostError>> {
         async move {
             match &self.auth {
                 Auth::App(app) => Ok(Some(app.token(self, repository).await?)),

@@ -94,7 +94,11 @@ pub(crate) fn pull_request(
         // A fork that was deleted has no repository; its head is still fetched from ours.
         head_repository: field("/head/repo/full_name").unwrap_or_else(|_| "(deleted fork)".to_owned()),
         base_branch: field("/base/ref")?,
-        base_sha: field("/base/sha")?,
+        base_sha: field("/base/sha")?
+            .parse::<cimaster_common::CommitSha>()
+            .map_err(|_| "base.sha (a commit SHA)".to_owned())?
+            .as_str()
+            .to_owned(),
         author: field("/user/login")?,
         association: field("/author_association")?,
         repository,
