@@ -111,6 +111,17 @@ pub struct AgentConfig {
     #[arg(long = "git-image", env = "CIMASTER_AGENT_GIT_IMAGE", default_value = "cimaster-git:bookworm")]
     pub git_image: String,
 
+    /// The most all git mirrors of this agent may take on disk; the least recently used beyond it
+    /// are removed after a checkout.
+    #[arg(long = "mirrors-max-size", env = "CIMASTER_AGENT_MIRRORS_MAX_SIZE", default_value = "20Gi",
+          value_parser = parse_memory)]
+    pub mirrors_max_size: Memory,
+
+    /// A git mirror unused for this long is removed.
+    #[arg(long = "mirror-max-age", env = "CIMASTER_AGENT_MIRROR_MAX_AGE", default_value = "7d",
+          value_parser = humantime::parse_duration)]
+    pub mirror_max_age: std::time::Duration,
+
     /// Key for job secrets (the master's CIMASTER_SECRETS_KEY).
     #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
     pub secrets_key: Option<SecretString>,

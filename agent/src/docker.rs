@@ -26,6 +26,8 @@ use crate::registry::RegistryAuths;
 use crate::telemetry::Timer;
 
 pub const LABEL_AGENT: &str = "cimaster.agent";
+/// A git mirror volume: kept by the start-up sweep.
+pub const LABEL_MIRROR: &str = "cimaster.mirror";
 pub const LABEL_JOB: &str = "cimaster.job";
 pub const LABEL_RUN: &str = "cimaster.run";
 pub const LABEL_ATTEMPT: &str = "cimaster.attempt";
@@ -134,6 +136,14 @@ pub struct JobContainer {
     pub aliases: Vec<String>,
     /// The run's workspace volume, mounted at /workspace.
     pub workspace: Option<String>,
+    /// The repository's mirror, mounted at `MIRROR_PATH` (writable for the checkout helper only).
+    pub mirror: Option<MirrorMount>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MirrorMount {
+    pub volume: String,
+    pub writable: bool,
 }
 
 #[derive(Clone)]
@@ -226,14 +236,26 @@ impl DockerClient {
     /// (the engine keeps no log file that could rotate lines away).
     pub async fn start_job(&self, labels: &RunLabels, spec: JobContainer) -> Result<(String, Output), DockerError> {
         let _timer = Timer::docker("start_container");
-        let mounts = spec.workspace.map(|volume| {
-            vec![Mount {
+        let mut mounts: Vec<Mount> = spec
+            .workspace
+            .map(|volume| Mount {
                 target: Some(crate::plan::WORKSPACE.to_owned()),
                 source: Some(volume),
                 typ: Some(MountTypeEnum::VOLUME),
                 ..Default::default()
-            }]
-        });
+            })
+            .into_iter()
+            .collect();
+        if let Some(mirror) = spec.mirror {
+            mounts.push(Mount {
+                target: Some(crate::mirrors::MIRROR_PATH.to_owned()),
+                source: Some(mirror.volume),
+                typ: Some(MountTypeEnum::VOLUME),
+                read_only: Some(!mirror.writable),
+                ..Default::default()
+            });
+        }
+        let mounts = (!mounts.is_empty()).then_some(mounts);
         let host_config = HostConfig {
             nano_cpus: spec.nano_cpus,
             memory: spec.memory_bytes,
@@ -350,6 +372,43 @@ impl DockerClient {
         Ok(volume.name)
     }
 
+    /// A repository's mirror volume of this agent: created the first time, the same one after.
+    pub async fn mirror_volume(&self, agent: &str, name: &str) -> Result<String, DockerError> {
+        let _timer = Timer::docker("create_volume");
+        let labels =
+            HashMap::from([(LABEL_AGENT.to_owned(), agent.to_owned()), (LABEL_MIRROR.to_owned(), "true".to_owned())]);
+        let request = VolumeCreateOptions { name: Some(name.to_owned()), labels: Some(labels), ..Default::default() };
+        let volume = self.docker.create_volume(request).await.map_err(DockerError::Volume)?;
+        Ok(volume.name)
+    }
+
+    /// This agent's mirror volumes: name, bytes on disk, and when each was created (seconds since
+    /// the epoch; now when the engine does not say).
+    pub async fn mirror_volumes(&self, agent: &str) -> Result<Vec<(String, u64, i64)>, DockerError> {
+        let options = bollard::query_parameters::DataUsageOptions { _type: Some(vec!["volume".to_owned()]) };
+        let usage = self.docker.df(Some(options)).await.map_err(DockerError::List)?;
+        let now = chrono::Utc::now().timestamp();
+        Ok(usage
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|volume| {
+                volume.labels.get(LABEL_AGENT).map(String::as_str) == Some(agent)
+                    && volume.labels.contains_key(LABEL_MIRROR)
+            })
+            .map(|volume| {
+                let size = volume.usage_data.map_or(0, |usage| u64::try_from(usage.size).unwrap_or(0));
+                (volume.name, size, now)
+            })
+            .collect())
+    }
+
+    /// Removes a volume no container uses; `false` when it is in use or cannot be removed.
+    pub async fn remove_volume_if_unused(&self, name: &str) -> bool {
+        let _timer = Timer::docker("remove_volume");
+        self.docker.remove_volume(name, Some(RemoveVolumeOptions { force: false })).await.is_ok()
+    }
+
     pub async fn image_exists(&self, image: &str) -> bool {
         self.docker.inspect_image(image).await.is_ok()
     }
@@ -463,7 +522,8 @@ impl DockerClient {
             .list_volumes(Some(ListVolumesOptions { filters: Some(filters.clone()) }))
             .await
             .map_err(DockerError::List)?;
-        for volume in volumes.volumes.unwrap_or_default() {
+        // Git mirrors stay: they are what makes the next checkout of their repository fast.
+        for volume in volumes.volumes.unwrap_or_default().into_iter().filter(|v| !v.labels.contains_key(LABEL_MIRROR)) {
             self.remove_volume(&volume.name).await;
         }
         let networks = self

@@ -9,6 +9,7 @@ pub mod console;
 mod docker;
 pub mod lease;
 mod live;
+mod mirrors;
 mod networks;
 pub mod pending;
 pub mod plan;
@@ -84,6 +85,12 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
             kept: config.console_limit.bytes(),
             live: config.live_console_limit.bytes().min(config.console_limit.bytes()),
         },
+        mirrors: std::sync::Arc::new(mirrors::Mirrors::new(
+            &agent,
+            &work_dir,
+            config.mirrors_max_size.bytes(),
+            config.mirror_max_age,
+        )),
         work_dir,
         pending,
         git_image: config.git_image.clone(),

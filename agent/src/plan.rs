@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use cimaster_common::{
-    BuildSpec, ClusterRequirement, EnvName, JobSpec, RepositoryUrl, Resources, Results, ServiceName, ServiceSpec,
+    BuildSpec, CheckoutSpec, ClusterRequirement, EnvName, JobSpec, RepositoryUrl, Resources, Results, ServiceName,
+    ServiceSpec,
 };
 
 use cimaster_store::attempts::Claim;
@@ -31,6 +32,20 @@ pub struct Checkout {
     /// Where the base repository keeps a pull request's head (`refs/pull/<n>/head`), forks
     /// included: fetched when the commit is on no branch.
     pub pull_ref: Option<String>,
+    /// Depth and submodules, from the config file's `checkout:`.
+    pub spec: CheckoutSpec,
+}
+
+impl Checkout {
+    /// Whose credentials read the repository: runs with different ones never share a mirror.
+    pub fn credential_scope(&self, job: &str) -> String {
+        match (&self.token_secret, &self.ssh_key_secret, &self.host_repository) {
+            (Some(token), _, _) => format!("token:{job}:{token}"),
+            (None, Some(key), _) => format!("ssh:{job}:{key}"),
+            (None, None, Some(repository)) => format!("app:{}", repository.to_lowercase()),
+            (None, None, None) => "anonymous".to_owned(),
+        }
+    }
 }
 
 pub struct Plan {
@@ -94,6 +109,7 @@ impl Plan {
                             (None, None, Some(github)) => Some(github.repository.as_str().to_owned()),
                             _ => None,
                         },
+                        spec: config.checkout.clone(),
                     }),
                 })
             }
@@ -107,10 +123,10 @@ pub fn withholds_secrets(claim: &Claim, git: &cimaster_common::GitJob) -> bool {
     claim.cause.from_fork && !git.github.as_ref().is_some_and(|github| github.secrets_for_forks)
 }
 
-/// The checkout helper's script: the whole repository, then the run's commit, detached. The
-/// repository, commit and credentials arrive in the environment, never on the command line.
+/// The checkout helper's script: the repository's mirror updated with what the run's commit needs
+/// (a damaged mirror is rebuilt), then the run's workspace made from it at that commit, detached.
+/// The repository, commit and credentials arrive in the environment, never on the command line.
 pub const CHECKOUT_SCRIPT: &str = r#"set -eu
-cd /workspace
 umask 077
 ssh="ssh -o BatchMode=yes"
 if [ -n "${CIMASTER_GIT_SSH_KEY:-}" ]; then
@@ -130,16 +146,63 @@ if [ -n "${CIMASTER_GIT_TOKEN:-}" ]; then
   export GIT_CONFIG_VALUE_0="Authorization: Basic $(printf 'x-access-token:%s' "$CIMASTER_GIT_TOKEN" | base64 -w0)"
 fi
 export GIT_TERMINAL_PROMPT=0
-git init --quiet .
-git config --global --add safe.directory /workspace
-git remote add origin "$CIMASTER_GIT_REPOSITORY"
-echo "fetching $CIMASTER_GIT_REPOSITORY"
-git fetch --quiet --tags origin '+refs/heads/*:refs/remotes/origin/*'
-if [ -n "${CIMASTER_GIT_PULL_REF:-}" ] && ! git cat-file -e "$CIMASTER_GIT_COMMIT^{commit}" 2>/dev/null; then
-  git fetch --quiet origin "+$CIMASTER_GIT_PULL_REF:refs/remotes/origin/pull-head" || true
+git config --global --add safe.directory '*'
+mirror=/cimaster/mirror
+repo="$CIMASTER_GIT_REPOSITORY"
+commit="$CIMASTER_GIT_COMMIT"
+objects() { git -C "$mirror" count-objects -v | awk '/^(count|in-pack):/ { n += $2 } END { print n + 0 }'; }
+has_commit() { git -C "$mirror" cat-file -e "$commit^{commit}" 2>/dev/null; }
+update_mirror() {
+  if [ ! -f "$mirror/HEAD" ]; then
+    git init --quiet --bare "$mirror" || return 1
+    git -C "$mirror" config gc.auto 0 || return 1
+    echo "mirror: new"
+  fi
+  git -C "$mirror" remote remove origin 2>/dev/null || true
+  git -C "$mirror" remote add origin "$repo" || return 1
+  if has_commit; then
+    echo "mirror: has $commit, nothing fetched"
+    return 0
+  fi
+  before=$(objects)
+  git -C "$mirror" fetch --quiet --prune --tags origin '+refs/heads/*:refs/heads/*' || return 1
+  has_commit || git -C "$mirror" fetch --quiet origin "$commit" 2>/dev/null || true
+  if ! has_commit && [ -n "${CIMASTER_GIT_PULL_REF:-}" ]; then
+    git -C "$mirror" fetch --quiet origin "+$CIMASTER_GIT_PULL_REF:refs/cimaster/pull-head" || true
+  fi
+  echo "mirror: fetched $(( $(objects) - before )) new objects"
+}
+make_workspace() {
+  cd / && find /workspace -mindepth 1 -delete || return 1
+  if [ -n "${CIMASTER_GIT_DEPTH:-}" ]; then
+    git init --quiet /workspace && cd /workspace || return 1
+    git fetch --quiet --depth "$CIMASTER_GIT_DEPTH" "file://$mirror" "$commit" || return 1
+    git remote add origin "$repo" || return 1
+  else
+    git clone --quiet --shared --no-checkout "$mirror" /workspace && cd /workspace || return 1
+    git remote set-url origin "$repo" || return 1
+  fi
+  git -c advice.detachedHead=false checkout --quiet --detach "$commit" || return 1
+  if [ "${CIMASTER_GIT_SUBMODULES:-}" = true ]; then
+    git submodule update --quiet --init --recursive || return 1
+  fi
+}
+rebuild() {
+  echo "mirror: damaged; rebuilding it"
+  find "$mirror" -mindepth 1 -delete
+  update_mirror
+}
+echo "fetching $repo"
+if ! update_mirror; then
+  # A fetch that fails from a sound mirror is the repository's problem, not the mirror's.
+  if git -C "$mirror" fsck --connectivity-only >/dev/null 2>&1; then exit 1; fi
+  rebuild
 fi
-git cat-file -e "$CIMASTER_GIT_COMMIT^{commit}" 2>/dev/null || git fetch --quiet origin "$CIMASTER_GIT_COMMIT"
-git -c advice.detachedHead=false checkout --quiet --detach "$CIMASTER_GIT_COMMIT"
-git log -1 --format='checked out %H (%s)'
+has_commit || { echo "commit $commit is not in $repo"; exit 1; }
+if ! make_workspace; then
+  rebuild
+  make_workspace
+fi
+git -C /workspace log -1 --format='checked out %H (%s)'
 chmod -R a+rwX /workspace
 "#;

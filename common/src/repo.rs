@@ -41,6 +41,40 @@ pub struct RepoConfig {
     pub results: Results,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterRequirement>,
+    /// How the workspace is checked out.
+    #[serde(default, skip_serializing_if = "CheckoutSpec::is_default")]
+    pub checkout: CheckoutSpec,
+}
+
+/// `checkout:` — how much of the repository the workspace gets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CheckoutSpec {
+    /// Only this many commits of history (`git clone --depth`); the whole history by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u32>,
+    /// Check out the repository's submodules too (recursively).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub submodules: bool,
+    /// Git LFS files: not fetched (only `false` is accepted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lfs: bool,
+}
+
+impl CheckoutSpec {
+    fn is_default(&self) -> bool {
+        *self == CheckoutSpec::default()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.depth == Some(0) {
+            return Err("checkout.depth must be at least 1 (leave it out for the whole history)".into());
+        }
+        if self.lfs {
+            return Err("checkout.lfs: Git LFS is not supported; set it to false or leave it out".into());
+        }
+        Ok(())
+    }
 }
 
 /// `build:` — a Dockerfile and its context, both relative to the repository root.
@@ -242,6 +276,7 @@ impl RepoConfig {
             (None, None) => return Err("set `image` (e.g. `busybox:latest`) or `build` (a Dockerfile)".into()),
             _ => {}
         }
+        self.checkout.check()?;
         for (name, service) in &self.services {
             if let Some(ready) = &service.ready {
                 let checks = usize::from(ready.command.is_some())

@@ -86,6 +86,7 @@ impl Application {
         tasks.push(tokio::spawn(crate::codehost::handle::run_handler(
             integration.clone(),
             config.github.handle_interval,
+            wakeups.github(),
             cancel.clone(),
         )));
         if let Some(host) = host {
@@ -97,6 +98,7 @@ impl Application {
             tasks.push(tokio::spawn(crate::codehost::report::run_reporter(
                 reporter,
                 config.github.report_interval,
+                wakeups.github(),
                 cancel.clone(),
             )));
             tasks.push(tokio::spawn(crate::codehost::resync::run_resync(

@@ -1,5 +1,6 @@
 //! One `LISTEN` connection per replica, shared by every request that waits on the database: waiting
-//! acquires (a cluster freed) and console follows (a run's log grew or its state moved). A waiter
+//! acquires (a cluster freed) and console follows (a run's log grew or its state moved), and by the
+//! code-host loops (a delivery to handle, a status to post). A waiter
 //! holds no database connection while it waits. Notifications can be missed (the connection drops,
 //! the database restarts): everyone is woken when the listener reconnects, and each waiter keeps a
 //! slow tick of its own as well.
@@ -27,12 +28,14 @@ pub enum ConsoleWake {
 pub struct Wakeups {
     clusters: watch::Sender<u64>,
     console: broadcast::Sender<ConsoleWake>,
+    github: watch::Sender<u64>,
 }
 
 impl Wakeups {
     /// Starts the listener on a connection of its own (not one of `pool`'s), until `cancel`.
     pub fn spawn(pool: &PgPool, cancel: CancellationToken) -> (Self, JoinHandle<()>) {
-        let wakeups = Self { clusters: watch::channel(0).0, console: broadcast::channel(1024).0 };
+        let wakeups =
+            Self { clusters: watch::channel(0).0, console: broadcast::channel(1024).0, github: watch::channel(0).0 };
         let own = PgPoolOptions::new()
             .max_connections(1)
             .max_lifetime(None)
@@ -46,6 +49,11 @@ impl Wakeups {
     /// Changes whenever a cluster may have been freed.
     pub fn clusters(&self) -> watch::Receiver<u64> {
         self.clusters.subscribe()
+    }
+
+    /// Changes whenever a webhook delivery was recorded or a commit status is to be shown.
+    pub fn github(&self) -> watch::Receiver<u64> {
+        self.github.subscribe()
     }
 
     /// Every console wake-up, for any run; a follower picks its own.
@@ -74,7 +82,7 @@ impl Wakeups {
 
     async fn connect(&self, pool: &PgPool) -> Result<PgListener, sqlx::Error> {
         let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen_all([channels::CLUSTER_FREED, channels::CONSOLE]).await?;
+        listener.listen_all([channels::CLUSTER_FREED, channels::CONSOLE, channels::GITHUB_WORK]).await?;
         Ok(listener)
     }
 
@@ -101,6 +109,8 @@ impl Wakeups {
     fn pass_on(&self, channel: &str, payload: &str) {
         if channel == channels::CLUSTER_FREED {
             self.clusters.send_modify(|count| *count += 1);
+        } else if channel == channels::GITHUB_WORK {
+            self.github.send_modify(|count| *count += 1);
         } else if let Ok(run) = payload.parse::<Uuid>() {
             let _ = self.console.send(ConsoleWake::Run(run));
         }
@@ -108,6 +118,7 @@ impl Wakeups {
 
     fn wake_everyone(&self) {
         self.clusters.send_modify(|count| *count += 1);
+        self.github.send_modify(|count| *count += 1);
         let _ = self.console.send(ConsoleWake::Everyone);
     }
 }

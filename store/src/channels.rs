@@ -7,3 +7,11 @@ pub const CLUSTER_FREED: &str = "cimaster_cluster_freed";
 pub const CONSOLE: &str = "cimaster_console";
 /// Abort requested for a running run (payload: the run id).
 pub const RUN_ABORT: &str = "cimaster_run_abort";
+/// Code-host work to do: a webhook delivery was recorded, or a commit status is to be shown.
+pub const GITHUB_WORK: &str = "cimaster_github_work";
+
+/// Wakes whoever listens on `channel` (when the surrounding transaction, if any, commits).
+pub async fn notify<'e>(db: impl sqlx::PgExecutor<'e>, channel: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(db).await?;
+    Ok(())
+}

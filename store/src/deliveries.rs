@@ -39,7 +39,11 @@ pub async fn record(
     .bind(outcome)
     .execute(pool)
     .await?;
-    Ok(inserted.rows_affected() == 1)
+    let fresh = inserted.rows_affected() == 1;
+    if fresh && payload.is_some() {
+        crate::channels::notify(pool, crate::channels::GITHUB_WORK).await?;
+    }
+    Ok(fresh)
 }
 
 /// A delivery this replica claimed to handle.

@@ -30,7 +30,7 @@ pub async fn follow_run(pool: &PgPool, target: &Target<'_>, run: Uuid) -> Result
     .bind(run)
     .execute(pool)
     .await?;
-    Ok(())
+    crate::channels::notify(pool, crate::channels::GITHUB_WORK).await
 }
 
 /// Shows a fixed state on the target, unless its newest row already shows exactly that.
@@ -50,7 +50,7 @@ pub async fn show(pool: &PgPool, target: &Target<'_>, state: &str, description: 
     .bind(description)
     .execute(pool)
     .await?;
-    Ok(())
+    crate::channels::notify(pool, crate::channels::GITHUB_WORK).await
 }
 
 /// Whether anything was ever shown on the target.

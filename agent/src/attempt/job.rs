@@ -42,6 +42,7 @@ impl Attempt<'_> {
             network,
             aliases: Vec::new(),
             workspace: self.held.volume.clone(),
+            mirror: self.held.mirror.clone().map(|volume| crate::docker::MirrorMount { volume, writable: false }),
         };
         let (id, output) = executor.docker.start_job(&self.labels, spec).await?;
         self.held.containers.push(id.clone());

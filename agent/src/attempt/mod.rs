@@ -64,6 +64,8 @@ pub struct Executor {
     pub work_dir: PathBuf,
     /// Image with git that checks out git runs (and probes services' readiness).
     pub git_image: String,
+    /// Git mirrors of the repositories this agent checked out.
+    pub(crate) mirrors: Arc<crate::mirrors::Mirrors>,
     pub secrets: Option<SecretBox>,
     /// Output waiting for S3.
     pub pending: Pending,
@@ -174,6 +176,8 @@ pub(crate) struct Held {
     services: Vec<services::Running>,
     network: Option<RunNetwork>,
     volume: Option<String>,
+    /// The mirror the workspace borrows objects from (`--shared`); not removed with the attempt.
+    mirror: Option<String>,
     cluster: Option<cluster::Leased>,
 }
 

@@ -36,8 +36,13 @@ impl From<sqlx::Error> for HandleError {
     }
 }
 
-pub async fn run_handler(integration: Integration, interval: Duration, cancel: CancellationToken) {
-    let mut ticker = Ticker::new(interval, cancel);
+pub async fn run_handler(
+    integration: Integration,
+    interval: Duration,
+    wake: tokio::sync::watch::Receiver<u64>,
+    cancel: CancellationToken,
+) {
+    let mut ticker = Ticker::new(interval, cancel).woken_by(wake);
     while ticker.tick().await {
         loop {
             match deliveries::claim(integration.pool(), CLAIM).await {

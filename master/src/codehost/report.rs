@@ -37,8 +37,13 @@ pub struct Reporter {
     pub public_url: Option<String>,
 }
 
-pub async fn run_reporter(reporter: Reporter, interval: Duration, cancel: CancellationToken) {
-    let mut ticker = Ticker::new(interval, cancel);
+pub async fn run_reporter(
+    reporter: Reporter,
+    interval: Duration,
+    wake: tokio::sync::watch::Receiver<u64>,
+    cancel: CancellationToken,
+) {
+    let mut ticker = Ticker::new(interval, cancel).woken_by(wake);
     // A rate limit pauses every post of this replica until the host says it is over.
     let mut paused_until: Option<Instant> = None;
     while ticker.tick().await {

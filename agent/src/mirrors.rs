@@ -1,0 +1,109 @@
+//! Git mirrors: one bare mirror per repository (and credential scope) in a Docker volume this agent
+//! owns, kept across runs and restarts. A run's checkout updates the mirror with one fetch of what
+//! it lacks, under a lock per mirror (two runs of one repository do not fetch at once), then makes
+//! the run's private workspace from it: a `--shared` clone (the mirror is mounted read-only into
+//! the run's containers for its objects) or a shallow fetch of the run's commit.
+//!
+//! Mirrors are bounded in total size and in age: after a checkout the least recently used ones
+//! beyond the limits are removed. The start-up sweep keeps them.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::OwnedMutexGuard;
+
+use crate::docker::DockerClient;
+
+/// Where the checkout helper (read-write) and the run's containers (read-only) see the mirror.
+pub const MIRROR_PATH: &str = "/cimaster/mirror";
+
+pub struct Mirrors {
+    agent: String,
+    max_bytes: u64,
+    max_age: Duration,
+    /// When each mirror was last used (seconds since the epoch), kept in the work directory.
+    index: PathBuf,
+    used: Mutex<HashMap<String, i64>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    trimming: tokio::sync::Mutex<()>,
+}
+
+impl Mirrors {
+    pub fn new(agent: &str, work_dir: &std::path::Path, max_bytes: u64, max_age: Duration) -> Self {
+        let index = work_dir.join("mirrors.json");
+        let used = std::fs::read(&index).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default();
+        Mirrors {
+            agent: agent.to_owned(),
+            max_bytes,
+            max_age,
+            index,
+            used: Mutex::new(used),
+            locks: Mutex::default(),
+            trimming: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The mirror volume of `repository` for runs with these credentials: jobs whose credentials
+    /// differ never share one.
+    pub fn volume(&self, repository: &str, scope: &str) -> String {
+        let digest = Sha256::digest(format!("{repository}\n{scope}").as_bytes());
+        format!("cimaster-mirror-{}-{}", self.agent, &hex::encode(digest)[..16])
+    }
+
+    /// Holds the mirror for one checkout; another run of the same mirror waits.
+    pub async fn lock(&self, volume: &str) -> OwnedMutexGuard<()> {
+        let lock = self.locks.lock().expect("mirror locks").entry(volume.to_owned()).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    /// Records a use of the mirror now.
+    pub fn touch(&self, volume: &str) {
+        let snapshot = {
+            let mut used = self.used.lock().expect("mirror index");
+            used.insert(volume.to_owned(), chrono::Utc::now().timestamp());
+            serde_json::to_vec(&*used).unwrap_or_default()
+        };
+        if let Err(err) = std::fs::write(&self.index, snapshot) {
+            tracing::warn!(error = %err, "cannot write the mirror index");
+        }
+    }
+
+    /// Removes the least recently used mirrors while they are too many bytes in all, and every
+    /// mirror unused for longer than the age limit; a mirror in use is left alone.
+    pub async fn trim(&self, docker: &DockerClient) {
+        let Ok(_one_at_a_time) = self.trimming.try_lock() else { return };
+        let volumes = match docker.mirror_volumes(&self.agent).await {
+            Ok(volumes) => volumes,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list the mirrors");
+                return;
+            }
+        };
+        let now = chrono::Utc::now().timestamp();
+        let mut by_use: Vec<(i64, String, u64)> = {
+            let used = self.used.lock().expect("mirror index");
+            volumes
+                .into_iter()
+                .map(|(name, size, created)| (used.get(&name).copied().unwrap_or(created), name, size))
+                .collect()
+        };
+        by_use.sort();
+        let mut total: u64 = by_use.iter().map(|(_, _, size)| size).sum();
+        for (last_used, name, size) in by_use {
+            let old = now - last_used > i64::try_from(self.max_age.as_secs()).unwrap_or(i64::MAX);
+            if total <= self.max_bytes && !old {
+                continue;
+            }
+            let lock = self.locks.lock().expect("mirror locks").entry(name.clone()).or_default().clone();
+            let Ok(_held) = lock.try_lock() else { continue };
+            if docker.remove_volume_if_unused(&name).await {
+                tracing::info!(mirror = %name, bytes = size, old, "mirror removed");
+                total = total.saturating_sub(size);
+                self.used.lock().expect("mirror index").remove(&name);
+            }
+        }
+    }
+}
