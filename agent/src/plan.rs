@@ -147,6 +147,7 @@ if [ -n "${CIMASTER_GIT_TOKEN:-}" ]; then
 fi
 export GIT_TERMINAL_PROMPT=0
 git config --global --add safe.directory '*'
+began=$(date +%s%N)
 mirror=/cimaster/mirror
 repo="$CIMASTER_GIT_REPOSITORY"
 commit="$CIMASTER_GIT_COMMIT"
@@ -205,4 +206,5 @@ if ! make_workspace; then
 fi
 git -C /workspace log -1 --format='checked out %H (%s)'
 chmod -R a+rwX /workspace
+echo "checkout took $(( ($(date +%s%N) - began) / 1000000 )) ms"
 "#;

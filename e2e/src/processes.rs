@@ -109,3 +109,36 @@ pub async fn stop(mut child: Child, grace: Duration) {
     }
     let _ = child.kill().await;
 }
+
+/// Where the benchmarks' services are (from the environment `scripts/bench` sets).
+#[derive(clap::Args)]
+pub struct Services {
+    #[arg(long, env = "CIMASTER_DATABASE_URL")]
+    pub database_url: String,
+    #[arg(long, env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+}
+
+/// A benchmark's own database and queue prefix, removed with everything in them at the end.
+pub struct Scratch {
+    pub database: ScratchDatabase,
+    pub prefix: String,
+}
+
+impl Scratch {
+    pub async fn create(services: &Services) -> anyhow::Result<Scratch> {
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
+        let database = ScratchDatabase::create(&services.database_url, suffix).await?;
+        Ok(Scratch { database, prefix: format!("bench-{suffix}") })
+    }
+
+    /// Drops the database and deletes the queues the prefix declared.
+    pub async fn remove(self, services: &Services) -> anyhow::Result<()> {
+        self.database.drop_now().await.context("dropping the benchmark's database")?;
+        let amqp_url = secrecy::SecretString::from(services.amqp_url.clone());
+        if let Err(err) = cimaster_amqp::delete_prefix(&amqp_url, &self.prefix, &["default"]).await {
+            eprintln!("cannot delete the benchmark's queues: {err}");
+        }
+        Ok(())
+    }
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use cimaster_e2e::fake_github::{self, FakeGithub};
-use cimaster_e2e::processes::{self, ScratchDatabase};
+use cimaster_e2e::processes::{self, Scratch, Services};
 use cimaster_master::auth::{Role, Signer};
 use clap::Parser;
 use hmac::{Hmac, Mac};
@@ -38,24 +38,16 @@ struct Args {
     /// Pause between two pull requests.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     gap: Duration,
-    #[arg(long, env = "CIMASTER_DATABASE_URL")]
-    database_url: String,
-    #[arg(long, env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    amqp_url: String,
+    #[command(flatten)]
+    services: Services,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
-    let database = ScratchDatabase::create(&args.database_url, suffix).await?;
-    let prefix = format!("bench-{suffix}");
-    let result = run(&args, &database.url, &prefix).await;
-    database.drop_now().await?;
-    let amqp_url = secrecy::SecretString::from(args.amqp_url.clone());
-    if let Err(err) = cimaster_amqp::delete_prefix(&amqp_url, &prefix, &["default"]).await {
-        eprintln!("cannot delete the benchmark's queues: {err}");
-    }
+    let scratch = Scratch::create(&args.services).await?;
+    let result = run(&args, &scratch.database.url, &scratch.prefix).await;
+    scratch.remove(&args.services).await?;
     result
 }
 

@@ -547,7 +547,7 @@ impl GitServer {
     }
 
     /// Runs a git command that must succeed; its output.
-    fn git(&self, name: &str, args: &[&str]) -> String {
+    pub fn git(&self, name: &str, args: &[&str]) -> String {
         let path = self.dir.path().join(name);
         std::fs::create_dir_all(&path).unwrap();
         let output = std::process::Command::new("git").args(args).current_dir(&path).output().unwrap();

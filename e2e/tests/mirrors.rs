@@ -1,0 +1,155 @@
+//! Agents' git mirrors: a second run of a repository fetches only what is new, runs of one
+//! repository at once share its mirror without fetching twice, depth and submodules are honoured, a
+//! damaged mirror is rebuilt, and jobs with their own credentials get mirrors of their own.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use support::{docker, AgentOptions, GitServer, Stack};
+
+const WAIT: Duration = Duration::from_secs(120);
+const GIT_IMAGE: &str = "cimaster-git:bookworm";
+
+async fn run(stack: &Stack, job: &str) -> (Value, String) {
+    let reply = stack.api.post(&format!("/jobs/{job}/runs"), json!({"branchName": "main"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let path = reply.body["links"]["self"].as_str().unwrap().to_owned();
+    finished(stack, &path).await
+}
+
+async fn finished(stack: &Stack, path: &str) -> (Value, String) {
+    let run = stack.wait_finished(path, WAIT).await;
+    let console = stack.console(path).await;
+    assert_eq!(run["status"], "succeeded", "{run}\n{console}");
+    (run, console)
+}
+
+/// The objects the run's checkout fetched into the mirror; `None` when it fetched nothing.
+fn fetched(console: &str) -> Option<u64> {
+    if console.contains("nothing fetched") {
+        return None;
+    }
+    let line = console.lines().find(|line| line.contains("mirror: fetched")).unwrap_or_else(|| panic!("{console}"));
+    line.split("fetched ").nth(1).unwrap().split(' ').next().unwrap().parse().ok()
+}
+
+fn mirrors_of(agent: &str) -> Vec<String> {
+    let agent_label = format!("label=cimaster.agent={agent}");
+    docker(&["volume", "ls", "-q", "--filter", "label=cimaster.mirror", "--filter", &agent_label])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_second_run_fetches_only_what_is_new_and_concurrent_runs_fetch_once(pool: PgPool) {
+    let git = GitServer::start();
+    let url = git.repo("app");
+    let config = format!("image: {GIT_IMAGE}\nscript: cat VERSION\n");
+    let files: Vec<(String, String)> =
+        (0..40).map(|i| (format!("src/file{i}.txt"), format!("content {i}\n"))).collect();
+    let mut all: Vec<(&str, &str)> = files.iter().map(|(path, text)| (path.as_str(), text.as_str())).collect();
+    all.extend([(".cimaster.yml", config.as_str()), ("VERSION", "one")]);
+    git.commit("app", "main", &all);
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    stack.put_job("app", json!({"kind": "git", "repository": url})).await;
+
+    let (_, first) = run(&stack, "app").await;
+    assert!(first.contains("mirror: new"), "{first}");
+    assert!(fetched(&first).unwrap() >= 40, "the first run fetches the repository: {first}");
+
+    git.commit("app", "main", &[("VERSION", "two")]);
+    let (_, second) = run(&stack, "app").await;
+    assert!(second.contains("two"), "{second}");
+    let new = fetched(&second).unwrap();
+    assert!((1..=4).contains(&new), "a commit, its tree and a blob, not the repository again: {new}\n{second}");
+
+    // Two runs of a new commit at once: one fetches, the other finds it in the mirror.
+    git.commit("app", "main", &[("VERSION", "three")]);
+    let (a, b) = tokio::join!(
+        stack.api.post("/jobs/app/runs", json!({"branchName": "main"})),
+        stack.api.post("/jobs/app/runs", json!({"branchName": "main"}))
+    );
+    let paths: Vec<String> = [a, b].iter().map(|r| r.body["links"]["self"].as_str().unwrap().to_owned()).collect();
+    let (_, one) = finished(&stack, &paths[0]).await;
+    let (_, other) = finished(&stack, &paths[1]).await;
+    assert!(one.contains("three") && other.contains("three"));
+    let fetches = [fetched(&one), fetched(&other)];
+    assert_eq!(fetches.iter().filter(|f| f.is_some()).count(), 1, "one fetch between them: {fetches:?}");
+    assert_eq!(mirrors_of(&stack.agents[0].id).len(), 1);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn depth_and_submodules_are_honoured_and_a_damaged_mirror_is_rebuilt(pool: PgPool) {
+    let git = GitServer::start();
+    let sub_url = git.repo("lib");
+    git.commit("lib", "main", &[("lib.txt", "from the submodule")]);
+    let url = git.repo("top");
+    let script =
+        "script:\n  - echo \"commits=$(git rev-list --count HEAD)\"\n  - cat lib/lib.txt || echo no-submodule\n";
+    git.commit(
+        "top",
+        "main",
+        &[
+            (".shallow.yml", &format!("image: {GIT_IMAGE}\ncheckout: {{depth: 1, submodules: true}}\n{script}")),
+            (".full.yml", &format!("image: {GIT_IMAGE}\n{script}")),
+        ],
+    );
+    git.git("top", &["-c", "protocol.allow=always", "submodule", "add", "-q", &sub_url, "lib"]);
+    git.git("top", &["commit", "-q", "-m", "submodule"]);
+    git.commit("top", "main", &[("third.txt", "3")]);
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    stack.put_job("shallow", json!({"kind": "git", "repository": url, "configPath": ".shallow.yml"})).await;
+    stack.put_job("full", json!({"kind": "git", "repository": url, "configPath": ".full.yml"})).await;
+
+    let (_, shallow) = run(&stack, "shallow").await;
+    assert!(shallow.contains("commits=1") && shallow.contains("from the submodule"), "{shallow}");
+    let (_, full) = run(&stack, "full").await;
+    assert!(full.contains("commits=3") && full.contains("no-submodule"), "{full}");
+
+    // Damage the mirror: every object file overwritten.
+    let mirrors = mirrors_of(&stack.agents[0].id);
+    assert_eq!(mirrors.len(), 1, "{mirrors:?}");
+    let mount = format!("{}:/m", mirrors[0]);
+    docker(&[
+        "run",
+        "--rm",
+        "-v",
+        &mount,
+        "busybox:latest",
+        "sh",
+        "-c",
+        "find /m/objects -type f ! -name '*.idx' -path '*/objects/*' -exec sh -c 'echo junk > \"$1\"' _ {} \\;",
+    ]);
+    let (_, rebuilt) = run(&stack, "full").await;
+    assert!(rebuilt.contains("mirror: damaged; rebuilding it") && rebuilt.contains("commits=3"), "{rebuilt}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn jobs_with_their_own_credentials_do_not_share_a_mirror(pool: PgPool) {
+    let git = GitServer::start();
+    git.repo("private");
+    git.commit(
+        "private",
+        "main",
+        &[(".cimaster.yml", "image: busybox:latest\nscript: cat README\n"), ("README", "private")],
+    );
+    let (base, _server) = git.http("tok-mirror");
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    for job in ["one", "two"] {
+        let body = json!({"kind": "git", "repository": format!("{base}/private"), "tokenSecret": "GIT_TOKEN"});
+        stack.put_job(job, body).await;
+        let set = stack.api.put(&format!("/jobs/{job}/secrets/GIT_TOKEN"), json!({"value": "tok-mirror"})).await;
+        assert_eq!(set.status, 201, "{}", set.body);
+        let (_, console) = run(&stack, job).await;
+        assert!(console.contains("mirror: new"), "{console}");
+    }
+    assert_eq!(mirrors_of(&stack.agents[0].id).len(), 2, "one mirror per job's credentials");
+}
