@@ -385,8 +385,7 @@ impl DockerClient {
     /// This agent's mirror volumes: name, bytes on disk, and when each was created (seconds since
     /// the epoch; now when the engine does not say).
     pub async fn mirror_volumes(&self, agent: &str) -> Result<Vec<(String, u64, i64)>, DockerError> {
-        let options = bollard::query_parameters::DataUsageOptions { _type: Some(vec!["volume".to_owned()]) };
-        let usage = self.docker.df(Some(options)).await.map_err(DockerError::List)?;
+        let usage = self.docker.df(None).await.map_err(DockerError::List)?;
         let now = chrono::Utc::now().timestamp();
         Ok(usage
             .volumes

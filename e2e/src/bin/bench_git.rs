@@ -49,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = Command::new("sh")
         .args([
             "-c",
-            &format!("docker volume ls -q --filter label=cimaster.agent={prefix}-agent | xargs -r docker volume rm -f"),
+            &format!("docker volume ls -q --filter label=cimaster.agent={prefix}-agent | xargs -r docker volume rm -f >/dev/null"),
         ])
         .status();
     result
@@ -140,7 +140,7 @@ async fn run(args: &Args, work: &Path, url: &str, prefix: &str) -> anyhow::Resul
 }
 
 /// Triggers a run of main and waits for its end: the checkout's own time and trigger → the job's
-/// first line (its start time, as the job prints it).
+/// first line (the time the agent read it).
 async fn one_run(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<(f64, f64)> {
     let sent_at = chrono::Utc::now();
     let reply: Value = http
@@ -173,12 +173,13 @@ async fn one_run(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Res
         .and_then(|rest| rest.split(' ').next())
         .and_then(|ms| ms.parse().ok())
         .with_context(|| format!("no checkout time in the console:\n{console}"))?;
-    let started_ns: i64 = console
+    // Console lines carry the time the agent read them.
+    let started: chrono::DateTime<chrono::Utc> = console
         .lines()
-        .find_map(|line| line.strip_prefix("job-started "))
-        .and_then(|ns| ns.trim().parse().ok())
-        .with_context(|| format!("no start time in the console:\n{console}"))?;
-    let first_line = (started_ns - sent_at.timestamp_nanos_opt().unwrap_or(0)) as f64 / 1e9;
+        .find_map(|line| line.strip_suffix(" job-started"))
+        .and_then(|at| at.parse().ok())
+        .with_context(|| format!("no job line in the console:\n{console}"))?;
+    let first_line = (started - sent_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
     Ok((checkout_ms / 1000.0, first_line))
 }
 
@@ -194,7 +195,7 @@ fn build_repository(args: &Args, dir: &Path) -> anyhow::Result<PathBuf> {
         .spawn()
         .context("git fast-import")?;
     let mut input = std::io::BufWriter::new(import.stdin.take().context("stdin")?);
-    let config = "image: busybox:latest\nscript: echo \"job-started $(date +%s%N)\"\n";
+    let config = "image: busybox:latest\nscript: echo job-started\n";
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut content = vec![0u8; args.bytes_per_commit];
     for number in 0..args.commits {
