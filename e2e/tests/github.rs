@@ -267,6 +267,25 @@ async fn a_strangers_fork_waits_for_ok_to_test_runs_without_secrets_and_retest_r
     assert_eq!(rerun.len(), 1, "{retest}");
     let runs = runs_of(&pool).await;
     assert_eq!(runs.iter().find(|run| run.0 == rerun[0]).unwrap().1, "lint", "only the failed job runs again");
+
+    // `/test <job>` runs that job, `/test all` every job the pull request's base subscribes.
+    deliver(&stack.api, "issue_comment", "d-test-unit", &comment(9, "/test unit", "mona", "MEMBER")).await;
+    let one = handled(&stack.api, "d-test-unit").await;
+    assert_eq!(one["runs"].as_array().unwrap().len(), 1, "{one}");
+    assert!(one["outcome"].as_str().unwrap().starts_with("unit: run "), "{one}");
+    deliver(&stack.api, "issue_comment", "d-test-all", &comment(9, "/test all", "mona", "MEMBER")).await;
+    let all = handled(&stack.api, "d-test-all").await;
+    assert_eq!(all["runs"].as_array().unwrap().len(), 2, "{all}");
+
+    // The stranger pushes again: the approval was for the old head, the new one waits.
+    let newer = git.commit("hello", "feature", &[("change.txt", "more from the fork")]);
+    let mut pull = pull;
+    pull["head"]["sha"] = json!(newer);
+    fake.set_pull(REPO, pull.clone());
+    deliver(&stack.api, "pull_request", "d-sync", &pull_event("synchronize", &pull)).await;
+    let waiting = handled(&stack.api, "d-sync").await;
+    assert!(waiting["outcome"].as_str().unwrap().contains("waiting for /ok-to-test"), "{waiting}");
+    assert!(waiting["runs"].as_array().unwrap().is_empty(), "{waiting}");
 }
 
 #[sqlx::test(migrations = "../migrations")]
