@@ -1,8 +1,9 @@
 //! `cimaster-bench-git`: git runs on a repository of realistic size. Builds one locally (by default
 //! 20,000 commits and about 200 MB of history, written with `git fast-import`), serves it with
 //! `git daemon`, and measures for a first and a second run of a git job on one agent: the checkout
-//! (as the checkout helper reports it) and trigger → the job's first line; then the master's
-//! trigger latency once the config file was read. Baselines in the same run: `git clone` and
+//! (as the checkout helper reports it) and trigger → the job's first line; a first and a second
+//! image build (after a change to the source tree); then the master's trigger latency once the
+//! config file was read, with the agent stopped. Baselines in the same run: `git clone` and
 //! `git clone --depth 1` of the same repository, and `docker run --rm` of the job's image.
 //!
 //! Needs the release binaries next to this one, a Docker engine and CIMASTER_DATABASE_URL,
@@ -109,6 +110,11 @@ async fn run(args: &Args, work: &Path, url: &str, prefix: &str) -> anyhow::Resul
         seconds[1].1 / floor.as_secs_f64()
     );
 
+    image_builds(&http, &base, &token, &repo, &repo_url).await?;
+
+    // The master's own work: with the agent stopped, the triggered runs wait in the queue instead
+    // of taking the two cores the master runs on.
+    processes::stop(agent, Duration::from_secs(5)).await;
     let mut latencies = Vec::new();
     for _ in 0..args.triggers {
         let sent = Instant::now();
@@ -126,25 +132,69 @@ async fn run(args: &Args, work: &Path, url: &str, prefix: &str) -> anyhow::Resul
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1];
     println!(
-        "trigger latency after the first read: p50 {:.1} ms, p95 {:.1} ms ({} triggers)",
+        "trigger latency after the first read: p50 {:.1} ms, p95 {:.1} ms ({} triggers, agent stopped)",
         at(0.5),
         at(0.95),
         args.triggers
     );
 
-    processes::stop(agent, Duration::from_secs(5)).await;
     processes::stop(master, Duration::from_secs(5)).await;
     let _ = daemon.kill();
     let _ = daemon.wait();
     Ok(())
 }
 
-/// Triggers a run of main and waits for its end: the checkout's own time and trigger → the job's
-/// first line (the time the agent read it).
-async fn one_run(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<(f64, f64)> {
-    let sent_at = chrono::Utc::now();
+/// A job that builds its image from the repository's Dockerfile: the first build, then a second
+/// one of the same Dockerfile after a change to the source tree, which the engine's layer cache
+/// shortens to the steps after the change.
+async fn image_builds(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    repo: &Path,
+    repo_url: &str,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(repo.join("docker"))?;
+    // A step of this benchmark's own, so no earlier run's layers stand in for the first build.
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let dockerfile = format!("FROM busybox:latest\nRUN sleep 3 && echo {nonce} > /dependencies\nCOPY . /src\n");
+    commit(repo, "docker/ci.Dockerfile", &dockerfile)?;
+    commit(repo, ".image.yml", "build: {dockerfile: docker/ci.Dockerfile}\nscript: echo job-started\n")?;
+    let job = json!({"kind": "git", "repository": repo_url, "configPath": ".image.yml"});
+    let name = format!("image-{}", &nonce[..8]);
+    let put = http.put(format!("{base}/jobs/{name}")).bearer_auth(token).json(&job).send().await?;
+    if !put.status().is_success() {
+        bail!("PUT /jobs/{name}: {}", put.text().await?);
+    }
+    let mut builds = Vec::new();
+    for round in 0..2 {
+        if round == 1 {
+            commit(repo, "data/file0.txt", "a change to the source tree")?;
+        }
+        let console = finished_console(http, base, token, &name).await?;
+        let at = |needle: &str| {
+            console
+                .lines()
+                .find(|line| line.contains(needle))
+                .and_then(|line| line.split(' ').next()?.parse::<chrono::DateTime<chrono::Utc>>().ok())
+        };
+        let (Some(began), Some(ended)) = (at("] building "), at(" runs attempt ")) else {
+            bail!("no build in the console:\n{console}");
+        };
+        builds.push(((ended - began).num_milliseconds() as f64 / 1000.0, console.contains("Using cache")));
+    }
+    println!(
+        "image build: first {:.2} s, second with a changed source tree {:.2} s (layer cache used: {})",
+        builds[0].0, builds[1].0, builds[1].1
+    );
+    let _ = sh(&format!("docker images -q --filter label=cimaster.job={name} | xargs -r docker rmi -f >/dev/null"));
+    Ok(())
+}
+
+/// Triggers a run of the job's main, waits for its success and returns its console.
+async fn finished_console(http: &reqwest::Client, base: &str, token: &str, job: &str) -> anyhow::Result<String> {
     let reply: Value = http
-        .post(format!("{base}/jobs/big/runs"))
+        .post(format!("{base}/jobs/{job}/runs"))
         .bearer_auth(token)
         .json(&json!({"branchName": "main"}))
         .send()
@@ -166,7 +216,14 @@ async fn one_run(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let console = http.get(format!("{base}{path}/results/console")).bearer_auth(token).send().await?.text().await?;
+    Ok(http.get(format!("{base}{path}/results/console")).bearer_auth(token).send().await?.text().await?)
+}
+
+/// Triggers a run of main and waits for its end: the checkout's own time and trigger → the job's
+/// first line (the time the agent read it).
+async fn one_run(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<(f64, f64)> {
+    let sent_at = chrono::Utc::now();
+    let console = finished_console(http, base, token, "big").await?;
     let checkout_ms: f64 = console
         .lines()
         .find_map(|line| line.split("checkout took ").nth(1))
