@@ -260,6 +260,7 @@ async fn a_strangers_fork_waits_for_ok_to_test_runs_without_secrets_and_retest_r
         console.contains("secret=withheld") && !console.contains("s3cr3t"),
         "a fork's run gets no secrets: {console}"
     );
+    assert!(console.contains("secrets API_TOKEN withheld: the pull request comes from a fork"), "{console}");
 
     deliver(&stack.api, "issue_comment", "d-retest", &comment(9, "/retest", "mona", "MEMBER")).await;
     let retest = handled(&stack.api, "d-retest").await;

@@ -20,6 +20,14 @@ impl Attempt<'_> {
     /// Opens the job's secrets and the checkout's credentials; the job's go into its environment,
     /// all are returned for the checkout to pick its credentials from.
     pub(super) async fn open_secrets(&mut self, plan: &Plan) -> Result<HashMap<String, SecretString>, Stop> {
+        if !plan.withheld.is_empty() {
+            let names: Vec<String> = plan.withheld.iter().map(ToString::to_string).collect();
+            let note = format!(
+                "secrets {} withheld: the pull request comes from a fork (the job's github.secretsForForks is off)",
+                names.join(", ")
+            );
+            self.console.note(&note).await;
+        }
         let mut names = plan.secrets.clone();
         if let Some(checkout) = &plan.checkout {
             names.extend(checkout.token_secret.iter().chain(&checkout.ssh_key_secret).cloned());

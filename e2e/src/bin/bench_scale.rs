@@ -7,8 +7,7 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
-use cimaster_e2e::processes::{self, ScratchDatabase};
+use cimaster_e2e::processes::{self, Scratch, Services};
 use cimaster_e2e::scale::{self, Environment, Scenario};
 use clap::Parser;
 
@@ -40,22 +39,18 @@ struct Args {
     /// Leave out the `docker run` baseline.
     #[arg(long)]
     no_baseline: bool,
-    #[arg(long, env = "CIMASTER_DATABASE_URL")]
-    database_url: String,
-    #[arg(long, env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    amqp_url: String,
+    #[command(flatten)]
+    services: Services,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
-    let database = ScratchDatabase::create(&args.database_url, suffix).await?;
-    let prefix = format!("bench-{suffix}");
+    let scratch = Scratch::create(&args.services).await?;
     let environment = Environment {
         binaries: processes::binaries()?,
-        database_url: database.url.clone(),
-        prefix: prefix.clone(),
+        database_url: scratch.database.url.clone(),
+        prefix: scratch.prefix.clone(),
         dev_script: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dev"),
     };
     let scenario = Scenario {
@@ -74,11 +69,7 @@ async fn main() -> anyhow::Result<()> {
         baseline: !args.no_baseline,
     };
     let outcome = scale::run(&scenario, &environment).await;
-    database.drop_now().await.context("dropping the benchmark's database")?;
-    let amqp_url = secrecy::SecretString::from(args.amqp_url.clone());
-    if let Err(err) = cimaster_amqp::delete_prefix(&amqp_url, &prefix, &["default"]).await {
-        eprintln!("cannot delete the benchmark's queues: {err}");
-    }
+    scratch.remove(&args.services).await?;
     let outcome = outcome?;
     outcome.print(&scenario);
     if outcome.lost > 0 || outcome.double > 0 {

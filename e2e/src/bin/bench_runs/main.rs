@@ -18,7 +18,7 @@ use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{RemoveContainerOptions, WaitContainerOptions};
 use bollard::Docker;
 use chrono::{DateTime, Utc};
-use cimaster_e2e::processes::{self, ScratchDatabase};
+use cimaster_e2e::processes::{self, Scratch, Services};
 use cimaster_master::auth::{Role, Signer};
 use clap::Parser;
 use futures::StreamExt;
@@ -36,10 +36,8 @@ struct Args {
     agents: usize,
     #[arg(long, default_value = "busybox:latest")]
     image: String,
-    #[arg(long, env = "CIMASTER_DATABASE_URL")]
-    database_url: String,
-    #[arg(long, env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    amqp_url: String,
+    #[command(flatten)]
+    services: Services,
     /// Measure aborts of running runs (`--runs` of them, one at a time) instead.
     #[arg(long)]
     abort: bool,
@@ -69,15 +67,9 @@ fn rss_mib(pid: u32) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
-    let database = ScratchDatabase::create(&args.database_url, suffix).await?;
-    let prefix = format!("bench-{suffix}");
-    let result = run(&args, &database.url, &prefix).await;
-    database.drop_now().await?;
-    let amqp_url = secrecy::SecretString::from(args.amqp_url.clone());
-    if let Err(err) = cimaster_amqp::delete_prefix(&amqp_url, &prefix, &["default"]).await {
-        eprintln!("cannot delete the benchmark's queues: {err}");
-    }
+    let scratch = Scratch::create(&args.services).await?;
+    let result = run(&args, &scratch.database.url, &scratch.prefix).await;
+    scratch.remove(&args.services).await?;
     result
 }
 
