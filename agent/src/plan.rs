@@ -90,12 +90,17 @@ impl Plan {
                     (None, Some(build)) => ImageSource::Build(build.clone()),
                     (None, None) => return Err("the job config file names neither `image` nor `build`".into()),
                 };
+                let (secrets, withheld) = if withholds_secrets(claim, git) {
+                    (Vec::new(), config.secrets.clone())
+                } else {
+                    (config.secrets.clone(), Vec::new())
+                };
                 Ok(Plan {
                     image,
                     script: config.script.to_shell(),
                     env: config.env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-                    secrets: if withholds_secrets(claim, git) { Vec::new() } else { config.secrets.clone() },
-                    withheld: if withholds_secrets(claim, git) { config.secrets.clone() } else { Vec::new() },
+                    secrets,
+                    withheld,
                     timeout_seconds: config.timeout_seconds,
                     resources: config.resources.clone(),
                     working_dir: Some(WORKSPACE.to_owned()),

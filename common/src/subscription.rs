@@ -103,6 +103,22 @@ impl<'de> Deserialize<'de> for BranchGlob {
 pub struct RepoFullName(String);
 
 impl RepoFullName {
+    /// `owner/name`: each part 1 to 100 letters, digits, `-`, `_` or `.`, and not `.` or `..`
+    /// (nothing that could change a URL's path).
+    pub fn parse(name: &str) -> Result<Self, String> {
+        let part = |part: &str| {
+            !part.is_empty()
+                && part.len() <= 100
+                && part != "."
+                && part != ".."
+                && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        match name.split_once('/') {
+            Some((owner, repo)) if part(owner) && part(repo) => Ok(RepoFullName(name.to_owned())),
+            _ => Err(format!("repository `{name}` must be `owner/name` as GitHub names it")),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -132,16 +148,7 @@ impl Serialize for RepoFullName {
 
 impl<'de> Deserialize<'de> for RepoFullName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(d)?;
-        let part = |part: &str| {
-            !part.is_empty()
-                && part.len() <= 100
-                && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        };
-        match name.split_once('/') {
-            Some((owner, repo)) if part(owner) && part(repo) => Ok(RepoFullName(name)),
-            _ => Err(de::Error::custom(format!("repository `{name}` must be `owner/name` as GitHub names it"))),
-        }
+        RepoFullName::parse(&String::deserialize(d)?).map_err(de::Error::custom)
     }
 }
 

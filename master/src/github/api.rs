@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use cimaster_common::RepoFullName;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -171,13 +172,7 @@ fn read_pull(pull: &Value, repository: &str) -> Result<PullRequest, HostError> {
 
 /// `owner/name` with nothing in it that could change the URL's path.
 fn check_repository(repository: &str) -> Result<(), HostError> {
-    let part = |part: &str| {
-        !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    };
-    match repository.split_once('/') {
-        Some((owner, name)) if part(owner) && part(name) && name != ".." && owner != ".." => Ok(()),
-        _ => Err(HostError::Refused { why: format!("`{repository}` is not a repository name") }),
-    }
+    RepoFullName::parse(repository).map(drop).map_err(|why| HostError::Refused { why })
 }
 
 /// Sends a request and sorts GitHub's answer: a success, something to retry, or a refusal.

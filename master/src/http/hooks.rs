@@ -161,10 +161,7 @@ pub(super) async fn list_deliveries(
     _caller: Admin,
     super::query::ApiQuery(filter): super::query::ApiQuery<DeliveryFilter>,
 ) -> Result<Json<DeliveryList>, ApiError> {
-    let limit = filter.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::BadRequest(format!("limit must be 1 to 500, not {limit}")));
-    }
+    let limit = page_limit(filter.limit)?;
     let deliveries = deliveries::list(&state.pool, filter.repository.as_deref(), limit).await?;
     Ok(Json(DeliveryList { deliveries }))
 }
@@ -193,10 +190,16 @@ pub(super) async fn list_statuses(
     _caller: Admin,
     super::query::ApiQuery(filter): super::query::ApiQuery<StatusFilter>,
 ) -> Result<Json<StatusList>, ApiError> {
-    let limit = filter.limit.unwrap_or(50);
+    let limit = page_limit(filter.limit)?;
+    let statuses = statuses::list(&state.pool, filter.sha.as_deref(), limit).await?;
+    Ok(Json(StatusList { statuses }))
+}
+
+/// A listing's `limit`: 1 to 500, 50 by default.
+fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::BadRequest(format!("limit must be 1 to 500, not {limit}")));
     }
-    let statuses = statuses::list(&state.pool, filter.sha.as_deref(), limit).await?;
-    Ok(Json(StatusList { statuses }))
+    Ok(limit)
 }
