@@ -35,7 +35,12 @@ pub const MAX_LISTED_FAILURES: usize = 500;
 /// A failure message is cut at this many bytes.
 pub const MAX_FAILURE_MESSAGE: usize = 4096;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A failed case's text (the `<failure>`/`<error>` element's body) is cut at this many bytes.
+pub const MAX_FAILURE_TEXT: usize = 8192;
+/// Of a failed case's `<system-out>` and `<system-err>`, this many last bytes are kept.
+pub const MAX_CASE_OUTPUT: usize = 4096;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct FailedCase {
@@ -44,7 +49,26 @@ pub struct FailedCase {
     pub name: String,
     /// `failure` or `error`.
     pub kind: String,
+    /// The `message` attribute, or the text's first line when the report has none.
     pub message: String,
+    /// The element's text: the assertion, the traceback or the panic (its first
+    /// [`MAX_FAILURE_TEXT`] bytes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub text: String,
+    /// The last [`MAX_CASE_OUTPUT`] bytes of the case's `<system-out>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub system_out: String,
+    /// The last [`MAX_CASE_OUTPUT`] bytes of the case's `<system-err>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub system_err: String,
+    /// The case's `time` attribute, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_seconds: Option<f64>,
+    /// Where it failed: the case's `file` attribute, or the `path:line` a panic or traceback names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
 }
 
 impl JunitSummary {
@@ -79,8 +103,8 @@ impl JunitSummary {
             match event {
                 Event::Start(ref e) => report.open(e, false)?,
                 Event::Empty(ref e) => report.open(e, true)?,
-                Event::Text(text) => report.text(|| text.unescape().map(|t| t.trim().to_owned()).unwrap_or_default()),
-                Event::CData(text) => report.text(|| String::from_utf8_lossy(&text).trim().to_owned()),
+                Event::Text(text) => report.text(|| text.unescape().map(|t| t.into_owned()).unwrap_or_default()),
+                Event::CData(text) => report.text(|| String::from_utf8_lossy(&text).into_owned()),
                 Event::End(e) => report.close(e.name().as_ref()),
                 Event::Eof => break,
                 _ => {}
@@ -138,6 +162,62 @@ mod tests {
     }
 
     #[test]
+    fn keeps_each_failures_text_output_and_place() {
+        let xml = br#"<testsuites tests="3" failures="1" errors="1" skipped="1">
+  <testsuite name="calc">
+    <testcase classname="calc_test" name="TestAdd" time="0.01">
+      <failure message="Failed" type="">calc_test.go:12: expected 4, got 5
+more detail</failure>
+    </testcase>
+    <testcase classname="my-crate" name="tests::divides" time="0.02" file="src/lib.rs" line="40">
+      <error message="thread 'tests::divides' panicked at src/div.rs:7:9"><![CDATA[assertion `left == right` failed
+  left: 1
+ right: 2]]></error>
+      <system-out>printed &lt;one&gt;
+printed two</system-out>
+      <system-err>warning: x</system-err>
+    </testcase>
+    <testcase classname="t" name="skips"><skipped message="later"/></testcase>
+  </testsuite>
+</testsuites>"#;
+        let summary = JunitSummary::parse(xml).unwrap();
+        assert_eq!((summary.tests, summary.failures, summary.errors, summary.skipped), (3, 1, 1, 1));
+        let go = &summary.failed[0];
+        assert_eq!(go.message, "Failed");
+        assert_eq!(go.text, "calc_test.go:12: expected 4, got 5\nmore detail");
+        assert_eq!((go.file.as_deref(), go.line), (Some("calc_test.go"), Some(12)));
+        assert_eq!(go.time_seconds, Some(0.01));
+        let rust = &summary.failed[1];
+        assert_eq!(rust.kind, "error");
+        assert!(rust.text.starts_with("assertion `left == right` failed\n  left: 1"), "{}", rust.text);
+        assert_eq!(rust.system_out, "printed <one>\nprinted two");
+        assert_eq!(rust.system_err, "warning: x");
+        // The case's own attributes win over what the message names.
+        assert_eq!((rust.file.as_deref(), rust.line), (Some("src/lib.rs"), Some(40)));
+    }
+
+    #[test]
+    fn long_texts_keep_their_head_and_long_output_its_tail() {
+        let body = "a".repeat(3 * MAX_FAILURE_TEXT);
+        let out = format!("{}END", "o".repeat(10 * MAX_CASE_OUTPUT));
+        let xml = format!(
+            "<testsuite><testcase name=\"t\"><failure>{body}</failure><system-out>{out}</system-out></testcase></testsuite>"
+        );
+        let case = &JunitSummary::parse(xml.as_bytes()).unwrap().failed[0];
+        assert!(case.text.len() <= MAX_FAILURE_TEXT + 3 && case.text.ends_with('…'));
+        assert!(case.system_out.len() <= MAX_CASE_OUTPUT + 3 && case.system_out.ends_with("END"));
+        assert!(case.system_out.starts_with('…'));
+    }
+
+    #[test]
+    fn places_are_read_from_panics_and_tracebacks() {
+        assert_eq!(place("thread 't' panicked at src/lib.rs:7:9:"), Some(("src/lib.rs".into(), 7)));
+        assert_eq!(place("tests/test_calc.py:12: AssertionError"), Some(("tests/test_calc.py".into(), 12)));
+        assert_eq!(place("see http://example.com:80/x"), None);
+        assert_eq!(place("expected 2, got 3"), None);
+    }
+
+    #[test]
     fn refuses_what_is_not_a_report() {
         assert!(JunitSummary::parse(b"<html></html>").unwrap_err().contains("not a JUnit report"));
         assert!(JunitSummary::parse(b"").is_err());
@@ -152,11 +232,33 @@ struct JunitReader {
     summary: JunitSummary,
     /// The open <testsuite> names, innermost last.
     suites: Vec<String>,
-    /// The open <testcase>: (classname, name).
-    case: Option<(String, String)>,
-    /// An open <failure>/<error> collecting its text.
-    failing: Option<FailedCase>,
+    /// The open <testcase>.
+    case: Option<OpenCase>,
     seen_root: bool,
+}
+
+/// A <testcase> being read: what it is, how it failed (if it did) and what it printed.
+#[cfg(feature = "junit")]
+#[derive(Default)]
+struct OpenCase {
+    classname: String,
+    name: String,
+    time: Option<f64>,
+    file: Option<String>,
+    line: Option<u32>,
+    failed: Option<FailedCase>,
+    /// Which child element's text is being read.
+    reading: Option<CaseText>,
+    system_out: String,
+    system_err: String,
+}
+
+#[cfg(feature = "junit")]
+#[derive(Clone, Copy)]
+enum CaseText {
+    Failure,
+    Out,
+    Err,
 }
 
 #[cfg(feature = "junit")]
@@ -173,43 +275,73 @@ impl JunitReader {
             b"testsuite" if !empty => self.suites.push(attr(element, b"name")),
             b"testcase" => {
                 self.summary.tests += 1;
-                self.summary.time_seconds += attr(element, b"time").parse::<f64>().unwrap_or(0.0);
+                let time = attr(element, b"time").parse::<f64>().ok();
+                self.summary.time_seconds += time.unwrap_or(0.0);
                 if !empty {
-                    self.case = Some((attr(element, b"classname"), attr(element, b"name")));
+                    self.case = Some(OpenCase {
+                        classname: attr(element, b"classname"),
+                        name: attr(element, b"name"),
+                        time,
+                        file: Some(attr(element, b"file")).filter(|file| !file.is_empty()),
+                        line: attr(element, b"line").parse().ok(),
+                        ..OpenCase::default()
+                    });
                 }
             }
             b"skipped" if self.case.is_some() => self.summary.skipped += 1,
-            kind @ (b"failure" | b"error") if self.case.is_some() => self.fail(element, kind, empty),
+            kind @ (b"failure" | b"error") => self.fail(element, kind, empty),
+            b"system-out" | b"system-err" if !empty => {
+                if let Some(case) = self.case.as_mut() {
+                    case.reading = Some(if name == b"system-out" { CaseText::Out } else { CaseText::Err });
+                }
+            }
             _ => {}
         }
         Ok(())
     }
 
+    /// A <failure> or <error> of the open case; the first one is kept (a case counts once).
     fn fail(&mut self, element: &quick_xml::events::BytesStart<'_>, kind: &[u8], empty: bool) {
-        let (classname, name) = self.case.clone().unwrap_or_default();
+        let Some(case) = self.case.as_mut() else { return };
+        if case.failed.is_some() {
+            return;
+        }
         let kind = String::from_utf8_lossy(kind).into_owned();
         if kind == "failure" {
             self.summary.failures += 1;
         } else {
             self.summary.errors += 1;
         }
-        if self.summary.failed.len() >= MAX_LISTED_FAILURES {
-            self.summary.failed_not_listed += 1;
-            return;
-        }
-        let suite = self.suites.last().cloned().unwrap_or_default();
-        let failed = FailedCase { suite, classname, name, kind, message: bounded(attr(element, b"message")) };
-        if empty {
-            self.summary.failed.push(failed);
-        } else {
-            self.failing = Some(failed);
+        case.failed = Some(FailedCase {
+            suite: self.suites.last().cloned().unwrap_or_default(),
+            classname: case.classname.clone(),
+            name: case.name.clone(),
+            kind,
+            message: bounded(attr(element, b"message"), MAX_FAILURE_MESSAGE),
+            text: String::new(),
+            system_out: String::new(),
+            system_err: String::new(),
+            time_seconds: case.time,
+            file: None,
+            line: None,
+        });
+        if !empty {
+            case.reading = Some(CaseText::Failure);
         }
     }
 
-    /// Text inside an open <failure>/<error> without a `message` becomes its message.
+    /// Text inside the open case's <failure>/<error>, <system-out> or <system-err>.
     fn text(&mut self, text: impl FnOnce() -> String) {
-        if let Some(failed) = self.failing.as_mut().filter(|f| f.message.is_empty()) {
-            failed.message = bounded(text());
+        let Some(case) = self.case.as_mut() else { return };
+        match (case.reading, case.failed.as_mut()) {
+            (Some(CaseText::Failure), Some(failed)) => {
+                if failed.text.len() < MAX_FAILURE_TEXT {
+                    failed.text.push_str(&text());
+                }
+            }
+            (Some(CaseText::Out), _) => keep_tail(&mut case.system_out, &text()),
+            (Some(CaseText::Err), _) => keep_tail(&mut case.system_err, &text()),
+            _ => {}
         }
     }
 
@@ -218,18 +350,85 @@ impl JunitReader {
             b"testsuite" => {
                 self.suites.pop();
             }
-            b"testcase" => self.case = None,
-            b"failure" | b"error" => self.summary.failed.extend(self.failing.take()),
+            b"testcase" => {
+                if let Some(case) = self.case.take() {
+                    self.finish(case);
+                }
+            }
+            b"failure" | b"error" | b"system-out" | b"system-err" => {
+                if let Some(case) = self.case.as_mut() {
+                    case.reading = None;
+                }
+            }
             _ => {}
         }
     }
+
+    /// Lists the case if it failed, with its text, output and place.
+    fn finish(&mut self, case: OpenCase) {
+        let Some(mut failed) = case.failed else { return };
+        if self.summary.failed.len() >= MAX_LISTED_FAILURES {
+            self.summary.failed_not_listed += 1;
+            return;
+        }
+        failed.text = bounded(failed.text.trim().to_owned(), MAX_FAILURE_TEXT);
+        if failed.message.is_empty() {
+            let first = failed.text.lines().next().unwrap_or_default().to_owned();
+            failed.message = bounded(first, MAX_FAILURE_MESSAGE);
+        }
+        failed.system_out = tail(case.system_out.trim_end());
+        failed.system_err = tail(case.system_err.trim_end());
+        (failed.file, failed.line) = match case.file {
+            Some(file) => (Some(file), case.line),
+            None => place(&failed.message).or_else(|| place(&failed.text)).map_or((None, None), |(f, l)| (Some(f), Some(l))),
+        };
+        self.summary.failed.push(failed);
+    }
 }
 
-/// A message cut to [`MAX_FAILURE_MESSAGE`] bytes, on a character boundary.
+/// Appends `text`, keeping about the last [`MAX_CASE_OUTPUT`] bytes (cut once at the end).
 #[cfg(feature = "junit")]
-fn bounded(mut message: String) -> String {
-    if message.len() > MAX_FAILURE_MESSAGE {
-        let mut cut = MAX_FAILURE_MESSAGE;
+fn keep_tail(kept: &mut String, text: &str) {
+    kept.push_str(text);
+    if kept.len() > 4 * MAX_CASE_OUTPUT {
+        *kept = tail(kept);
+    }
+}
+
+/// The last [`MAX_CASE_OUTPUT`] bytes of `text`, on a character boundary, marked `…` when cut.
+#[cfg(feature = "junit")]
+fn tail(text: &str) -> String {
+    if text.len() <= MAX_CASE_OUTPUT {
+        return text.to_owned();
+    }
+    let mut cut = text.len() - MAX_CASE_OUTPUT;
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    format!("…{}", &text[cut..])
+}
+
+/// The first `path:line` a message names, as panics (`panicked at src/lib.rs:7:5`) and
+/// tracebacks (`tests/test_calc.py:12: AssertionError`) write it.
+#[cfg(feature = "junit")]
+fn place(text: &str) -> Option<(String, u32)> {
+    text.split(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '(' || c == ')' || c == ',')
+        .find_map(|word| {
+            let mut parts = word.splitn(3, ':');
+            let (file, line) = (parts.next()?, parts.next()?);
+            let line: u32 = line.parse().ok()?;
+            let looks_like_file = file.contains('.')
+                && file.rsplit('.').next().is_some_and(|ext| (1..=5).contains(&ext.len()) && ext.chars().all(|c| c.is_ascii_alphanumeric()))
+                && !file.contains("//");
+            looks_like_file.then(|| (file.to_owned(), line))
+        })
+}
+
+/// A text cut to `max` bytes, on a character boundary, marked `…` when cut.
+#[cfg(feature = "junit")]
+fn bounded(mut message: String, max: usize) -> String {
+    if message.len() > max {
+        let mut cut = max;
         while !message.is_char_boundary(cut) {
             cut -= 1;
         }

@@ -46,6 +46,7 @@ pub struct Claims {
 struct Verified {
     sub: String,
     roles: Vec<Role>,
+    exp: u64,
 }
 
 /// Who made a request, once their token checked out.
@@ -53,6 +54,8 @@ struct Verified {
 pub struct Caller {
     pub subject: String,
     pub roles: Vec<Role>,
+    /// When the token expires (seconds since the epoch): a web session lasts as long.
+    pub expires: u64,
 }
 
 impl Caller {
@@ -145,7 +148,7 @@ impl Verifier {
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::Malformed)?;
         let data = jsonwebtoken::decode::<Verified>(token, &self.key, &self.validation).map_err(refusal)?;
-        Ok(Caller { subject: data.claims.sub, roles: data.claims.roles })
+        Ok(Caller { subject: data.claims.sub, roles: data.claims.roles, expires: data.claims.exp })
     }
 }
 
@@ -230,7 +233,7 @@ mod tests {
 
     #[test]
     fn roles_nest() {
-        let caller = Caller { subject: "a".into(), roles: vec![Role::Trigger] };
+        let caller = Caller { subject: "a".into(), roles: vec![Role::Trigger], expires: 0 };
         assert!(caller.has(Role::Read) && caller.has(Role::Trigger) && !caller.has(Role::Admin));
     }
 

@@ -18,6 +18,7 @@ pub mod startup;
 pub mod telemetry;
 pub mod ticker;
 pub mod trigger;
+pub mod ui;
 pub mod wakeups;
 
 pub use config::Config;

@@ -277,3 +277,28 @@ pub async fn earlier(pool: &PgPool, run: Uuid, current: i32) -> Result<Vec<i32>,
         .fetch_all(pool)
         .await
 }
+
+/// One attempt of a run as its page shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRecord {
+    pub attempt: i32,
+    pub agent: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub container_started_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub ended_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `succeeded`, `failed`, `aborted`, `timed_out`, `error` or `lost`; none while it runs.
+    pub outcome: Option<String>,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+}
+
+/// Every attempt a run has had, first first.
+pub async fn history(pool: &PgPool, run: Uuid) -> Result<Vec<AttemptRecord>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT attempt, agent, started_at, container_started_at, ended_at, outcome, exit_code, message
+         FROM run_attempts WHERE run_id = $1 ORDER BY attempt",
+    )
+    .bind(run)
+    .fetch_all(pool)
+    .await
+}

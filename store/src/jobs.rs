@@ -103,6 +103,11 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Job>, sqlx::Error> {
     Ok(rows.into_iter().map(Job::from).collect())
 }
 
+/// Every job's name, in order.
+pub async fn names(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT name FROM jobs ORDER BY name").fetch_all(pool).await
+}
+
 pub async fn exists(pool: &PgPool, name: &JobName) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE name = $1)").bind(name.as_str()).fetch_one(pool).await
 }

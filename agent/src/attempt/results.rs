@@ -18,22 +18,43 @@ use cimaster_store::results::{self, StoredResult};
 /// The largest JUnit report the agent summarises (larger ones are kept, not read).
 const MAX_SUMMARISED: u64 = 32 << 20;
 
-/// Hides the job's secrets in everything a summary quotes from the report. A message the reader
-/// cut short loses its last bytes too, where the start of a secret could hide.
+/// Hides the job's secrets in everything a summary quotes from the report. A text the reader cut
+/// short loses the bytes next to its cut too, where part of a secret could hide.
 fn mask_summary(summary: &mut JunitSummary, masker: &Masker) {
-    let mask = |text: &mut String| *text = String::from_utf8_lossy(&masker.mask(text.as_bytes())).into_owned();
+    let hold = masker.longest().saturating_sub(1);
+    let mask = |text: &mut String| {
+        trim_cut_edges(text, hold);
+        *text = String::from_utf8_lossy(&masker.mask(text.as_bytes())).into_owned();
+    };
     for case in &mut summary.failed {
-        if let Some(cut) = case.message.strip_suffix('…') {
-            let mut keep = cut.len().saturating_sub(masker.longest().saturating_sub(1));
-            while !cut.is_char_boundary(keep) {
-                keep -= 1;
-            }
-            case.message = format!("{}…", &cut[..keep]);
-        }
         mask(&mut case.message);
+        mask(&mut case.text);
+        mask(&mut case.system_out);
+        mask(&mut case.system_err);
         mask(&mut case.name);
         mask(&mut case.classname);
         mask(&mut case.suite);
+        if let Some(file) = case.file.as_mut() {
+            mask(file);
+        }
+    }
+}
+
+/// Drops `hold` bytes beside a `…` that marks a cut: before it at the end, after it at the start.
+fn trim_cut_edges(text: &mut String, hold: usize) {
+    if let Some(cut) = text.strip_suffix('…') {
+        let mut keep = cut.len().saturating_sub(hold);
+        while !cut.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        *text = format!("{}…", &cut[..keep]);
+    }
+    if let Some(cut) = text.strip_prefix('…') {
+        let mut from = hold.min(cut.len());
+        while !cut.is_char_boundary(from) {
+            from += 1;
+        }
+        *text = format!("…{}", &cut[from..]);
     }
 }
 
@@ -194,6 +215,12 @@ mod tests {
             name: "t".into(),
             kind: "failure".into(),
             message,
+            text: format!("assertion failed: token == {secret}"),
+            system_out: format!("…{}printed", &secret[9..]),
+            system_err: format!("{secret}\n"),
+            time_seconds: None,
+            file: None,
+            line: None,
         };
         let mut summary = JunitSummary {
             failed: vec![
@@ -206,6 +233,8 @@ mod tests {
         let text = serde_json::to_string(&summary).unwrap();
         assert!(text.contains("expected ***, got nothing") && text.contains("suite-***"), "{text}");
         assert!(!text.contains("hunter2"), "a secret's start survived the cut: {text}");
+        assert!(!text.contains(&secret[9..]), "a secret's end survived the cut: {text}");
+        assert!(summary.failed[0].text.ends_with("token == ***"), "{text}");
         assert!(summary.failed[1].message.ends_with('…'));
     }
 }

@@ -266,6 +266,7 @@ mod tests {
             name: name.into(),
             kind: "failure".into(),
             message: "expected 10".into(),
+            ..FailedCase::default()
         };
         let junit = JunitSummary {
             tests: 341,

@@ -63,21 +63,7 @@ async fn console(
         return Err(ApiError::BadRequest(format!("`after` is at most {}", i64::MAX)));
     }
     let (run, attempt, _) = chosen_attempt(&state, &name, &id, query.attempt).await?;
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-    let pool = state.pool.clone();
-    let s3 = state.s3.clone();
-    let bucket = state.bucket.clone();
-    // Subscribed before the first read, so nothing written in between goes unheard.
-    let wakeups = query.follow.then(|| state.wakeups.console());
-    let until = tokio::time::Instant::now() + state.follow_limit;
-    tokio::spawn(async move {
-        let _open = wakeups.is_some().then(FollowGauge::open);
-        let from = Position { attempt, follow: wakeups.map(|wakeups| Follow { wakeups, until }), after: query.after };
-        if let Err(err) = pump(&pool, &s3, &bucket, run, from, &tx).await {
-            tracing::warn!(run_id = %run, error = %err, "console stream failed");
-            let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
-        }
-    });
+    let rx = open(&state, run, attempt, query.after, query.follow);
     let body =
         Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }));
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], body)
@@ -85,6 +71,34 @@ async fn console(
 }
 
 type Tx = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// The attempt's log from byte `after` on, as it is read (and, with `follow`, as it grows until the
+/// attempt ends or the follow limit): from Postgres while live, from S3 once stored. Never held
+/// whole; the reading stops when the receiver is dropped.
+pub(crate) fn open(
+    state: &AppState,
+    run: Uuid,
+    attempt: i32,
+    after: u64,
+    follow: bool,
+) -> mpsc::Receiver<Result<Bytes, std::io::Error>> {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let pool = state.pool.clone();
+    let s3 = state.s3.clone();
+    let bucket = state.bucket.clone();
+    // Subscribed before the first read, so nothing written in between goes unheard.
+    let wakeups = follow.then(|| state.wakeups.console());
+    let until = tokio::time::Instant::now() + state.follow_limit;
+    tokio::spawn(async move {
+        let _open = wakeups.is_some().then(FollowGauge::open);
+        let from = Position { attempt, follow: wakeups.map(|wakeups| Follow { wakeups, until }), after };
+        if let Err(err) = pump(&pool, &s3, &bucket, run, from, &tx).await {
+            tracing::warn!(run_id = %run, error = %err, "console stream failed");
+            let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
+        }
+    });
+    rx
+}
 
 /// Which log a console request reads, and from where.
 struct Position {

@@ -73,7 +73,7 @@ pub struct Problem {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -106,6 +106,20 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What the caller is told: the error itself, or for a server fault that one happened (its
+    /// cause is logged here).
+    pub(crate) fn public_detail(self) -> String {
+        match self {
+            err @ (ApiError::Database(_) | ApiError::Internal(_)) => {
+                tracing::error!(error = ?anyhow::Error::from(err), "request failed");
+                "an internal error occurred; it has been logged".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -124,13 +138,7 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(_) => extra.push((header::RETRY_AFTER, HeaderValue::from_static("5"))),
             _ => {}
         }
-        let detail = match self {
-            err @ (ApiError::Database(_) | ApiError::Internal(_)) => {
-                tracing::error!(error = ?anyhow::Error::from(err), "request failed");
-                "an internal error occurred; it has been logged".to_owned()
-            }
-            other => other.to_string(),
-        };
+        let detail = self.public_detail();
         let problem =
             Problem { kind, title: status.canonical_reason().unwrap_or("Error"), status: status.as_u16(), detail };
         let body = serde_json::to_vec(&problem).expect("a problem always serialises");

@@ -157,14 +157,19 @@ async fn get_job(
     Path(name): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let name = job_name(&name)?;
-    let job = jobs::get(&state.pool, &name).await?.ok_or_else(|| job_not_found(&name))?;
+    job_view(&state, &name).await.map(Json)
+}
+
+/// The job as `GET /jobs/{name}` shows it, with its schedule's state.
+pub(crate) async fn job_view(state: &AppState, name: &JobName) -> Result<JobView, ApiError> {
+    let job = jobs::get(&state.pool, name).await?.ok_or_else(|| job_not_found(name))?;
     let mut view = JobView::from(job);
-    if let (Some(shown), Some(stored)) = (view.schedule_state.as_mut(), schedules::state(&state.pool, &name).await?) {
+    if let (Some(shown), Some(stored)) = (view.schedule_state.as_mut(), schedules::state(&state.pool, name).await?) {
         shown.last_slot = stored.last_slot;
         shown.last_run = stored.last_run;
         shown.last_outcome = stored.last_outcome;
     }
-    Ok(Json(view))
+    Ok(view)
 }
 
 /// All jobs, by name.

@@ -1,17 +1,17 @@
 //! The HTTP API: one `router()` per resource, merged here.
 
-mod agents;
-mod console;
+pub(crate) mod agents;
+pub(crate) mod console;
 mod error;
 mod health;
 mod hooks;
-mod jobs;
+pub(crate) mod jobs;
 mod json;
 mod openapi;
-mod pool;
+pub(crate) mod pool;
 mod query;
-mod results;
-mod runs;
+pub(crate) mod results;
+pub(crate) mod runs;
 mod secrets;
 
 use std::sync::Arc;
@@ -64,7 +64,7 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::<AppState>::new()
+    let api = Router::<AppState>::new()
         .merge(agents::router())
         .merge(hooks::router())
         .merge(jobs::router())
@@ -74,7 +74,10 @@ pub fn router(state: AppState) -> Router {
         .merge(pool::router())
         .merge(secrets::router())
         .merge(health::router())
-        .merge(openapi::router())
+        .merge(openapi::router());
+    // The web UI asks the API itself for downloads, on the signed-in caller's behalf.
+    let ui = crate::ui::router(crate::ui::Api(api.clone().with_state(state.clone())));
+    api.merge(ui)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json::BODY_LIMIT))

@@ -77,7 +77,7 @@ async fn list_results(
 }
 
 /// Every result of every attempt of the run, newest attempt first.
-async fn all_results(
+pub(crate) async fn all_results(
     state: &AppState,
     job: &cimaster_common::JobName,
     run: cimaster_common::RunId,
@@ -225,14 +225,23 @@ async fn junit(
         )
             .into_response());
     }
+    Ok(axum::Json(summed(attempt, &files)).into_response())
+}
+
+/// The attempt's JUnit reports added up, if it has any.
+pub(crate) async fn junit_report(state: &AppState, run: Uuid, attempt: i32) -> Result<Option<JunitReport>, ApiError> {
+    let files = stored_files(state, run, attempt, &[KIND_JUNIT], None).await?;
+    Ok((!files.is_empty()).then(|| summed(attempt, &files)))
+}
+
+fn summed(attempt: i32, files: &[ResultFile]) -> JunitReport {
     let mut summary = JunitSummary::default();
-    for file in &files {
+    for file in files {
         if let Some(one) = &file.summary {
             summary.add(&one.0);
         }
     }
-    let report = JunitReport { attempt, files: files.iter().map(|file| file.name.clone()).collect(), summary };
-    Ok(axum::Json(report).into_response())
+    JunitReport { attempt, files: files.iter().map(|file| file.name.clone()).collect(), summary }
 }
 
 /// The most report bytes zipped into one answer (built in memory).

@@ -122,7 +122,7 @@ impl From<Run> for RunView {
     }
 }
 
-pub(super) fn run_id(raw: &str) -> Result<RunId, ApiError> {
+pub(crate) fn run_id(raw: &str) -> Result<RunId, ApiError> {
     raw.parse::<RunId>().map_err(|err| ApiError::BadRequest(err.to_string()))
 }
 
@@ -138,7 +138,7 @@ impl From<TriggerError> for ApiError {
     }
 }
 
-pub(super) fn run_not_found(job: &JobName, id: RunId) -> ApiError {
+pub(crate) fn run_not_found(job: &JobName, id: RunId) -> ApiError {
     ApiError::NotFound(format!("job `{job}` has no run {id}"))
 }
 
@@ -215,7 +215,22 @@ async fn rerun(
     let job = job_name(&name)?;
     let id = run_id(&id)?;
     let key = idempotency_key(&headers)?;
-    let original = runs::get(&state.pool, &job, id).await?.ok_or_else(|| run_not_found(&job, id))?;
+    let (status, run) = match repeat(&state, &job, id, &caller.subject, key.as_deref()).await? {
+        Created::New(run) => (StatusCode::CREATED, run),
+        Created::Replayed(run) => (StatusCode::OK, run),
+    };
+    Ok(respond(status, RunView::from(run)))
+}
+
+/// Creates a run repeating run `id` of `job`: the same commit, parameters and cause.
+pub(crate) async fn repeat(
+    state: &AppState,
+    job: &JobName,
+    id: RunId,
+    by: &str,
+    key: Option<&str>,
+) -> Result<Created, ApiError> {
+    let original = runs::get(&state.pool, job, id).await?.ok_or_else(|| run_not_found(job, id))?;
     let request = TriggerRequest {
         commit_sha: original
             .commit_sha
@@ -233,15 +248,15 @@ async fn rerun(
             .map_err(|err| ApiError::Internal(err.into()))?,
     };
     let trigger = Trigger {
-        job: &job,
+        job,
         request: &request,
-        by: &caller.subject,
-        idempotency_key: key.as_deref(),
+        by,
+        idempotency_key: key,
         rerun_of: Some(Repeats { run: id, branch_name: original.branch_name.as_deref() }),
         // The same cause: a rerun of a pull request's run is that pull request's run.
         cause: &original.cause,
     };
-    create(&state, &trigger).await
+    Ok(state.triggers.create(&trigger).await?)
 }
 
 fn respond(status: StatusCode, view: RunView) -> Response {

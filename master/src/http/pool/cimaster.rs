@@ -160,23 +160,7 @@ pub(super) async fn holdcluster(
 ) -> Result<Response, ApiError> {
     let name = param(&params, "cluster")?;
     let reason = param(&params, "desc")?;
-    let duration = match optional(&params, "hours") {
-        Some(hours) => {
-            let hours: f64 = hours.parse().map_err(|_| ApiError::BadRequest("`hours` is a number".into()))?;
-            if !hours.is_finite() || hours <= 0.0 {
-                return Err(ApiError::BadRequest("`hours` must be a positive number".into()));
-            }
-            // Compared in hours first: a huge value (`1e300`) is no duration at all.
-            if hours * 3600.0 > state.pool_config.max_hold.as_secs_f64() {
-                return Err(max_hold(&state));
-            }
-            Duration::from_secs_f64(hours * 3600.0)
-        }
-        None => state.pool_config.hold,
-    };
-    if duration > state.pool_config.max_hold {
-        return Err(max_hold(&state));
-    }
+    let duration = super::hold_duration(&state, optional(&params, "hours"))?;
     // `name=` is the seed's claimed user; it is recorded, the token says who it really is.
     let reason = match optional(&params, "name") {
         Some(claimed) if claimed != caller.subject => format!("{reason} (name={claimed})"),
@@ -186,10 +170,6 @@ pub(super) async fn holdcluster(
     metrics::counter!("cimaster_pool_holds_total").increment(1);
     let until = view.hold.as_ref().map(|hold| hold.until.to_rfc3339()).unwrap_or_default();
     Ok(answer(&headers, format!("cluster {name} held by {} until {until}", caller.subject), view))
-}
-
-fn max_hold(state: &AppState) -> ApiError {
-    ApiError::Unprocessable(format!("holds last at most {}h here", state.pool_config.max_hold.as_secs() / 3600))
 }
 
 /// `GET /releasecluster?cluster=&name=`: end a hold.

@@ -116,8 +116,33 @@ fn no_vacancy(request: &AcquireRequest) -> ApiError {
     ))
 }
 
+/// How long a hold lasts: `hours` (a positive number) or the pool's default, at most its maximum.
+pub(crate) fn hold_duration(state: &AppState, hours: Option<&str>) -> Result<Duration, ApiError> {
+    let max_hold = || {
+        ApiError::Unprocessable(format!("holds last at most {}h here", state.pool_config.max_hold.as_secs() / 3600))
+    };
+    let duration = match hours {
+        Some(hours) => {
+            let hours: f64 = hours.trim().parse().map_err(|_| ApiError::BadRequest("`hours` is a number".into()))?;
+            if !hours.is_finite() || hours <= 0.0 {
+                return Err(ApiError::BadRequest("`hours` must be a positive number".into()));
+            }
+            // Compared in hours first: a huge value (`1e300`) is no duration at all.
+            if hours * 3600.0 > state.pool_config.max_hold.as_secs_f64() {
+                return Err(max_hold());
+            }
+            Duration::from_secs_f64(hours * 3600.0)
+        }
+        None => state.pool_config.hold,
+    };
+    if duration > state.pool_config.max_hold {
+        return Err(max_hold());
+    }
+    Ok(duration)
+}
+
 /// The caller, acting on a lease or hold: an admin may act on anyone's, recorded as an override.
-fn actor(caller: &Caller) -> store::Actor<'_> {
+pub(crate) fn actor(caller: &Caller) -> store::Actor<'_> {
     store::Actor { name: &caller.subject, may_override: caller.has(Role::Admin) }
 }
 
