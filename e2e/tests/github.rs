@@ -138,7 +138,7 @@ async fn a_members_pull_request_gets_its_statuses_in_order_through_github_errors
     assert!(posted.iter().any(|s| s.description.starts_with("running on ")), "{posted:#?}");
     let runs = runs_of(&pool).await;
     assert_eq!(runs.len(), 1, "{runs:?}");
-    let run_url = format!("{PUBLIC_URL}/jobs/unit/runs/{}", runs[0].0);
+    let run_url = format!("{PUBLIC_URL}/ui/jobs/unit/runs/{}", runs[0].0);
     assert!(posted.iter().all(|s| s.target_url.as_deref() == Some(run_url.as_str())), "{posted:#?}");
     assert!(posted.iter().all(|s| s.authorization == format!("Bearer {}", fake_github::TOKEN)));
     assert_eq!(posted.iter().filter(|s| s.repository == REPO).count(), posted.len());

@@ -68,16 +68,26 @@
     source.addEventListener("end", function () {
       source.close();
       state.textContent = lines + " lines · the attempt has ended";
-      reload(["summary", "junit", "results"]);
+      reload(["summary", "junit", "facts", "results"]);
     });
     source.onerror = function () {
       if (source.readyState === EventSource.CONNECTING) state.textContent = lines + " lines · reconnecting…";
     };
   }
 
+  // A run's facts (status, timings, agent) refresh while it is active; the console has its stream.
+  function watchRun() {
+    var summary = document.getElementById("summary");
+    if (!summary || summary.dataset.active !== "true") return;
+    setTimeout(function () {
+      reload(["summary", "facts"]).then(watchRun, function () { setTimeout(watchRun, 10000); });
+    }, 3000);
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     refreshTimes();
     watchList();
+    watchRun();
     followConsole();
   });
 })();

@@ -234,30 +234,35 @@ pub struct Filter<'a> {
     pub limit: i64,
 }
 
+/// A page of runs, newest first. Only the filters given become conditions, so each query can use the
+/// index that fits it (`runs_by_job_id`, `runs_by_status_id`, `runs_by_pull_request`, …) instead of
+/// one generic plan for every combination.
 pub async fn list(pool: &PgPool, filter: &Filter<'_>) -> Result<Vec<Run>, sqlx::Error> {
-    let statuses: Option<Vec<&str>> = filter.statuses.map(|list| list.iter().map(|status| status.as_str()).collect());
-    let rows: Vec<RunRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM runs
-         WHERE ($1::text IS NULL OR job = $1)
-           AND ($2::text[] IS NULL OR status = ANY($2))
-           AND ($3::text IS NULL OR branch_name = $3)
-           AND ($4::text IS NULL OR commit_sha = $4)
-           AND ($5::uuid IS NULL OR id < $5)
-           AND ($7::text IS NULL OR event = $7)
-           AND ($8::bigint IS NULL OR pull_request = $8)
-         ORDER BY id DESC
-         LIMIT $6"
-    ))
-    .bind(filter.job.map(JobName::as_str))
-    .bind(statuses)
-    .bind(filter.branch_name)
-    .bind(filter.commit_sha)
-    .bind(filter.before.map(|id| id.0))
-    .bind(filter.limit)
-    .bind(filter.event.map(RunEvent::as_str))
-    .bind(filter.pull_request)
-    .fetch_all(pool)
-    .await?;
+    let mut query = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM runs WHERE TRUE"));
+    if let Some(job) = filter.job {
+        query.push(" AND job = ").push_bind(job.as_str());
+    }
+    if let Some(statuses) = filter.statuses {
+        let statuses: Vec<&str> = statuses.iter().map(|status| status.as_str()).collect();
+        query.push(" AND status = ANY(").push_bind(statuses).push(")");
+    }
+    if let Some(branch) = filter.branch_name {
+        query.push(" AND branch_name = ").push_bind(branch);
+    }
+    if let Some(commit) = filter.commit_sha {
+        query.push(" AND commit_sha = ").push_bind(commit);
+    }
+    if let Some(before) = filter.before {
+        query.push(" AND id < ").push_bind(before.0);
+    }
+    if let Some(event) = filter.event {
+        query.push(" AND event = ").push_bind(event.as_str());
+    }
+    if let Some(number) = filter.pull_request {
+        query.push(" AND pull_request = ").push_bind(number);
+    }
+    query.push(" ORDER BY id DESC LIMIT ").push_bind(filter.limit);
+    let rows: Vec<RunRow> = query.build_query_as().fetch_all(pool).await?;
     Ok(rows.into_iter().map(Run::from).collect())
 }
 

@@ -33,7 +33,7 @@ const MAX_DESCRIPTION: usize = 140;
 pub struct Reporter {
     pub pool: PgPool,
     pub host: Arc<dyn CodeHost>,
-    /// The base of `target_url` links (`CIMASTER_PUBLIC_URL`).
+    /// The base of `target_url` links (`CIMASTER_PUBLIC_URL`), which open the run's page in the web UI.
     pub public_url: Option<String>,
 }
 
@@ -124,7 +124,7 @@ impl Reporter {
         let target_url = self
             .public_url
             .as_ref()
-            .map(|base| format!("{}/jobs/{}/runs/{}", base.trim_end_matches('/'), run.job, run.id));
+            .map(|base| format!("{}/ui/jobs/{}/runs/{}", base.trim_end_matches('/'), run.job, run.id));
         let key = format!("{}:{}", run.status.as_str(), run.agent.as_deref().unwrap_or_default());
         Ok(Some(Shown { state, description: clip(&description), target_url, key, last: run.status.is_terminal() }))
     }

@@ -73,8 +73,10 @@ pub fn readable(at: DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
+/// The last eight hex digits of a run id: its random part (the first ones are its time, alike for
+/// runs made together).
 pub fn short_id(id: &uuid::Uuid) -> String {
-    id.simple().to_string()[..8].to_owned()
+    id.simple().to_string()[24..].to_owned()
 }
 
 pub fn short_sha(sha: &str) -> String {
