@@ -72,8 +72,22 @@ impl Browser {
         assert_eq!(url.path(), "/ui/login", "{url}");
         self.client.find(Locator::Id("token")).await.unwrap().send_keys(token).await.unwrap();
         self.client.find(Locator::Id("sign-in")).await.unwrap().click().await.unwrap();
-        let url = self.client.current_url().await.unwrap();
-        assert_eq!(url.path(), "/ui/runs", "{url}");
+        self.wait_path(|path| path == "/ui/runs").await;
+    }
+
+    /// Waits (bounded) until the browser is at a page whose path satisfies `done`: a click that
+    /// submits a form returns before the next page has loaded.
+    async fn wait_path(&self, done: impl Fn(&str) -> bool) -> reqwest::Url {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let url = self.client.current_url().await.unwrap();
+            let ready = self.script("return document.readyState").await == "complete";
+            if done(url.path()) && ready {
+                return url;
+            }
+            assert!(Instant::now() < deadline, "the browser stayed at {url}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn count(&self, css: &str) -> usize {
@@ -164,8 +178,7 @@ async fn a_run_triggered_from_its_page_is_followed_live_to_its_test_failures(poo
     greeting.clear().await.unwrap();
     greeting.send_keys("bonjour").await.unwrap();
     browser.client.find(Locator::Id("trigger")).await.unwrap().click().await.unwrap();
-    let url = browser.client.current_url().await.unwrap();
-    assert!(url.path().starts_with("/ui/jobs/ui-live/runs/"), "{url}");
+    let url = browser.wait_path(|path| path.starts_with("/ui/jobs/ui-live/runs/")).await;
     let path = url.path().trim_start_matches("/ui").to_owned();
     let run = stack.api.get(&path).await.body;
     assert_eq!(run["parameters"]["GREETING"], "bonjour", "{run}");
@@ -214,6 +227,7 @@ async fn a_run_triggered_from_its_page_is_followed_live_to_its_test_failures(poo
     let summary = browser.wait_text("#summary h1 .status", Duration::from_secs(10)).await;
     assert!(summary.contains("failed"), "{summary}");
     assert_eq!(browser.count("#abort").await, 0, "an ended run has no abort button");
+    browser.script("document.getElementById('follow').checked = false; window.scrollTo(0, 0); return true").await;
     browser.screenshot("run-failed").await;
 
     // The raw log downloads through the page's session; the console's stream resumes where a
@@ -246,9 +260,15 @@ async fn a_run_triggered_from_its_page_is_followed_live_to_its_test_failures(poo
     let form = browser.client.form(Locator::Css("form.filters")).await.unwrap();
     form.set_by_name("job", "ui-other").await.unwrap();
     form.submit().await.unwrap();
+    browser.wait_path(|path| path == "/ui/runs").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !browser.client.current_url().await.unwrap().query().unwrap_or("").contains("job=ui-other") {
+        assert!(Instant::now() < deadline, "the filter form was not submitted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    browser.wait_path(|path| path == "/ui/runs").await;
     let jobs = browser.script("return Array.from(document.querySelectorAll('#runs tbody tr')).map(r => r.dataset.job)").await;
     assert_eq!(jobs, json!(["ui-other"]), "filtered by job");
-    assert!(browser.client.current_url().await.unwrap().query().unwrap_or("").contains("job=ui-other"));
     browser.client.goto(&format!("{base}/ui/runs?status=failed")).await.unwrap();
     let statuses = browser.script("return Array.from(document.querySelectorAll('#runs tbody tr')).map(r => r.dataset.status)").await;
     assert_eq!(statuses, json!(["failed"]), "filtered by status");
@@ -291,13 +311,15 @@ async fn a_run_is_aborted_from_its_page_and_read_only_or_forged_requests_change_
     browser.client.goto(&format!("{base}/ui/login")).await.unwrap();
     browser.client.find(Locator::Id("token")).await.unwrap().send_keys("not-a-token").await.unwrap();
     browser.client.find(Locator::Id("sign-in")).await.unwrap().click().await.unwrap();
+    browser.wait_path(|path| path == "/ui/login").await;
     let refusal = browser.wait_text(".problem", Duration::from_secs(5)).await;
     assert!(refusal.contains("not valid"), "{refusal}");
 
     browser.sign_in(&base, &token("ops", Role::Admin)).await;
     browser.client.goto(&format!("{base}/ui/jobs/ui-long")).await.unwrap();
     browser.client.find(Locator::Id("trigger")).await.unwrap().click().await.unwrap();
-    let path = browser.client.current_url().await.unwrap().path().trim_start_matches("/ui").to_owned();
+    let url = browser.wait_path(|path| path.starts_with("/ui/jobs/ui-long/runs/")).await;
+    let path = url.path().trim_start_matches("/ui").to_owned();
     browser.wait_text("#console .line", Duration::from_secs(60)).await;
     wait_status(&stack, &path, Duration::from_secs(30), |status| status == "running").await;
     browser.client.find(Locator::Id("abort")).await.unwrap().click().await.unwrap();
@@ -333,6 +355,7 @@ async fn a_run_is_aborted_from_its_page_and_read_only_or_forged_requests_change_
 
     // Sign out: the next page asks to sign in again.
     browser.client.find(Locator::Css("form.who button")).await.unwrap().click().await.unwrap();
+    browser.wait_path(|path| path == "/ui/login").await;
     browser.client.goto(&format!("{base}/ui/runs")).await.unwrap();
     assert_eq!(browser.client.current_url().await.unwrap().path(), "/ui/login");
 

@@ -46,6 +46,8 @@ pub struct Claims {
 struct Verified {
     sub: String,
     roles: Vec<Role>,
+    /// Required by the validation, which names it when it is missing.
+    #[serde(default)]
     exp: u64,
 }
 
