@@ -334,10 +334,8 @@ impl JunitReader {
     fn text(&mut self, text: impl FnOnce() -> String) {
         let Some(case) = self.case.as_mut() else { return };
         match (case.reading, case.failed.as_mut()) {
-            (Some(CaseText::Failure), Some(failed)) => {
-                if failed.text.len() < MAX_FAILURE_TEXT {
-                    failed.text.push_str(&text());
-                }
+            (Some(CaseText::Failure), Some(failed)) if failed.text.len() < MAX_FAILURE_TEXT => {
+                failed.text.push_str(&text());
             }
             (Some(CaseText::Out), _) => keep_tail(&mut case.system_out, &text()),
             (Some(CaseText::Err), _) => keep_tail(&mut case.system_err, &text()),
@@ -380,7 +378,9 @@ impl JunitReader {
         failed.system_err = tail(case.system_err.trim_end());
         (failed.file, failed.line) = match case.file {
             Some(file) => (Some(file), case.line),
-            None => place(&failed.message).or_else(|| place(&failed.text)).map_or((None, None), |(f, l)| (Some(f), Some(l))),
+            None => {
+                place(&failed.message).or_else(|| place(&failed.text)).map_or((None, None), |(f, l)| (Some(f), Some(l)))
+            }
         };
         self.summary.failed.push(failed);
     }
@@ -412,16 +412,20 @@ fn tail(text: &str) -> String {
 /// tracebacks (`tests/test_calc.py:12: AssertionError`) write it.
 #[cfg(feature = "junit")]
 fn place(text: &str) -> Option<(String, u32)> {
-    text.split(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '(' || c == ')' || c == ',')
-        .find_map(|word| {
+    text.split(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '(' || c == ')' || c == ',').find_map(
+        |word| {
             let mut parts = word.splitn(3, ':');
             let (file, line) = (parts.next()?, parts.next()?);
             let line: u32 = line.parse().ok()?;
             let looks_like_file = file.contains('.')
-                && file.rsplit('.').next().is_some_and(|ext| (1..=5).contains(&ext.len()) && ext.chars().all(|c| c.is_ascii_alphanumeric()))
+                && file
+                    .rsplit('.')
+                    .next()
+                    .is_some_and(|ext| (1..=5).contains(&ext.len()) && ext.chars().all(|c| c.is_ascii_alphanumeric()))
                 && !file.contains("//");
             looks_like_file.then(|| (file.to_owned(), line))
-        })
+        },
+    )
 }
 
 /// A text cut to `max` bytes, on a character boundary, marked `…` when cut.

@@ -9,7 +9,8 @@ use std::process::Command;
 use cimaster_common::results::JunitSummary;
 
 fn run(command: &mut Command) -> std::process::Output {
-    let output = command.output().unwrap_or_else(|err| panic!("cannot run {command:?}: {err} (scripts/dev installs it)"));
+    let output =
+        command.output().unwrap_or_else(|err| panic!("cannot run {command:?}: {err} (scripts/dev installs it)"));
     assert!(output.status.code().is_some(), "{command:?} was killed");
     output
 }
@@ -109,7 +110,10 @@ mod tests {
     assert_eq!((summary.tests, summary.failures, summary.errors, summary.skipped), (2, 1, 0, 0), "{summary:?}");
     let failed = &summary.failed[0];
     assert_eq!(failed.name, "tests::carries");
-    assert!(failed.text.contains("carry lost") && failed.text.contains("left: 10"), "the assertion is kept: {failed:?}");
+    assert!(
+        failed.text.contains("carry lost") && failed.text.contains("left: 10"),
+        "the assertion is kept: {failed:?}"
+    );
     assert_eq!((failed.file.as_deref(), failed.line), (Some("src/lib.rs"), Some(11)), "{failed:?}");
     let output = format!("{}{}", failed.system_out, failed.system_err);
     assert!(output.contains("computing 9+1"), "{failed:?}");

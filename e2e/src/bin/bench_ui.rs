@@ -149,7 +149,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn report(what: &str, spent: &[f64], baseline: Option<&[f64]>) {
     let (p50, p95, p99) = (percentile(spent, 0.5), percentile(spent, 0.95), percentile(spent, 0.99));
-    let ratio = baseline.map(|base| format!("  ({:.2}x the baseline's p95)", p95 / percentile(base, 0.95))).unwrap_or_default();
+    let ratio =
+        baseline.map(|base| format!("  ({:.2}x the baseline's p95)", p95 / percentile(base, 0.95))).unwrap_or_default();
     println!("{what}: {p50:.1} / {p95:.1} / {p99:.1} ms{ratio}");
 }
 
@@ -188,8 +189,15 @@ async fn console(
     );
     let job = json!({"kind": "freestyle", "image": "busybox:latest", "script": script, "timeoutSeconds": 1800});
     http.put(format!("{base}/jobs/big")).bearer_auth(token).json(&job).send().await?.error_for_status()?;
-    let run: serde_json::Value =
-        http.post(format!("{base}/jobs/big/runs")).bearer_auth(token).json(&json!({})).send().await?.error_for_status()?.json().await?;
+    let run: serde_json::Value = http
+        .post(format!("{base}/jobs/big/runs"))
+        .bearer_auth(token)
+        .json(&json!({}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
     let path = run["links"]["self"].as_str().context("run link")?.to_owned();
     let deadline = Instant::now() + Duration::from_secs(1200);
     loop {
@@ -197,7 +205,9 @@ async fn console(
         let done = run["status"] != "queued" && run["status"] != "running";
         let listed: serde_json::Value =
             http.get(format!("{base}{path}/results")).bearer_auth(token).send().await?.json().await?;
-        let stored = listed["results"].as_array().is_some_and(|all| all.iter().any(|r| r["kind"] == "console" && r["state"] == "stored"));
+        let stored = listed["results"]
+            .as_array()
+            .is_some_and(|all| all.iter().any(|r| r["kind"] == "console" && r["state"] == "stored"));
         if done && stored {
             break;
         }
@@ -223,7 +233,8 @@ async fn console(
     println!("  run page: {:.1} ms p50, {:.1} ms p95", percentile(&page, 0.5), percentile(&page, 0.95));
 
     let began = Instant::now();
-    let mut response = http.get(format!("{base}/ui{path}/console")).header("cookie", cookie).send().await?.error_for_status()?;
+    let mut response =
+        http.get(format!("{base}/ui{path}/console")).header("cookie", cookie).send().await?.error_for_status()?;
     let (mut first, mut bytes, mut events, mut peak_rss) = (None, 0usize, 0usize, rss_before);
     while let Some(chunk) = response.chunk().await? {
         if first.is_none() && chunk.windows(11).any(|w| w == b"event: line") {

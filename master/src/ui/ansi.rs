@@ -18,11 +18,8 @@ struct Style {
 
 impl Style {
     fn apply(&mut self, params: &str) {
-        let codes: Vec<u16> = if params.is_empty() {
-            vec![0]
-        } else {
-            params.split(';').map(|code| code.parse().unwrap_or(0)).collect()
-        };
+        let codes: Vec<u16> =
+            if params.is_empty() { vec![0] } else { params.split(';').map(|code| code.parse().unwrap_or(0)).collect() };
         let mut codes = codes.into_iter();
         while let Some(code) = codes.next() {
             match code {

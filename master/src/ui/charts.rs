@@ -19,10 +19,7 @@ pub fn columns(bars: &[Bar], axis_label: &str) -> String {
     const HEIGHT: f64 = 120.0;
     let max = bars.iter().map(|bar| bar.value).fold(0.0_f64, f64::max).max(f64::EPSILON);
     let slot = WIDTH / bars.len().max(1) as f64;
-    let mut svg = format!(
-        "<svg class=\"chart\" viewBox=\"0 0 {WIDTH} {}\" role=\"img\" aria-label=\"",
-        HEIGHT + 16.0
-    );
+    let mut svg = format!("<svg class=\"chart\" viewBox=\"0 0 {WIDTH} {}\" role=\"img\" aria-label=\"", HEIGHT + 16.0);
     escape_into(&mut svg, axis_label);
     svg.push_str("\">");
     for (index, bar) in bars.iter().enumerate() {
@@ -69,7 +66,8 @@ pub fn shares(rows: &[(String, f64)]) -> String {
             380.0 * share
         );
         escape_into(&mut svg, label);
-        let _ = write!(svg, ": {:.0}%</title></rect><text class=\"axis\" x=\"0\" y=\"{:.1}\">", share * 100.0, y + 15.0);
+        let _ =
+            write!(svg, ": {:.0}%</title></rect><text class=\"axis\" x=\"0\" y=\"{:.1}\">", share * 100.0, y + 15.0);
         escape_into(&mut svg, label);
         let _ = write!(svg, "</text><text class=\"axis\" x=\"548\" y=\"{:.1}\">{:.0}%</text>", y + 15.0, share * 100.0);
     }

@@ -75,7 +75,11 @@ struct JobPage {
 /// How many recent runs the strip and the chart show.
 const RECENT: i64 = 40;
 
-pub async fn show(State(state): State<AppState>, viewer: Viewer, Path(name): Path<String>) -> Result<Response, UiError> {
+pub async fn show(
+    State(state): State<AppState>,
+    viewer: Viewer,
+    Path(name): Path<String>,
+) -> Result<Response, UiError> {
     let name = job_name(&name)?;
     let view = job_view(&state, &name).await?;
     let filter = runs::Filter {
@@ -110,7 +114,13 @@ pub async fn show(State(state): State<AppState>, viewer: Viewer, Path(name): Pat
         runs: recent.iter().map(RunRow::new).collect(),
         chart,
         schedule: schedule
-            .map(|state| state.next_runs.iter().map(|at| format!("{} ({})", format::readable(*at), format::relative(*at, Utc::now()))).collect())
+            .map(|state| {
+                state
+                    .next_runs
+                    .iter()
+                    .map(|at| format!("{} ({})", format::readable(*at), format::relative(*at, Utc::now())))
+                    .collect()
+            })
             .unwrap_or_default(),
         last_outcome: schedule.and_then(|state| state.last_outcome.clone()),
         git,
@@ -147,7 +157,11 @@ fn duration_chart(recent: &[runs::Run]) -> String {
 }
 
 /// Triggers the job with the form's branch, commit and parameters; then shows the new run.
-pub async fn trigger(State(state): State<AppState>, Path(name): Path<String>, posted: Posted) -> Result<Response, UiError> {
+pub async fn trigger(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    posted: Posted,
+) -> Result<Response, UiError> {
     posted.viewer.require(Role::Trigger)?;
     let name = job_name(&name)?;
     let request = trigger_request(&posted)?;

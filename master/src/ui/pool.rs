@@ -52,7 +52,9 @@ pub async fn show(State(state): State<AppState>, viewer: Viewer) -> Result<Respo
         })
         .collect();
     let report = store::report(&state.pool, now - chrono::Duration::days(7)).await?;
-    let chart = charts::shares(&report.purposes.iter().map(|usage| (usage.purpose.clone(), usage.utilisation)).collect::<Vec<_>>());
+    let chart = charts::shares(
+        &report.purposes.iter().map(|usage| (usage.purpose.clone(), usage.utilisation)).collect::<Vec<_>>(),
+    );
     let page = PoolPage {
         page: Chrome::new("Pool", Nav::Pool, &viewer),
         counts,

@@ -117,13 +117,20 @@ struct RunsPage {
 const PAGE_SIZE: i64 = 50;
 
 /// Every job's runs, newest first, filtered, a keyset page at a time.
-pub async fn list(State(state): State<AppState>, viewer: Viewer, Query(query): Query<RunsQuery>) -> Result<Response, UiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    viewer: Viewer,
+    Query(query): Query<RunsQuery>,
+) -> Result<Response, UiError> {
     let job = some(&query.job).map(job_name).transpose()?;
     let statuses = some(&query.status)
         .map(|status| status.parse::<RunStatus>().map(|status| vec![status]))
         .transpose()
         .map_err(|err| UiError::BadRequest(err.to_string()))?;
-    let event = some(&query.event).map(str::parse::<RunEvent>).transpose().map_err(|err| UiError::BadRequest(err.to_string()))?;
+    let event = some(&query.event)
+        .map(str::parse::<RunEvent>)
+        .transpose()
+        .map_err(|err| UiError::BadRequest(err.to_string()))?;
     let pull_request = some(&query.pr)
         .map(|pr| pr.trim_start_matches('#').parse::<i64>())
         .transpose()
@@ -144,9 +151,8 @@ pub async fn list(State(state): State<AppState>, viewer: Viewer, Query(query): Q
     found.truncate(PAGE_SIZE as usize);
     let rows: Vec<RunRow> = found.iter().map(RunRow::new).collect();
     let filters_query = filters_query(&query);
-    let older = (has_more)
-        .then(|| found.last().map(|last| format!("/ui/runs?{filters_query}before={}", last.id)))
-        .flatten();
+    let older =
+        (has_more).then(|| found.last().map(|last| format!("/ui/runs?{filters_query}before={}", last.id))).flatten();
     let newest = before.is_some().then(|| format!("/ui/runs?{filters_query}"));
     let page = RunsPage {
         page: Chrome::new("Runs", Nav::Runs, &viewer),
@@ -258,7 +264,8 @@ pub async fn show(
     }
     let base = format!("/ui/jobs/{job}/runs/{id}");
     let attempts = attempts::history(&state.pool, id.0).await?;
-    let junit = crate::http::results::junit_report(&state, id.0, attempt).await?.map(|report| junit_view(report.summary));
+    let junit =
+        crate::http::results::junit_report(&state, id.0, attempt).await?.map(|report| junit_view(report.summary));
     let progress = runs::progress(&state.pool, &job, id).await?.ok_or_else(|| run_not_found(&job, id))?;
     let results = crate::http::results::all_results(&state, &job, id, progress)
         .await?
@@ -291,7 +298,11 @@ pub async fn show(
 fn timings(run: &Run) -> Vec<(&'static str, String, String)> {
     let mut shown = vec![("queued", format::readable(run.created_at), String::new())];
     if let Some(started) = run.started_at {
-        shown.push(("started", format::readable(started), format!("waited {}", format::between(run.created_at, started))));
+        shown.push((
+            "started",
+            format::readable(started),
+            format!("waited {}", format::between(run.created_at, started)),
+        ));
     }
     if let Some(finished) = run.finished_at {
         let took = match run.started_at {
@@ -421,7 +432,9 @@ pub async fn console(
     let progress = runs::progress(&state.pool, &job, id).await?.ok_or_else(|| run_not_found(&job, id))?;
     let attempt = query.attempt.unwrap_or(progress.attempt);
     if attempt < 1 || attempt > progress.attempt {
-        return Err(ApiError::NotFound(format!("run {id} has attempts 1 to {}, not {attempt}", progress.attempt)).into());
+        return Err(
+            ApiError::NotFound(format!("run {id} has attempts 1 to {}, not {attempt}", progress.attempt)).into()
+        );
     }
     let from = Resume::from_headers(&headers);
     let chunks = crate::http::console::open(&state, id.0, attempt, from.bytes, true);
@@ -504,9 +517,8 @@ pub async fn download(axum::Extension(api): axum::Extension<Api>, viewer: Viewer
     if let Some(accept) = request.headers().get(header::ACCEPT) {
         forwarded = forwarded.header(header::ACCEPT, accept);
     }
-    let forwarded = forwarded
-        .header(header::AUTHORIZATION, format!("Bearer {}", viewer.token))
-        .body(axum::body::Body::empty());
+    let forwarded =
+        forwarded.header(header::AUTHORIZATION, format!("Bearer {}", viewer.token)).body(axum::body::Body::empty());
     let Ok(forwarded) = forwarded else {
         return UiError::BadRequest("not a download this page offers".into()).into_response();
     };

@@ -216,6 +216,8 @@ mod tests {
         headers.insert(header::COOKIE, HeaderValue::from_static("a=1; cimaster_session=tok.en.x; b=2"));
         assert_eq!(session_token(&headers), Some("tok.en.x"));
         assert_ne!(csrf_of("one"), csrf_of("two"));
-        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"a", b"ab"));
+        assert!(
+            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"a", b"ab")
+        );
     }
 }

@@ -118,9 +118,8 @@ fn no_vacancy(request: &AcquireRequest) -> ApiError {
 
 /// How long a hold lasts: `hours` (a positive number) or the pool's default, at most its maximum.
 pub(crate) fn hold_duration(state: &AppState, hours: Option<&str>) -> Result<Duration, ApiError> {
-    let max_hold = || {
-        ApiError::Unprocessable(format!("holds last at most {}h here", state.pool_config.max_hold.as_secs() / 3600))
-    };
+    let max_hold =
+        || ApiError::Unprocessable(format!("holds last at most {}h here", state.pool_config.max_hold.as_secs() / 3600));
     let duration = match hours {
         Some(hours) => {
             let hours: f64 = hours.trim().parse().map_err(|_| ApiError::BadRequest("`hours` is a number".into()))?;
