@@ -399,7 +399,40 @@ async fn a_run_is_aborted_from_its_page_and_read_only_or_forged_requests_change_
     assert!(refused.text().await.unwrap().contains("trigger"), "refused for the role");
     assert_eq!(stack.api.get(&running).await.body["status"], "running");
 
+    // The runs list updates itself while a run is active: the abort shows without a reload.
+    browser.client.goto(&format!("{base}/ui/runs")).await.unwrap();
+    let row = format!("#runs tr[data-job='ui-long'] a[href='/ui{running}']");
+    browser.wait_text(&row, Duration::from_secs(5)).await;
+    browser.script("document.body.dataset.marker = 'same page'; return true").await;
     let reply = stack.api.post(&format!("{running}/abort"), json!({})).await;
     assert_eq!(reply.status, 202, "{}", reply.body);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let shown = browser
+            .script(&format!(
+                "const link = document.querySelector(\"{row}\"); return link && link.closest('tr').dataset.status"
+            ))
+            .await;
+        if shown == "aborted" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the list never showed the abort (it shows {shown})");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        browser.script("return document.body.dataset.marker").await,
+        "same page",
+        "updated in place, not reloaded"
+    );
+
+    // On a phone-sized screen the pages fit its width.
+    browser.client.set_window_size(390, 844).await.unwrap();
+    for page in ["/ui/runs", "/ui/jobs/ui-long"] {
+        browser.client.goto(&format!("{base}{page}")).await.unwrap();
+        browser.wait_text("h1", Duration::from_secs(5)).await;
+        let overflow = browser.script("return document.documentElement.scrollWidth - window.innerWidth").await;
+        assert!(overflow.as_i64().unwrap() <= 0, "{page} is wider than a phone by {overflow} px");
+    }
+    browser.screenshot("runs-phone").await;
     browser.close().await;
 }
