@@ -158,6 +158,21 @@ fn quick_job(script: &str) -> Value {
            "resources": {"cpus": 0.5, "memory": "64Mi"}})
 }
 
+/// Polls an API resource (bounded) until it satisfies `done`.
+async fn poll_api(stack: &Stack, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply =
+            stack.api.request(reqwest::Method::GET, path).header("accept", "application/json").send().await.unwrap();
+        let body: Value = reply.json().await.unwrap();
+        if done(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{path} never got there: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls the API until the run's status satisfies `done`.
 async fn wait_status(stack: &Stack, path: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> Value {
     stack.wait_for(path, timeout, done).await
@@ -348,13 +363,48 @@ async fn a_run_is_aborted_from_its_page_and_read_only_or_forged_requests_change_
     assert!(shown.contains("aborted"), "{shown}");
     browser.screenshot("run-aborted").await;
 
-    // The agents and pool pages show what the master knows.
+    // The agents and pool pages show what the master knows; an admin holds, releases, disables
+    // and enables a cluster from the pool's page.
     browser.client.goto(&format!("{base}/ui/agents")).await.unwrap();
     let agents = browser.wait_text("#agents", Duration::from_secs(5)).await;
     assert!(agents.contains(&stack.agents[agent].id), "{agents}");
+    let cluster = stack.api.put("/pool/clusters/ui-c1", json!({"region": "eu"})).await;
+    assert_eq!(cluster.status, 201, "{}", cluster.body);
     browser.client.goto(&format!("{base}/ui/pool")).await.unwrap();
-    browser.wait_text("h1", Duration::from_secs(5)).await;
-    browser.screenshot("agents-pool").await;
+    let hold = browser.client.form(Locator::Css("form[action='/ui/pool/clusters/ui-c1/hold']")).await.unwrap();
+    hold.set_by_name("reason", "debugging <flaky> test").await.unwrap();
+    hold.set_by_name("hours", "2").await.unwrap();
+    hold.submit().await.unwrap();
+    let held = poll_api(&stack, "/pool/clusters/ui-c1", |c| c["hold"]["by"] == "ops").await;
+    assert_eq!(held["hold"]["reason"], "debugging <flaky> test", "{held}");
+    browser.wait_path(|path| path == "/ui/pool").await;
+    let row = browser.wait_text("#clusters", Duration::from_secs(5)).await;
+    assert!(row.contains("held by ops (debugging <flaky> test)"), "{row}");
+    browser.screenshot("pool").await;
+    browser
+        .client
+        .find(Locator::Css("form[action='/ui/pool/clusters/ui-c1/release'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    poll_api(&stack, "/pool/clusters/ui-c1", |c| c["hold"].is_null()).await;
+    browser.wait_path(|path| path == "/ui/pool").await;
+    let disable = browser.client.form(Locator::Css("form[action='/ui/pool/clusters/ui-c1/disable']")).await.unwrap();
+    disable.set_by_name("reason", "broken network").await.unwrap();
+    disable.submit().await.unwrap();
+    poll_api(&stack, "/pool/clusters/ui-c1", |c| c["disabled"]["reason"] == "broken network").await;
+    browser.wait_path(|path| path == "/ui/pool").await;
+    browser
+        .client
+        .find(Locator::Css("form[action='/ui/pool/clusters/ui-c1/enable'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    poll_api(&stack, "/pool/clusters/ui-c1", |c| c["disabled"].is_null()).await;
 
     // A form posted without the session's CSRF token (as another site would) is refused, even
     // with the admin's cookie, and the run keeps running.
@@ -385,6 +435,11 @@ async fn a_run_is_aborted_from_its_page_and_read_only_or_forged_requests_change_
     browser.client.goto(&format!("{base}/ui{running}")).await.unwrap();
     browser.wait_text("#console .line", Duration::from_secs(30)).await;
     assert_eq!(browser.count("#abort").await + browser.count("#rerun").await, 0, "a reader sees no abort or rerun");
+    browser.client.goto(&format!("{base}/ui/pool")).await.unwrap();
+    browser.wait_text("#clusters", Duration::from_secs(5)).await;
+    assert_eq!(browser.count("td.admin form").await, 0, "a reader sees no pool actions");
+    browser.client.goto(&format!("{base}/ui{running}")).await.unwrap();
+    browser.wait_text("#console .line", Duration::from_secs(30)).await;
     browser.screenshot("read-only").await;
     let reader_cookie = browser.session_cookie().await;
     let csrf = browser.script("return document.querySelector('form.who input[name=csrf]').value").await;
