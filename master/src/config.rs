@@ -141,6 +141,20 @@ pub struct GitConfig {
     /// Repository reads run at once; more wait for a slot.
     #[arg(id = "git_max_reads", long = "git-max-reads", env = "CIMASTER_GIT_MAX_READS", default_value_t = 8)]
     pub max_reads: usize,
+
+    /// Where this replica keeps its partial clones of the repositories it reads config files from
+    /// (one per replica; default: a directory of this process's own in the temporary directory).
+    #[arg(id = "git_cache_dir", long = "git-cache-dir", env = "CIMASTER_GIT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// The most the partial clones may take together, in MiB; the least recently used go first.
+    #[arg(
+        id = "git_cache_max_mib",
+        long = "git-cache-max-mib",
+        env = "CIMASTER_GIT_CACHE_MAX_MIB",
+        default_value_t = 1024
+    )]
+    pub cache_max_mib: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -71,7 +71,13 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             provision_job: "create-cluster".to_owned(),
             expiry_interval: Duration::from_millis(200),
         },
-        git: GitConfig { allow_file: true, timeout: Duration::from_secs(20), max_reads: 8 },
+        git: GitConfig {
+            allow_file: true,
+            timeout: Duration::from_secs(20),
+            max_reads: 8,
+            cache_dir: None,
+            cache_max_mib: 256,
+        },
         http: HttpConfig {
             header_timeout: Duration::from_secs(2),
             max_connections: 256,

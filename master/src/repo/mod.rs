@@ -1,6 +1,9 @@
 //! Reading a git job's repository at trigger time: a branch resolved to its commit with
-//! `git ls-remote`, and the one config file read from a shallow, single-commit fetch (never a full
-//! clone). The `git` program does the talking, so every transport git knows works.
+//! `git ls-remote`, and the one config file read from the replica's partial clone of the repository
+//! (`clones`: one commit deep, blobs fetched only as read; never a full clone). The `git` program
+//! does the talking, so every transport git knows works.
+
+mod clones;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -47,6 +50,33 @@ pub struct RepoReader {
     allow_file: bool,
     slots: Semaphore,
     files: Mutex<HashMap<(String, String, String), Option<String>>>,
+    clones: clones::Clones,
+}
+
+/// git run in one clone, with the read's credentials and scratch directory.
+struct InClone<'a> {
+    reader: &'a RepoReader,
+    scratch: &'a Path,
+    git_dir: &'a str,
+    creds: &'a Credentials,
+}
+
+impl InClone<'_> {
+    async fn run(&self, args: &[&str]) -> Result<String, RepoError> {
+        let mut all = vec!["--git-dir", self.git_dir];
+        all.extend_from_slice(args);
+        self.reader.git(self.scratch, self.creds, &all).await
+    }
+}
+
+/// What one config-file read asks for.
+struct Read<'a> {
+    url: &'a str,
+    commit: &'a str,
+    /// Where to look when the commit is not given by its id (a pull request's ref).
+    also_at: Option<&'a str>,
+    path: &'a str,
+    creds: &'a Credentials,
 }
 
 const CACHED_FILES: usize = 512;
@@ -60,6 +90,7 @@ impl RepoReader {
             allow_file: config.allow_file,
             slots: Semaphore::new(config.max_reads.max(1)),
             files: Mutex::new(HashMap::new()),
+            clones: clones::Clones::open(config),
         }
     }
 
@@ -110,49 +141,82 @@ impl RepoReader {
         }
         self.check_scheme(url)?;
         let _slot = self.slot().await?;
-        let dir = tempdir()?;
-        self.git(dir.path(), creds, &["init", "--quiet", "--bare", "."]).await?;
-        let fetched =
-            self.git(dir.path(), creds, &["fetch", "--quiet", "--depth=1", "--no-tags", "--", url, commit]).await;
-        let missing = |message: &str| message.contains("not our ref") || message.contains("couldn't find remote ref");
-        match (fetched, also_at) {
-            (Ok(_), _) => {}
-            (Err(RepoError::Unreadable(message)), Some(reference)) if missing(&message) => {
-                let fetch = ["fetch", "--quiet", "--depth=1", "--no-tags", "--", url, reference];
-                self.git(dir.path(), creds, &fetch).await?;
-                let object = format!("{commit}^{{commit}}");
-                if self.git(dir.path(), creds, &["cat-file", "-e", &object]).await.is_err() {
-                    return Err(RepoError::NoSuchCommit(commit.to_owned()));
-                }
+        let clone = self.clones.path(url, creds);
+        let _turn = self.clones.turn(&clone).await;
+        let at = Read { url, commit, also_at, path, creds };
+        let text = match self.read_in(&clone, &at).await {
+            // A clone git cannot use (damaged, or half made by a read that was cut short) is made again.
+            Err(RepoError::Unreadable(message)) if clone.exists() => {
+                tracing::warn!(clone = %clone.display(), error = %message, "making a git clone again");
+                std::fs::remove_dir_all(&clone)
+                    .map_err(|err| RepoError::Unreadable(format!("cannot remove a damaged clone: {err}")))?;
+                self.read_in(&clone, &at).await
             }
-            (Err(RepoError::Unreadable(message)), None) if missing(&message) => {
-                return Err(RepoError::NoSuchCommit(commit.to_owned()));
-            }
-            (Err(err), _) => return Err(err),
-        }
-        let object = format!("{commit}:{path}");
-        let size = match self.git(dir.path(), creds, &["cat-file", "-s", &object]).await {
-            Ok(size) => size.trim().parse::<usize>().unwrap_or(usize::MAX),
-            Err(_) => 0, // no such file: `show` below says so
+            other => other,
         };
-        if size > MAX_CONFIG_FILE {
-            return Err(RepoError::TooLarge(size));
-        }
-        let text = match self.git(dir.path(), creds, &["show", &object]).await {
-            Ok(text) => Some(text),
-            Err(RepoError::Unreadable(message))
-                if message.contains("does not exist") || message.contains("exists on disk, but not in") =>
-            {
-                None
-            }
-            Err(err) => return Err(err),
-        };
+        self.clones.used(&clone);
+        let text = text?;
         let mut files = self.files.lock().expect("cache lock");
         if files.len() >= CACHED_FILES {
             files.clear();
         }
         files.insert(key, text.clone());
         Ok(text)
+    }
+
+    /// Reads the file from the clone, fetching the commit into it first unless it has it.
+    async fn read_in(&self, clone: &Path, at: &Read<'_>) -> Result<Option<String>, RepoError> {
+        // Credentials' files and git's HOME live in a scratch directory, removed after the read.
+        let scratch = tempdir()?;
+        let git_dir = clone.display().to_string();
+        let git = InClone { reader: self, scratch: scratch.path(), git_dir: &git_dir, creds: at.creds };
+        if !clone.join("HEAD").exists() {
+            self.git(scratch.path(), at.creds, &["init", "--quiet", "--bare", &git_dir]).await?;
+            for (key, value) in [
+                ("remote.origin.url", at.url),
+                ("remote.origin.promisor", "true"),
+                ("remote.origin.partialclonefilter", "blob:none"),
+                ("core.repositoryformatversion", "1"),
+                ("extensions.partialclone", "origin"),
+            ] {
+                git.run(&["config", key, value]).await?;
+            }
+        }
+        let object = format!("{}^{{commit}}", at.commit);
+        if git.run(&["cat-file", "-e", &object]).await.is_err() {
+            let fetched = git
+                .run(&["fetch", "--quiet", "--depth=1", "--filter=blob:none", "--no-tags", "origin", at.commit])
+                .await;
+            let missing =
+                |message: &str| message.contains("not our ref") || message.contains("couldn't find remote ref");
+            match (fetched, at.also_at) {
+                (Ok(_), _) => {}
+                (Err(RepoError::Unreadable(message)), Some(reference)) if missing(&message) => {
+                    git.run(&["fetch", "--quiet", "--depth=1", "--filter=blob:none", "--no-tags", "origin", reference])
+                        .await?;
+                    if git.run(&["cat-file", "-e", &object]).await.is_err() {
+                        return Err(RepoError::NoSuchCommit(at.commit.to_owned()));
+                    }
+                }
+                (Err(RepoError::Unreadable(message)), None) if missing(&message) => {
+                    return Err(RepoError::NoSuchCommit(at.commit.to_owned()));
+                }
+                (Err(err), _) => return Err(err),
+            }
+        }
+        let object = format!("{}:{}", at.commit, at.path);
+        // Whether the commit has the file at all, from its trees (which the clone has): a line
+        // `<mode> blob <id>\t<path>`.
+        let listed = git.run(&["ls-tree", at.commit, "--", at.path]).await?;
+        if !listed.lines().any(|line| line.split_whitespace().nth(1) == Some("blob")) {
+            return Ok(None);
+        }
+        // Reading the size fetches the blob, if the clone has it not yet.
+        let size = git.run(&["cat-file", "-s", &object]).await?.trim().parse::<usize>().unwrap_or(usize::MAX);
+        if size > MAX_CONFIG_FILE {
+            return Err(RepoError::TooLarge(size));
+        }
+        git.run(&["cat-file", "blob", &object]).await.map(Some)
     }
 
     /// A slot to read in, waited for no longer than one read may take.
@@ -261,6 +325,81 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// A reader with clones of its own, in a directory the test keeps.
+    fn git_config(allow_file: bool) -> GitConfig {
+        let dir = std::env::temp_dir().join(format!("cimaster-test-clones-{}", uuid::Uuid::new_v4().simple()));
+        GitConfig {
+            allow_file,
+            timeout: Duration::from_secs(20),
+            max_reads: 2,
+            cache_dir: Some(dir),
+            cache_max_mib: 64,
+        }
+    }
+
+    fn clones_of(config: &GitConfig) -> Vec<std::path::PathBuf> {
+        let dir = config.cache_dir.as_ref().unwrap();
+        std::fs::read_dir(dir).map(|entries| entries.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn config_files_are_read_from_a_partial_clone_kept_per_repository_and_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        // A repository that allows filters, with a large file beside the config file.
+        sh(
+            dir.path(),
+            "git init -q -b main repo && cd repo && git config user.email t@e && git config user.name t \
+             && git config uploadpack.allowFilter true && git config uploadpack.allowAnySHA1InWant true \
+             && printf 'one\\n' > .cimaster.yml && head -c 2000000 /dev/urandom > big.bin && git add . && git commit -qm one \
+             && printf 'two\\n' > .cimaster.yml && git commit -qam two",
+        );
+        let repo = dir.path().join("repo");
+        let url = format!("file://{}", repo.display());
+        let (second, first) = (sh(&repo, "git rev-parse main"), sh(&repo, "git rev-parse main~1"));
+        let big = sh(&repo, "git rev-parse main:big.bin");
+        let config = git_config(true);
+        let reader = RepoReader::new(&config);
+        let creds = Credentials::default();
+        assert_eq!(
+            reader.read_file(&url, &first, None, ".cimaster.yml", &creds).await.unwrap().as_deref(),
+            Some("one\n")
+        );
+        assert_eq!(
+            reader.read_file(&url, &second, None, ".cimaster.yml", &creds).await.unwrap().as_deref(),
+            Some("two\n")
+        );
+        let clones = clones_of(&config);
+        assert_eq!(clones.len(), 1, "one clone for the repository: {clones:?}");
+        let clone = &clones[0];
+        let has = |object: &str| {
+            std::process::Command::new("git")
+                .args(["--git-dir", &clone.display().to_string(), "cat-file", "-e", object])
+                .env("GIT_NO_LAZY_FETCH", "1")
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(has(&first) && has(&second), "both commits were fetched into the same clone");
+        assert!(!has(&big), "the clone holds no blob it did not read");
+        let size = clones::tests_size(clone);
+        assert!(size < 1_000_000, "the clone is small: {size} bytes");
+
+        // Other credentials, another clone.
+        let other = Credentials { token: Some("a-token".into()), ..Credentials::default() };
+        reader.read_file(&url, &second, None, "missing.yml", &other).await.unwrap();
+        assert_eq!(clones_of(&config).len(), 2);
+
+        // A damaged clone is made again, and the read succeeds.
+        std::fs::write(clone.join("config"), "not a git config [").unwrap();
+        sh(&repo, "printf 'three\\n' > .cimaster.yml && git commit -qam three");
+        let third = sh(&repo, "git rev-parse main");
+        assert_eq!(
+            reader.read_file(&url, &third, None, ".cimaster.yml", &creds).await.unwrap().as_deref(),
+            Some("three\n")
+        );
+        std::fs::remove_dir_all(config.cache_dir.unwrap()).unwrap();
+    }
+
     #[tokio::test]
     async fn resolves_branches_and_reads_one_file_at_a_commit() {
         let dir = tempfile::tempdir().unwrap();
@@ -273,7 +412,8 @@ mod tests {
         let repo = dir.path().join("repo");
         let url = format!("file://{}", repo.display());
         let main = sh(&repo, "git rev-parse main");
-        let reader = RepoReader::new(&GitConfig { allow_file: true, timeout: Duration::from_secs(20), max_reads: 2 });
+        let config = git_config(true);
+        let reader = RepoReader::new(&config);
         let creds = Credentials::default();
         assert_eq!(reader.resolve_branch(&url, "main", &creds).await.unwrap(), main);
         let feature = reader.resolve_branch(&url, "feature", &creds).await.unwrap();
@@ -300,11 +440,12 @@ mod tests {
         let big = sh(&repo, "git rev-parse main");
         let err = reader.read_file(&url, &big, None, ".cimaster.yml", &creds).await.unwrap_err();
         assert!(matches!(err, RepoError::TooLarge(300000)), "{err}");
+        let _ = std::fs::remove_dir_all(config.cache_dir.unwrap());
     }
 
     #[tokio::test]
     async fn file_repositories_are_read_only_when_allowed() {
-        let strict = RepoReader::new(&GitConfig { allow_file: false, timeout: Duration::from_secs(20), max_reads: 2 });
+        let strict = RepoReader::new(&git_config(false));
         let err = strict.resolve_branch("file:///tmp/x", "main", &Credentials::default()).await.unwrap_err();
         assert!(matches!(err, RepoError::SchemeRefused("file")), "{err}");
         assert!(strict.check_scheme("https://git.example/r.git").is_ok());
