@@ -53,6 +53,11 @@ pub struct RepoReader {
     clones: clones::Clones,
 }
 
+/// Whether a depth-1 fetch brought `commit` into the clone: it is then one of its shallow commits.
+fn fetched(clone: &Path, commit: &str) -> bool {
+    std::fs::read_to_string(clone.join("shallow")).is_ok_and(|list| list.lines().any(|line| line.trim() == commit))
+}
+
 /// git run in one clone, with the read's credentials and scratch directory.
 struct InClone<'a> {
     reader: &'a RepoReader,
@@ -182,19 +187,20 @@ impl RepoReader {
                 git.run(&["config", key, value]).await?;
             }
         }
-        let object = format!("{}^{{commit}}", at.commit);
-        if git.run(&["cat-file", "-e", &object]).await.is_err() {
-            let fetched = git
+        // Whether the clone has the commit is read from its list of shallow commits (every commit is
+        // fetched one deep): asking git would make a partial clone fetch the commit's whole history.
+        if !fetched(clone, at.commit) {
+            let fetch = git
                 .run(&["fetch", "--quiet", "--depth=1", "--filter=blob:none", "--no-tags", "origin", at.commit])
                 .await;
             let missing =
                 |message: &str| message.contains("not our ref") || message.contains("couldn't find remote ref");
-            match (fetched, at.also_at) {
+            match (fetch, at.also_at) {
                 (Ok(_), _) => {}
                 (Err(RepoError::Unreadable(message)), Some(reference)) if missing(&message) => {
                     git.run(&["fetch", "--quiet", "--depth=1", "--filter=blob:none", "--no-tags", "origin", reference])
                         .await?;
-                    if git.run(&["cat-file", "-e", &object]).await.is_err() {
+                    if !fetched(clone, at.commit) {
                         return Err(RepoError::NoSuchCommit(at.commit.to_owned()));
                     }
                 }
@@ -350,6 +356,7 @@ mod tests {
             dir.path(),
             "git init -q -b main repo && cd repo && git config user.email t@e && git config user.name t \
              && git config uploadpack.allowFilter true && git config uploadpack.allowAnySHA1InWant true \
+             && printf 'zero\\n' > .cimaster.yml && git add . && git commit -qm zero \
              && printf 'one\\n' > .cimaster.yml && head -c 2000000 /dev/urandom > big.bin && git add . && git commit -qm one \
              && printf 'two\\n' > .cimaster.yml && git commit -qam two",
         );
@@ -380,6 +387,8 @@ mod tests {
                 .success()
         };
         assert!(has(&first) && has(&second), "both commits were fetched into the same clone");
+        let zero = sh(&repo, "git rev-parse main~2");
+        assert!(!has(&zero), "only the commits read are fetched, not their history");
         assert!(!has(&big), "the clone holds no blob it did not read");
         let size = clones::tests_size(clone);
         assert!(size < 1_000_000, "the clone is small: {size} bytes");
