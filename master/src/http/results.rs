@@ -140,7 +140,7 @@ pub struct AttemptQuery {
 
 /// The attempt a results request is about, after checking the run exists; and whether it is still
 /// running.
-pub(super) async fn chosen_attempt(
+pub(crate) async fn chosen_attempt(
     state: &AppState,
     name: &str,
     id: &str,
@@ -154,7 +154,7 @@ pub(super) async fn chosen_attempt(
 }
 
 /// The requested attempt (default: the current one), 404 unless the run has had it.
-fn attempt_in_range(id: &str, progress: &Progress, requested: Option<i32>) -> Result<i32, ApiError> {
+pub(crate) fn attempt_in_range(id: &str, progress: &Progress, requested: Option<i32>) -> Result<i32, ApiError> {
     let current = progress.attempt;
     let attempt = requested.unwrap_or(current);
     if attempt < 1 || attempt > current {

@@ -421,7 +421,8 @@ async fn page(state: &AppState, job: Option<&JobName>, filter: &RunFilter) -> Re
     Ok(RunPage { runs, next })
 }
 
-fn urlencode(value: &str) -> String {
+/// Percent-encodes a query value.
+pub(crate) fn urlencode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
@@ -446,14 +447,17 @@ async fn abort_run(
 ) -> Result<impl IntoResponse, ApiError> {
     let job = job_name(&name)?;
     let id = run_id(&id)?;
-    let view = match runs::abort(&state.pool, &job, id, &caller.subject).await? {
-        Abort::Requested(run) => RunView::from(*run),
-        Abort::Ended(status) => {
-            return Err(ApiError::Conflict(format!("run {id} has already ended with status `{status}`")))
-        }
-        Abort::NotFound => return Err(run_not_found(&job, id)),
-    };
+    let view = RunView::from(request_abort(&state, &job, id, &caller.subject).await?);
     tracing::info!(run_id = %id, job = %job, by = %caller.subject, status = %view.status, "abort requested");
     let status = if view.status == RunStatus::Aborted { StatusCode::OK } else { StatusCode::ACCEPTED };
     Ok((status, Json(view)))
+}
+
+/// Aborts run `id` of `job` for `by`: the run as it is now, 409 if it has already ended.
+pub(crate) async fn request_abort(state: &AppState, job: &JobName, id: RunId, by: &str) -> Result<Run, ApiError> {
+    match runs::abort(&state.pool, job, id, by).await? {
+        Abort::Requested(run) => Ok(*run),
+        Abort::Ended(status) => Err(ApiError::Conflict(format!("run {id} has already ended with status `{status}`"))),
+        Abort::NotFound => Err(run_not_found(job, id)),
+    }
 }

@@ -102,16 +102,7 @@ pub fn bytes(count: i64) -> String {
     }
 }
 
-/// Percent-encodes a query value.
-pub fn urlencode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+pub(crate) use crate::http::runs::urlencode;
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use cimaster_common::results::FailedCase;
 use cimaster_common::{RunEvent, RunId, RunStatus};
-use cimaster_store::runs::{self, Abort, Run};
+use cimaster_store::runs::{self, Run};
 use cimaster_store::{attempts, jobs};
 use futures::Stream;
 use serde::Deserialize;
@@ -27,7 +27,7 @@ use super::session::{Posted, Viewer};
 use crate::auth::Role;
 use crate::http::jobs::job_name;
 use crate::http::runs::{run_id, run_not_found};
-use crate::http::{ApiError, AppState};
+use crate::http::AppState;
 use crate::trigger::Created;
 
 /// A run as one row of a list.
@@ -253,20 +253,17 @@ pub struct AttemptQuery {
 pub async fn show(
     State(state): State<AppState>,
     viewer: Viewer,
-    Path((name, id)): Path<(String, String)>,
+    Path((name, raw_id)): Path<(String, String)>,
     Query(query): Query<AttemptQuery>,
 ) -> Result<Response, UiError> {
-    let (job, id) = (job_name(&name)?, run_id(&id)?);
+    let (job, id) = (job_name(&name)?, run_id(&raw_id)?);
     let run = runs::get(&state.pool, &job, id).await?.ok_or_else(|| run_not_found(&job, id))?;
-    let attempt = query.attempt.unwrap_or(run.attempt);
-    if attempt < 1 || attempt > run.attempt {
-        return Err(ApiError::NotFound(format!("run {id} has attempts 1 to {}, not {attempt}", run.attempt)).into());
-    }
+    let progress = runs::progress(&state.pool, &job, id).await?.ok_or_else(|| run_not_found(&job, id))?;
+    let attempt = crate::http::results::attempt_in_range(&raw_id, &progress, query.attempt)?;
     let base = format!("/ui/jobs/{job}/runs/{id}");
     let attempts = attempts::history(&state.pool, id.0).await?;
     let junit =
         crate::http::results::junit_report(&state, id.0, attempt).await?.map(|report| junit_view(report.summary));
-    let progress = runs::progress(&state.pool, &job, id).await?.ok_or_else(|| run_not_found(&job, id))?;
     let results = crate::http::results::all_results(&state, &job, id, progress)
         .await?
         .into_iter()
@@ -368,15 +365,8 @@ pub async fn abort(
 ) -> Result<Response, UiError> {
     posted.viewer.require(Role::Trigger)?;
     let (job, id) = (job_name(&name)?, run_id(&id)?);
-    match runs::abort(&state.pool, &job, id, &posted.viewer.caller.subject).await? {
-        Abort::Requested(_) => {
-            tracing::info!(run_id = %id, job = %job, by = %posted.viewer.caller.subject, "abort requested from the web UI");
-        }
-        Abort::Ended(status) => {
-            return Err(ApiError::Conflict(format!("run {id} has already ended with status `{status}`")).into())
-        }
-        Abort::NotFound => return Err(run_not_found(&job, id).into()),
-    }
+    crate::http::runs::request_abort(&state, &job, id, &posted.viewer.caller.subject).await?;
+    tracing::info!(run_id = %id, job = %job, by = %posted.viewer.caller.subject, "abort requested from the web UI");
     Ok(Redirect::to(&format!("/ui/jobs/{job}/runs/{id}")).into_response())
 }
 
@@ -428,17 +418,10 @@ pub async fn console(
     Query(query): Query<AttemptQuery>,
     headers: HeaderMap,
 ) -> Result<Response, UiError> {
-    let (job, id) = (job_name(&name)?, run_id(&id)?);
-    let progress = runs::progress(&state.pool, &job, id).await?.ok_or_else(|| run_not_found(&job, id))?;
-    let attempt = query.attempt.unwrap_or(progress.attempt);
-    if attempt < 1 || attempt > progress.attempt {
-        return Err(
-            ApiError::NotFound(format!("run {id} has attempts 1 to {}, not {attempt}", progress.attempt)).into()
-        );
-    }
+    let (run, attempt, _) = crate::http::results::chosen_attempt(&state, &name, &id, query.attempt).await?;
     let from = Resume::from_headers(&headers);
-    let chunks = crate::http::console::open(&state, id.0, attempt, from.bytes, true);
-    let events = line_events(state.pool.clone(), id, attempt, from, chunks);
+    let chunks = crate::http::console::open(&state, run, attempt, from.bytes, true);
+    let events = line_events(state.pool.clone(), RunId(run), attempt, from, chunks);
     let mut response = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // Proxies must not buffer the stream.
