@@ -1,9 +1,11 @@
 //! Reading a git job's repository at trigger time: a branch resolved to its commit with
 //! `git ls-remote`, and the one config file read from the replica's partial clone of the repository
-//! (`clones`: one commit deep, blobs fetched only as read; never a full clone). The `git` program
-//! does the talking, so every transport git knows works.
+//! (`clones`: one commit deep, blobs fetched only as read; never a full clone). A branch on a
+//! `git://` or smart HTTP server is asked in git's wire protocol directly (`refs`); the `git`
+//! program does the rest of the talking, so every transport git knows works.
 
 mod clones;
+mod refs;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,6 +53,8 @@ pub struct RepoReader {
     slots: Semaphore,
     files: Mutex<HashMap<(String, String, String), Option<String>>>,
     clones: clones::Clones,
+    /// Kept connections to smart HTTP servers, for branch tips.
+    http: reqwest::Client,
 }
 
 /// Whether a depth-1 fetch brought `commit` into the clone: it is then one of its shallow commits.
@@ -96,6 +100,10 @@ impl RepoReader {
             slots: Semaphore::new(config.max_reads.max(1)),
             files: Mutex::new(HashMap::new()),
             clones: clones::Clones::open(config),
+            http: reqwest::Client::builder()
+                .user_agent(concat!("git/cimaster-", env!("CARGO_PKG_VERSION")))
+                .build()
+                .expect("an HTTP client"),
         }
     }
 
@@ -120,8 +128,13 @@ impl RepoReader {
     pub async fn resolve_branch(&self, url: &str, branch: &str, creds: &Credentials) -> Result<String, RepoError> {
         self.check_scheme(url)?;
         let _slot = self.slot().await?;
-        let dir = tempdir()?;
         let reference = format!("refs/heads/{branch}");
+        match refs::tip(&self.http, url, &reference, creds.token.as_ref(), self.timeout).await {
+            Ok(Some(commit)) => return Ok(commit),
+            Ok(None) => return Err(RepoError::NoSuchBranch(branch.to_owned())),
+            Err(refs::NotAsked(why)) => tracing::debug!(url, why, "asking git ls-remote for the branch"),
+        }
+        let dir = tempdir()?;
         let out = self.git(dir.path(), creds, &["ls-remote", "--", url, &reference]).await?;
         out.lines()
             .filter_map(|line| line.split_once('\t'))
