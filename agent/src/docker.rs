@@ -28,6 +28,8 @@ use crate::telemetry::Timer;
 pub const LABEL_AGENT: &str = "cimaster.agent";
 /// A git mirror volume: kept by the start-up sweep.
 pub const LABEL_MIRROR: &str = "cimaster.mirror";
+/// A mirror's git helper: the container, kept running, that checks out runs from it.
+pub const LABEL_GIT_HELPER: &str = "cimaster.git-helper";
 pub const LABEL_JOB: &str = "cimaster.job";
 pub const LABEL_RUN: &str = "cimaster.run";
 pub const LABEL_ATTEMPT: &str = "cimaster.attempt";
@@ -86,6 +88,10 @@ pub enum DockerError {
     Output(#[source] BollardError),
     #[error("running a command in the container failed: {0}")]
     Exec(#[source] BollardError),
+    #[error("starting the mirror's git helper failed: {0}")]
+    GitHelper(#[source] BollardError),
+    #[error("starting the script failed: {0}")]
+    Gate(#[source] std::io::Error),
 }
 
 impl DockerError {
@@ -134,16 +140,51 @@ pub struct JobContainer {
     pub network: String,
     /// DNS names of the container on the run's network.
     pub aliases: Vec<String>,
-    /// The run's workspace volume, mounted at /workspace.
+    /// The run's workspace: a directory on the engine's host (in the agent's workspaces volume),
+    /// mounted at /workspace.
     pub workspace: Option<String>,
-    /// The repository's mirror, mounted at `MIRROR_PATH` (writable for the checkout helper only).
-    pub mirror: Option<MirrorMount>,
+    /// The repository's mirror volume, mounted read-only at `MIRROR_PATH`.
+    pub mirror: Option<String>,
+    /// Whether the script waits for [`Gate::open`] before it starts.
+    pub gated: bool,
 }
 
-#[derive(Debug, Clone)]
-pub struct MirrorMount {
-    pub volume: String,
-    pub writable: bool,
+/// A started job container's script waits behind this: its stdin, which gets one line and then
+/// its end when the run is ready for the script.
+pub struct Gate(Pin<Box<dyn tokio::io::AsyncWrite + Send>>);
+
+impl Gate {
+    /// The script that waits for the gate, then runs `script` as `sh -c` would.
+    fn wrap(script: String) -> Vec<String> {
+        ["sh", "-c", r#"read -r _ || :; exec sh -c "$1""#, "sh"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([script])
+            .collect()
+    }
+
+    /// Lets the script start; it finds its stdin at its end.
+    pub async fn open(mut self) -> Result<(), DockerError> {
+        use tokio::io::AsyncWriteExt;
+        self.0.write_all(b"\n").await.map_err(DockerError::Gate)?;
+        self.0.shutdown().await.map_err(DockerError::Gate)
+    }
+}
+
+/// A container started, its output, and its gate when it has one.
+pub struct Started {
+    pub id: String,
+    pub output: Output,
+    pub gate: Option<Gate>,
+}
+
+/// A mirror's git helper to keep running: the mirror writable at `MIRROR_PATH`, the agent's
+/// workspaces at `WORKSPACES_PATH`.
+pub struct GitHelper<'a> {
+    pub name: &'a str,
+    pub image: &'a str,
+    pub mirror: &'a str,
+    pub workspaces: &'a str,
 }
 
 #[derive(Clone)]
@@ -234,33 +275,27 @@ impl DockerClient {
     /// Creates and starts the job container: unprivileged, no mounts, no published ports, limited.
     /// Its output is attached before it starts, so nothing is missed, and goes only to the agent
     /// (the engine keeps no log file that could rotate lines away).
-    pub async fn start_job(&self, labels: &RunLabels, spec: JobContainer) -> Result<(String, Output), DockerError> {
+    pub async fn start_job(&self, labels: &RunLabels, spec: JobContainer) -> Result<Started, DockerError> {
         let _timer = Timer::docker("start_container");
-        let mut mounts: Vec<Mount> = spec
-            .workspace
+        let gated = spec.gated;
+        let mounts: Vec<Mount> = spec
+            .mirror
             .map(|volume| Mount {
-                target: Some(crate::plan::WORKSPACE.to_owned()),
+                target: Some(crate::mirrors::MIRROR_PATH.to_owned()),
                 source: Some(volume),
                 typ: Some(MountTypeEnum::VOLUME),
+                read_only: Some(true),
                 ..Default::default()
             })
             .into_iter()
             .collect();
-        if let Some(mirror) = spec.mirror {
-            mounts.push(Mount {
-                target: Some(crate::mirrors::MIRROR_PATH.to_owned()),
-                source: Some(mirror.volume),
-                typ: Some(MountTypeEnum::VOLUME),
-                read_only: Some(!mirror.writable),
-                ..Default::default()
-            });
-        }
-        let mounts = (!mounts.is_empty()).then_some(mounts);
         let host_config = HostConfig {
             nano_cpus: spec.nano_cpus,
             memory: spec.memory_bytes,
             memory_swap: spec.memory_bytes,
-            mounts,
+            mounts: (!mounts.is_empty()).then_some(mounts),
+            // The engine makes the directory if the checkout has not yet.
+            binds: spec.workspace.map(|dir| vec![format!("{dir}:{}", crate::plan::WORKSPACE)]),
             pids_limit: Some(4096),
             // Docker's init is PID 1: it passes SIGTERM on to the script (a shell as PID 1 ignores
             // it) and reaps orphans, so a stop takes as long as the script needs, not the grace.
@@ -278,20 +313,29 @@ impl DockerClient {
                 EndpointSettings { aliases: Some(spec.aliases.clone()), ..Default::default() },
             )])),
         });
+        let cmd = match spec.script {
+            Some(script) if gated => Some(Gate::wrap(script)),
+            Some(script) => Some(vec!["sh".to_owned(), "-c".to_owned(), script]),
+            None => None,
+        };
         let body = ContainerCreateBody {
             image: Some(spec.image),
-            cmd: spec.script.map(|script| vec!["sh".to_owned(), "-c".to_owned(), script]),
+            cmd,
             env: Some(spec.env),
             working_dir: spec.working_dir,
             labels: Some(labels.map()),
             host_config: Some(host_config),
             networking_config,
+            open_stdin: gated.then_some(true),
+            stdin_once: gated.then_some(true),
+            attach_stdin: gated.then_some(true),
             ..Default::default()
         };
         let name = if spec.role.is_empty() { labels.name() } else { format!("{}-{}", labels.name(), spec.role) };
         let options = CreateContainerOptions { name: Some(name), ..Default::default() };
         let created = self.docker.create_container(Some(options), body).await.map_err(DockerError::CreateContainer)?;
-        let attach = AttachContainerOptions { stream: true, stdout: true, stderr: true, ..Default::default() };
+        let attach =
+            AttachContainerOptions { stream: true, stdin: gated, stdout: true, stderr: true, ..Default::default() };
         let attached = match self.docker.attach_container(&created.id, Some(attach)).await {
             Ok(attached) => attached,
             Err(err) => {
@@ -305,15 +349,58 @@ impl DockerClient {
             self.remove_container(&created.id).await;
             return Err(DockerError::StartContainer(err));
         }
-        let output: Output = Box::pin(attached.output.map(|item| {
-            item.map_err(DockerError::Output).map(|output| match output {
-                LogOutput::StdErr { message } => Chunk::Stderr(message),
-                LogOutput::StdOut { message } | LogOutput::Console { message } | LogOutput::StdIn { message } => {
-                    Chunk::Stdout(message)
-                }
-            })
-        }));
-        Ok((created.id, output))
+        Ok(Started { id: created.id, output: chunks(attached.output), gate: gated.then(|| Gate(attached.input)) })
+    }
+
+    /// The mirror's git helper, started if it is not running: its container id.
+    pub async fn git_helper(&self, agent: &str, helper: GitHelper<'_>) -> Result<String, DockerError> {
+        let inspected = self.docker.inspect_container(helper.name, None::<InspectContainerOptions>).await;
+        if let Ok(container) = &inspected {
+            if container.state.as_ref().and_then(|state| state.running) == Some(true) {
+                return Ok(container.id.clone().unwrap_or_else(|| helper.name.to_owned()));
+            }
+            self.remove_container(helper.name).await;
+        }
+        let _timer = Timer::docker("start_container");
+        let volume = |source: &str, target: &str| Mount {
+            target: Some(target.to_owned()),
+            source: Some(source.to_owned()),
+            typ: Some(MountTypeEnum::VOLUME),
+            ..Default::default()
+        };
+        let host_config = HostConfig {
+            mounts: Some(vec![
+                volume(helper.mirror, crate::mirrors::MIRROR_PATH),
+                volume(helper.workspaces, crate::mirrors::WORKSPACES_PATH),
+            ]),
+            pids_limit: Some(4096),
+            init: Some(true),
+            privileged: Some(false),
+            cap_drop: Some(vec!["NET_RAW".to_owned(), "MKNOD".to_owned(), "SYS_CHROOT".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges".to_owned()]),
+            log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
+            ..Default::default()
+        };
+        let labels = HashMap::from([
+            (LABEL_AGENT.to_owned(), agent.to_owned()),
+            (LABEL_GIT_HELPER.to_owned(), helper.mirror.to_owned()),
+        ]);
+        let body = ContainerCreateBody {
+            image: Some(helper.image.to_owned()),
+            cmd: Some(vec!["sleep".to_owned(), "infinity".to_owned()]),
+            labels: Some(labels),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions { name: Some(helper.name.to_owned()), ..Default::default() };
+        let created = self.docker.create_container(Some(options), body).await.map_err(DockerError::GitHelper)?;
+        if let Err(err) =
+            self.docker.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>).await
+        {
+            self.remove_container(&created.id).await;
+            return Err(DockerError::GitHelper(err));
+        }
+        Ok(created.id)
     }
 
     /// The container's exit code once it stops.
@@ -361,15 +448,6 @@ impl DockerClient {
         if let Err(err) = self.docker.remove_volume(name, Some(RemoveVolumeOptions { force: true })).await {
             tracing::warn!(volume = name, error = %err, "cannot remove volume");
         }
-    }
-
-    /// The run's workspace: a labelled volume named like the attempt.
-    pub async fn create_volume(&self, labels: &RunLabels) -> Result<String, DockerError> {
-        let _timer = Timer::docker("create_volume");
-        let request =
-            VolumeCreateOptions { name: Some(labels.name()), labels: Some(labels.map()), ..Default::default() };
-        let volume = self.docker.create_volume(request).await.map_err(DockerError::Volume)?;
-        Ok(volume.name)
     }
 
     /// A repository's mirror volume of this agent: created the first time, the same one after.
@@ -477,27 +555,50 @@ impl DockerClient {
 
     /// Runs `cmd` inside a running container; its exit code.
     pub async fn exec(&self, id: &str, cmd: Vec<String>, env: Vec<String>) -> Result<i64, DockerError> {
-        self.exec_inner(id, cmd, env).await.map_err(DockerError::Exec)
+        let (exec, mut output) = self.exec_attached(id, cmd, env).await?;
+        while output.next().await.is_some() {}
+        self.exec_exit(&exec).await
     }
 
-    async fn exec_inner(&self, id: &str, cmd: Vec<String>, env: Vec<String>) -> Result<i64, BollardError> {
-        let exec = self
-            .docker
-            .create_exec(
-                id,
-                CreateExecOptions {
-                    cmd: Some(cmd),
-                    env: Some(env),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        if let StartExecResults::Attached { mut output, .. } = self.docker.start_exec(&exec.id, None).await? {
-            while output.next().await.is_some() {}
+    /// Starts `cmd` inside a running container: the exec's id (for [`Self::exec_exit`]) and its
+    /// output, which ends when the command does.
+    pub async fn exec_attached(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        env: Vec<String>,
+    ) -> Result<(String, Output), DockerError> {
+        let options = CreateExecOptions {
+            cmd: Some(cmd),
+            env: Some(env),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let exec = self.docker.create_exec(id, options).await.map_err(DockerError::Exec)?;
+        match self.docker.start_exec(&exec.id, None).await.map_err(DockerError::Exec)? {
+            StartExecResults::Attached { output, .. } => Ok((exec.id, chunks(output))),
+            StartExecResults::Detached => Ok((exec.id, Box::pin(futures::stream::empty()))),
         }
-        Ok(self.docker.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1))
+    }
+
+    /// The exit code of an exec whose output has ended.
+    pub async fn exec_exit(&self, exec: &str) -> Result<i64, DockerError> {
+        let inspected = self.docker.inspect_exec(exec).await.map_err(DockerError::Exec)?;
+        Ok(inspected.exit_code.unwrap_or(-1))
+    }
+
+    /// The agent's volume of run workspaces (made the first time): its name and its directory on
+    /// the engine's host, under which each run's workspace is bind-mounted into its containers.
+    pub async fn workspaces_volume(&self, agent: &str) -> Result<(String, String), DockerError> {
+        let _timer = Timer::docker("create_volume");
+        let request = VolumeCreateOptions {
+            name: Some(format!("cimaster-workspaces-{agent}")),
+            labels: Some(HashMap::from([(LABEL_AGENT.to_owned(), agent.to_owned())])),
+            ..Default::default()
+        };
+        let volume = self.docker.create_volume(request).await.map_err(DockerError::Volume)?;
+        Ok((volume.name, volume.mountpoint))
     }
 
     /// Removes every container, volume and network labelled with this agent id (left by an earlier
@@ -535,4 +636,16 @@ impl DockerClient {
         }
         Ok(containers.len())
     }
+}
+
+/// The engine's output frames as the agent's chunks.
+fn chunks(output: impl Stream<Item = Result<LogOutput, BollardError>> + Send + 'static) -> Output {
+    Box::pin(output.map(|item| {
+        item.map_err(DockerError::Output).map(|output| match output {
+            LogOutput::StdErr { message } => Chunk::Stderr(message),
+            LogOutput::StdOut { message } | LogOutput::Console { message } | LogOutput::StdIn { message } => {
+                Chunk::Stdout(message)
+            }
+        })
+    }))
 }

@@ -1,11 +1,15 @@
 //! Git mirrors: one bare mirror per repository (and credential scope) in a Docker volume this agent
-//! owns, kept across runs and restarts. A run's checkout updates the mirror with one fetch of what
-//! it lacks, under a lock per mirror (two runs of one repository do not fetch at once), then makes
-//! the run's private workspace from it: a `--shared` clone (the mirror is mounted read-only into
-//! the run's containers for its objects) or a shallow fetch of the run's commit.
+//! owns, kept across runs and restarts. Each mirror has a git helper: a container of the git image,
+//! kept running, with the mirror and the agent's workspaces volume mounted. A run's checkout is one
+//! `docker exec` in it, under a lock per mirror (two runs of one repository do not fetch at once):
+//! one fetch of what the mirror lacks, then the run's private workspace, a directory of the
+//! workspaces volume, made from it: a `--shared` clone (the mirror is mounted read-only into the
+//! run's containers for its objects) or a shallow fetch of the run's commit. The run's containers
+//! get only their own workspace, bind-mounted from the volume's directory on the engine's host.
 //!
 //! Mirrors are bounded in total size and in age: after a checkout the least recently used ones
-//! beyond the limits are removed. The start-up sweep keeps them.
+//! that no run uses are removed beyond the limits, with their helpers. The start-up sweep keeps the
+//! mirrors and removes the helpers and the workspaces.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,10 +19,12 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::docker::DockerClient;
+use crate::docker::{DockerClient, DockerError};
 
-/// Where the checkout helper (read-write) and the run's containers (read-only) see the mirror.
+/// Where the git helper (read-write) and the run's containers (read-only) see the mirror.
 pub const MIRROR_PATH: &str = "/cimaster/mirror";
+/// Where the git helpers see the agent's workspaces volume; a run's workspace is a directory in it.
+pub const WORKSPACES_PATH: &str = "/workspaces";
 
 pub struct Mirrors {
     agent: String,
@@ -28,7 +34,29 @@ pub struct Mirrors {
     index: PathBuf,
     used: Mutex<HashMap<String, i64>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// How many runs' workspaces borrow from each mirror now.
+    users: Arc<Mutex<HashMap<String, usize>>>,
+    /// The workspaces volume: its name and its directory on the engine's host.
+    workspaces: tokio::sync::OnceCell<(String, String)>,
     trimming: tokio::sync::Mutex<()>,
+}
+
+/// A run's use of a mirror, from its checkout to its cleanup: the mirror is not trimmed meanwhile.
+pub struct MirrorUse {
+    volume: String,
+    users: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for MirrorUse {
+    fn drop(&mut self) {
+        let mut users = self.users.lock().expect("mirror users");
+        if let Some(count) = users.get_mut(&self.volume) {
+            *count -= 1;
+            if *count == 0 {
+                users.remove(&self.volume);
+            }
+        }
+    }
 }
 
 impl Mirrors {
@@ -42,6 +70,8 @@ impl Mirrors {
             index,
             used: Mutex::new(used),
             locks: Mutex::default(),
+            users: Arc::default(),
+            workspaces: tokio::sync::OnceCell::new(),
             trimming: tokio::sync::Mutex::new(()),
         }
     }
@@ -51,6 +81,22 @@ impl Mirrors {
     pub fn volume(&self, repository: &str, scope: &str) -> String {
         let digest = Sha256::digest(format!("{repository}\n{scope}").as_bytes());
         format!("cimaster-mirror-{}-{}", self.agent, &hex::encode(digest)[..16])
+    }
+
+    /// The name of the mirror's git helper container.
+    pub fn helper(&self, volume: &str) -> String {
+        format!("{volume}-git")
+    }
+
+    /// The workspaces volume (made the first time): its name and its directory on the engine's host.
+    pub async fn workspaces(&self, docker: &DockerClient) -> Result<&(String, String), DockerError> {
+        self.workspaces.get_or_try_init(|| docker.workspaces_volume(&self.agent)).await
+    }
+
+    /// Marks the mirror as used by a run until the guard is dropped.
+    pub fn borrow(&self, volume: &str) -> MirrorUse {
+        *self.users.lock().expect("mirror users").entry(volume.to_owned()).or_default() += 1;
+        MirrorUse { volume: volume.to_owned(), users: self.users.clone() }
     }
 
     /// Holds the mirror for one checkout; another run of the same mirror waits.
@@ -99,6 +145,10 @@ impl Mirrors {
             }
             let lock = self.locks.lock().expect("mirror locks").entry(name.clone()).or_default().clone();
             let Ok(_held) = lock.try_lock() else { continue };
+            if self.users.lock().expect("mirror users").contains_key(&name) {
+                continue;
+            }
+            docker.remove_container(&self.helper(&name)).await;
             if docker.remove_volume_if_unused(&name).await {
                 tracing::info!(mirror = %name, bytes = size, old, "mirror removed");
                 total = total.saturating_sub(size);

@@ -132,32 +132,36 @@ pub fn withholds_secrets(claim: &Claim, git: &cimaster_common::GitJob) -> bool {
     claim.cause.from_fork && !git.github.as_ref().is_some_and(|github| github.secrets_for_forks)
 }
 
-/// The checkout helper's script: the repository's mirror updated with what the run's commit needs
+/// The git helper's checkout script: the repository's mirror updated with what the run's commit needs
 /// (a damaged mirror is rebuilt), then the run's workspace made from it at that commit, detached.
 /// The repository, commit and credentials arrive in the environment, never on the command line.
 pub const CHECKOUT_SCRIPT: &str = r#"set -eu
 umask 077
+private=$(mktemp -d)
+trap 'rm -rf "$private"' EXIT
 ssh="ssh -o BatchMode=yes"
 if [ -n "${CIMASTER_GIT_SSH_KEY:-}" ]; then
-  printf '%s\n' "$CIMASTER_GIT_SSH_KEY" > /tmp/deploy-key
-  ssh="$ssh -i /tmp/deploy-key -o IdentitiesOnly=yes"
+  printf '%s\n' "$CIMASTER_GIT_SSH_KEY" > "$private/deploy-key"
+  ssh="$ssh -i $private/deploy-key -o IdentitiesOnly=yes"
 fi
 if [ -n "${CIMASTER_GIT_KNOWN_HOSTS:-}" ]; then
-  printf '%s\n' "$CIMASTER_GIT_KNOWN_HOSTS" > /tmp/known-hosts
-  ssh="$ssh -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/tmp/known-hosts"
+  printf '%s\n' "$CIMASTER_GIT_KNOWN_HOSTS" > "$private/known-hosts"
+  ssh="$ssh -o StrictHostKeyChecking=yes -o UserKnownHostsFile=$private/known-hosts"
 else
   ssh="$ssh -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/dev/null"
 fi
 export GIT_SSH_COMMAND="$ssh"
 umask 022
+# Settings for this checkout only, in the environment: the helper's own config is never written.
+export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'
 if [ -n "${CIMASTER_GIT_TOKEN:-}" ]; then
-  export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=http.extraHeader
-  export GIT_CONFIG_VALUE_0="Authorization: Basic $(printf 'x-access-token:%s' "$CIMASTER_GIT_TOKEN" | base64 -w0)"
+  export GIT_CONFIG_COUNT=2 GIT_CONFIG_KEY_1=http.extraHeader
+  export GIT_CONFIG_VALUE_1="Authorization: Basic $(printf 'x-access-token:%s' "$CIMASTER_GIT_TOKEN" | base64 -w0)"
 fi
 export GIT_TERMINAL_PROMPT=0
-git config --global --add safe.directory '*'
 began=$(date +%s%N)
 mirror=/cimaster/mirror
+workspace="$CIMASTER_WORKSPACE"
 repo="$CIMASTER_GIT_REPOSITORY"
 commit="$CIMASTER_GIT_COMMIT"
 objects() { git -C "$mirror" count-objects -v | awk '/^(count|in-pack):/ { n += $2 } END { print n + 0 }'; }
@@ -168,28 +172,27 @@ update_mirror() {
     git -C "$mirror" config gc.auto 0 || return 1
     echo "mirror: new"
   fi
-  git -C "$mirror" remote remove origin 2>/dev/null || true
-  git -C "$mirror" remote add origin "$repo" || return 1
   if has_commit; then
     echo "mirror: has $commit, nothing fetched"
     return 0
   fi
   before=$(objects)
-  git -C "$mirror" fetch --quiet --prune --tags origin '+refs/heads/*:refs/heads/*' || return 1
-  has_commit || git -C "$mirror" fetch --quiet origin "$commit" 2>/dev/null || true
+  git -C "$mirror" fetch --quiet --prune --tags "$repo" '+refs/heads/*:refs/heads/*' || return 1
+  has_commit || git -C "$mirror" fetch --quiet "$repo" "$commit" 2>/dev/null || true
   if ! has_commit && [ -n "${CIMASTER_GIT_PULL_REF:-}" ]; then
-    git -C "$mirror" fetch --quiet origin "+$CIMASTER_GIT_PULL_REF:refs/cimaster/pull-head" || true
+    git -C "$mirror" fetch --quiet "$repo" "+$CIMASTER_GIT_PULL_REF:refs/cimaster/pull-head" || true
   fi
   echo "mirror: fetched $(( $(objects) - before )) new objects"
 }
+# The workspace directory itself stays: the run's containers may have it mounted already.
 make_workspace() {
-  cd / && find /workspace -mindepth 1 -delete || return 1
+  mkdir -p "$workspace" && cd / && find "$workspace" -mindepth 1 -delete || return 1
   if [ -n "${CIMASTER_GIT_DEPTH:-}" ]; then
-    git init --quiet /workspace && cd /workspace || return 1
+    git init --quiet "$workspace" && cd "$workspace" || return 1
     git fetch --quiet --depth "$CIMASTER_GIT_DEPTH" "file://$mirror" "$commit" || return 1
     git remote add origin "$repo" || return 1
   else
-    git clone --quiet --shared --no-checkout "$mirror" /workspace && cd /workspace || return 1
+    git clone --quiet --shared --no-checkout "$mirror" "$workspace" && cd "$workspace" || return 1
     git remote set-url origin "$repo" || return 1
   fi
   git -c advice.detachedHead=false checkout --quiet --detach "$commit" || return 1
@@ -213,7 +216,7 @@ if ! make_workspace; then
   rebuild
   make_workspace
 fi
-git -C /workspace log -1 --format='checked out %H (%s)'
-chmod -R a+rwX /workspace
+git -C "$workspace" log -1 --format='checked out %H (%s)'
+chmod -R a+rwX "$workspace"
 echo "checkout took $(( ($(date +%s%N) - began) / 1000000 )) ms"
 "#;

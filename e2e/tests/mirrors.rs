@@ -49,7 +49,9 @@ fn mirrors_of(agent: &str) -> Vec<String> {
 async fn a_second_run_fetches_only_what_is_new_and_concurrent_runs_fetch_once(pool: PgPool) {
     let git = GitServer::start();
     let url = git.repo("app");
-    let config = format!("image: {GIT_IMAGE}\nscript: cat VERSION\n");
+    // A run sees its own workspace, and no other run's.
+    let config =
+        format!("image: {GIT_IMAGE}\nscript: cat VERSION; test ! -e /workspaces && echo no other workspaces\n");
     let files: Vec<(String, String)> =
         (0..40).map(|i| (format!("src/file{i}.txt"), format!("content {i}\n"))).collect();
     let mut all: Vec<(&str, &str)> = files.iter().map(|(path, text)| (path.as_str(), text.as_str())).collect();
@@ -81,7 +83,21 @@ async fn a_second_run_fetches_only_what_is_new_and_concurrent_runs_fetch_once(po
     assert!(one.contains("three") && other.contains("three"));
     let fetches = [fetched(&one), fetched(&other)];
     assert_eq!(fetches.iter().filter(|f| f.is_some()).count(), 1, "one fetch between them: {fetches:?}");
-    assert_eq!(mirrors_of(&stack.agents[0].id).len(), 1);
+    assert!(one.contains("no other workspaces"), "{one}");
+    let mirrors = mirrors_of(&stack.agents[0].id);
+    assert_eq!(mirrors.len(), 1);
+
+    // The mirror's git helper stays running; each run's workspace is removed after it.
+    let helper = format!("{}-git", mirrors[0]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = docker(&["exec", &helper, "ls", "-A", "/workspaces"]);
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "workspaces left behind: {left}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[sqlx::test(migrations = "../migrations")]

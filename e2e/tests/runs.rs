@@ -49,7 +49,8 @@ async fn a_freestyle_job_keeps_its_results(pool: PgPool) {
 async fn a_job_succeeds_or_fails_with_its_exit_code_and_leaves_nothing_behind(pool: PgPool) {
     let mut stack = Stack::start(pool).await;
     stack.add_agent(AgentOptions::default()).await;
-    let mut ok = job("echo hello from $CIMASTER_JOB run $CIMASTER_RUN_ID attempt $CIMASTER_ATTEMPT; echo to stderr >&2; echo TARGET=$TARGET");
+    // The script's stdin is at its end (the job container's gate is closed behind it): `cat` ends.
+    let mut ok = job("cat; echo stdin ended; echo hello from $CIMASTER_JOB run $CIMASTER_RUN_ID attempt $CIMASTER_ATTEMPT; echo to stderr >&2; echo TARGET=$TARGET");
     ok["parameters"] = json!({"TARGET": "all"});
     stack.put_job("ok", ok).await;
     stack.put_job("bad", job("echo about to fail; exit 3")).await;
@@ -66,6 +67,7 @@ async fn a_job_succeeds_or_fails_with_its_exit_code_and_leaves_nothing_behind(po
     assert!(console.contains(&format!("hello from ok run {id} attempt 1")), "{console}");
     assert!(console.contains("to stderr"), "{console}");
     assert!(console.contains("TARGET=all"), "{console}");
+    assert!(console.contains("stdin ended"), "{console}");
     // Every line carries a timestamp.
     for line in console.lines() {
         assert!(line.starts_with("20") && line.as_bytes().get(10) == Some(&b'T'), "untimestamped line {line:?}");

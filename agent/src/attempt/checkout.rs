@@ -1,80 +1,107 @@
-//! A git run's workspace: a volume of the attempt's own, which the helper image fills from the
-//! agent's mirror of the repository (`crate::mirrors`), updated over the run's network first. Credentials reach the helper only, in its
-//! environment; the job sees the checked-out files at `/workspace`.
+//! A git run's workspace: a directory of its own in the agent's workspaces volume, which the
+//! mirror's git helper (`crate::mirrors`) fills with one `docker exec`, after updating the mirror.
+//! Credentials reach the helper's exec only, in its environment; the job sees the checked-out files
+//! at `/workspace`, and nothing of other runs.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cimaster_common::Resources;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::output::pump_to_console;
 use super::{Attempt, AttemptError, Stop};
-use crate::docker::{JobContainer, MirrorMount};
+use crate::docker::GitHelper;
+use crate::mirrors::{MirrorUse, WORKSPACES_PATH};
 use crate::plan::{Checkout, CHECKOUT_SCRIPT};
 
+/// How long a stopped attempt's checkout may go on holding its mirror.
+const ABANDONED_CHECKOUT: Duration = Duration::from_secs(3600);
+
+/// A run's workspace and the mirror it is made from.
+pub(super) struct Workspace {
+    /// The directory as the git helper sees it.
+    pub dir: String,
+    /// The same directory on the engine's host, bind-mounted into the run's containers.
+    pub host: String,
+    /// The mirror volume.
+    pub mirror: String,
+    /// The mirror's git helper, which makes the workspace and removes it.
+    pub helper: String,
+    /// Whether the run's containers mount the mirror: a full-history workspace borrows its objects.
+    pub shares_mirror: bool,
+    _use: MirrorUse,
+}
+
 impl Attempt<'_> {
+    /// Names the run's workspace and makes sure its mirror volume exists, so the job container can
+    /// be created (and mount them) while the checkout runs.
+    pub(super) async fn prepare_workspace(&mut self, checkout: &Checkout) -> Result<(), Stop> {
+        let (docker, mirrors) = (&self.executor.docker, &self.executor.mirrors);
+        let mirror = mirrors.volume(checkout.repository.as_str(), &checkout.credential_scope(&self.claim.job));
+        self.interrupts.step(docker.mirror_volume(&self.executor.agent, &mirror)).await??;
+        let (_, host_root) = self.interrupts.step(mirrors.workspaces(docker)).await??;
+        let name = self.labels.name();
+        self.held.workspace = Some(Workspace {
+            dir: format!("{WORKSPACES_PATH}/{name}"),
+            host: format!("{host_root}/{name}"),
+            helper: mirrors.helper(&mirror),
+            shares_mirror: checkout.spec.depth.is_none(),
+            _use: mirrors.borrow(&mirror),
+            mirror,
+        });
+        Ok(())
+    }
+
+    /// Updates the mirror and makes the workspace, in the mirror's git helper.
     pub(super) async fn check_out(
         &mut self,
         checkout: &Checkout,
         secrets: &HashMap<String, SecretString>,
-        network: &str,
-        resources: &Resources,
     ) -> Result<(), Stop> {
-        let docker = &self.executor.docker;
-        let mirrors = &self.executor.mirrors;
-        let volume = self.interrupts.step(docker.create_volume(&self.labels)).await??;
-        self.held.volume = Some(volume.clone());
-        let mirror = mirrors.volume(checkout.repository.as_str(), &checkout.credential_scope(&self.claim.job));
-        self.interrupts.step(docker.mirror_volume(&self.executor.agent, &mirror)).await??;
+        let (docker, mirrors) = (&self.executor.docker, &self.executor.mirrors);
+        let workspace = self.held.workspace.as_ref().expect("the workspace is prepared first");
+        let (dir, mirror, helper_name) = (workspace.dir.clone(), workspace.mirror.clone(), workspace.helper.clone());
         // One checkout of a mirror at a time: the second run of a repository finds it up to date.
         let held_mirror = self.interrupts.step(mirrors.lock(&mirror)).await?;
         self.console.note(&format!("checking out {} at {}", checkout.repository, checkout.commit)).await;
-        self.interrupts
-            .step(docker.ensure_image(&self.executor.git_image))
-            .await?
-            .map_err(AttemptError::CheckoutImage)?;
-        let helper = JobContainer {
-            role: "checkout".into(),
-            image: self.executor.git_image.clone(),
-            script: Some(CHECKOUT_SCRIPT.to_owned()),
-            env: checkout_env(checkout, secrets),
-            // Within what the run was admitted for: the job has not started yet.
-            nano_cpus: Some((resources.cpus * 1e9) as i64),
-            memory_bytes: Some(i64::try_from(resources.memory.bytes()).unwrap_or(i64::MAX)),
-            network: network.to_owned(),
-            workspace: Some(volume),
-            mirror: Some(MirrorMount { volume: mirror.clone(), writable: true }),
-            ..Default::default()
-        };
-        let (id, output) = self.interrupts.step(docker.start_job(&self.labels, helper)).await??;
-        self.held.containers.push(id.clone());
-        let pump = pump_to_console(output, self.masker.clone(), self.console.clone());
-        let exit = self.interrupts.step(docker.wait(&id)).await?;
-        let _ = tokio::time::timeout(Duration::from_secs(10), pump).await;
+        let image = &self.executor.git_image;
+        self.interrupts.step(docker.ensure_image(image)).await?.map_err(AttemptError::CheckoutImage)?;
+        let (workspaces, _) = self.interrupts.step(mirrors.workspaces(docker)).await??;
+        let helper = GitHelper { name: &helper_name, image, mirror: &mirror, workspaces };
+        let helper = self.interrupts.step(docker.git_helper(&self.executor.agent, helper)).await??;
+        let command = vec!["sh".to_owned(), "-c".to_owned(), CHECKOUT_SCRIPT.to_owned()];
+        let (exec, output) = self
+            .interrupts
+            .step(docker.exec_attached(&helper, command, checkout_env(checkout, secrets, &dir)))
+            .await??;
+        // The exec's output ends when the checkout does.
+        let mut pump = pump_to_console(output, self.masker.clone(), self.console.clone());
+        if let Err(stop) = self.interrupts.step(&mut pump).await {
+            // The engine cannot stop an exec: the mirror stays locked until the checkout ends.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(ABANDONED_CHECKOUT, pump).await;
+                drop(held_mirror);
+            });
+            return Err(stop);
+        }
+        let exit = self.interrupts.step(docker.exec_exit(&exec)).await?;
         mirrors.touch(&mirror);
         drop(held_mirror);
         let (trim_mirrors, trim_docker) = (mirrors.clone(), docker.clone());
         tokio::spawn(async move { trim_mirrors.trim(&trim_docker).await });
         match exit? {
-            0 => {
-                self.held.checkout = Some(id);
-                // A full-history workspace borrows the mirror's objects: its containers see it too.
-                if checkout.spec.depth.is_none() {
-                    self.held.mirror = Some(mirror);
-                }
-                Ok(())
-            }
+            0 => Ok(()),
             code => Err(AttemptError::Checkout { commit: checkout.commit.clone(), code }.into()),
         }
     }
 }
 
 /// What the helper is told: where, which commit, and the credentials it needs.
-fn checkout_env(checkout: &Checkout, secrets: &HashMap<String, SecretString>) -> Vec<String> {
+fn checkout_env(checkout: &Checkout, secrets: &HashMap<String, SecretString>, dir: &str) -> Vec<String> {
     let mut env = vec![
         format!("CIMASTER_GIT_REPOSITORY={}", checkout.repository),
         format!("CIMASTER_GIT_COMMIT={}", checkout.commit),
+        format!("CIMASTER_WORKSPACE={dir}"),
     ];
     let secret = |name: &Option<cimaster_common::EnvName>| name.as_ref().and_then(|name| secrets.get(name.as_str()));
     let token = secret(&checkout.token_secret).or_else(|| secrets.get(super::secrets::REPOSITORY_TOKEN));

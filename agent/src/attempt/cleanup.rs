@@ -19,6 +19,8 @@ use cimaster_store::attempts::{self, Claim, Outcome, StoredConsole};
 
 /// Longest wait between tries to write the final status.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest wait for a job container still being started when the attempt ends.
+const STARTING_AT_MOST: Duration = Duration::from_secs(60);
 
 impl Attempt<'_> {
     /// Records how the attempt ended and removes what it made.
@@ -122,6 +124,12 @@ impl Held {
         for service in self.services.drain(..) {
             service.stop_collecting();
         }
+        if let Some(starting) = self.starting.take() {
+            // An attempt stopped before its job's gate opened: the job container is started, or soon.
+            if let Ok(Some(id)) = tokio::time::timeout(STARTING_AT_MOST, starting.container()).await {
+                self.containers.push(id);
+            }
+        }
         let count = self.containers.len();
         for id in self.containers.drain(..).rev() {
             docker.remove_container(&id).await;
@@ -129,13 +137,18 @@ impl Held {
         count
     }
 
-    /// Removes the containers and the volume and gives the network back.
+    /// Removes the containers and the workspace and gives the network back.
     async fn clean_up(mut self, executor: &Executor) {
         self.remove_containers(&executor.docker).await;
-        if let Some(volume) = &self.volume {
-            executor.docker.remove_volume(volume).await;
+        if let Some(workspace) = self.workspace.take() {
+            let remove = vec!["rm".to_owned(), "-rf".to_owned(), workspace.dir.clone()];
+            match executor.docker.exec(&workspace.helper, remove, Vec::new()).await {
+                Ok(0) => {}
+                Ok(code) => tracing::warn!(workspace = workspace.dir, code, "cannot remove the workspace"),
+                Err(err) => tracing::warn!(workspace = workspace.dir, error = %err, "cannot remove the workspace"),
+            }
         }
-        tracing::debug!(volume = self.volume.as_deref(), "the attempt's containers and volume are removed");
+        tracing::debug!("the attempt's containers and workspace are removed");
         if let Some(network) = self.network.take() {
             executor.networks.give_back(network).await;
         }

@@ -18,6 +18,8 @@ pub enum AttemptError {
     ClusterLeaseGone(String),
     #[error(transparent)]
     Docker(#[from] DockerError),
+    #[error("starting the job container failed: {0}")]
+    JobStart(#[source] tokio::task::JoinError),
     #[error("the checkout image is missing: {0}")]
     CheckoutImage(#[source] DockerError),
     #[error("the checkout of {commit} failed (git exited with {code})")]

@@ -10,32 +10,30 @@ use crate::docker::BuildLimits;
 
 use super::{Attempt, AttemptError, Stop};
 use crate::archive;
-use crate::plan::{ImageSource, WORKSPACE};
 
 impl Attempt<'_> {
-    /// The image the job runs in.
-    /// A build is held to the run's resources and network.
-    pub(super) async fn image(
-        &mut self,
-        source: &ImageSource,
-        resources: &Resources,
-        network: &str,
-    ) -> Result<String, Stop> {
-        match source {
-            ImageSource::Image(image) => {
-                self.interrupts.step(self.executor.docker.ensure_image(image)).await??;
-                Ok(image.clone())
-            }
-            ImageSource::Build(build) => Ok(self.interrupts.step(self.build(build, resources, network)).await??),
-        }
+    /// A ready-made image, pulled unless present.
+    pub(super) async fn ready_made_image(&self, image: &str) -> Result<(), Stop> {
+        Ok(self.interrupts.step(self.executor.docker.ensure_image(image)).await??)
     }
 
-    async fn build(&self, build: &BuildSpec, resources: &Resources, network: &str) -> Result<String, AttemptError> {
+    /// The image built from the repository's Dockerfile; the build is held to the run's resources
+    /// and network.
+    pub(super) async fn build(&self, build: &BuildSpec, resources: &Resources, network: &str) -> Result<String, Stop> {
+        Ok(self.interrupts.step(self.build_inner(build, resources, network)).await??)
+    }
+
+    async fn build_inner(
+        &self,
+        build: &BuildSpec,
+        resources: &Resources,
+        network: &str,
+    ) -> Result<String, AttemptError> {
         let docker = &self.executor.docker;
-        let Some(helper) = &self.held.checkout else {
+        let Some(workspace) = &self.held.workspace else {
             return Err(AttemptError::Build("`build` needs the repository's checkout".into()));
         };
-        let reader = tokio_util::io::StreamReader::new(docker.download(helper, WORKSPACE));
+        let reader = tokio_util::io::StreamReader::new(docker.download(&workspace.helper, &workspace.dir));
         let (context, dockerfile) = (build.context.clone(), build.dockerfile.clone());
         let built = tokio::task::spawn_blocking(move || {
             archive::build_context(tokio_util::io::SyncIoBridge::new(reader), &context, &dockerfile)

@@ -2,10 +2,11 @@
 //!
 //! - `secrets`: the job's secrets, decrypted, and the masker that hides them in all output;
 //! - `cluster`: a test cluster leased for the run and kept while it runs;
-//! - `checkout`: a git run's repository, cloned into the run's volume by the helper image;
+//! - `checkout`: a git run's workspace, made from the agent's mirror by the mirror's git helper;
 //! - `image`: the job's image, present or built from the repository's Dockerfile;
 //! - `services`: sidecars on the run's network, their readiness checks and their logs;
-//! - `job`: the job container itself, until it exits or is stopped;
+//! - `job`: the job container itself, started as soon as its image is there and held at its gate
+//!   while the checkout and the services get ready, until it exits or is stopped;
 //! - `results`: result files and the console log, stored in S3 and recorded;
 //! - `cleanup`: the final status and removal of everything the attempt made.
 //!
@@ -40,7 +41,7 @@ use crate::docker::{DockerClient, RunLabels};
 use crate::lease::{self, Fence, LeaseEnd, LeaseTiming, Renewal};
 use crate::networks::{Networks, RunNetwork};
 use crate::pending::{Parcel, Pending};
-use crate::plan::Plan;
+use crate::plan::{ImageSource, Plan};
 use cimaster_store::attempts::{self, Claim, Lease, Outcome};
 
 pub use error::AttemptError;
@@ -169,15 +170,14 @@ impl Interrupts {
 /// What an attempt holds and gives back at its end.
 #[derive(Default)]
 pub(crate) struct Held {
-    /// Every container of the attempt: checkout helper, services, probe, the job.
+    /// Every container of the attempt: services, probe, the job.
     containers: Vec<String>,
-    /// The finished checkout helper, whose workspace a `build` reads.
-    checkout: Option<String>,
+    /// The job container while it is being created and started.
+    starting: Option<job::Starting>,
     services: Vec<services::Running>,
     network: Option<RunNetwork>,
-    volume: Option<String>,
-    /// The mirror the workspace borrows objects from (`--shared`); not removed with the attempt.
-    mirror: Option<String>,
+    /// A git run's workspace; the mirror it is made from stays.
+    workspace: Option<checkout::Workspace>,
     cluster: Option<cluster::Leased>,
 }
 
@@ -259,11 +259,23 @@ impl Attempt<'_> {
         self.interrupts.deadline = Some((tokio::time::Instant::now() + timeout, timeout));
         let network = self.take_network().await?;
         if let Some(checkout) = &plan.checkout {
-            self.check_out(checkout, &secrets, &network, &plan.resources).await?;
+            self.prepare_workspace(checkout).await?;
         }
-        let image = self.image(&plan.image, &plan.resources, &network).await?;
+        // The engine starts the job container while the checkout, a build and the services get
+        // ready; its script waits at the gate until they are.
+        if let ImageSource::Image(image) = &plan.image {
+            self.ready_made_image(image).await?;
+            self.start_job(&plan, image.clone(), &network);
+        }
+        if let Some(checkout) = &plan.checkout {
+            self.check_out(checkout, &secrets).await?;
+        }
+        if let ImageSource::Build(build) = &plan.image {
+            let image = self.build(build, &plan.resources, &network).await?;
+            self.start_job(&plan, image, &network);
+        }
         self.start_services(&plan.services, &network).await?;
-        let (id, stop) = self.run_job(&plan, image, network).await?;
+        let (id, stop) = self.run_job().await?;
         if !matches!(stop, Stop::LeaseLost(_)) {
             if !plan.results.is_empty() {
                 let root = plan.working_dir.as_deref().unwrap_or(crate::plan::WORKSPACE);

@@ -73,9 +73,10 @@ impl Attempt<'_> {
             aliases: vec![name.to_string()],
             ..Default::default()
         };
-        let (id, output) = self.interrupts.step(docker.start_job(&self.labels, spec)).await?.map_err(failed)?;
+        let started = self.interrupts.step(docker.start_job(&self.labels, spec)).await?.map_err(failed)?;
+        let id = started.id;
         self.held.containers.push(id.clone());
-        let log = pump_to_memory(output, self.masker.clone());
+        let log = pump_to_memory(started.output, self.masker.clone());
         self.held.services.push(Running { name: name.to_string(), id, log });
         Ok(())
     }
@@ -93,9 +94,9 @@ impl Attempt<'_> {
             ..Default::default()
         };
         self.interrupts.step(docker.ensure_image(&self.executor.git_image)).await?.map_err(AttemptError::ProbeImage)?;
-        let (id, _) = self.interrupts.step(docker.start_job(&self.labels, spec)).await?.map_err(AttemptError::Probe)?;
-        self.held.containers.push(id.clone());
-        Ok(id)
+        let probe = self.interrupts.step(docker.start_job(&self.labels, spec)).await?.map_err(AttemptError::Probe)?;
+        self.held.containers.push(probe.id.clone());
+        Ok(probe.id)
     }
 
     /// Checks a service until its check passes, the service exits, or the check's timeout.

@@ -268,10 +268,8 @@ mod tests {
         use axum::http::{HeaderMap, Method, StatusCode, Uri};
         use axum::response::IntoResponse;
         use base64::Engine;
-        let expected = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"))
-        );
+        let expected =
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}")));
         let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
             let (root, expected) = (root.clone(), expected.clone());
             async move {
