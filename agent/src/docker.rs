@@ -601,6 +601,15 @@ impl DockerClient {
         Ok((volume.name, volume.mountpoint))
     }
 
+    /// This agent's git helper containers.
+    pub async fn git_helpers(&self, agent: &str) -> Result<Vec<String>, DockerError> {
+        let labels = vec![format!("{LABEL_AGENT}={agent}"), LABEL_GIT_HELPER.to_owned()];
+        let filters = HashMap::from([("label".to_owned(), labels)]);
+        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let containers = self.docker.list_containers(Some(options)).await.map_err(DockerError::List)?;
+        Ok(containers.into_iter().filter_map(|container| container.id).collect())
+    }
+
     /// Removes every container, volume and network labelled with this agent id (left by an earlier
     /// crash). Returns how many containers it removed.
     pub async fn sweep(&self, agent: &str) -> Result<usize, DockerError> {

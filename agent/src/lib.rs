@@ -65,6 +65,12 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let pending = pending::Pending::new(&work_dir, pool.clone(), s3.clone(), config.s3.bucket.clone());
     pending.discard_unsealed().await.context("the agent's work directory")?;
     let uploader = tokio::spawn(pending.clone().run(background.clone()));
+    let mirrors = std::sync::Arc::new(mirrors::Mirrors::new(
+        &agent,
+        &work_dir,
+        config.mirrors_max_size.bytes(),
+        config.mirror_max_age,
+    ));
     let networks = std::sync::Arc::new(networks::Networks::new(
         docker.clone(),
         agent.clone(),
@@ -74,7 +80,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let executor = attempt::Executor {
         pool: pool.clone(),
         leases,
-        docker,
+        docker: docker.clone(),
         networks: networks.clone(),
         s3,
         bucket: config.s3.bucket.clone(),
@@ -85,12 +91,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
             kept: config.console_limit.bytes(),
             live: config.live_console_limit.bytes().min(config.console_limit.bytes()),
         },
-        mirrors: std::sync::Arc::new(mirrors::Mirrors::new(
-            &agent,
-            &work_dir,
-            config.mirrors_max_size.bytes(),
-            config.mirror_max_age,
-        )),
+        mirrors: mirrors.clone(),
         work_dir,
         pending,
         git_image: config.git_image.clone(),
@@ -126,6 +127,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     worker.run(&mut running, shutdown.drain.clone(), shutdown.abort.clone()).await;
     drain(&mut running, config.drain_grace, &shutdown).await;
     networks.clear().await;
+    mirrors.stop_helpers(&docker).await;
     background.cancel();
     let _ = sampler.await;
     let _ = uploader.await;

@@ -93,6 +93,18 @@ impl Mirrors {
         self.workspaces.get_or_try_init(|| docker.workspaces_volume(&self.agent)).await
     }
 
+    /// Removes the git helpers when the agent stops; the mirrors stay for its next start.
+    pub async fn stop_helpers(&self, docker: &DockerClient) {
+        match docker.git_helpers(&self.agent).await {
+            Ok(helpers) => {
+                for id in helpers {
+                    docker.remove_container(&id).await;
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot list the git helpers"),
+        }
+    }
+
     /// Marks the mirror as used by a run until the guard is dropped.
     pub fn borrow(&self, volume: &str) -> MirrorUse {
         *self.users.lock().expect("mirror users").entry(volume.to_owned()).or_default() += 1;

@@ -46,11 +46,15 @@ async fn main() -> anyhow::Result<()> {
     let result = run(&args, &work, &scratch.database.url, &prefix).await;
     scratch.remove(&args.services).await?;
     let _ = std::fs::remove_dir_all(&work);
-    // The agent's mirror of the benchmark's repository.
+    // The agent's mirror of the benchmark's repository, its git helper if the agent did not stop.
+    let filter = format!("label=cimaster.agent={prefix}-agent");
     let _ = Command::new("sh")
         .args([
             "-c",
-            &format!("docker volume ls -q --filter label=cimaster.agent={prefix}-agent | xargs -r docker volume rm -f >/dev/null"),
+            &format!(
+                "docker ps -aq --filter {filter} | xargs -r docker rm -f >/dev/null; \
+                 docker volume ls -q --filter {filter} | xargs -r docker volume rm -f >/dev/null"
+            ),
         ])
         .status();
     result
