@@ -185,6 +185,8 @@ pub struct GitHelper<'a> {
     pub image: &'a str,
     pub mirror: &'a str,
     pub workspaces: &'a str,
+    pub cpus: f64,
+    pub memory: u64,
 }
 
 #[derive(Clone)]
@@ -373,6 +375,9 @@ impl DockerClient {
                 volume(helper.mirror, crate::mirrors::MIRROR_PATH),
                 volume(helper.workspaces, crate::mirrors::WORKSPACES_PATH),
             ]),
+            nano_cpus: Some((helper.cpus * 1e9) as i64),
+            memory: Some(i64::try_from(helper.memory).unwrap_or(i64::MAX)),
+            memory_swap: Some(i64::try_from(helper.memory).unwrap_or(i64::MAX)),
             pids_limit: Some(4096),
             init: Some(true),
             privileged: Some(false),

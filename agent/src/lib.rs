@@ -68,8 +68,12 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let mirrors = std::sync::Arc::new(mirrors::Mirrors::new(
         &agent,
         &work_dir,
-        config.mirrors_max_size.bytes(),
-        config.mirror_max_age,
+        mirrors::Limits {
+            max_bytes: config.mirrors_max_size.bytes(),
+            max_age: config.mirror_max_age,
+            helper_cpus: admission.cpus(),
+            helper_memory: admission.memory(),
+        },
     ));
     let networks = std::sync::Arc::new(networks::Networks::new(
         docker.clone(),

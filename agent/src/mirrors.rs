@@ -19,17 +19,25 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::docker::{DockerClient, DockerError};
+use crate::docker::{DockerClient, DockerError, GitHelper};
 
 /// Where the git helper (read-write) and the run's containers (read-only) see the mirror.
 pub const MIRROR_PATH: &str = "/cimaster/mirror";
 /// Where the git helpers see the agent's workspaces volume; a run's workspace is a directory in it.
 pub const WORKSPACES_PATH: &str = "/workspaces";
 
+/// What the mirrors may take: in all on disk, in age, and each git helper of the host.
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+    /// The CPUs and memory the agent hands out: a git helper uses no more.
+    pub helper_cpus: f64,
+    pub helper_memory: u64,
+}
+
 pub struct Mirrors {
     agent: String,
-    max_bytes: u64,
-    max_age: Duration,
+    limits: Limits,
     /// When each mirror was last used (seconds since the epoch), kept in the work directory.
     index: PathBuf,
     used: Mutex<HashMap<String, i64>>,
@@ -60,13 +68,12 @@ impl Drop for MirrorUse {
 }
 
 impl Mirrors {
-    pub fn new(agent: &str, work_dir: &std::path::Path, max_bytes: u64, max_age: Duration) -> Self {
+    pub fn new(agent: &str, work_dir: &std::path::Path, limits: Limits) -> Self {
         let index = work_dir.join("mirrors.json");
         let used = std::fs::read(&index).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default();
         Mirrors {
             agent: agent.to_owned(),
-            max_bytes,
-            max_age,
+            limits,
             index,
             used: Mutex::new(used),
             locks: Mutex::default(),
@@ -86,6 +93,26 @@ impl Mirrors {
     /// The name of the mirror's git helper container.
     pub fn helper(&self, volume: &str) -> String {
         format!("{volume}-git")
+    }
+
+    /// The mirror's git helper, started if it is not running: its container id.
+    pub async fn start_helper(
+        &self,
+        docker: &DockerClient,
+        volume: &str,
+        image: &str,
+        workspaces: &str,
+    ) -> Result<String, DockerError> {
+        let name = self.helper(volume);
+        let helper = GitHelper {
+            name: &name,
+            image,
+            mirror: volume,
+            workspaces,
+            cpus: self.limits.helper_cpus,
+            memory: self.limits.helper_memory,
+        };
+        docker.git_helper(&self.agent, helper).await
     }
 
     /// The workspaces volume (made the first time): its name and its directory on the engine's host.
@@ -151,8 +178,8 @@ impl Mirrors {
         by_use.sort();
         let mut total: u64 = by_use.iter().map(|(_, _, size)| size).sum();
         for (last_used, name, size) in by_use {
-            let old = now - last_used > i64::try_from(self.max_age.as_secs()).unwrap_or(i64::MAX);
-            if total <= self.max_bytes && !old {
+            let old = now - last_used > i64::try_from(self.limits.max_age.as_secs()).unwrap_or(i64::MAX);
+            if total <= self.limits.max_bytes && !old {
                 continue;
             }
             let lock = self.locks.lock().expect("mirror locks").entry(name.clone()).or_default().clone();

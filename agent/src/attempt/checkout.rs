@@ -10,7 +10,6 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::output::pump_to_console;
 use super::{Attempt, AttemptError, Stop};
-use crate::docker::GitHelper;
 use crate::mirrors::{MirrorUse, WORKSPACES_PATH};
 use crate::plan::{Checkout, CHECKOUT_SCRIPT};
 
@@ -60,15 +59,14 @@ impl Attempt<'_> {
     ) -> Result<(), Stop> {
         let (docker, mirrors) = (&self.executor.docker, &self.executor.mirrors);
         let workspace = self.held.workspace.as_ref().expect("the workspace is prepared first");
-        let (dir, mirror, helper_name) = (workspace.dir.clone(), workspace.mirror.clone(), workspace.helper.clone());
+        let (dir, mirror) = (workspace.dir.clone(), workspace.mirror.clone());
         // One checkout of a mirror at a time: the second run of a repository finds it up to date.
         let held_mirror = self.interrupts.step(mirrors.lock(&mirror)).await?;
         self.console.note(&format!("checking out {} at {}", checkout.repository, checkout.commit)).await;
         let image = &self.executor.git_image;
         self.interrupts.step(docker.ensure_image(image)).await?.map_err(AttemptError::CheckoutImage)?;
         let (workspaces, _) = self.interrupts.step(mirrors.workspaces(docker)).await??;
-        let helper = GitHelper { name: &helper_name, image, mirror: &mirror, workspaces };
-        let helper = self.interrupts.step(docker.git_helper(&self.executor.agent, helper)).await??;
+        let helper = self.interrupts.step(mirrors.start_helper(docker, &mirror, image, workspaces)).await??;
         let command = vec!["sh".to_owned(), "-c".to_owned(), CHECKOUT_SCRIPT.to_owned()];
         let (exec, output) = self
             .interrupts
