@@ -169,3 +169,55 @@ async fn jobs_with_their_own_credentials_do_not_share_a_mirror(pool: PgPool) {
     }
     assert_eq!(mirrors_of(&stack.agents[0].id).len(), 2, "one mirror per job's credentials");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn mirrors_beyond_the_size_limit_go_least_recently_used_first_with_their_helpers(pool: PgPool) {
+    let git = GitServer::start();
+    // Each mirror takes about 4.5 MB of the 6 MiB allowed (the least the setting takes): 6 MB of
+    // bytes that compress little.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: String = (0..6_000_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'0' + (state & 0x3f) as u8)
+        })
+        .collect();
+    let urls: Vec<String> = ["a", "b"]
+        .into_iter()
+        .map(|repo| {
+            let url = git.repo(repo);
+            let config = ".cimaster.yml";
+            git.commit(repo, "main", &[(config, "image: busybox:latest\nscript: echo hi\n"), ("noise", &noise)]);
+            url
+        })
+        .collect();
+    let mut stack = Stack::start(pool).await;
+    let options =
+        AgentOptions { env: vec![("CIMASTER_AGENT_MIRRORS_MAX_SIZE", "6Mi".to_owned())], ..Default::default() };
+    stack.add_agent(options).await;
+    let agent = stack.agents[0].id.clone();
+    stack.put_job("a", json!({"kind": "git", "repository": urls[0]})).await;
+    stack.put_job("b", json!({"kind": "git", "repository": urls[1]})).await;
+
+    // Over the limit from the start, but a mirror a run uses is never removed under it.
+    run(&stack, "a").await;
+    let first = mirrors_of(&agent);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // The next checkout trims: the least recently used mirror goes, with its git helper.
+    run(&stack, "b").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = mirrors_of(&agent);
+        let helpers = docker(&["ps", "-aq", "--filter", &format!("name={}-git", first[0])]);
+        if now.len() == 1 && now[0] != first[0] && helpers.trim().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mirrors {now:?} (first {first:?}), helpers of the first: {helpers}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
