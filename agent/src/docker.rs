@@ -125,7 +125,7 @@ impl RunLabels {
     }
 }
 
-/// A container of an attempt to create: the job itself, a sidecar service or the checkout helper.
+/// A container of an attempt to create: the job itself, a sidecar service or a readiness probe.
 #[derive(Default)]
 pub struct JobContainer {
     /// Suffix of the container's name after the attempt's (`cimaster-RUN-ATTEMPT`); empty for the job.

@@ -1,5 +1,5 @@
 //! Git jobs end to end: a real repository served by `git daemon`, the job config file read at the
-//! triggered commit, checkout inside a helper container, images built from the repository's
+//! triggered commit, checkout in the mirror's git helper, images built from the repository's
 //! Dockerfile, sidecar services, secrets and collected results.
 #![allow(clippy::unwrap_used)]
 

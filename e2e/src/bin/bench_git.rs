@@ -1,7 +1,7 @@
 //! `cimaster-bench-git`: git runs on a repository of realistic size. Builds one locally (by default
 //! 20,000 commits and about 200 MB of history, written with `git fast-import`), serves it with
 //! `git daemon`, and measures for a first and a second run of a git job on one agent: the checkout
-//! (as the checkout helper reports it) and trigger → the job's first line; a first and a second
+//! (as the git helper's checkout reports it) and trigger → the job's first line; a first and a second
 //! image build (after a change to the source tree); then the master's trigger latency once the
 //! config file was read, with the agent stopped. Baselines in the same run: `git clone` and
 //! `git clone --depth 1` of the same repository, and `docker run --rm` of the job's image.
@@ -321,7 +321,7 @@ fn du(path: &Path) -> anyhow::Result<u64> {
     Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("0").parse().unwrap_or(0))
 }
 
-/// This host's address on Docker's default bridge, which the checkout helper reaches.
+/// This host's address on Docker's default bridge, which the git helper reaches.
 fn bridge_gateway() -> anyhow::Result<String> {
     let out = Command::new("docker")
         .args(["network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Subnet}}"])
