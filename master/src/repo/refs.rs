@@ -120,7 +120,7 @@ fn is_v2(lines: &[Vec<u8>]) -> bool {
 /// version 0 answers with its advertisement, which lists the refs.
 async fn over_git(rest: &str, reference: &str) -> Result<Option<String>, NotAsked> {
     let (authority, path) = rest.split_once('/').ok_or_else(|| NotAsked("no path in the URL".to_owned()))?;
-    let address = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:9418") };
+    let address = daemon_address(authority);
     let mut stream = TcpStream::connect(&address).await.map_err(|err| NotAsked(format!("connect {address}: {err}")))?;
     let request = format!("git-upload-pack /{path}\0host={authority}\0\0version=2\0");
     stream.write_all(&pkt(&request)).await.map_err(|err| NotAsked(err.to_string()))?;
@@ -134,6 +134,17 @@ async fn over_git(rest: &str, reference: &str) -> Result<Option<String>, NotAske
     writer.write_all(&ls_refs_request(reference)).await.map_err(|err| NotAsked(err.to_string()))?;
     let listed = read_message(&mut reader).await?;
     Ok(find_ref(&listed, reference))
+}
+
+/// Where a `git://` URL's daemon listens: `host`, `host:port`, `[v6]` or `[v6]:port`, port 9418 unless
+/// given.
+fn daemon_address(authority: &str) -> String {
+    let has_port = authority.rsplit_once(']').map_or(authority, |(_, after)| after).contains(':');
+    if has_port {
+        authority.to_owned()
+    } else {
+        format!("{authority}:9418")
+    }
 }
 
 /// Smart HTTP: the advertisement (`info/refs`), then, from a version 2 server, `ls-refs` posted to
@@ -218,6 +229,14 @@ mod tests {
         assert!(err.0.contains("access denied"), "{err:?}");
         assert!(read_message(&mut &b"00"[..]).await.is_err());
         assert!(read_message(&mut &b"zzzz"[..]).await.is_err());
+    }
+
+    #[test]
+    fn a_daemon_listens_on_the_url_s_port_or_git_s() {
+        assert_eq!(daemon_address("git.example"), "git.example:9418");
+        assert_eq!(daemon_address("git.example:9000"), "git.example:9000");
+        assert_eq!(daemon_address("[::1]"), "[::1]:9418");
+        assert_eq!(daemon_address("[::1]:9000"), "[::1]:9000");
     }
 
     /// A repository with `main` and `feature`; their commits.
