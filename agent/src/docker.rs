@@ -292,22 +292,11 @@ impl DockerClient {
             .into_iter()
             .collect();
         let host_config = HostConfig {
-            nano_cpus: spec.nano_cpus,
-            memory: spec.memory_bytes,
-            memory_swap: spec.memory_bytes,
             mounts: (!mounts.is_empty()).then_some(mounts),
             // The engine makes the directory if the checkout has not yet.
             binds: spec.workspace.map(|dir| vec![format!("{dir}:{}", crate::plan::WORKSPACE)]),
-            pids_limit: Some(4096),
-            // Docker's init is PID 1: it passes SIGTERM on to the script (a shell as PID 1 ignores
-            // it) and reaps orphans, so a stop takes as long as the script needs, not the grace.
-            init: Some(true),
-            privileged: Some(false),
             network_mode: Some(spec.network.clone()),
-            cap_drop: Some(vec!["NET_RAW".to_owned(), "MKNOD".to_owned(), "SYS_CHROOT".to_owned()]),
-            security_opt: Some(vec!["no-new-privileges".to_owned()]),
-            log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
-            ..Default::default()
+            ..confined(spec.nano_cpus, spec.memory_bytes)
         };
         let networking_config = (!spec.aliases.is_empty()).then(|| NetworkingConfig {
             endpoints_config: Some(HashMap::from([(
@@ -375,16 +364,7 @@ impl DockerClient {
                 volume(helper.mirror, crate::mirrors::MIRROR_PATH),
                 volume(helper.workspaces, crate::mirrors::WORKSPACES_PATH),
             ]),
-            nano_cpus: Some((helper.cpus * 1e9) as i64),
-            memory: Some(i64::try_from(helper.memory).unwrap_or(i64::MAX)),
-            memory_swap: Some(i64::try_from(helper.memory).unwrap_or(i64::MAX)),
-            pids_limit: Some(4096),
-            init: Some(true),
-            privileged: Some(false),
-            cap_drop: Some(vec!["NET_RAW".to_owned(), "MKNOD".to_owned(), "SYS_CHROOT".to_owned()]),
-            security_opt: Some(vec!["no-new-privileges".to_owned()]),
-            log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
-            ..Default::default()
+            ..confined(Some((helper.cpus * 1e9) as i64), Some(i64::try_from(helper.memory).unwrap_or(i64::MAX)))
         };
         let labels = HashMap::from([
             (LABEL_AGENT.to_owned(), agent.to_owned()),
@@ -649,6 +629,25 @@ impl DockerClient {
             self.remove_network(name).await;
         }
         Ok(containers.len())
+    }
+}
+
+/// What every container the agent starts gets: CPU, memory (no swap) and pids limits, no privileges,
+/// dropped capabilities, no engine log file (output is attached), and Docker's init as PID 1: it
+/// passes SIGTERM on to the script (a shell as PID 1 ignores it) and reaps orphans, so a stop takes
+/// as long as the script needs, not the grace.
+fn confined(nano_cpus: Option<i64>, memory: Option<i64>) -> HostConfig {
+    HostConfig {
+        nano_cpus,
+        memory,
+        memory_swap: memory,
+        pids_limit: Some(4096),
+        init: Some(true),
+        privileged: Some(false),
+        cap_drop: Some(vec!["NET_RAW".to_owned(), "MKNOD".to_owned(), "SYS_CHROOT".to_owned()]),
+        security_opt: Some(vec!["no-new-privileges".to_owned()]),
+        log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
+        ..Default::default()
     }
 }
 

@@ -96,14 +96,9 @@ impl Mirrors {
     }
 
     /// The mirror's git helper, started if it is not running: its container id.
-    pub async fn start_helper(
-        &self,
-        docker: &DockerClient,
-        volume: &str,
-        image: &str,
-        workspaces: &str,
-    ) -> Result<String, DockerError> {
+    pub async fn start_helper(&self, docker: &DockerClient, volume: &str, image: &str) -> Result<String, DockerError> {
         let name = self.helper(volume);
+        let (workspaces, _) = self.workspaces(docker).await?;
         let helper = GitHelper {
             name: &name,
             image,

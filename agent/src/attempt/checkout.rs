@@ -65,8 +65,7 @@ impl Attempt<'_> {
         self.console.note(&format!("checking out {} at {}", checkout.repository, checkout.commit)).await;
         let image = &self.executor.git_image;
         self.interrupts.step(docker.ensure_image(image)).await?.map_err(AttemptError::CheckoutImage)?;
-        let (workspaces, _) = self.interrupts.step(mirrors.workspaces(docker)).await??;
-        let helper = self.interrupts.step(mirrors.start_helper(docker, &mirror, image, workspaces)).await??;
+        let helper = self.interrupts.step(mirrors.start_helper(docker, &mirror, image)).await??;
         let command = vec!["sh".to_owned(), "-c".to_owned(), CHECKOUT_SCRIPT.to_owned()];
         let (exec, output) = self
             .interrupts
