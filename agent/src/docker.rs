@@ -448,7 +448,18 @@ impl DockerClient {
     /// This agent's mirror volumes: name, bytes on disk, and when each was created (seconds since
     /// the epoch; now when the engine does not say).
     pub async fn mirror_volumes(&self, agent: &str) -> Result<Vec<(String, u64, i64)>, DockerError> {
-        let usage = self.docker.df(None).await.map_err(DockerError::List)?;
+        let mut tries = 0;
+        let usage = loop {
+            match self.docker.df(None).await {
+                Ok(usage) => break usage,
+                // The engine counts disk usage for one caller at a time (another agent, `docker system df`).
+                Err(err) if tries < 40 && err.to_string().contains("already running") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(err) => return Err(DockerError::List(err)),
+            }
+        };
         let now = chrono::Utc::now().timestamp();
         Ok(usage
             .volumes
