@@ -1,5 +1,10 @@
 //! Admission: a run is taken only when its declared CPUs and memory fit in what this agent has left
 //! of its quota, and the host's CPU use is under the configured ceiling.
+//!
+//! Host CPU use is sampled every second and averaged over the last few seconds (an exponentially
+//! weighted moving average), so a host that stays busy holds runs back while a second's spike does
+//! not: removing one run's containers or starting another keeps both cores busy for a moment, and
+//! read raw, that moment would hold the agent's next run back by a second.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,14 +83,18 @@ impl Admission {
         self.inner.total_memory
     }
 
-    /// Samples host CPU use once a second until `cancel`.
+    /// Samples host CPU use once a second until `cancel`, keeping its moving average.
     pub fn spawn_cpu_sampler(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let mut system = sysinfo::System::new();
+            let mut average = None;
             loop {
                 system.refresh_cpu_usage();
-                inner.host_cpu.store((system.global_cpu_usage() / 100.0).to_bits(), Ordering::Relaxed);
+                let sample = system.global_cpu_usage() / 100.0;
+                let smoothed = average.map_or(sample, |average| smooth(average, sample));
+                average = Some(smoothed);
+                inner.host_cpu.store(smoothed.to_bits(), Ordering::Relaxed);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -153,9 +162,32 @@ impl Admission {
     }
 }
 
+/// Over how many seconds of samples host CPU use is averaged.
+const CPU_WINDOW_SECONDS: f32 = 5.0;
+
+/// The moving average after one more sample (a second after the last).
+fn smooth(average: f32, sample: f32) -> f32 {
+    let weight = 1.0 - (-1.0 / CPU_WINDOW_SECONDS).exp();
+    average + (sample - average) * weight
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_moment_of_full_cpu_does_not_cross_the_ceiling_but_seconds_of_it_do() {
+        let ceiling = 0.85;
+        let spike = smooth(0.2, 1.0);
+        assert!(spike < 0.4, "{spike}");
+        assert!(smooth(spike, 0.2) < spike);
+        let mut average = 0.2;
+        let seconds = (1..=30).find(|_| {
+            average = smooth(average, 1.0);
+            average > ceiling
+        });
+        assert!(matches!(seconds, Some(5..=15)), "crossed after {seconds:?} s");
+    }
 
     #[test]
     fn reservations_are_bounded_by_the_quota_and_given_back() {

@@ -7,7 +7,7 @@
 //! run's containers for its objects) or a shallow fetch of the run's commit. The run's containers
 //! get only their own workspace, bind-mounted from the volume's directory on the engine's host.
 //!
-//! Mirrors are bounded in total size and in age: after a checkout the least recently used ones
+//! Mirrors are bounded in total size and in age: after a git run the least recently used ones
 //! that no run uses are removed beyond the limits, with their helpers. The start-up sweep keeps the
 //! mirrors and removes the helpers and the workspaces.
 
@@ -152,8 +152,9 @@ impl Mirrors {
     }
 
     /// Removes the least recently used mirrors while they are too many bytes in all, and every
-    /// mirror unused for longer than the age limit; a mirror in use is left alone.
-    pub async fn trim(&self, docker: &DockerClient) {
+    /// mirror unused for longer than the age limit; a mirror in use, and `newest` (the one a run
+    /// just used), are left alone.
+    pub async fn trim(&self, docker: &DockerClient, newest: &str) {
         let Ok(_one_at_a_time) = self.trimming.try_lock() else { return };
         let volumes = match docker.mirror_volumes(&self.agent).await {
             Ok(volumes) => volumes,
@@ -174,7 +175,7 @@ impl Mirrors {
         let mut total: u64 = by_use.iter().map(|(_, _, size)| size).sum();
         for (last_used, name, size) in by_use {
             let old = now - last_used > i64::try_from(self.limits.max_age.as_secs()).unwrap_or(i64::MAX);
-            if total <= self.limits.max_bytes && !old {
+            if (total <= self.limits.max_bytes && !old) || name == newest {
                 continue;
             }
             let lock = self.locks.lock().expect("mirror locks").entry(name.clone()).or_default().clone();

@@ -2,6 +2,7 @@
 //! history jobs report to, the product's executables started as processes, and the scaling
 //! scenario.
 
+pub mod cpu;
 pub mod fake_github;
 pub mod history;
 pub mod processes;

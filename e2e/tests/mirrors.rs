@@ -205,7 +205,7 @@ async fn mirrors_beyond_the_size_limit_go_least_recently_used_first_with_their_h
     run(&stack, "a").await;
     let first = mirrors_of(&agent);
     assert_eq!(first.len(), 1, "{first:?}");
-    // The next checkout trims: the least recently used mirror goes, with its git helper.
+    // The end of the next run trims: the least recently used mirror goes, with its git helper.
     run(&stack, "b").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

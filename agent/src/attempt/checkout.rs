@@ -84,8 +84,6 @@ impl Attempt<'_> {
         let exit = self.interrupts.step(docker.exec_exit(&exec)).await?;
         mirrors.touch(&mirror);
         drop(held_mirror);
-        let (trim_mirrors, trim_docker) = (mirrors.clone(), docker.clone());
-        tokio::spawn(async move { trim_mirrors.trim(&trim_docker).await });
         match exit? {
             0 => Ok(()),
             code => Err(AttemptError::Checkout { commit: checkout.commit.clone(), code }.into()),

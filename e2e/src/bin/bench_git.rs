@@ -1,10 +1,12 @@
 //! `cimaster-bench-git`: git runs on a repository of realistic size. Builds one locally (by default
 //! 20,000 commits and about 200 MB of history, written with `git fast-import`), serves it with
-//! `git daemon`, and measures for a first and a second run of a git job on one agent: the checkout
-//! (as the git helper's checkout reports it) and trigger → the job's first line; a first and a second
+//! `git daemon`, and measures for a first run and later runs (`--repeats`, each after a new commit)
+//! of a git job on one agent: the checkout (as the git helper's checkout reports it) and trigger →
+//! the job's first line, medians and ranges; a first and a second
 //! image build (after a change to the source tree); then the master's trigger latency once the
 //! config file was read, with the agent stopped. Baselines in the same run: `git clone` and
-//! `git clone --depth 1` of the same repository, and `docker run --rm` of the job's image.
+//! `git clone --depth 1` of the same repository, and `docker run --rm` of the job's image, the
+//! latter two as many times as the later runs.
 //!
 //! Needs the release binaries next to this one, a Docker engine and CIMASTER_DATABASE_URL,
 //! CIMASTER_AMQP_URL and the CIMASTER_S3_* variables (`scripts/bench git` sets everything up).
@@ -30,6 +32,9 @@ struct Args {
     /// Triggers timed for the master's latency.
     #[arg(long, default_value_t = 50)]
     triggers: usize,
+    /// Later runs on the same agent (each after a new commit), and samples of each baseline.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
     #[arg(long, default_value = "busybox:latest")]
     image: String,
     #[command(flatten)]
@@ -74,13 +79,18 @@ async fn run(args: &Args, work: &Path, url: &str, prefix: &str) -> anyhow::Resul
     let (mut daemon, repo_url) = serve(&work.join("repos"), &host)?;
 
     let clone = timed(|| git(work, &["clone", "--quiet", "--mirror", &repo_url, "clone-full"]))?;
-    let shallow = timed(|| git(work, &["clone", "--quiet", "--depth", "1", &repo_url, "clone-shallow"]))?;
-    let docker_run = timed(|| sh(&format!("docker run --rm {} echo hello >/dev/null", args.image)))?;
+    let mut shallow = Samples::default();
+    let mut docker_run = Samples::default();
+    for sample in 0..args.repeats.max(1) {
+        let into = format!("clone-shallow-{sample}");
+        shallow.push(timed(|| git(work, &["clone", "--quiet", "--depth", "1", &repo_url, &into]))?.as_secs_f64());
+        docker_run.push(timed(|| sh(&format!("docker run --rm {} echo hello >/dev/null", args.image)))?.as_secs_f64());
+    }
     println!(
-        "baselines: git clone {:.2} s, git clone --depth 1 {:.2} s, docker run --rm {:.2} s",
+        "baselines: git clone {:.2} s, git clone --depth 1 {}, docker run --rm {}",
         clone.as_secs_f64(),
-        shallow.as_secs_f64(),
-        docker_run.as_secs_f64()
+        shallow.summary(),
+        docker_run.summary()
     );
 
     let dir = processes::binaries()?;
@@ -96,22 +106,28 @@ async fn run(args: &Args, work: &Path, url: &str, prefix: &str) -> anyhow::Resul
         bail!("PUT /jobs/big: {}", put.text().await?);
     }
 
-    let mut seconds = Vec::new();
-    for label in ["first run", "second run"] {
-        if label == "second run" {
-            // A new commit since the first run: the second fetches only it.
-            commit(&repo, "second.txt", "a change after the first run")?;
-        }
+    let (checkout, first_line) = one_run(&http, &base, &token).await?;
+    println!("first run: checkout {checkout:.2} s, trigger → first job line {first_line:.2} s");
+    let (mut checkouts, mut first_lines) = (Samples::default(), Samples::default());
+    for later in 0..args.repeats.max(1) {
+        // A new commit since the run before: the mirror fetches only it.
+        commit(&repo, "later.txt", &format!("change {later} after the first run"))?;
         let (checkout, first_line) = one_run(&http, &base, &token).await?;
-        println!("{label}: checkout {:.2} s, trigger → first job line {:.2} s", checkout, first_line);
-        seconds.push((checkout, first_line));
+        checkouts.push(checkout);
+        first_lines.push(first_line);
     }
-    let floor = shallow + docker_run;
     println!(
-        "second run against `git clone --depth 1` + `docker run`: {:.2} s vs {:.2} s, ratio {:.2}",
-        seconds[1].1,
-        floor.as_secs_f64(),
-        seconds[1].1 / floor.as_secs_f64()
+        "later runs ({}, each after a new commit): checkout {}, trigger → first job line {}",
+        args.repeats.max(1),
+        checkouts.summary(),
+        first_lines.summary()
+    );
+    let floor = shallow.median() + docker_run.median();
+    println!(
+        "later runs against `git clone --depth 1` + `docker run` (medians): {:.2} s vs {:.2} s, ratio {:.2}",
+        first_lines.median(),
+        floor,
+        first_lines.median() / floor
     );
 
     image_builds(&http, &base, &token, &repo, &repo_url).await?;
@@ -193,6 +209,31 @@ async fn image_builds(
     );
     let _ = sh(&format!("docker images -q --filter label=cimaster.job={name} | xargs -r docker rmi -f >/dev/null"));
     Ok(())
+}
+
+/// Seconds measured several times.
+#[derive(Default)]
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn push(&mut self, seconds: f64) {
+        self.0.push(seconds);
+        self.0.sort_by(f64::total_cmp);
+    }
+
+    fn median(&self) -> f64 {
+        let n = self.0.len();
+        if n % 2 == 1 {
+            self.0[n / 2]
+        } else {
+            (self.0[n / 2 - 1] + self.0[n / 2]) / 2.0
+        }
+    }
+
+    /// `0.42 s (0.40–0.51)`: the median and the range.
+    fn summary(&self) -> String {
+        format!("{:.2} s ({:.2}–{:.2})", self.median(), self.0[0], self.0[self.0.len() - 1])
+    }
 }
 
 /// Triggers a run of the job's main, waits for its success and returns its console.

@@ -10,7 +10,8 @@
 
 mod abort;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -18,12 +19,13 @@ use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{RemoveContainerOptions, WaitContainerOptions};
 use bollard::Docker;
 use chrono::{DateTime, Utc};
+use cimaster_e2e::cpu;
 use cimaster_e2e::processes::{self, Scratch, Services};
 use cimaster_master::auth::{Role, Signer};
 use clap::Parser;
 use futures::StreamExt;
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 
 #[derive(Parser)]
 struct Args {
@@ -89,7 +91,7 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(url).await?;
     // Warm up: the agents connect and declare their queue; one run end to end.
     let warm = trigger(&http, &base, &token).await?;
-    wait_finished(&pool, warm.0).await?;
+    Endings::watch(pool.clone()).ended(warm.0).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss = rss_mib(agent_pid);
 
@@ -102,10 +104,15 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     let permits = Arc::new(Semaphore::new(args.concurrency));
+    let ours_pids: Vec<u32> = std::iter::once(&master).chain(&agents).filter_map(|child| child.id()).collect();
+    let before = cpu::Reading::now(&ours_pids);
     let (ours, ours_elapsed) = measure_ours(args.runs, &permits, &http, &base, &token, &pool).await?;
+    let ours_cpu = cpu::Reading::now(&ours_pids).since(&before);
     let busy_rss = rss_mib(agent_pid);
     stop(agents, master).await;
+    let before = cpu::Reading::now(&[]);
     let (baseline, base_elapsed) = measure_baseline(args.runs, &permits, &args.image).await?;
+    let base_cpu = cpu::Reading::now(&[]).since(&before);
 
     println!(
         "end-to-end benchmark: {} runs of `true` in {}, concurrency {}, {} agent(s)",
@@ -128,6 +135,16 @@ async fn run(args: &Args, url: &str, prefix: &str) -> anyhow::Result<()> {
         our_start95,
         base_start95,
         our_start95 - base_start95
+    );
+    let per_run = |spent: Duration| spent.as_secs_f64() * 1000.0 / args.runs as f64;
+    let (master_cpu, agents_cpu) =
+        ours_cpu.processes.split_first().map_or((Duration::ZERO, Duration::ZERO), |(m, a)| (*m, a.iter().sum()));
+    println!(
+        "host CPU per run: {:.0} ms (the master {:.0}, the agents {:.0}, the rest the engine, the services and the bench) vs {:.0} ms for the baseline's",
+        per_run(ours_cpu.host),
+        per_run(master_cpu),
+        per_run(agents_cpu),
+        per_run(base_cpu.host)
     );
     println!("agent RSS: {idle_rss:.1} MiB idle (target <= 40), {busy_rss:.1} MiB after the runs");
     Ok(())
@@ -162,14 +179,15 @@ async fn measure_ours(
     token: &str,
     pool: &sqlx::PgPool,
 ) -> anyhow::Result<(Vec<Sample>, Duration)> {
+    let watch = Endings::watch(pool.clone());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..runs {
         let permit = permits.clone().acquire_owned().await?;
-        let (http, base, token, pool) = (http.clone(), base.to_owned(), token.to_owned(), pool.clone());
+        let (http, base, token, watch) = (http.clone(), base.to_owned(), token.to_owned(), watch.clone());
         tasks.push(tokio::spawn(async move {
             let (id, at) = trigger(&http, &base, &token).await?;
-            let sample = wait_finished(&pool, id).await.map(|(container, finished)| Sample {
+            let sample = watch.ended(id).await.map(|(container, finished)| Sample {
                 start: (container - at).to_std().unwrap_or_default(),
                 finish: (finished - at).to_std().unwrap_or_default(),
             });
@@ -236,30 +254,68 @@ async fn trigger(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Res
     Ok((id, at))
 }
 
-/// A run's status, when its container started and when it finished.
-type Timeline = (String, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+/// A run's id, status, when its container started and when it finished.
+type Ending = (uuid::Uuid, String, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+type Waiters = HashMap<uuid::Uuid, oneshot::Sender<Ending>>;
 
-async fn wait_finished(pool: &sqlx::PgPool, id: uuid::Uuid) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let row: Option<Timeline> = sqlx::query_as(
-            "SELECT r.status, a.container_started_at, r.finished_at FROM runs r
-             LEFT JOIN run_attempts a ON a.run_id = r.id AND a.attempt = r.attempt WHERE r.id = $1",
-        )
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-        if let Some((status, Some(container), Some(finished))) = row.clone() {
-            if status != "succeeded" {
-                bail!("run {id} ended {status}");
+/// One poller for every run in flight, so that watching eight runs costs the database what
+/// watching one does, and the benchmark does not take the CPU the runs need.
+#[derive(Clone)]
+struct Endings {
+    waiters: Arc<Mutex<Waiters>>,
+}
+
+impl Endings {
+    const EVERY: Duration = Duration::from_millis(10);
+
+    fn watch(pool: sqlx::PgPool) -> Self {
+        let waiters = Arc::new(Mutex::new(Waiters::new()));
+        let weak = Arc::downgrade(&waiters);
+        tokio::spawn(async move {
+            while let Some(waiters) = weak.upgrade() {
+                let ids: Vec<uuid::Uuid> = waiters.lock().expect("waiters").keys().copied().collect();
+                if !ids.is_empty() {
+                    if let Ok(ended) = ended_runs(&pool, &ids).await {
+                        let mut waiters = waiters.lock().expect("waiters");
+                        for ending in ended {
+                            if let Some(waiter) = waiters.remove(&ending.0) {
+                                let _ = waiter.send(ending);
+                            }
+                        }
+                    }
+                }
+                drop(waiters);
+                tokio::time::sleep(Self::EVERY).await;
             }
-            return Ok((container, finished));
-        }
-        if Instant::now() > deadline {
-            bail!("run {id} did not finish: {row:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        });
+        Self { waiters }
     }
+
+    /// When the run's container started and when the run finished; an error unless it succeeded.
+    async fn ended(&self, id: uuid::Uuid) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().expect("waiters").insert(id, tx);
+        let ending = tokio::time::timeout(Duration::from_secs(120), rx).await;
+        let Ok(Ok((_, status, container, Some(finished)))) = ending else {
+            self.waiters.lock().expect("waiters").remove(&id);
+            bail!("run {id} did not finish in 120 s");
+        };
+        match (status.as_str(), container) {
+            ("succeeded", Some(container)) => Ok((container, finished)),
+            _ => bail!("run {id} ended {status}"),
+        }
+    }
+}
+
+async fn ended_runs(pool: &sqlx::PgPool, ids: &[uuid::Uuid]) -> sqlx::Result<Vec<Ending>> {
+    sqlx::query_as(
+        "SELECT r.id, r.status, a.container_started_at, r.finished_at FROM runs r
+         LEFT JOIN run_attempts a ON a.run_id = r.id AND a.attempt = r.attempt
+         WHERE r.id = ANY($1) AND r.finished_at IS NOT NULL",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
 }
 
 async fn docker_run(docker: &Docker, image: &str) -> anyhow::Result<Sample> {
