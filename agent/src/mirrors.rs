@@ -152,9 +152,9 @@ impl Mirrors {
     }
 
     /// Removes the least recently used mirrors while they are too many bytes in all, and every
-    /// mirror unused for longer than the age limit; a mirror in use, and `newest` (the one a run
-    /// just used), are left alone.
-    pub async fn trim(&self, docker: &DockerClient, newest: &str) {
+    /// mirror unused for longer than the age limit; a mirror in use, and the one used last, are
+    /// left alone.
+    pub async fn trim(&self, docker: &DockerClient) {
         let Ok(_one_at_a_time) = self.trimming.try_lock() else { return };
         let volumes = match docker.mirror_volumes(&self.agent).await {
             Ok(volumes) => volumes,
@@ -173,9 +173,11 @@ impl Mirrors {
         };
         by_use.sort();
         let mut total: u64 = by_use.iter().map(|(_, _, size)| size).sum();
+        // The mirror used last stays.
+        by_use.pop();
         for (last_used, name, size) in by_use {
             let old = now - last_used > i64::try_from(self.limits.max_age.as_secs()).unwrap_or(i64::MAX);
-            if (total <= self.limits.max_bytes && !old) || name == newest {
+            if total <= self.limits.max_bytes && !old {
                 continue;
             }
             let lock = self.locks.lock().expect("mirror locks").entry(name.clone()).or_default().clone();

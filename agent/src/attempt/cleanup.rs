@@ -141,32 +141,31 @@ impl Held {
     /// Removes the containers and the workspace, gives the network back and trims the mirrors.
     async fn clean_up(mut self, executor: &Executor) {
         self.remove_containers(&executor.docker).await;
-        let used_mirror = match self.workspace.take() {
-            Some(workspace) => Some(remove_workspace(&executor.docker, workspace).await),
-            None => None,
-        };
+        let used_mirror = self.workspace.is_some();
+        if let Some(workspace) = self.workspace.take() {
+            remove_workspace(&executor.docker, workspace).await;
+        }
         tracing::debug!("the attempt's containers and workspace are removed");
         if let Some(network) = self.network.take() {
             executor.networks.give_back(network).await;
         }
         // Counting the mirrors' sizes keeps the engine busy for a while, so it happens here, after
-        // the run, rather than while a job starts. The mirror this run used is the newest: it stays.
-        if let Some(mirror) = used_mirror {
+        // the run, rather than while a job starts.
+        if used_mirror {
             let (mirrors, docker) = (executor.mirrors.clone(), executor.docker.clone());
-            tokio::spawn(async move { mirrors.trim(&docker, &mirror).await });
+            tokio::spawn(async move { mirrors.trim(&docker).await });
         }
     }
 }
 
-/// Removes the run's workspace in its git helper; returns the mirror it was made from.
-async fn remove_workspace(docker: &DockerClient, workspace: Workspace) -> String {
+/// Removes the run's workspace in its git helper.
+async fn remove_workspace(docker: &DockerClient, workspace: Workspace) {
     let remove = vec!["rm".to_owned(), "-rf".to_owned(), workspace.dir.clone()];
     match docker.exec(&workspace.helper, remove, Vec::new()).await {
         Ok(0) => {}
         Ok(code) => tracing::warn!(workspace = workspace.dir, code, "cannot remove the workspace"),
         Err(err) => tracing::warn!(workspace = workspace.dir, error = %err, "cannot remove the workspace"),
     }
-    workspace.mirror.clone()
 }
 
 async fn remove_file(path: &Path) {
