@@ -9,16 +9,19 @@
 //! is SIGKILLed mid-way (and restarted with its id, as Kubernetes restarts a crashed container) and
 //! RabbitMQ is restarted.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde_json::json;
 use sqlx::PgPool;
-use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
+
+mod api;
+mod fleet;
+
+use api::Api;
+use fleet::Fleet;
 
 use crate::history::{self, Recorder};
 use crate::processes;
@@ -361,189 +364,6 @@ async fn autoscale(api: Api, fleet: Arc<Mutex<Fleet>>, scenario: Scenario, began
         if let Err(err) = fleet.scale_to(target, began) {
             eprintln!("autoscaler: {err:#}");
         }
-    }
-}
-
-/// The agents the autoscaler runs: those taking work, and those draining after a SIGTERM.
-struct Fleet {
-    binaries: PathBuf,
-    database_url: String,
-    prefix: String,
-    env: Vec<(&'static str, String)>,
-    active: Vec<(String, Child)>,
-    draining: Vec<Child>,
-    next_id: usize,
-    peak: usize,
-    started: usize,
-    stopped: usize,
-    killed: usize,
-    /// Agents that exited without being told to.
-    exited: usize,
-    timeline: Vec<(f64, usize)>,
-}
-
-impl Fleet {
-    fn new(scenario: &Scenario, environment: &Environment) -> Self {
-        let env = vec![
-            ("CIMASTER_AGENT_CPUS", "1".to_owned()),
-            // An idle network for each run it takes at once: no network is made per run.
-            ("CIMASTER_AGENT_IDLE_NETWORKS", scenario.runs_per_agent.to_string()),
-            ("CIMASTER_AGENT_REPORT_INTERVAL", "1s".to_owned()),
-            // A short lease hands a killed agent's runs on soon; the stop grace and margin fit in it.
-            ("CIMASTER_LEASE_TTL", format!("{}s", scenario.lease.as_secs().max(5))),
-            ("CIMASTER_STOP_GRACE", "2s".to_owned()),
-            ("CIMASTER_LEASE_MARGIN", "1s".to_owned()),
-        ];
-        Fleet {
-            binaries: environment.binaries.clone(),
-            database_url: environment.database_url.clone(),
-            prefix: environment.prefix.clone(),
-            env,
-            active: Vec::new(),
-            draining: Vec::new(),
-            next_id: 1,
-            peak: 0,
-            started: 0,
-            stopped: 0,
-            killed: 0,
-            exited: 0,
-            timeline: Vec::new(),
-        }
-    }
-
-    fn spawn(&self, id: &str) -> anyhow::Result<Child> {
-        processes::start_agent(&self.binaries, id, &self.database_url, &self.prefix, &self.env)
-    }
-
-    /// Starts or SIGTERMs agents until `target` take work; reaps drained ones.
-    fn scale_to(&mut self, target: usize, began: Instant) -> anyhow::Result<()> {
-        self.draining.retain_mut(|child| child.try_wait().map_or(true, |status| status.is_none()));
-        let before = self.active.len();
-        self.active.retain_mut(|(id, child)| match child.try_wait() {
-            Ok(None) => true,
-            exited => {
-                eprintln!("autoscaler: agent {id} exited on its own: {exited:?}");
-                false
-            }
-        });
-        self.exited += before - self.active.len();
-        while self.active.len() < target {
-            let id = format!("{}-agent-{}", self.prefix, self.next_id);
-            self.next_id += 1;
-            let child = self.spawn(&id)?;
-            self.active.push((id, child));
-            self.started += 1;
-        }
-        while self.active.len() > target {
-            let Some((_, child)) = self.active.pop() else { break };
-            processes::signal(&child, "TERM")?;
-            self.draining.push(child);
-            self.stopped += 1;
-        }
-        self.peak = self.peak.max(self.active.len());
-        if self.active.len() != before || self.timeline.is_empty() {
-            self.timeline.push((began.elapsed().as_secs_f64(), self.active.len()));
-        }
-        Ok(())
-    }
-
-    /// SIGKILLs the agent `id` and starts it again; false if the autoscaler already stopped it.
-    fn kill_and_restart(&mut self, id: &str) -> anyhow::Result<bool> {
-        let Some(index) = self.active.iter().position(|(active, _)| active == id) else { return Ok(false) };
-        processes::signal(&self.active[index].1, "KILL")?;
-        self.killed += 1;
-        self.active[index].1 = self.spawn(id)?;
-        Ok(true)
-    }
-
-    /// At the minimum, with every stopped agent gone.
-    fn settled(&mut self, min: usize) -> bool {
-        self.draining.retain_mut(|child| child.try_wait().map_or(true, |status| status.is_none()));
-        self.active.len() == min && self.draining.is_empty()
-    }
-
-    fn take_all(&mut self) -> Vec<Child> {
-        self.active.drain(..).map(|(_, child)| child).chain(self.draining.drain(..)).collect()
-    }
-}
-
-/// The master's API as the scenario uses it.
-#[derive(Clone)]
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    /// The job every run runs: it reports to the recorder, sleeps `PAUSE` seconds, reports its end.
-    async fn put_job(&self, recorder: &Recorder, runs_per_agent: usize) -> anyhow::Result<()> {
-        let body = json!({"kind": "freestyle", "image": "busybox:latest",
-                          "script": recorder.sleeping_script("PAUSE"), "parameters": {"PAUSE": "0"},
-                          "resources": {"cpus": 1.0 / runs_per_agent as f64, "memory": "16Mi"}});
-        let answer =
-            self.http.put(format!("{}/jobs/{JOB}", self.base)).bearer_auth(&self.token).json(&body).send().await?;
-        if !answer.status().is_success() {
-            bail!("PUT /jobs/{JOB} answered {}: {}", answer.status(), answer.text().await.unwrap_or_default());
-        }
-        Ok(())
-    }
-
-    /// Triggers one run per pause, 16 at a time.
-    async fn trigger_all(&self, pauses: &[u32]) -> anyhow::Result<()> {
-        for chunk in pauses.chunks(16) {
-            for answer in futures::future::join_all(chunk.iter().map(|pause| self.trigger(*pause))).await {
-                answer?;
-            }
-        }
-        Ok(())
-    }
-
-    /// One trigger, retried on a broken connection or a 503 as a client does, under one
-    /// idempotency key so that a retry never makes a second run.
-    async fn trigger(&self, pause: u32) -> anyhow::Result<()> {
-        let key = uuid::Uuid::new_v4().to_string();
-        let mut last = String::new();
-        for _ in 0..10 {
-            let sent = self
-                .http
-                .post(format!("{}/jobs/{JOB}/runs", self.base))
-                .bearer_auth(&self.token)
-                .header("idempotency-key", &key)
-                .json(&json!({"parameters": {"PAUSE": pause.to_string()}}))
-                .send()
-                .await;
-            match sent {
-                Ok(answer) if answer.status() == 201 || answer.status() == 200 => return Ok(()),
-                Ok(answer) if answer.status() != 503 => bail!("a trigger answered {}", answer.status()),
-                Ok(answer) => last = format!("answered {}", answer.status()),
-                Err(err) => last = format!("{err:#}"),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        bail!("a trigger failed ten times: {last}")
-    }
-
-    /// Waiting + running runs of the default queue, as `GET /queues` says.
-    async fn demand(&self) -> anyhow::Result<usize> {
-        let queues: serde_json::Value =
-            self.http.get(format!("{}/queues", self.base)).bearer_auth(&self.token).send().await?.json().await?;
-        let default = queues["queues"].as_array().and_then(|list| list.iter().find(|q| q["queue"] == "default"));
-        Ok(default.and_then(|queue| queue["demand"].as_u64()).unwrap_or(0) as usize)
-    }
-
-    /// An agent that runs something now, as `GET /agents` says.
-    async fn busy_agent(&self) -> anyhow::Result<Option<String>> {
-        let agents: serde_json::Value =
-            self.http.get(format!("{}/agents", self.base)).bearer_auth(&self.token).send().await?.json().await?;
-        let list = agents["agents"].as_array().cloned().unwrap_or_default();
-        let busy: BTreeMap<String, i64> = list
-            .iter()
-            .filter(|agent| agent["state"] == "active")
-            .filter_map(|agent| Some((agent["id"].as_str()?.to_owned(), agent["runs"].as_i64()?)))
-            .filter(|(_, runs)| *runs > 0)
-            .collect();
-        Ok(busy.into_iter().max_by_key(|(_, runs)| *runs).map(|(id, _)| id))
     }
 }
 

@@ -1,0 +1,68 @@
+//! Bridge networks: one per run, or one of the agent's that runs borrow one at a time.
+
+use std::collections::HashMap;
+
+use bollard::errors::Error as BollardError;
+use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
+use bollard::query_parameters::InspectNetworkOptions;
+
+use super::{DockerClient, DockerError, RunLabels, LABEL_AGENT, LABEL_REUSABLE};
+use crate::telemetry::Timer;
+
+impl DockerClient {
+    /// A network for this attempt only, labelled with the run; on `subnet` when given.
+    pub async fn create_network(&self, labels: &RunLabels, subnet: Option<String>) -> Result<String, DockerError> {
+        let _timer = Timer::docker("create_network");
+        self.create_bridge(labels.name(), labels.map(), subnet).await
+    }
+
+    /// A bridge network any run of `agent` may borrow (one run at a time): labelled with the agent,
+    /// not with a run.
+    pub async fn create_reusable_network(&self, agent: &str, subnet: Option<String>) -> Result<String, DockerError> {
+        let name = format!("cimaster-net-{}", uuid::Uuid::new_v4().simple());
+        let labels =
+            HashMap::from([(LABEL_AGENT.to_owned(), agent.to_owned()), (LABEL_REUSABLE.to_owned(), "true".to_owned())]);
+        self.create_bridge(name, labels, subnet).await
+    }
+
+    async fn create_bridge(
+        &self,
+        name: String,
+        labels: HashMap<String, String>,
+        subnet: Option<String>,
+    ) -> Result<String, DockerError> {
+        let ipam = subnet.clone().map(|subnet| Ipam {
+            config: Some(vec![IpamConfig { subnet: Some(subnet), ..Default::default() }]),
+            ..Default::default()
+        });
+        let request = NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".to_owned()),
+            labels: Some(labels),
+            ipam,
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(name),
+            // The engine's answer when the subnet overlaps a network it already has.
+            Err(BollardError::DockerResponseServerError { status_code: 403, message })
+                if message.contains("overlaps") && subnet.is_some() =>
+            {
+                Err(DockerError::SubnetTaken(subnet.unwrap_or_default()))
+            }
+            // The engine's answer when its default address pools are used up.
+            Err(BollardError::DockerResponseServerError { message, .. })
+                if message.contains("non-overlapping IPv4 address pool") =>
+            {
+                Err(DockerError::AddressPoolsExhausted)
+            }
+            Err(source) => Err(DockerError::CreateNetwork { name, source }),
+        }
+    }
+
+    /// How many containers are attached to the network; `None` when it cannot be inspected.
+    pub async fn network_endpoints(&self, name: &str) -> Option<usize> {
+        let network = self.docker.inspect_network(name, None::<InspectNetworkOptions>).await.ok()?;
+        Some(network.containers.map_or(0, |containers| containers.len()))
+    }
+}
