@@ -69,6 +69,12 @@ pub struct AgentConfig {
     #[arg(long = "idle-networks", env = "CIMASTER_AGENT_IDLE_NETWORKS", default_value_t = 2)]
     pub idle_networks: usize,
 
+    /// Whether each kept network has a sandbox (a sleeping container of the git image) whose network
+    /// namespace its runs' job containers join, instead of each job getting an endpoint, an address
+    /// and a DNS resolver of its own on the network. Only with `--idle-networks` above 0.
+    #[arg(long = "network-sandboxes", env = "CIMASTER_AGENT_NETWORK_SANDBOXES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub network_sandboxes: bool,
+
     /// A range of IPv4 addresses (e.g. `10.240.0.0/16`) that run networks take their /27 subnets
     /// from, instead of the engine's default address pools (about 31 networks per engine).
     #[arg(long = "network-pool", env = "CIMASTER_AGENT_NETWORK_POOL")]

@@ -75,12 +75,12 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
             helper_memory: admission.memory(),
         },
     ));
-    let networks = std::sync::Arc::new(networks::Networks::new(
-        docker.clone(),
-        agent.clone(),
-        config.idle_networks,
-        config.network_pool.clone(),
-    ));
+    let networks =
+        networks::Networks::new(docker.clone(), agent.clone(), config.idle_networks, config.network_pool.clone());
+    let networks = std::sync::Arc::new(match config.network_sandboxes {
+        true => networks.with_sandboxes(config.git_image.clone()),
+        false => networks,
+    });
     let executor = attempt::Executor {
         pool: pool.clone(),
         leases,

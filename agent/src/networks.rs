@@ -9,6 +9,16 @@
 //! network labelled with the run, removed after it. Idle networks carry the agent's label: a
 //! graceful stop removes them, and the start-up sweep removes those a killed agent left.
 //!
+//! A reusable network has a sandbox: a container of the agent's git image that only sleeps on the
+//! network, started with it and removed with it. A run's job container joins the sandbox's network
+//! namespace (`container:ID`) instead of getting an endpoint of its own, so the engine sets up no
+//! interface, address or DNS resolver per run (on Docker 20.10 the resolver alone re-executes the
+//! engine and runs `iptables` for every container on a user-defined network). The run's services
+//! still join the network by name, with their aliases, and its readiness checks run in the
+//! sandbox. What a run leaves in the namespace ends with its containers: every process of the run is
+//! killed when they are removed, and a job has no capability to change the namespace itself. A
+//! network whose run left a container behind, or whose sandbox stopped, is removed, not lent again.
+//!
 //! Networks are finite (the engine's default address pools allow about 31 bridges; a subnet pool
 //! has as many /27 blocks as it spans). A run is admitted only with a network slot; once no network
 //! could be made, the agent admits no more runs than it holds networks for, for a while, and a run
@@ -28,13 +38,27 @@ use crate::telemetry;
 pub(crate) struct RunNetwork {
     pub name: String,
     reusable: bool,
+    /// The container whose network namespace the run's job joins, when the network has one.
+    pub sandbox: Option<String>,
+}
+
+impl RunNetwork {
+    /// The network mode of the run's job container: the sandbox's namespace, or the network.
+    pub fn for_job(&self) -> String {
+        match &self.sandbox {
+            Some(id) => format!("container:{id}"),
+            None => self.name.clone(),
+        }
+    }
 }
 
 pub(crate) struct Networks {
     docker: DockerClient,
     agent: String,
     keep: usize,
-    idle: Mutex<Vec<String>>,
+    idle: Mutex<Vec<RunNetwork>>,
+    /// The image of reusable networks' sandboxes; `None`: runs get endpoints of their own.
+    sandbox_image: Option<String>,
     /// Where new networks get their subnets; the engine's default pools when `None`.
     subnets: Option<SubnetPool>,
     room: Mutex<Room>,
@@ -75,7 +99,13 @@ impl Networks {
         let subnets = subnets.map(|pool| pool.starting_for(&agent));
         let room = Mutex::new(Room::default());
         let (idle, freed, wait) = (Mutex::new(Vec::new()), Notify::new(), WAIT_FOR_NETWORK);
-        Self { docker, agent, keep, idle, subnets, room, freed, wait }
+        Self { docker, agent, keep, idle, sandbox_image: None, subnets, room, freed, wait }
+    }
+
+    /// Gives each reusable network a sandbox of `image` for its runs' job containers to join.
+    pub fn with_sandboxes(mut self, image: String) -> Self {
+        self.sandbox_image = Some(image);
+        self
     }
 
     /// Sets how long a run waits for a network to come back when none can be made.
@@ -151,7 +181,7 @@ impl Networks {
         Err(DockerError::SubnetsExhausted(pool.blocks()))
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<RunNetwork>> {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -192,46 +222,79 @@ impl Networks {
 
     async fn take_now(&self, labels: &RunLabels) -> Result<RunNetwork, DockerError> {
         if self.keep == 0 {
-            return Ok(RunNetwork { name: self.create(Some(labels)).await?, reusable: false });
+            return Ok(RunNetwork { name: self.create(Some(labels)).await?, reusable: false, sandbox: None });
         }
-        // An idle network is lent only when the engine reports nothing attached to it: a container
-        // of the last run whose removal failed keeps it out, as does its removal by someone else.
         loop {
             let idle = self.idle().pop();
-            let Some(name) = idle else { break };
-            match self.docker.network_endpoints(&name).await {
-                Some(0) => return Ok(RunNetwork { name, reusable: true }),
-                Some(_) => self.docker.remove_network(&name).await,
-                None => tracing::info!(network = name, "an idle network is gone; not lending it"),
+            let Some(network) = idle else { break };
+            if self.as_left(&network).await {
+                return Ok(network);
             }
+            self.discard(network).await;
         }
         let name = self.create(None).await?;
-        Ok(RunNetwork { name, reusable: true })
+        let sandbox = self.start_sandbox(&name).await;
+        Ok(RunNetwork { name, reusable: true, sandbox })
+    }
+
+    /// Whether an idle network is as its last run left it: nothing attached but its sandbox, and the
+    /// sandbox running. A container whose removal failed keeps a network out, as does its removal,
+    /// or its sandbox's, by someone else.
+    async fn as_left(&self, network: &RunNetwork) -> bool {
+        let Some(endpoints) = self.docker.network_endpoints(&network.name).await else {
+            tracing::info!(network = network.name, "an idle network is gone; not lending it");
+            return false;
+        };
+        match &network.sandbox {
+            Some(sandbox) => endpoints == 1 && self.docker.running(sandbox).await,
+            None => endpoints == 0,
+        }
+    }
+
+    /// The new network's sandbox; `None` (the runs get endpoints of their own) when sandboxes are
+    /// off or the sandbox cannot be started.
+    async fn start_sandbox(&self, network: &str) -> Option<String> {
+        let image = self.sandbox_image.as_deref()?;
+        let started = match self.docker.ensure_image(image).await {
+            Ok(()) => self.docker.start_sandbox(&self.agent, network, image).await,
+            Err(err) => Err(err),
+        };
+        started
+            .inspect_err(|err| tracing::warn!(network, error = %err, "no sandbox: this network's runs get endpoints of their own"))
+            .ok()
+    }
+
+    /// Removes a network and its sandbox.
+    async fn discard(&self, network: RunNetwork) {
+        if let Some(sandbox) = &network.sandbox {
+            self.docker.remove_container(sandbox).await;
+        }
+        self.docker.remove_network(&network.name).await;
     }
 
     /// Takes the network back once the run's containers are removed; `take` checks it before it is
-    /// lent again.
-    pub async fn give_back(&self, network: RunNetwork) {
+    /// lent again. `clean`: every container of the run is gone (one that joined the sandbox does
+    /// not show on the network, so only the run can tell).
+    pub async fn give_back(&self, network: RunNetwork, clean: bool) {
         self.room().lent -= 1;
-        let kept = network.reusable && {
+        let mut network = Some(network);
+        if clean && network.as_ref().is_some_and(|network| network.reusable) {
             let mut idle = self.idle();
-            let room = idle.len() < self.keep;
-            if room {
-                idle.push(network.name.clone());
+            if idle.len() < self.keep {
+                idle.extend(network.take());
             }
-            room
-        };
-        if !kept {
-            self.docker.remove_network(&network.name).await;
+        }
+        if let Some(network) = network {
+            self.discard(network).await;
         }
         self.freed.notify_waiters();
     }
 
-    /// Removes the idle networks (at shutdown).
+    /// Removes the idle networks and their sandboxes (at shutdown).
     pub async fn clear(&self) {
         let idle = std::mem::take(&mut *self.idle());
-        for name in idle {
-            self.docker.remove_network(&name).await;
+        for network in idle {
+            self.discard(network).await;
         }
     }
 }
@@ -274,9 +337,9 @@ mod tests {
         let second = networks.take(&labels(&agent)).await.unwrap();
         assert_ne!(first.name, second.name, "two runs at once share a network");
         let (first_name, second_name) = (first.name.clone(), second.name.clone());
-        networks.give_back(first).await;
+        networks.give_back(first, true).await;
         // The idle set is full: the second network is removed, not kept.
-        networks.give_back(second).await;
+        networks.give_back(second, true).await;
         assert_eq!(networks_of(&agent), vec![first_name.clone()]);
         assert!(!networks_of(&agent).contains(&second_name));
 
@@ -299,14 +362,14 @@ mod tests {
             "sleep",
             "60",
         ]);
-        networks.give_back(again).await;
+        networks.give_back(again, true).await;
         let next = networks.take(&labels(&agent)).await.unwrap();
         assert_ne!(next.name, first_name, "a network with a container on it was lent again");
         docker(&["rm", "-f", &container]);
         docker(&["network", "rm", &first_name]);
 
         // An idle network removed behind the agent's back is not lent.
-        networks.give_back(next).await;
+        networks.give_back(next, true).await;
         let idle = networks_of(&agent);
         assert_eq!(idle.len(), 1);
         docker(&["network", "rm", &idle[0]]);
@@ -315,10 +378,56 @@ mod tests {
         assert_eq!(networks_of(&agent), vec![fresh.name.clone()]);
 
         // A graceful stop removes the idle networks.
-        networks.give_back(fresh).await;
+        networks.give_back(fresh, true).await;
         assert_eq!(networks_of(&agent).len(), 1);
         networks.clear().await;
         assert!(networks_of(&agent).is_empty(), "{:?}", networks_of(&agent));
+    }
+
+    fn sandboxes_of(agent: &str) -> Vec<String> {
+        let filter = format!("label=cimaster.agent={agent}");
+        docker(&["ps", "-aq", "--no-trunc", "--filter", &filter, "--filter", "label=cimaster.sandbox"])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_kept_network_keeps_its_sandbox_and_both_go_when_a_run_left_something() {
+        let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
+        let docker_client = DockerClient::connect(RegistryAuths::default()).await.unwrap();
+        let networks = Networks::new(docker_client, agent.clone(), 1, None).with_sandboxes("busybox:latest".to_owned());
+
+        let first = networks.take(&labels(&agent)).await.unwrap();
+        let sandbox = first.sandbox.clone().expect("a kept network has a sandbox");
+        assert_eq!(first.for_job(), format!("container:{sandbox}"));
+        assert_eq!(sandboxes_of(&agent), vec![sandbox.clone()]);
+        let on_network = docker(&["network", "inspect", &first.name, "--format", "{{len .Containers}}"]);
+        assert_eq!(on_network, "1", "the sandbox is on the network");
+        let name = first.name.clone();
+        networks.give_back(first, true).await;
+
+        // The next run gets the network with the same sandbox.
+        let again = networks.take(&labels(&agent)).await.unwrap();
+        assert_eq!((again.name.as_str(), again.sandbox.as_deref()), (name.as_str(), Some(sandbox.as_str())));
+        // A run that left a container behind: the network and its sandbox go.
+        networks.give_back(again, false).await;
+        assert!(networks_of(&agent).is_empty() && sandboxes_of(&agent).is_empty());
+
+        // A sandbox stopped behind the agent's back: its network is not lent again.
+        let third = networks.take(&labels(&agent)).await.unwrap();
+        let third_name = third.name.clone();
+        docker(&["rm", "-f", third.sandbox.as_deref().unwrap()]);
+        networks.give_back(third, true).await;
+        let fourth = networks.take(&labels(&agent)).await.unwrap();
+        assert_ne!(fourth.name, third_name);
+        assert_eq!(networks_of(&agent), vec![fourth.name.clone()]);
+        assert_eq!(sandboxes_of(&agent).len(), 1);
+
+        // A graceful stop removes the idle networks with their sandboxes.
+        networks.give_back(fourth, true).await;
+        networks.clear().await;
+        assert!(networks_of(&agent).is_empty() && sandboxes_of(&agent).is_empty());
     }
 
     #[tokio::test]
@@ -330,7 +439,7 @@ mod tests {
         let network = networks.take(&run).await.unwrap();
         let filter = format!("label=cimaster.run={}", run.run);
         assert_eq!(docker(&["network", "ls", "--filter", &filter, "--format", "{{.Name}}"]), network.name);
-        networks.give_back(network).await;
+        networks.give_back(network, true).await;
         assert!(networks_of(&agent).is_empty());
     }
 
@@ -356,10 +465,10 @@ mod tests {
         let second = networks.take(&labels(&agent)).await;
         let exhausted = matches!(second, Err(DockerError::SubnetsExhausted(2)));
         if let Ok(network) = second {
-            networks.give_back(network).await;
+            networks.give_back(network, true).await;
         }
         assert_eq!(networks.limit(), Some(1), "it learnt how many networks it can have");
-        networks.give_back(first).await;
+        networks.give_back(first, true).await;
         docker(&["network", "rm", &foreign]);
         assert!(exhausted, "with one block taken and one in use, none is left");
         assert!(networks_of(&agent).is_empty());
@@ -389,10 +498,10 @@ mod tests {
         .await
         .expect("the limit is learnt");
         assert!(networks.admit().is_none(), "a third run is admitted with no network for it");
-        networks.give_back(first).await;
+        networks.give_back(first, true).await;
         drop(one);
         let second = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap().unwrap().unwrap();
-        networks.give_back(second).await;
+        networks.give_back(second, true).await;
         drop(two);
         assert!(networks_of(&agent).is_empty());
     }

@@ -91,10 +91,62 @@ async fn a_job_succeeds_or_fails_with_its_exit_code_and_leaves_nothing_behind(po
     for path in [&good, &bad] {
         assert_eq!(leftovers(&run_id(path)).await, (0, 0), "containers or networks left for {path}");
     }
-    // The networks the agent keeps for its next runs (at most 2 by default) have nothing on them.
+    // The networks the agent keeps for its next runs (at most 2 by default) have nothing on them
+    // but their sandboxes.
     let networks = support::networks_of_agent(&stack.agents[0].id);
     assert!(!networks.is_empty() && networks.len() <= 2, "{networks:?}");
-    assert!(networks.iter().all(|(_, attached)| *attached == 0), "{networks:?}");
+    assert!(networks.iter().all(|(_, attached)| *attached == 1), "{networks:?}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn consecutive_runs_join_one_sandbox_and_nothing_of_a_run_outlives_it(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    // One kept network: every run borrows the same one.
+    let options = AgentOptions { env: vec![("CIMASTER_AGENT_IDLE_NETWORKS", "1".to_owned())], ..Default::default() };
+    let agent = stack.add_agent(options).await;
+    let mac = "echo mac $(cat /sys/class/net/eth0/address)";
+    // The first run leaves a listener behind in the background and tries to change the namespace.
+    let leave = format!(
+        "nc -ll -p 7000 -e cat & sleep 0.3; echo ping | nc -w 1 127.0.0.1 7000 && echo port 7000 answers; \
+         ip link set lo down 2>/dev/null && echo changed the namespace || echo the namespace stays as it is; \
+         {mac}; sleep 2"
+    );
+    stack.put_job("leave", job(&leave)).await;
+    let look = format!(
+        "echo ping | nc -w 1 127.0.0.1 7000 && echo a listener survived || echo nothing listens on 7000; {mac}"
+    );
+    stack.put_job("look", job(&look)).await;
+
+    let first = stack.trigger("leave").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stack.console(&first).await.contains("mac ") {
+        assert!(Instant::now() < deadline, "the first run never printed its namespace");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The job joined the network's sandbox instead of getting an endpoint of its own.
+    let container = format!("cimaster-{}-1", run_id(&first));
+    let mode = support::docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &container]);
+    let networks = support::networks_of_agent(&stack.agents[agent].id);
+    assert_eq!(networks.len(), 1, "{networks:?}");
+    assert_eq!(networks[0].1, 1, "only the sandbox is on the network while the job runs: {networks:?}");
+    let agent_label = format!("label=cimaster.agent={}", stack.agents[agent].id);
+    let sandbox =
+        support::docker(&["ps", "-q", "--no-trunc", "--filter", &agent_label, "--filter", "label=cimaster.sandbox"]);
+    assert!(sandbox.lines().any(|id| mode.trim() == format!("container:{id}")), "{mode} is not a sandbox's");
+    let run = stack.wait_finished(&first, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let said = stack.console(&first).await;
+    assert!(said.contains("port 7000 answers"), "{said}");
+    assert!(said.contains("the namespace stays as it is"), "{said}");
+
+    let second = stack.trigger("look").await;
+    let run = stack.wait_finished(&second, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let seen = stack.console(&second).await;
+    let mac_of =
+        |console: &str| console.lines().find_map(|line| line.split_once("mac ").map(|(_, mac)| mac.to_owned()));
+    assert_eq!(mac_of(&said), mac_of(&seen), "the second run is in another namespace:\n{said}\n{seen}");
+    assert!(seen.contains("nothing listens on 7000") && !seen.contains("a listener survived"), "{seen}");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -269,7 +321,7 @@ async fn a_killed_agent_s_run_is_retried_elsewhere_and_its_container_swept(pool:
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stack.kill_agent(first);
-    assert_eq!(support::containers_of_agent(&first_id), 1, "the killed agent's container is orphaned");
+    assert_eq!(support::run_containers_of_agent(&first_id), 1, "the killed agent's container is orphaned");
 
     stack.add_agent(AgentOptions::default()).await;
     let run = stack.wait_finished(&path, Duration::from_secs(60)).await;
@@ -296,7 +348,11 @@ async fn a_killed_agent_s_run_is_retried_elsewhere_and_its_container_swept(pool:
     assert_eq!(attempts[1].2.as_deref(), Some("succeeded"));
 
     // The first agent comes back under the same id and sweeps what it left.
-    assert_eq!(support::containers_of_agent(&first_id), 1, "the orphaned container is still there before the restart");
+    assert_eq!(
+        support::run_containers_of_agent(&first_id),
+        1,
+        "the orphaned container is still there before the restart"
+    );
     stack.start_agent(&first_id, AgentOptions::default()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while support::containers_of_agent(&first_id) > 0 || !support::networks_of_agent(&first_id).is_empty() {

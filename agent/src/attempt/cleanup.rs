@@ -133,7 +133,7 @@ impl Held {
         }
         let count = self.containers.len();
         for id in self.containers.drain(..).rev() {
-            docker.remove_container(&id).await;
+            self.left_behind |= !docker.remove_container(&id).await;
         }
         count
     }
@@ -147,7 +147,7 @@ impl Held {
         }
         tracing::debug!("the attempt's containers and workspace are removed");
         if let Some(network) = self.network.take() {
-            executor.networks.give_back(network).await;
+            executor.networks.give_back(network, !self.left_behind).await;
         }
         // Counting the mirrors' sizes keeps the engine busy for a while, so it happens here, after
         // the run, rather than while a job starts.

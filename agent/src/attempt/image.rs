@@ -19,16 +19,11 @@ impl Attempt<'_> {
 
     /// The image built from the repository's Dockerfile; the build is held to the run's resources
     /// and network.
-    pub(super) async fn build(&self, build: &BuildSpec, resources: &Resources, network: &str) -> Result<String, Stop> {
-        Ok(self.interrupts.step(self.build_inner(build, resources, network)).await??)
+    pub(super) async fn build(&self, build: &BuildSpec, resources: &Resources) -> Result<String, Stop> {
+        Ok(self.interrupts.step(self.build_inner(build, resources)).await??)
     }
 
-    async fn build_inner(
-        &self,
-        build: &BuildSpec,
-        resources: &Resources,
-        network: &str,
-    ) -> Result<String, AttemptError> {
+    async fn build_inner(&self, build: &BuildSpec, resources: &Resources) -> Result<String, AttemptError> {
         let docker = &self.executor.docker;
         let Some(workspace) = &self.held.workspace else {
             return Err(AttemptError::Build("`build` needs the repository's checkout".into()));
@@ -51,8 +46,8 @@ impl Attempt<'_> {
             ("cimaster.job".to_owned(), self.claim.job.clone()),
             ("cimaster.context-digest".to_owned(), built.digest.clone()),
         ]);
-        let limits =
-            BuildLimits { cpus: resources.cpus, memory: resources.memory.bytes(), network: network.to_owned() };
+        let network = self.network().name.clone();
+        let limits = BuildLimits { cpus: resources.cpus, memory: resources.memory.bytes(), network };
         // Build output goes to the console as it comes, without holding up the build.
         let (lines, mut printed) = tokio::sync::mpsc::unbounded_channel::<String>();
         let printer = {

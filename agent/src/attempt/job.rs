@@ -33,7 +33,7 @@ impl Starting {
 impl Attempt<'_> {
     /// Creates and starts the job container in the background; its script waits at the gate
     /// until [`Self::run_job`].
-    pub(super) fn start_job(&mut self, plan: &Plan, image: String, network: &str) {
+    pub(super) fn start_job(&mut self, plan: &Plan, image: String) {
         let claim = self.claim;
         let mut env = self.env.clone();
         env.extend(claim.parameters.iter().map(|(k, v)| format!("{k}={v}")));
@@ -53,7 +53,7 @@ impl Attempt<'_> {
             working_dir: plan.working_dir.clone(),
             nano_cpus: Some((plan.resources.cpus * 1e9) as i64),
             memory_bytes: Some(i64::try_from(plan.resources.memory.bytes()).unwrap_or(i64::MAX)),
-            network: network.to_owned(),
+            network: self.network().for_job(),
             aliases: Vec::new(),
             workspace: workspace.map(|workspace| workspace.host.clone()),
             mirror: workspace.filter(|workspace| workspace.shares_mirror).map(|workspace| workspace.mirror.clone()),

@@ -175,6 +175,8 @@ pub(crate) struct Held {
     /// The job container while it is being created and started.
     starting: Option<job::Starting>,
     services: Vec<services::Running>,
+    /// A container could not be removed: the network is not lent again.
+    left_behind: bool,
     network: Option<RunNetwork>,
     /// A git run's workspace; the mirror it is made from stays.
     workspace: Option<checkout::Workspace>,
@@ -257,7 +259,7 @@ impl Attempt<'_> {
         // The timeout covers the checkout, the image, the services and the script.
         let timeout = Duration::from_secs(u64::from(plan.timeout_seconds)).min(self.executor.max_timeout);
         self.interrupts.deadline = Some((tokio::time::Instant::now() + timeout, timeout));
-        let network = self.take_network().await?;
+        self.take_network().await?;
         if let Some(checkout) = &plan.checkout {
             self.prepare_workspace(checkout).await?;
         }
@@ -265,16 +267,16 @@ impl Attempt<'_> {
         // ready; its script waits at the gate until they are.
         if let ImageSource::Image(image) = &plan.image {
             self.ready_made_image(image).await?;
-            self.start_job(&plan, image.clone(), &network);
+            self.start_job(&plan, image.clone());
         }
         if let Some(checkout) = &plan.checkout {
             self.check_out(checkout, &secrets).await?;
         }
         if let ImageSource::Build(build) = &plan.image {
-            let image = self.build(build, &plan.resources, &network).await?;
-            self.start_job(&plan, image, &network);
+            let image = self.build(build, &plan.resources).await?;
+            self.start_job(&plan, image);
         }
-        self.start_services(&plan.services, &network).await?;
+        self.start_services(&plan.services).await?;
         let (id, stop) = self.run_job().await?;
         if !matches!(stop, Stop::LeaseLost(_)) {
             if !plan.results.is_empty() {
@@ -286,10 +288,15 @@ impl Attempt<'_> {
         Ok(stop)
     }
 
-    async fn take_network(&mut self) -> Result<String, Stop> {
+    async fn take_network(&mut self) -> Result<(), Stop> {
         let network = self.interrupts.step(self.executor.networks.take(&self.labels)).await?;
-        let network = network.map_err(AttemptError::Docker)?;
-        Ok(self.held.network.insert(network).name.clone())
+        self.held.network = Some(network.map_err(AttemptError::Docker)?);
+        Ok(())
+    }
+
+    /// The run's network, taken before any container of the run is made.
+    fn network(&self) -> &RunNetwork {
+        self.held.network.as_ref().expect("the network is taken first")
     }
 }
 

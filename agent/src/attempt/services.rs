@@ -1,8 +1,9 @@
 //! Sidecar services on the run's network, reachable by their names; their readiness checks; and
 //! their (masked) output, kept as results once the job is done.
 //!
-//! TCP and HTTP checks run from a probe container on the run's network — the way the job will reach
-//! the services, wherever the agent itself runs. Command checks run inside the service.
+//! TCP and HTTP checks run where the job will reach the services from, wherever the agent itself
+//! runs: in the network's sandbox, whose namespace the job joins, or from a probe container on the
+//! run's network when the network has no sandbox. Command checks run inside the service.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -35,17 +36,19 @@ impl Running {
 
 impl Attempt<'_> {
     /// Starts every service, then waits for each one's readiness check.
-    pub(super) async fn start_services(
-        &mut self,
-        services: &BTreeMap<ServiceName, ServiceSpec>,
-        network: &str,
-    ) -> Result<(), Stop> {
+    pub(super) async fn start_services(&mut self, services: &BTreeMap<ServiceName, ServiceSpec>) -> Result<(), Stop> {
+        let network = self.network().name.clone();
         for (name, service) in services {
-            self.start_service(name, service, network).await?;
+            self.start_service(name, service, &network).await?;
         }
         let needs_probe =
             services.values().filter_map(|s| s.ready.as_ref()).any(|r| r.tcp.is_some() || r.http.is_some());
-        let probe = if needs_probe { Some(self.start_probe(network).await?) } else { None };
+        // Checks run where the job will: in the network's sandbox when it has one.
+        let probe = match (needs_probe, self.network().sandbox.clone()) {
+            (false, _) => None,
+            (true, Some(sandbox)) => Some(sandbox),
+            (true, None) => Some(self.start_probe(&network).await?),
+        };
         for (name, service) in services {
             let Some(ready) = &service.ready else { continue };
             let Some(id) = self.held.services.iter().find(|s| s.name == name.as_str()).map(|s| s.id.clone()) else {

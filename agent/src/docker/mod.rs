@@ -38,6 +38,8 @@ pub const LABEL_RUN: &str = "cimaster.run";
 pub const LABEL_ATTEMPT: &str = "cimaster.attempt";
 /// Marks a network this agent lends to its runs one at a time (see `networks`).
 pub const LABEL_REUSABLE: &str = "cimaster.reusable";
+/// A reusable network's sandbox: the container that holds the network namespace its runs join.
+pub const LABEL_SANDBOX: &str = "cimaster.sandbox";
 
 /// Output of the job container, as the engine delivers it.
 pub enum Chunk {
@@ -86,6 +88,8 @@ pub enum DockerError {
     Exec(#[source] BollardError),
     #[error("starting the mirror's git helper failed: {0}")]
     GitHelper(#[source] BollardError),
+    #[error("starting a network's sandbox failed: {0}")]
+    Sandbox(#[source] BollardError),
     #[error("starting the script failed: {0}")]
     Gate(#[source] std::io::Error),
 }
@@ -160,12 +164,16 @@ impl DockerClient {
     }
 
     /// Removes a container, logging (not failing) on errors: cleanup is best effort here and
-    /// complete at the next sweep.
-    pub async fn remove_container(&self, id: &str) {
+    /// complete at the next sweep. Whether the container is gone.
+    pub async fn remove_container(&self, id: &str) -> bool {
         let _timer = Timer::docker("remove_container");
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
-        if let Err(err) = self.docker.remove_container(id, Some(options)).await {
-            tracing::warn!(container = id, error = %err, "cannot remove container");
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) | Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => true,
+            Err(err) => {
+                tracing::warn!(container = id, error = %err, "cannot remove container");
+                false
+            }
         }
     }
 

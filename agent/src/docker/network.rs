@@ -1,12 +1,13 @@
-//! Bridge networks: one per run, or one of the agent's that runs borrow one at a time.
+//! Bridge networks: one per run, or one of the agent's that runs borrow one at a time, with the
+//! sandbox that holds a borrowed network's namespace for the runs' job containers.
 
 use std::collections::HashMap;
 
 use bollard::errors::Error as BollardError;
-use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
-use bollard::query_parameters::InspectNetworkOptions;
+use bollard::models::{ContainerCreateBody, HostConfig, Ipam, IpamConfig, NetworkCreateRequest};
+use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions};
 
-use super::{DockerClient, DockerError, RunLabels, LABEL_AGENT, LABEL_REUSABLE};
+use super::{confined, DockerClient, DockerError, RunLabels, LABEL_AGENT, LABEL_REUSABLE, LABEL_SANDBOX};
 use crate::telemetry::Timer;
 
 impl DockerClient {
@@ -64,5 +65,40 @@ impl DockerClient {
     pub async fn network_endpoints(&self, name: &str) -> Option<usize> {
         let network = self.docker.inspect_network(name, None::<InspectNetworkOptions>).await.ok()?;
         Some(network.containers.map_or(0, |containers| containers.len()))
+    }
+
+    /// Starts the sandbox of a reusable network: a container of `image` that only sleeps, on the
+    /// network, whose network namespace the runs' job containers join (`container:ID`) instead of
+    /// each getting an endpoint of its own. Its container id.
+    pub async fn start_sandbox(&self, agent: &str, network: &str, image: &str) -> Result<String, DockerError> {
+        let _timer = Timer::docker("start_container");
+        let labels =
+            HashMap::from([(LABEL_AGENT.to_owned(), agent.to_owned()), (LABEL_SANDBOX.to_owned(), network.to_owned())]);
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            cmd: Some(vec!["sleep".to_owned(), "infinity".to_owned()]),
+            labels: Some(labels),
+            // It only sleeps, and answers the readiness checks' connections: a sliver of a CPU.
+            host_config: Some(HostConfig {
+                network_mode: Some(network.to_owned()),
+                ..confined(Some(250_000_000), Some(64 << 20))
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions { name: Some(format!("{network}-sandbox")), ..Default::default() };
+        let created = self.docker.create_container(Some(options), body).await.map_err(DockerError::Sandbox)?;
+        if let Err(err) =
+            self.docker.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>).await
+        {
+            self.remove_container(&created.id).await;
+            return Err(DockerError::Sandbox(err));
+        }
+        Ok(created.id)
+    }
+
+    /// Whether the container exists and runs.
+    pub async fn running(&self, id: &str) -> bool {
+        let inspected = self.docker.inspect_container(id, None::<InspectContainerOptions>).await;
+        inspected.ok().and_then(|container| container.state).and_then(|state| state.running) == Some(true)
     }
 }

@@ -374,8 +374,17 @@ fn leftovers_now(run_id: &str) -> (usize, usize) {
     )
 }
 
+/// Every container of the agent: its runs', its networks' sandboxes and its git helpers.
 pub fn containers_of_agent(agent: &str) -> usize {
     docker(&["ps", "-aq", "--filter", &format!("label=cimaster.agent={agent}")])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+/// The agent's containers that belong to a run.
+pub fn run_containers_of_agent(agent: &str) -> usize {
+    docker(&["ps", "-aq", "--filter", &format!("label=cimaster.agent={agent}"), "--filter", "label=cimaster.run"])
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count()
