@@ -4,8 +4,9 @@
 //! Creating and removing a bridge network is most of what a short run costs the engine (hundreds of
 //! milliseconds each on some hosts, and removal holds locks the next container start waits for), so
 //! the agent keeps up to `keep` idle networks and lends them to its next runs. A network goes back
-//! to the idle set once the run's containers are removed (when the set is full it is removed
-//! instead), and is lent again only when the engine reports nothing attached to it. With `keep` at 0 every run gets a new
+//! to the idle set once the run's containers are removed, and is lent again only when the engine
+//! reports nothing attached to it. Networks beyond `keep` that a burst of runs left idle stay for
+//! `LINGER` and are removed then, so a busy agent does not make and remove a network per run. With `keep` at 0 every run gets a new
 //! network labelled with the run, removed after it. Idle networks carry the agent's label: a
 //! graceful stop removes them, and the start-up sweep removes those a killed agent left.
 //!
@@ -56,7 +57,10 @@ pub(crate) struct Networks {
     docker: DockerClient,
     agent: String,
     keep: usize,
-    idle: Mutex<Vec<RunNetwork>>,
+    /// Idle networks, the one given back last at the end, each with when it was given back.
+    idle: Mutex<Vec<(RunNetwork, Instant)>>,
+    /// How long an idle network beyond `keep` stays.
+    linger: Duration,
     /// The image of reusable networks' sandboxes; `None`: runs get endpoints of their own.
     sandbox_image: Option<String>,
     /// Where new networks get their subnets; the engine's default pools when `None`.
@@ -77,6 +81,8 @@ struct Room {
     limit: Option<(usize, Instant)>,
 }
 
+/// How long an idle network beyond the kept ones stays for the next run before it is removed.
+const LINGER: Duration = Duration::from_secs(30);
 /// How long a learnt limit on networks holds before the agent tries for more.
 const LIMIT_FOR: Duration = Duration::from_secs(60);
 /// How often a run waiting for a network tries to make one anyway.
@@ -99,12 +105,19 @@ impl Networks {
         let subnets = subnets.map(|pool| pool.starting_for(&agent));
         let room = Mutex::new(Room::default());
         let (idle, freed, wait) = (Mutex::new(Vec::new()), Notify::new(), WAIT_FOR_NETWORK);
-        Self { docker, agent, keep, idle, sandbox_image: None, subnets, room, freed, wait }
+        Self { docker, agent, keep, idle, linger: LINGER, sandbox_image: None, subnets, room, freed, wait }
     }
 
     /// Gives each reusable network a sandbox of `image` for its runs' job containers to join.
     pub fn with_sandboxes(mut self, image: String) -> Self {
         self.sandbox_image = Some(image);
+        self
+    }
+
+    /// Sets how long idle networks beyond the kept ones stay.
+    #[cfg(test)]
+    pub fn lingering_for(mut self, linger: Duration) -> Self {
+        self.linger = linger;
         self
     }
 
@@ -181,7 +194,7 @@ impl Networks {
         Err(DockerError::SubnetsExhausted(pool.blocks()))
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<RunNetwork>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(RunNetwork, Instant)>> {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -226,7 +239,7 @@ impl Networks {
         }
         loop {
             let idle = self.idle().pop();
-            let Some(network) = idle else { break };
+            let Some((network, _)) = idle else { break };
             if self.as_left(&network).await {
                 return Ok(network);
             }
@@ -275,25 +288,45 @@ impl Networks {
     /// Takes the network back once the run's containers are removed; `take` checks it before it is
     /// lent again. `clean`: every container of the run is gone (one that joined the sandbox does
     /// not show on the network, so only the run can tell).
-    pub async fn give_back(&self, network: RunNetwork, clean: bool) {
+    pub async fn give_back(self: &Arc<Self>, network: RunNetwork, clean: bool) {
         self.room().lent -= 1;
-        let mut network = Some(network);
-        if clean && network.as_ref().is_some_and(|network| network.reusable) {
-            let mut idle = self.idle();
-            if idle.len() < self.keep {
-                idle.extend(network.take());
+        if clean && network.reusable {
+            let surplus = {
+                let mut idle = self.idle();
+                idle.push((network, Instant::now()));
+                idle.len() > self.keep
+            };
+            if surplus {
+                let networks = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(networks.linger).await;
+                    networks.trim().await;
+                });
             }
-        }
-        if let Some(network) = network {
+        } else {
             self.discard(network).await;
         }
         self.freed.notify_waiters();
     }
 
+    /// Removes the idle networks beyond the kept ones that have been idle for `linger`, oldest
+    /// first.
+    async fn trim(&self) {
+        let expired: Vec<RunNetwork> = {
+            let mut idle = self.idle();
+            let surplus = idle.len().saturating_sub(self.keep);
+            let expired = idle.iter().take(surplus).take_while(|(_, since)| since.elapsed() >= self.linger).count();
+            idle.drain(..expired).map(|(network, _)| network).collect()
+        };
+        for network in expired {
+            self.discard(network).await;
+        }
+    }
+
     /// Removes the idle networks and their sandboxes (at shutdown).
     pub async fn clear(&self) {
         let idle = std::mem::take(&mut *self.idle());
-        for network in idle {
+        for (network, _) in idle {
             self.discard(network).await;
         }
     }
@@ -330,18 +363,27 @@ mod tests {
     #[tokio::test]
     async fn an_empty_network_is_lent_again_and_an_occupied_one_is_removed() {
         let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
-        let networks =
-            Networks::new(DockerClient::connect(RegistryAuths::default()).await.unwrap(), agent.clone(), 1, None);
+        let docker_client = DockerClient::connect(RegistryAuths::default()).await.unwrap();
+        let linger = Duration::from_millis(500);
+        let networks = Arc::new(Networks::new(docker_client, agent.clone(), 1, None).lingering_for(linger));
 
         let first = networks.take(&labels(&agent)).await.unwrap();
         let second = networks.take(&labels(&agent)).await.unwrap();
         assert_ne!(first.name, second.name, "two runs at once share a network");
         let (first_name, second_name) = (first.name.clone(), second.name.clone());
         networks.give_back(first, true).await;
-        // The idle set is full: the second network is removed, not kept.
         networks.give_back(second, true).await;
-        assert_eq!(networks_of(&agent), vec![first_name.clone()]);
-        assert!(!networks_of(&agent).contains(&second_name));
+        // One more than the one kept: both stay a while for the next runs, then the older one goes.
+        let mut both = vec![first_name.clone(), second_name.clone()];
+        both.sort();
+        assert_eq!(networks_of(&agent), both);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while networks_of(&agent).len() > 1 {
+            assert!(Instant::now() < deadline, "the surplus network stayed: {:?}", networks_of(&agent));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(networks_of(&agent), vec![second_name.clone()]);
+        let first_name = second_name;
 
         // The next run gets the idle network.
         let again = networks.take(&labels(&agent)).await.unwrap();
@@ -396,7 +438,8 @@ mod tests {
     async fn a_kept_network_keeps_its_sandbox_and_both_go_when_a_run_left_something() {
         let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
         let docker_client = DockerClient::connect(RegistryAuths::default()).await.unwrap();
-        let networks = Networks::new(docker_client, agent.clone(), 1, None).with_sandboxes("busybox:latest".to_owned());
+        let networks =
+            Arc::new(Networks::new(docker_client, agent.clone(), 1, None).with_sandboxes("busybox:latest".to_owned()));
 
         let first = networks.take(&labels(&agent)).await.unwrap();
         let sandbox = first.sandbox.clone().expect("a kept network has a sandbox");
@@ -433,8 +476,12 @@ mod tests {
     #[tokio::test]
     async fn with_none_kept_each_run_gets_its_own_network_removed_after_it() {
         let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
-        let networks =
-            Networks::new(DockerClient::connect(RegistryAuths::default()).await.unwrap(), agent.clone(), 0, None);
+        let networks = Arc::new(Networks::new(
+            DockerClient::connect(RegistryAuths::default()).await.unwrap(),
+            agent.clone(),
+            0,
+            None,
+        ));
         let run = labels(&agent);
         let network = networks.take(&run).await.unwrap();
         let filter = format!("label=cimaster.run={}", run.run);
@@ -454,9 +501,10 @@ mod tests {
         assert!(!docker(&["network", "create", "--subnet", &taken, &foreign]).is_empty(), "cannot create {taken}");
         let pool: SubnetPool = range.parse().unwrap();
         // Told not to wait, it says at once that none is left.
-        let networks =
+        let networks = Arc::new(
             Networks::new(DockerClient::connect(RegistryAuths::default()).await.unwrap(), agent.clone(), 0, Some(pool))
-                .waiting_up_to(Duration::ZERO);
+                .waiting_up_to(Duration::ZERO),
+        );
 
         let first = networks.take(&labels(&agent)).await.unwrap();
         let subnet = docker(&["network", "inspect", &first.name, "--format", "{{(index .IPAM.Config 0).Subnet}}"]);
