@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountTypeEnum, VolumeCreateOptions};
-use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveVolumeOptions,
-};
+use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions, RemoveVolumeOptions};
 use futures::StreamExt;
 
 use super::{chunks, confined, DockerClient, DockerError, Output, LABEL_AGENT, LABEL_GIT_HELPER, LABEL_MIRROR};
@@ -60,15 +58,7 @@ impl DockerClient {
             host_config: Some(host_config),
             ..Default::default()
         };
-        let options = CreateContainerOptions { name: Some(helper.name.to_owned()), ..Default::default() };
-        let created = self.docker.create_container(Some(options), body).await.map_err(DockerError::GitHelper)?;
-        if let Err(err) =
-            self.docker.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>).await
-        {
-            self.remove_container(&created.id).await;
-            return Err(DockerError::GitHelper(err));
-        }
-        Ok(created.id)
+        self.start_sleeper(helper.name, body).await.map_err(DockerError::GitHelper)
     }
 
     /// A repository's mirror volume of this agent: created the first time, the same one after.

@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
-use bollard::models::{HostConfig, HostConfigLogConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
-    DownloadFromContainerOptions, InspectContainerOptions, ListContainersOptions, ListNetworksOptions,
-    ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, DownloadFromContainerOptions, InspectContainerOptions, ListContainersOptions,
+    ListNetworksOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions, StartContainerOptions,
+    StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -196,6 +197,18 @@ impl DockerClient {
         self.docker
             .download_from_container(id, Some(DownloadFromContainerOptions { path: path.to_owned() }))
             .map(|chunk| chunk.map_err(std::io::Error::other))
+    }
+
+    /// Creates and starts a container that only waits (a git helper, a network's sandbox) under
+    /// `name`; removes it again when it cannot be started. Its id.
+    async fn start_sleeper(&self, name: &str, body: ContainerCreateBody) -> Result<String, BollardError> {
+        let options = CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() };
+        let created = self.docker.create_container(Some(options), body).await?;
+        if let Err(err) = self.docker.start_container(&created.id, None::<StartContainerOptions>).await {
+            self.remove_container(&created.id).await;
+            return Err(err);
+        }
+        Ok(created.id)
     }
 
     /// Whether the container still runs, and its exit code when it does not.

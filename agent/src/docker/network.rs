@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig, Ipam, IpamConfig, NetworkCreateRequest};
-use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions};
+use bollard::query_parameters::{InspectContainerOptions, InspectNetworkOptions};
 
 use super::{confined, DockerClient, DockerError, RunLabels, LABEL_AGENT, LABEL_REUSABLE, LABEL_SANDBOX};
 use crate::telemetry::Timer;
@@ -85,15 +85,7 @@ impl DockerClient {
             }),
             ..Default::default()
         };
-        let options = CreateContainerOptions { name: Some(format!("{network}-sandbox")), ..Default::default() };
-        let created = self.docker.create_container(Some(options), body).await.map_err(DockerError::Sandbox)?;
-        if let Err(err) =
-            self.docker.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>).await
-        {
-            self.remove_container(&created.id).await;
-            return Err(DockerError::Sandbox(err));
-        }
-        Ok(created.id)
+        self.start_sleeper(&format!("{network}-sandbox"), body).await.map_err(DockerError::Sandbox)
     }
 
     /// Whether the container exists and runs.
