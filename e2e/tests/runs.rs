@@ -105,15 +105,19 @@ async fn consecutive_runs_join_one_sandbox_and_nothing_of_a_run_outlives_it(pool
     let options = AgentOptions { env: vec![("CIMASTER_AGENT_IDLE_NETWORKS", "1".to_owned())], ..Default::default() };
     let agent = stack.add_agent(options).await;
     let mac = "echo mac $(cat /sys/class/net/eth0/address)";
-    // The first run leaves a listener behind in the background and tries to change the namespace.
+    // The first run leaves a listener behind in the background, and tries to change the namespace
+    // and the names and resolver the next run would find.
     let leave = format!(
         "nc -ll -p 7000 -e cat & sleep 0.3; echo ping | nc -w 1 127.0.0.1 7000 && echo port 7000 answers; \
          ip link set lo down 2>/dev/null && echo changed the namespace || echo the namespace stays as it is; \
+         (echo '6.6.6.6 cimaster.invalid' >> /etc/hosts) 2>/dev/null || echo /etc/hosts is read-only; \
+         (echo 'nameserver 6.6.6.6' > /etc/resolv.conf) 2>/dev/null || echo /etc/resolv.conf is read-only; \
          {mac}; sleep 2"
     );
     stack.put_job("leave", job(&leave)).await;
     let look = format!(
-        "echo ping | nc -w 1 127.0.0.1 7000 && echo a listener survived || echo nothing listens on 7000; {mac}"
+        "echo ping | nc -w 1 127.0.0.1 7000 && echo a listener survived || echo nothing listens on 7000; \
+         grep -q 6.6.6.6 /etc/hosts /etc/resolv.conf && echo a name survived || echo no name of the last run; {mac}"
     );
     stack.put_job("look", job(&look)).await;
 
@@ -138,6 +142,7 @@ async fn consecutive_runs_join_one_sandbox_and_nothing_of_a_run_outlives_it(pool
     let said = stack.console(&first).await;
     assert!(said.contains("port 7000 answers"), "{said}");
     assert!(said.contains("the namespace stays as it is"), "{said}");
+    assert!(said.contains("/etc/hosts is read-only") && said.contains("/etc/resolv.conf is read-only"), "{said}");
 
     let second = stack.trigger("look").await;
     let run = stack.wait_finished(&second, Duration::from_secs(60)).await;
@@ -147,6 +152,7 @@ async fn consecutive_runs_join_one_sandbox_and_nothing_of_a_run_outlives_it(pool
         |console: &str| console.lines().find_map(|line| line.split_once("mac ").map(|(_, mac)| mac.to_owned()));
     assert_eq!(mac_of(&said), mac_of(&seen), "the second run is in another namespace:\n{said}\n{seen}");
     assert!(seen.contains("nothing listens on 7000") && !seen.contains("a listener survived"), "{seen}");
+    assert!(seen.contains("no name of the last run") && !seen.contains("a name survived"), "{seen}");
 }
 
 #[sqlx::test(migrations = "../migrations")]

@@ -44,9 +44,9 @@ impl Attempt<'_> {
         let needs_probe =
             services.values().filter_map(|s| s.ready.as_ref()).any(|r| r.tcp.is_some() || r.http.is_some());
         // Checks run where the job will: in the network's sandbox when it has one.
-        let probe = match (needs_probe, self.network().sandbox.clone()) {
+        let probe = match (needs_probe, self.network().sandbox.as_ref()) {
             (false, _) => None,
-            (true, Some(sandbox)) => Some(sandbox),
+            (true, Some(sandbox)) => Some(sandbox.id.clone()),
             (true, None) => Some(self.start_probe(&network).await?),
         };
         for (name, service) in services {

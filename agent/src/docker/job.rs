@@ -6,7 +6,7 @@ use std::pin::Pin;
 use bollard::models::{ContainerCreateBody, EndpointSettings, HostConfig, Mount, MountTypeEnum, NetworkingConfig};
 use bollard::query_parameters::{AttachContainerOptions, CreateContainerOptions};
 
-use super::{chunks, confined, DockerClient, DockerError, Output, RunLabels};
+use super::{chunks, confined, DockerClient, DockerError, Output, RunLabels, Sandbox};
 use crate::telemetry::Timer;
 
 /// A container of an attempt to create: the job itself, a sidecar service or a readiness probe.
@@ -22,6 +22,8 @@ pub struct JobContainer {
     pub nano_cpus: Option<i64>,
     pub memory_bytes: Option<i64>,
     pub network: String,
+    /// The network's sandbox, whose namespace the container joins instead of the network.
+    pub sandbox: Option<Sandbox>,
     /// DNS names of the container on the run's network.
     pub aliases: Vec<String>,
     /// The run's workspace: a directory on the engine's host (in the agent's workspaces volume),
@@ -80,11 +82,14 @@ impl DockerClient {
             })
             .into_iter()
             .collect();
+        // The engine makes the workspace's directory if the checkout has not yet.
+        let workspace = spec.workspace.map(|dir| format!("{dir}:{}", crate::plan::WORKSPACE));
+        let sandbox_files = spec.sandbox.iter().flat_map(Sandbox::binds);
+        let binds: Vec<String> = workspace.into_iter().chain(sandbox_files).collect();
         let host_config = HostConfig {
             mounts: (!mounts.is_empty()).then_some(mounts),
-            // The engine makes the directory if the checkout has not yet.
-            binds: spec.workspace.map(|dir| vec![format!("{dir}:{}", crate::plan::WORKSPACE)]),
-            network_mode: Some(spec.network.clone()),
+            binds: (!binds.is_empty()).then_some(binds),
+            network_mode: Some(spec.sandbox.as_ref().map_or_else(|| spec.network.clone(), Sandbox::network_mode)),
             ..confined(spec.nano_cpus, spec.memory_bytes)
         };
         let networking_config = (!spec.aliases.is_empty()).then(|| NetworkingConfig {

@@ -25,6 +25,7 @@ use futures::{Stream, StreamExt};
 pub use git::GitHelper;
 pub use image::BuildLimits;
 pub use job::{JobContainer, Started};
+pub use network::Sandbox;
 
 use crate::registry::RegistryAuths;
 use crate::telemetry::Timer;

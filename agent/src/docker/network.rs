@@ -10,6 +10,29 @@ use bollard::query_parameters::{InspectContainerOptions, InspectNetworkOptions};
 use super::{confined, DockerClient, DockerError, RunLabels, LABEL_AGENT, LABEL_REUSABLE, LABEL_SANDBOX};
 use crate::telemetry::Timer;
 
+/// A reusable network's sandbox: the container whose network namespace the runs' job containers
+/// join, and the files the engine keeps for that namespace on its host (`/etc/hosts`,
+/// `/etc/resolv.conf`, `/etc/hostname`). A job that joins gets them read-only: they outlive the run,
+/// and a run must not leave a name or a resolver behind for the next.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sandbox {
+    pub id: String,
+    /// Each file's path on the engine's host and where it is in a container.
+    pub files: Vec<(String, &'static str)>,
+}
+
+impl Sandbox {
+    /// The network mode of a container that joins the sandbox.
+    pub fn network_mode(&self) -> String {
+        format!("container:{}", self.id)
+    }
+
+    /// Read-only binds of the namespace's files.
+    pub fn binds(&self) -> impl Iterator<Item = String> + '_ {
+        self.files.iter().map(|(source, target)| format!("{source}:{target}:ro"))
+    }
+}
+
 impl DockerClient {
     /// A network for this attempt only, labelled with the run; on `subnet` when given.
     pub async fn create_network(&self, labels: &RunLabels, subnet: Option<String>) -> Result<String, DockerError> {
@@ -69,8 +92,8 @@ impl DockerClient {
 
     /// Starts the sandbox of a reusable network: a container of `image` that only sleeps, on the
     /// network, whose network namespace the runs' job containers join (`container:ID`) instead of
-    /// each getting an endpoint of its own. Its container id.
-    pub async fn start_sandbox(&self, agent: &str, network: &str, image: &str) -> Result<String, DockerError> {
+    /// each getting an endpoint of its own.
+    pub async fn start_sandbox(&self, agent: &str, network: &str, image: &str) -> Result<Sandbox, DockerError> {
         let _timer = Timer::docker("start_container");
         let labels =
             HashMap::from([(LABEL_AGENT.to_owned(), agent.to_owned()), (LABEL_SANDBOX.to_owned(), network.to_owned())]);
@@ -85,7 +108,21 @@ impl DockerClient {
             }),
             ..Default::default()
         };
-        self.start_sleeper(&format!("{network}-sandbox"), body).await.map_err(DockerError::Sandbox)
+        let id = self.start_sleeper(&format!("{network}-sandbox"), body).await.map_err(DockerError::Sandbox)?;
+        let inspected = match self.docker.inspect_container(&id, None::<InspectContainerOptions>).await {
+            Ok(inspected) => inspected,
+            Err(err) => {
+                self.remove_container(&id).await;
+                return Err(DockerError::Sandbox(err));
+            }
+        };
+        let files = [
+            (inspected.hosts_path, "/etc/hosts"),
+            (inspected.resolv_conf_path, "/etc/resolv.conf"),
+            (inspected.hostname_path, "/etc/hostname"),
+        ];
+        let files = files.into_iter().filter_map(|(source, target)| Some((source?, target))).collect();
+        Ok(Sandbox { id, files })
     }
 
     /// Whether the container exists and runs.

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::docker::{DockerClient, DockerError, RunLabels};
+use crate::docker::{DockerClient, DockerError, RunLabels, Sandbox};
 use crate::subnets::SubnetPool;
 use crate::telemetry;
 
@@ -40,17 +40,7 @@ pub(crate) struct RunNetwork {
     pub name: String,
     reusable: bool,
     /// The container whose network namespace the run's job joins, when the network has one.
-    pub sandbox: Option<String>,
-}
-
-impl RunNetwork {
-    /// The network mode of the run's job container: the sandbox's namespace, or the network.
-    pub fn for_job(&self) -> String {
-        match &self.sandbox {
-            Some(id) => format!("container:{id}"),
-            None => self.name.clone(),
-        }
-    }
+    pub sandbox: Option<Sandbox>,
 }
 
 pub(crate) struct Networks {
@@ -259,14 +249,14 @@ impl Networks {
             return false;
         };
         match &network.sandbox {
-            Some(sandbox) => endpoints == 1 && self.docker.running(sandbox).await,
+            Some(sandbox) => endpoints == 1 && self.docker.running(&sandbox.id).await,
             None => endpoints == 0,
         }
     }
 
     /// The new network's sandbox; `None` (the runs get endpoints of their own) when sandboxes are
     /// off or the sandbox cannot be started.
-    async fn start_sandbox(&self, network: &str) -> Option<String> {
+    async fn start_sandbox(&self, network: &str) -> Option<Sandbox> {
         let image = self.sandbox_image.as_deref()?;
         let started = match self.docker.ensure_image(image).await {
             Ok(()) => self.docker.start_sandbox(&self.agent, network, image).await,
@@ -280,7 +270,7 @@ impl Networks {
     /// Removes a network and its sandbox.
     async fn discard(&self, network: RunNetwork) {
         if let Some(sandbox) = &network.sandbox {
-            self.docker.remove_container(sandbox).await;
+            self.docker.remove_container(&sandbox.id).await;
         }
         self.docker.remove_network(&network.name).await;
     }

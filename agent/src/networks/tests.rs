@@ -105,8 +105,13 @@ async fn a_kept_network_keeps_its_sandbox_and_both_go_when_a_run_left_something(
 
     let first = networks.take(&labels(&agent)).await.unwrap();
     let sandbox = first.sandbox.clone().expect("a kept network has a sandbox");
-    assert_eq!(first.for_job(), format!("container:{sandbox}"));
-    assert_eq!(sandboxes_of(&agent), vec![sandbox.clone()]);
+    assert_eq!(sandbox.network_mode(), format!("container:{}", sandbox.id));
+    assert_eq!(sandboxes_of(&agent), vec![sandbox.id.clone()]);
+    // The namespace's files, for the runs to get read-only.
+    let targets: Vec<&str> = sandbox.files.iter().map(|(_, target)| *target).collect();
+    assert_eq!(targets, ["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"]);
+    let hosts = docker(&["inspect", "-f", "{{.HostsPath}}", &sandbox.id]);
+    assert_eq!(sandbox.binds().next(), Some(format!("{hosts}:/etc/hosts:ro")));
     let on_network = docker(&["network", "inspect", &first.name, "--format", "{{len .Containers}}"]);
     assert_eq!(on_network, "1", "the sandbox is on the network");
     let name = first.name.clone();
@@ -114,7 +119,7 @@ async fn a_kept_network_keeps_its_sandbox_and_both_go_when_a_run_left_something(
 
     // The next run gets the network with the same sandbox.
     let again = networks.take(&labels(&agent)).await.unwrap();
-    assert_eq!((again.name.as_str(), again.sandbox.as_deref()), (name.as_str(), Some(sandbox.as_str())));
+    assert_eq!((&again.name, again.sandbox.as_ref()), (&name, Some(&sandbox)));
     // A run that left a container behind: the network and its sandbox go.
     networks.give_back(again, false).await;
     assert!(networks_of(&agent).is_empty() && sandboxes_of(&agent).is_empty());
@@ -122,7 +127,7 @@ async fn a_kept_network_keeps_its_sandbox_and_both_go_when_a_run_left_something(
     // A sandbox stopped behind the agent's back: its network is not lent again.
     let third = networks.take(&labels(&agent)).await.unwrap();
     let third_name = third.name.clone();
-    docker(&["rm", "-f", third.sandbox.as_deref().unwrap()]);
+    docker(&["rm", "-f", &third.sandbox.as_ref().unwrap().id]);
     networks.give_back(third, true).await;
     let fourth = networks.take(&labels(&agent)).await.unwrap();
     assert_ne!(fourth.name, third_name);
