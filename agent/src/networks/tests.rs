@@ -26,7 +26,8 @@ fn labels(agent: &str) -> RunLabels {
 async fn an_empty_network_is_lent_again_and_an_occupied_one_is_removed() {
     let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
     let docker_client = DockerClient::connect(RegistryAuths::default()).await.unwrap();
-    let linger = Duration::from_millis(500);
+    // Long enough for the listing below to see both before the older one goes, on a loaded machine.
+    let linger = Duration::from_secs(2);
     let networks = Arc::new(Networks::new(docker_client, agent.clone(), 1, None).lingering_for(linger));
 
     let first = networks.take(&labels(&agent)).await.unwrap();
