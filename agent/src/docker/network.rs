@@ -84,10 +84,11 @@ impl DockerClient {
         }
     }
 
-    /// How many containers are attached to the network; `None` when it cannot be inspected.
-    pub async fn network_endpoints(&self, name: &str) -> Option<usize> {
+    /// The ids of the containers attached to the network (a stopped one is not); `None` when it
+    /// cannot be inspected.
+    pub async fn attached(&self, name: &str) -> Option<Vec<String>> {
         let network = self.docker.inspect_network(name, None::<InspectNetworkOptions>).await.ok()?;
-        Some(network.containers.map_or(0, |containers| containers.len()))
+        Some(network.containers.map(|containers| containers.into_keys().collect()).unwrap_or_default())
     }
 
     /// Starts the sandbox of a reusable network: a container of `image` that only sleeps, on the
@@ -123,11 +124,5 @@ impl DockerClient {
         ];
         let files = files.into_iter().filter_map(|(source, target)| Some((source?, target))).collect();
         Ok(Sandbox { id, files })
-    }
-
-    /// Whether the container exists and runs.
-    pub async fn running(&self, id: &str) -> bool {
-        let inspected = self.docker.inspect_container(id, None::<InspectContainerOptions>).await;
-        inspected.ok().and_then(|container| container.state).and_then(|state| state.running) == Some(true)
     }
 }

@@ -240,18 +240,15 @@ impl Networks {
         Ok(RunNetwork { name, reusable: true, sandbox })
     }
 
-    /// Whether an idle network is as its last run left it: nothing attached but its sandbox, and the
-    /// sandbox running. A container whose removal failed keeps a network out, as does its removal,
-    /// or its sandbox's, by someone else.
+    /// Whether an idle network is as its last run left it: nothing attached but its sandbox, which
+    /// is attached only while it runs. A container whose removal failed keeps a network out, as does
+    /// its removal, or its sandbox's, by someone else.
     async fn as_left(&self, network: &RunNetwork) -> bool {
-        let Some(endpoints) = self.docker.network_endpoints(&network.name).await else {
+        let Some(attached) = self.docker.attached(&network.name).await else {
             tracing::info!(network = network.name, "an idle network is gone; not lending it");
             return false;
         };
-        match &network.sandbox {
-            Some(sandbox) => endpoints == 1 && self.docker.running(&sandbox.id).await,
-            None => endpoints == 0,
-        }
+        attached.iter().eq(network.sandbox.iter().map(|sandbox| &sandbox.id))
     }
 
     /// The new network's sandbox; `None` (the runs get endpoints of their own) when sandboxes are

@@ -376,18 +376,21 @@ fn leftovers_now(run_id: &str) -> (usize, usize) {
 
 /// Every container of the agent: its runs', its networks' sandboxes and its git helpers.
 pub fn containers_of_agent(agent: &str) -> usize {
-    docker(&["ps", "-aq", "--filter", &format!("label=cimaster.agent={agent}")])
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count()
+    count_containers(&[&format!("label=cimaster.agent={agent}")])
 }
 
 /// The agent's containers that belong to a run.
 pub fn run_containers_of_agent(agent: &str) -> usize {
-    docker(&["ps", "-aq", "--filter", &format!("label=cimaster.agent={agent}"), "--filter", "label=cimaster.run"])
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count()
+    count_containers(&[&format!("label=cimaster.agent={agent}"), "label=cimaster.run"])
+}
+
+/// The containers, running or not, that match every filter.
+fn count_containers(filters: &[&str]) -> usize {
+    let mut args = vec!["ps", "-aq"];
+    for filter in filters {
+        args.extend(["--filter", filter]);
+    }
+    docker(&args).lines().filter(|l| !l.trim().is_empty()).count()
 }
 
 /// The agent's networks, each with the number of containers attached to it.
