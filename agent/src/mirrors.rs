@@ -21,11 +21,6 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::docker::{DockerClient, DockerError, GitHelper};
 
-/// Where the git helper (read-write) and the run's containers (read-only) see the mirror.
-pub const MIRROR_PATH: &str = "/cimaster/mirror";
-/// Where the git helpers see the agent's workspaces volume; a run's workspace is a directory in it.
-pub const WORKSPACES_PATH: &str = "/workspaces";
-
 /// What the mirrors may take: in all on disk, in age, and each git helper of the host.
 pub struct Limits {
     pub max_bytes: u64,

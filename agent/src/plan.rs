@@ -132,13 +132,20 @@ pub fn withholds_secrets(claim: &Claim, git: &cimaster_common::GitJob) -> bool {
     claim.cause.from_fork && !git.github.as_ref().is_some_and(|github| github.secrets_for_forks)
 }
 
+/// Ends a checkout's process group, named by the file the checkout wrote (`$1`), if it still runs.
+pub const END_CHECKOUT_SCRIPT: &str = r#"test -f "$1" && kill -TERM "-$(cat "$1")" 2>/dev/null || true"#;
+
 /// The git helper's checkout script: the repository's mirror updated with what the run's commit needs
 /// (a damaged mirror is rebuilt), then the run's workspace made from it at that commit, detached.
 /// The repository, commit and credentials arrive in the environment, never on the command line.
+/// The script leads its own process group (an exec is a session of its own) and writes the group's
+/// id to `CIMASTER_CHECKOUT_PID`, so a stopped attempt can end it whole; ended, it leaves no keys.
 pub const CHECKOUT_SCRIPT: &str = r#"set -eu
 umask 077
 private=$(mktemp -d)
-trap 'rm -rf "$private"' EXIT
+echo $$ > "$CIMASTER_CHECKOUT_PID"
+trap 'rm -rf "$private" "$CIMASTER_CHECKOUT_PID"' EXIT
+trap 'exit 143' TERM INT
 ssh="ssh -o BatchMode=yes"
 if [ -n "${CIMASTER_GIT_SSH_KEY:-}" ]; then
   printf '%s\n' "$CIMASTER_GIT_SSH_KEY" > "$private/deploy-key"
@@ -160,7 +167,7 @@ if [ -n "${CIMASTER_GIT_TOKEN:-}" ]; then
 fi
 export GIT_TERMINAL_PROMPT=0
 began=$(date +%s%N)
-mirror=/cimaster/mirror
+mirror="$CIMASTER_MIRROR"
 workspace="$CIMASTER_WORKSPACE"
 repo="$CIMASTER_GIT_REPOSITORY"
 commit="$CIMASTER_GIT_COMMIT"

@@ -1,6 +1,7 @@
 //! Agents' git mirrors: a second run of a repository fetches only what is new, runs of one
 //! repository at once share its mirror without fetching twice, depth and submodules are honoured, a
-//! damaged mirror is rebuilt, and jobs with their own credentials get mirrors of their own.
+//! damaged mirror is rebuilt, jobs with their own credentials get mirrors of their own, and a run
+//! stopped in its checkout ends the checkout and frees the mirror.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -10,6 +11,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use support::{docker, AgentOptions, GitServer, Stack};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(120);
 const GIT_IMAGE: &str = "cimaster-git:bookworm";
@@ -220,4 +224,83 @@ async fn mirrors_beyond_the_size_limit_go_least_recently_used_first_with_their_h
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A `git://` front for a git server whose first connection from a container is accepted and never
+/// answered, while every other connection passes through: a fetch that stalls once.
+struct StallingFront {
+    base: String,
+    /// Told when the stalled connection's client closes it.
+    closed: oneshot::Receiver<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingFront {
+    async fn start(git: &GitServer) -> Self {
+        let listener = TcpListener::bind((git.host.as_str(), 0)).await.unwrap();
+        let base = format!("git://{}:{}", git.host, listener.local_addr().unwrap().port());
+        let upstream = (git.host.clone(), git.port);
+        let (tell, closed) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut tell = Some(tell);
+            while let Ok((mut client, peer)) = listener.accept().await {
+                // The master (an address of this host's own) passes; a container's first
+                // connection stalls.
+                let from_this_host = std::net::UdpSocket::bind((peer.ip(), 0)).is_ok();
+                let stall = if from_this_host { None } else { tell.take() };
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Some(tell) = stall {
+                        let mut buffer = [0_u8; 4096];
+                        while matches!(client.read(&mut buffer).await, Ok(read) if read > 0) {}
+                        let _ = tell.send(());
+                    } else if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { base, closed, task }
+    }
+}
+
+impl Drop for StallingFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A run aborted while its checkout's fetch stalls ends the checkout (the engine cannot stop an
+/// exec): the fetch's connection closes, the next run of the repository gets the mirror at once
+/// rather than when the stalled fetch would have ended, and the helper keeps nothing of it.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_run_aborted_in_its_checkout_ends_the_checkout_and_frees_the_mirror(pool: PgPool) {
+    let git = GitServer::start();
+    git.repo("stalls");
+    git.commit("stalls", "main", &[(".cimaster.yml", "image: busybox:latest\nscript: echo built\n")]);
+    let mut front = StallingFront::start(&git).await;
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    stack.put_job("stalls", json!({"kind": "git", "repository": format!("{}/stalls", front.base)})).await;
+    let reply = stack.api.post("/jobs/stalls/runs", json!({"branchName": "main"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let path = reply.body["links"]["self"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !stack.console(&path).await.contains("fetching") {
+        assert!(std::time::Instant::now() < deadline, "the checkout never began fetching");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let abort = stack.api.post(&format!("{path}/abort"), json!({})).await;
+    assert_eq!(abort.status, 202, "{}\n{}", stack.api.get(&path).await.body, stack.console(&path).await);
+    let closed = tokio::time::timeout(Duration::from_secs(30), &mut front.closed).await;
+    assert!(matches!(closed, Ok(Ok(()))), "the stalled fetch was not ended");
+    assert_eq!(stack.wait_finished(&path, WAIT).await["status"], "aborted");
+
+    let (_, console) = run(&stack, "stalls").await;
+    assert!(console.contains("built"), "{console}");
+    let mirrors = mirrors_of(&stack.agents[0].id);
+    assert_eq!(mirrors.len(), 1, "{mirrors:?}");
+    let left = docker(&["exec", &format!("{}-git", mirrors[0]), "ls", "-A", "/tmp"]);
+    assert_eq!(left.trim(), "", "the helper keeps a checkout's files");
 }

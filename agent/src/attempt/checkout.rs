@@ -10,11 +10,14 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::output::pump_to_console;
 use super::{Attempt, AttemptError, Stop};
-use crate::mirrors::{MirrorUse, WORKSPACES_PATH};
-use crate::plan::{Checkout, CHECKOUT_SCRIPT};
+use crate::docker::{DockerClient, MIRROR_PATH, WORKSPACES_PATH};
+use crate::mirrors::MirrorUse;
+use crate::plan::{Checkout, CHECKOUT_SCRIPT, END_CHECKOUT_SCRIPT};
 
-/// How long a stopped attempt's checkout may go on holding its mirror.
+/// How long a stopped attempt's checkout may go on holding its mirror, should ending it fail.
 const ABANDONED_CHECKOUT: Duration = Duration::from_secs(3600);
+/// How long ending a stopped attempt's checkout may take.
+const END_CHECKOUT: Duration = Duration::from_secs(10);
 
 /// A run's workspace and the mirror it is made from.
 pub(super) struct Workspace {
@@ -67,14 +70,14 @@ impl Attempt<'_> {
         self.interrupts.step(docker.ensure_image(image)).await?.map_err(AttemptError::CheckoutImage)?;
         let helper = self.interrupts.step(mirrors.start_helper(docker, &mirror, image)).await??;
         let command = vec!["sh".to_owned(), "-c".to_owned(), CHECKOUT_SCRIPT.to_owned()];
-        let (exec, output) = self
-            .interrupts
-            .step(docker.exec_attached(&helper, command, checkout_env(checkout, secrets, &dir)))
-            .await??;
+        let pid_file = format!("/tmp/{}.checkout-pid", self.labels.name());
+        let env = checkout_env(checkout, secrets, &dir, &pid_file);
+        let (exec, output) = self.interrupts.step(docker.exec_attached(&helper, command, env)).await??;
         // The exec's output ends when the checkout does.
         let mut pump = pump_to_console(output, self.masker.clone(), self.console.clone());
         if let Err(stop) = self.interrupts.step(&mut pump).await {
-            // The engine cannot stop an exec: the mirror stays locked until the checkout ends.
+            end_checkout(docker, &helper, pid_file).await;
+            // The mirror stays locked until the checkout's output ends.
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(ABANDONED_CHECKOUT, pump).await;
                 drop(held_mirror);
@@ -91,12 +94,29 @@ impl Attempt<'_> {
     }
 }
 
+/// Ends a stopped attempt's checkout from inside its helper (the engine cannot stop an exec): the
+/// checkout's whole process group, named in `pid_file`.
+async fn end_checkout(docker: &DockerClient, helper: &str, pid_file: String) {
+    let end = vec!["sh".to_owned(), "-c".to_owned(), END_CHECKOUT_SCRIPT.to_owned(), "sh".to_owned(), pid_file];
+    let ended = tokio::time::timeout(END_CHECKOUT, docker.exec(helper, end, Vec::new())).await;
+    if !matches!(ended, Ok(Ok(_))) {
+        tracing::warn!(?ended, "a stopped checkout was not ended; its mirror stays locked until it ends");
+    }
+}
+
 /// What the helper is told: where, which commit, and the credentials it needs.
-fn checkout_env(checkout: &Checkout, secrets: &HashMap<String, SecretString>, dir: &str) -> Vec<String> {
+fn checkout_env(
+    checkout: &Checkout,
+    secrets: &HashMap<String, SecretString>,
+    dir: &str,
+    pid_file: &str,
+) -> Vec<String> {
     let mut env = vec![
         format!("CIMASTER_GIT_REPOSITORY={}", checkout.repository),
         format!("CIMASTER_GIT_COMMIT={}", checkout.commit),
         format!("CIMASTER_WORKSPACE={dir}"),
+        format!("CIMASTER_MIRROR={MIRROR_PATH}"),
+        format!("CIMASTER_CHECKOUT_PID={pid_file}"),
     ];
     let secret = |name: &Option<cimaster_common::EnvName>| name.as_ref().and_then(|name| secrets.get(name.as_str()));
     let token = secret(&checkout.token_secret).or_else(|| secrets.get(super::secrets::REPOSITORY_TOKEN));

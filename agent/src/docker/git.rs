@@ -12,6 +12,11 @@ use futures::StreamExt;
 use super::{chunks, confined, DockerClient, DockerError, Output, LABEL_AGENT, LABEL_GIT_HELPER, LABEL_MIRROR};
 use crate::telemetry::Timer;
 
+/// Where the git helper (read-write) and the run's containers (read-only) see the mirror.
+pub const MIRROR_PATH: &str = "/cimaster/mirror";
+/// Where the git helpers see the agent's workspaces volume; a run's workspace is a directory in it.
+pub const WORKSPACES_PATH: &str = "/workspaces";
+
 /// A mirror's git helper to keep running: the mirror writable at `MIRROR_PATH`, the agent's
 /// workspaces at `WORKSPACES_PATH`.
 pub struct GitHelper<'a> {
@@ -41,10 +46,7 @@ impl DockerClient {
             ..Default::default()
         };
         let host_config = HostConfig {
-            mounts: Some(vec![
-                volume(helper.mirror, crate::mirrors::MIRROR_PATH),
-                volume(helper.workspaces, crate::mirrors::WORKSPACES_PATH),
-            ]),
+            mounts: Some(vec![volume(helper.mirror, MIRROR_PATH), volume(helper.workspaces, WORKSPACES_PATH)]),
             ..confined(Some((helper.cpus * 1e9) as i64), Some(i64::try_from(helper.memory).unwrap_or(i64::MAX)))
         };
         let labels = HashMap::from([

@@ -74,7 +74,7 @@ impl DockerClient {
         let mounts: Vec<Mount> = spec
             .mirror
             .map(|volume| Mount {
-                target: Some(crate::mirrors::MIRROR_PATH.to_owned()),
+                target: Some(super::MIRROR_PATH.to_owned()),
                 source: Some(volume),
                 typ: Some(MountTypeEnum::VOLUME),
                 read_only: Some(true),

@@ -22,7 +22,7 @@ use bollard::Docker;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-pub use git::GitHelper;
+pub use git::{GitHelper, MIRROR_PATH, WORKSPACES_PATH};
 pub use image::BuildLimits;
 pub use job::{JobContainer, Started};
 pub use network::Sandbox;

@@ -585,6 +585,12 @@ pub struct SshServer {
     _child: tokio::process::Child,
 }
 
+/// A freestyle job of `script` in the locally built `busybox:latest`, small enough that several fit.
+pub fn busybox_job(script: &str) -> Value {
+    serde_json::json!({"kind": "freestyle", "image": "busybox:latest", "script": script,
+                       "resources": {"cpus": 0.5, "memory": "64Mi"}})
+}
+
 /// A counter's or gauge's value in a Prometheus text exposition (summed over its label sets that
 /// contain `labels`), 0 when absent.
 pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
