@@ -26,7 +26,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 pub use error::{ApiError, Problem};
 pub use openapi::ApiDoc;
@@ -84,7 +84,9 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), answer_in_time))
         .layer(middleware::from_fn(refuse_nul_in_uri))
         .layer(middleware::from_fn(record_metrics))
-        .layer(TraceLayer::new_for_http())
+        // A 5xx is a warning here: a database or broker fault is logged with its cause where it is
+        // answered, and a 503 from `/readyz` while a dependency is down is the answer asked for.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)))
         .layer(CatchPanicLayer::new())
         .with_state(state)
 }
