@@ -34,6 +34,9 @@ use tokio_util::sync::CancellationToken;
 use crate::docker::{DockerClient, DockerError, RunLabels, Sandbox};
 use crate::subnets::SubnetPool;
 use crate::telemetry;
+use sandbox_image::SandboxImage;
+
+mod sandbox_image;
 
 /// The network a run holds.
 pub(crate) struct RunNetwork {
@@ -52,7 +55,7 @@ pub(crate) struct Networks {
     /// How long an idle network beyond `keep` stays.
     linger: Duration,
     /// The image of reusable networks' sandboxes; `None`: runs get endpoints of their own.
-    sandbox_image: Option<String>,
+    sandbox_image: Option<SandboxImage>,
     /// Where new networks get their subnets; the engine's default pools when `None`.
     subnets: Option<SubnetPool>,
     room: Mutex<Room>,
@@ -100,7 +103,14 @@ impl Networks {
 
     /// Gives each reusable network a sandbox of `image` for its runs' job containers to join.
     pub fn with_sandboxes(mut self, image: String) -> Self {
-        self.sandbox_image = Some(image);
+        self.sandbox_image = Some(SandboxImage::new(image));
+        self
+    }
+
+    /// Sets how long a new network waits for its sandbox's image.
+    #[cfg(test)]
+    pub fn waiting_for_sandbox_image_up_to(mut self, wait: Duration) -> Self {
+        self.sandbox_image = self.sandbox_image.map(|image| image.waiting_up_to(wait));
         self
     }
 
@@ -252,14 +262,15 @@ impl Networks {
     }
 
     /// The new network's sandbox; `None` (the runs get endpoints of their own) when sandboxes are
-    /// off or the sandbox cannot be started.
+    /// off, their image cannot be had, or the sandbox cannot be started.
     async fn start_sandbox(&self, network: &str) -> Option<Sandbox> {
-        let image = self.sandbox_image.as_deref()?;
-        let started = match self.docker.ensure_image(image).await {
-            Ok(()) => self.docker.start_sandbox(&self.agent, network, image).await,
-            Err(err) => Err(err),
-        };
-        started
+        let image = self.sandbox_image.as_ref()?;
+        if !image.ready(&self.docker).await {
+            return None;
+        }
+        self.docker
+            .start_sandbox(&self.agent, network, &image.name)
+            .await
             .inspect_err(|err| tracing::warn!(network, error = %err, "no sandbox: this network's runs get endpoints of their own"))
             .ok()
     }

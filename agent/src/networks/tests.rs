@@ -141,6 +141,50 @@ async fn a_kept_network_keeps_its_sandbox_and_both_go_when_a_run_left_something(
     assert!(networks_of(&agent).is_empty() && sandboxes_of(&agent).is_empty());
 }
 
+/// A registry on loopback that takes connections and never answers, counting them.
+async fn silent_registry() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(connection);
+        }
+    });
+    (address, connections)
+}
+
+/// A sandbox image that cannot be had holds a new network up for no longer than the wait, and the
+/// next new networks go without sandboxes at once rather than each asking for it again.
+#[tokio::test]
+async fn without_its_image_a_network_goes_without_a_sandbox_and_the_image_is_not_asked_for_again() {
+    let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
+    let (registry, connections) = silent_registry().await;
+    let docker_client = DockerClient::connect(RegistryAuths::default()).await.unwrap();
+    let networks = Arc::new(
+        Networks::new(docker_client, agent.clone(), 2, None)
+            .with_sandboxes(format!("{registry}/cimaster-test/sandbox:1"))
+            .waiting_for_sandbox_image_up_to(Duration::from_secs(1)),
+    );
+    let bounded = Duration::from_secs(30);
+
+    let first = tokio::time::timeout(bounded, networks.take(&labels(&agent))).await.unwrap().unwrap();
+    assert!(first.sandbox.is_none(), "a sandbox without its image");
+    let asked = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(asked >= 1, "the engine never asked the registry for the image");
+    let second = tokio::time::timeout(bounded, networks.take(&labels(&agent))).await.unwrap().unwrap();
+    assert!(second.sandbox.is_none());
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), asked, "the image was asked for again");
+
+    networks.give_back(first, true).await;
+    networks.give_back(second, true).await;
+    networks.clear().await;
+    assert!(networks_of(&agent).is_empty());
+}
+
 #[tokio::test]
 async fn with_none_kept_each_run_gets_its_own_network_removed_after_it() {
     let agent = format!("networks-{}", uuid::Uuid::new_v4().simple());
