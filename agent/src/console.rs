@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cimaster_common::secrets::Masker;
-use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::live::LiveCopy;
-use cimaster_store::attempts::Claim;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 const FLUSH_BYTES: usize = 256 * 1024;
@@ -141,34 +139,25 @@ pub struct ConsoleFile {
     pub bytes: u64,
 }
 
-/// Starts the pump; drop every `ConsoleTx` to finish it.
+/// Starts the pump, writing the console to `path` and to its live copy; drop every `ConsoleTx` to
+/// finish it.
 pub fn start(
-    pool: PgPool,
-    claim: Claim,
+    live: LiveCopy,
     path: PathBuf,
     limits: ConsoleLimits,
 ) -> (ConsoleTx, tokio::task::JoinHandle<std::io::Result<ConsoleFile>>) {
     let (tx, rx) = mpsc::channel(256);
-    (ConsoleTx(tx), tokio::spawn(pump(pool, claim, path, limits, rx)))
+    (ConsoleTx(tx), tokio::spawn(pump(live, path, limits, rx)))
 }
 
 async fn pump(
-    pool: PgPool,
-    claim: Claim,
+    live: LiveCopy,
     path: PathBuf,
     limits: ConsoleLimits,
     mut rx: mpsc::Receiver<Piece>,
 ) -> std::io::Result<ConsoleFile> {
     let file = tokio::io::BufWriter::new(tokio::fs::File::create(&path).await?);
-    let mut log = Log {
-        file,
-        live: LiveCopy::new(pool, claim),
-        limits,
-        written: 0,
-        live_written: 0,
-        live_open: true,
-        dropped: 0,
-    };
+    let mut log = Log { file, live, limits, written: 0, live_written: 0, live_open: true, dropped: 0 };
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

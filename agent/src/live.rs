@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
-use cimaster_store::attempts::Claim;
+use cimaster_common::RunId;
 use cimaster_store::console;
 
 /// Live output kept for Postgres while it cannot be written.
@@ -23,7 +23,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub struct LiveCopy {
     pool: PgPool,
-    claim: Claim,
+    run: RunId,
+    attempt: u32,
     seq: i64,
     /// The chunk being written (and sent again until it is), with its sequence number `seq`.
     sending: Option<Bytes>,
@@ -35,8 +36,9 @@ pub struct LiveCopy {
 }
 
 impl LiveCopy {
-    pub fn new(pool: PgPool, claim: Claim) -> Self {
-        Self { pool, claim, seq: 0, sending: None, writing: None, pending: BytesMut::new(), dropped: 0, retry_at: None }
+    pub fn new(pool: PgPool, run: RunId, attempt: u32) -> Self {
+        let pending = BytesMut::new();
+        Self { pool, run, attempt, seq: 0, sending: None, writing: None, pending, dropped: 0, retry_at: None }
     }
 
     /// Queues output for the live copy; returns how much is waiting.
@@ -76,16 +78,16 @@ impl LiveCopy {
             self.sending = Some(chunk.freeze());
         }
         let Some(chunk) = self.sending.clone() else { return };
-        let (pool, claim, seq) = (self.pool.clone(), self.claim.clone(), self.seq);
+        let (pool, run, attempt, seq) = (self.pool.clone(), self.run, self.attempt, self.seq);
         self.writing = Some(tokio::spawn(async move {
-            match tokio::time::timeout(WRITE_TIMEOUT, console::append(&pool, &claim, seq, &chunk)).await {
+            match tokio::time::timeout(WRITE_TIMEOUT, console::append(&pool, run, attempt, seq, &chunk)).await {
                 Ok(Ok(())) => true,
                 Ok(Err(err)) => {
-                    tracing::warn!(run_id = %claim.run, error = %err, "cannot store live console output yet");
+                    tracing::warn!(run_id = %run, error = %err, "cannot store live console output yet");
                     false
                 }
                 Err(_) => {
-                    tracing::warn!(run_id = %claim.run, "storing live console output did not answer in time");
+                    tracing::warn!(run_id = %run, "storing live console output did not answer in time");
                     false
                 }
             }
@@ -129,7 +131,7 @@ impl LiveCopy {
                     if let Some(writing) = self.writing.take() {
                         writing.abort();
                     }
-                    tracing::warn!(run_id = %self.claim.run, "the end of the live console was not stored");
+                    tracing::warn!(run_id = %self.run, "the end of the live console was not stored");
                     return;
                 }
             };

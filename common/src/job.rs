@@ -10,7 +10,7 @@ use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ids::{BranchName, ConfigPath, EnvName, QueueName, RepositoryUrl};
-use crate::repo::Results;
+use crate::results::Results;
 use crate::schedule::Schedule;
 use crate::subscription::GithubSubscription;
 

@@ -24,9 +24,8 @@ pub use cause::{Cause, RunEvent, UnknownEvent};
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
 pub use job::{ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
 pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_arguments, QueueArgument, RunMessage};
-pub use repo::{
-    BuildSpec, CheckoutSpec, ConfigError, HttpCheck, Readiness, RepoConfig, Results, ServiceName, ServiceSpec,
-};
+pub use repo::{BuildSpec, CheckoutSpec, ConfigError, HttpCheck, Readiness, RepoConfig, ServiceName, ServiceSpec};
+pub use results::Results;
 pub use run::{RunStatus, TriggerRequest, UnknownStatus};
 pub use schedule::{CronExpr, Overlap, Schedule, TimeZone};
 pub use subscription::{BranchFilter, BranchGlob, GithubSubscription, RepoFullName};

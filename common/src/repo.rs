@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{EnvName, QueueName};
 use crate::job::{default_timeout, image_ref, timeout, ClusterRequirement, Resources, Script};
+use crate::results::Results;
 
 /// A parsed job config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,25 +152,6 @@ fn default_http_path() -> String {
     "/".into()
 }
 
-/// `results:` — globs relative to the workspace, collected after the script ends whatever its exit
-/// code.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Results {
-    /// JUnit XML reports, summarised by `GET …/results/junit`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "globs")]
-    pub junit: Vec<String>,
-    /// Any other files, downloadable one by one.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "globs")]
-    pub artifacts: Vec<String>,
-}
-
-impl Results {
-    pub fn is_empty(&self) -> bool {
-        self.junit.is_empty() && self.artifacts.is_empty()
-    }
-}
-
 /// A sidecar's name: its DNS alias on the run's network.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct ServiceName(String);
@@ -215,18 +197,6 @@ fn repo_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         return Err(de::Error::custom(format!("`{value}` must be a path inside the repository (relative, no `..`)")));
     }
     Ok(value)
-}
-
-fn globs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let values = Vec::<String>::deserialize(d)?;
-    for value in &values {
-        if value.is_empty() || value.starts_with('/') || value.split('/').any(|part| part == "..") {
-            return Err(de::Error::custom(format!(
-                "result pattern `{value}` must be relative to the workspace, without `..`"
-            )));
-        }
-    }
-    Ok(values)
 }
 
 /// Why a config file was refused, with the line when the parser knows it.

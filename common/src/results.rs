@@ -1,7 +1,39 @@
-//! Result files a run keeps besides its console log, and the JUnit summary the agent computes when it
-//! collects a report.
+//! Result files a run keeps besides its console log (what a job asks for under `results:`), and the
+//! JUnit summary the agent computes when it collects a report.
 
-use serde::{Deserialize, Serialize};
+use serde::{de, Deserialize, Deserializer, Serialize};
+
+/// `results:` — globs relative to the workspace, collected after the script ends whatever its exit
+/// code.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Results {
+    /// JUnit XML reports, summarised by `GET …/results/junit`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "globs")]
+    pub junit: Vec<String>,
+    /// Any other files, downloadable one by one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "globs")]
+    pub artifacts: Vec<String>,
+}
+
+impl Results {
+    pub fn is_empty(&self) -> bool {
+        self.junit.is_empty() && self.artifacts.is_empty()
+    }
+}
+
+/// Result patterns: relative to the workspace, without `..`.
+fn globs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let values = Vec::<String>::deserialize(d)?;
+    for value in &values {
+        if value.is_empty() || value.starts_with('/') || value.split('/').any(|part| part == "..") {
+            return Err(de::Error::custom(format!(
+                "result pattern `{value}` must be relative to the workspace, without `..`"
+            )));
+        }
+    }
+    Ok(values)
+}
 
 /// What kind of result file a run has.
 pub const KIND_JUNIT: &str = "junit";

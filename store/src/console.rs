@@ -5,13 +5,12 @@ use cimaster_common::RunId;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::attempts::Claim;
-
-/// Appends one chunk of the live console; a chunk sent again with the same `seq` is kept once.
-pub async fn append(pool: &PgPool, claim: &Claim, seq: i64, data: &[u8]) -> Result<(), sqlx::Error> {
+/// Appends one chunk of an attempt's live console; a chunk sent again with the same `seq` is kept
+/// once.
+pub async fn append(pool: &PgPool, run: RunId, attempt: u32, seq: i64, data: &[u8]) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO run_console (run_id, attempt, seq, data) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
-        .bind(claim.run.0)
-        .bind(claim.attempt as i32)
+        .bind(run.0)
+        .bind(attempt as i32)
         .bind(seq)
         .bind(data)
         .execute(pool)

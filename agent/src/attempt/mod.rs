@@ -39,6 +39,7 @@ use tracing::Instrument;
 use crate::console::{self, ConsoleTx};
 use crate::docker::{DockerClient, RunLabels};
 use crate::lease::{self, Fence, LeaseEnd, LeaseTiming, Renewal};
+use crate::live::LiveCopy;
 use crate::networks::{Networks, RunNetwork};
 use crate::pending::{Parcel, Pending};
 use crate::plan::{ImageSource, Plan};
@@ -211,7 +212,8 @@ impl Executor {
         let started = Instant::now();
         tracing::info!("attempt started");
         let log_path = self.work_dir.join(format!("{}-{}.log", claim.run, claim.attempt));
-        let (console, pump) = console::start(self.pool.clone(), claim.clone(), log_path, self.console_limits);
+        let live = LiveCopy::new(self.pool.clone(), claim.run, claim.attempt);
+        let (console, pump) = console::start(live, log_path, self.console_limits);
         // Renewed for as long as the attempt runs; losing it, or failing to renew it for the fence
         // window, stops the attempt.
         let fence = Fence::default();
