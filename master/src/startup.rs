@@ -82,7 +82,7 @@ impl Application {
             config.schedule_interval,
             cancel.clone(),
         )));
-        let integration = crate::codehost::Integration { triggers: triggers.clone(), host: host.clone() };
+        let integration = crate::codehost::Integration { triggers: triggers.clone() };
         tasks.push(tokio::spawn(crate::codehost::handle::run_handler(
             integration.clone(),
             config.github.handle_interval,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cimaster_common::{Cause, GithubSubscription, JobName, JobSpec, RunEvent, RunId, RunStatus, TriggerRequest};
 use cimaster_store::approvals::{self, Approval};
-use cimaster_store::{deliveries, jobs, runs, statuses};
+use cimaster_store::{deliveries, jobs, runs};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -260,7 +260,7 @@ async fn commented(
     comment: &Comment,
     report: &mut Report,
 ) -> Result<(), HandleError> {
-    let Some(host) = &integration.host else {
+    let Some(host) = integration.host() else {
         report.notes.push("comment commands need GitHub API access: set CIMASTER_GITHUB_TOKEN or a GitHub App".into());
         return Ok(());
     };
@@ -329,31 +329,5 @@ async fn start(
         }
         Err(TriggerError::JobNotFound(_)) => Ok(()),
         Err(err) => Err(err.into()),
-    }
-}
-
-impl Integration {
-    /// Shows a fixed state on the pull request's head for the job (when statuses are posted).
-    async fn show(
-        &self,
-        job: &JobName,
-        pull: &PullRequest,
-        state: StatusState,
-        description: &str,
-    ) -> Result<(), sqlx::Error> {
-        if self.host.is_none() {
-            return Ok(());
-        }
-        let context = super::context(job);
-        let target = statuses::Target { repository: &pull.repository, sha: pull.head_sha.as_str(), context: &context };
-        statuses::show(self.pool(), &target, state.as_str(), description).await
-    }
-
-    /// Has the run's state shown on its commit (when statuses are posted).
-    async fn follow(&self, job: &JobName, cause: &Cause, sha: &str, run: Uuid) -> Result<(), sqlx::Error> {
-        let (Some(_), Some(repository)) = (&self.host, &cause.repository) else { return Ok(()) };
-        let context = super::context(job);
-        let target = statuses::Target { repository, sha, context: &context };
-        statuses::follow_run(self.pool(), &target, run).await
     }
 }

@@ -7,34 +7,18 @@
 //! statuses, and `resync` catches pull requests whose webhook never arrived.
 
 pub mod handle;
+mod integration;
 pub mod report;
 pub mod resync;
 
-use std::sync::Arc;
 use std::time::Duration;
+
+pub use integration::Integration;
 
 use cimaster_common::{CommitSha, JobName};
 use futures::future::BoxFuture;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
-
-use crate::trigger::Triggers;
-
-/// What the code-host loops share: run creation, and the host's API when one is configured.
-#[derive(Clone)]
-pub struct Integration {
-    pub triggers: Triggers,
-    /// `None` without API credentials: webhooks still start runs, but no status is posted and
-    /// comment commands cannot read their pull request.
-    pub host: Option<Arc<dyn CodeHost>>,
-}
-
-impl Integration {
-    pub fn pool(&self) -> &PgPool {
-        &self.triggers.pool
-    }
-}
 
 /// The commit status context of a job: stable, as branch protection rules name it.
 pub fn context(job: &JobName) -> String {

@@ -25,7 +25,7 @@ pub async fn run_resync(integration: Integration, interval: Duration, cancel: Ca
 /// One pass over every subscribed repository; the runs it started.
 pub async fn resync(integration: &Integration) -> Result<Report, HandleError> {
     let mut report = Report::default();
-    let Some(host) = &integration.host else { return Ok(report) };
+    let Some(host) = integration.host() else { return Ok(report) };
     for repository in jobs::subscribed_repositories(integration.pool()).await? {
         // Keeps the token agents clone with fresh.
         if let Err(err) = integration.triggers.repository_token(&repository).await {
