@@ -12,6 +12,7 @@ pub mod observer;
 pub mod pool;
 pub mod reaper;
 pub mod repo;
+pub mod routes;
 pub mod scheduler;
 pub mod serve;
 pub mod startup;

@@ -8,7 +8,7 @@ mod support;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use cimaster_master::auth::Role;
-use cimaster_master::http::router;
+use cimaster_master::routes::router;
 use cimaster_master::Application;
 use http_body_util::BodyExt;
 use serde_json::Value;

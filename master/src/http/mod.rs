@@ -1,4 +1,5 @@
-//! The HTTP API: one `router()` per resource, merged here.
+//! The HTTP API: one `router()` per resource, merged here, and the layers every request passes;
+//! `crate::routes` puts it together with the web UI.
 
 pub(crate) mod agents;
 pub(crate) mod console;
@@ -63,8 +64,9 @@ pub struct AppState {
     pub github: crate::config::GithubConfig,
 }
 
-pub fn router(state: AppState) -> Router {
-    let api = Router::<AppState>::new()
+/// The API's routes, each resource's merged.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::<AppState>::new()
         .merge(agents::router())
         .merge(hooks::router())
         .merge(jobs::router())
@@ -74,10 +76,13 @@ pub fn router(state: AppState) -> Router {
         .merge(pool::router())
         .merge(secrets::router())
         .merge(health::router())
-        .merge(openapi::router());
-    // The web UI asks the API itself for downloads, on the signed-in caller's behalf.
-    let ui = crate::ui::router(crate::ui::Api(api.clone().with_state(state.clone())));
-    api.merge(ui)
+        .merge(openapi::router())
+}
+
+/// What every request passes, the API's and the web UI's: the fallbacks for unknown paths and
+/// methods, the body limit, the deadline, the refusal of NUL, metrics, tracing and panic catching.
+pub(crate) fn layered(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
