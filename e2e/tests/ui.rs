@@ -15,7 +15,7 @@ use cimaster_master::auth::{Role, Signer};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use support::{free_port, run_id, AgentOptions, Stack, SECRET};
+use support::{busybox_job, free_port, run_id, AgentOptions, Stack, SECRET};
 use tokio::process::{Child, Command};
 
 /// A headless Chromium under its own chromedriver; both stop when it is dropped.
@@ -153,11 +153,6 @@ fn live_job() -> Value {
            "resources": {"cpus": 0.5, "memory": "64Mi"}})
 }
 
-fn quick_job(script: &str) -> Value {
-    json!({"kind": "freestyle", "image": "busybox:latest", "script": script,
-           "resources": {"cpus": 0.5, "memory": "64Mi"}})
-}
-
 /// Polls an API resource (bounded) until it satisfies `done`.
 async fn poll_api(stack: &Stack, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -183,7 +178,7 @@ async fn a_run_triggered_from_its_page_is_followed_live_to_its_test_failures(poo
     let mut stack = Stack::start(pool).await;
     stack.add_agent(AgentOptions::default()).await;
     stack.put_job("ui-live", live_job()).await;
-    stack.put_job("ui-other", quick_job("echo other")).await;
+    stack.put_job("ui-other", busybox_job("echo other")).await;
     let base = stack.api.base.clone();
     let browser = Browser::start().await;
     browser.sign_in(&base, &token("alice", Role::Trigger)).await;
@@ -335,7 +330,7 @@ async fn sse(http: &reqwest::Client, url: &str, cookie: &str, last_id: Option<&s
 async fn a_run_is_aborted_from_its_page_and_read_only_or_forged_requests_change_nothing(pool: PgPool) {
     let mut stack = Stack::start(pool).await;
     let agent = stack.add_agent(AgentOptions::default()).await;
-    stack.put_job("ui-long", quick_job("echo started; sleep 120")).await;
+    stack.put_job("ui-long", busybox_job("echo started; sleep 120")).await;
     let base = stack.api.base.clone();
     let browser = Browser::start().await;
 
