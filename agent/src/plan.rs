@@ -159,18 +159,32 @@ else
 fi
 export GIT_SSH_COMMAND="$ssh"
 umask 022
-# Settings for this checkout only, in the environment: the helper's own config is never written.
-export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'
-if [ -n "${CIMASTER_GIT_TOKEN:-}" ]; then
-  export GIT_CONFIG_COUNT=2 GIT_CONFIG_KEY_1=http.extraHeader
-  export GIT_CONFIG_VALUE_1="Authorization: Basic $(printf 'x-access-token:%s' "$CIMASTER_GIT_TOKEN" | base64 -w0)"
-fi
-export GIT_TERMINAL_PROMPT=0
-began=$(date +%s%N)
 mirror="$CIMASTER_MIRROR"
 workspace="$CIMASTER_WORKSPACE"
 repo="$CIMASTER_GIT_REPOSITORY"
 commit="$CIMASTER_GIT_COMMIT"
+# Settings for this checkout only, in the environment, where they outrank any repository's own
+# config: the helper's config is never written. Hooks and the fsmonitor are off (nothing a
+# repository holds runs here); only the protocols a checkout needs are allowed, and a local path
+# only where the checkout names it (never a submodule's URL).
+n=0
+config() { export "GIT_CONFIG_KEY_$n=$1" "GIT_CONFIG_VALUE_$n=$2"; n=$((n + 1)); export GIT_CONFIG_COUNT=$n; }
+config safe.directory '*'
+config core.hooksPath /dev/null
+config core.fsmonitor false
+config protocol.allow never
+config protocol.https.allow always
+config protocol.http.allow always
+config protocol.ssh.allow always
+config protocol.git.allow always
+config protocol.file.allow user
+# The token goes to the repository's own URL only: a submodule elsewhere, even on the same host,
+# is fetched without it.
+if [ -n "${CIMASTER_GIT_TOKEN:-}" ]; then
+  config "http.$repo.extraHeader" "Authorization: Basic $(printf 'x-access-token:%s' "$CIMASTER_GIT_TOKEN" | base64 -w0)"
+fi
+export GIT_TERMINAL_PROMPT=0
+began=$(date +%s%N)
 objects() { git -C "$mirror" count-objects -v | awk '/^(count|in-pack):/ { n += $2 } END { print n + 0 }'; }
 has_commit() { git -C "$mirror" cat-file -e "$commit^{commit}" 2>/dev/null; }
 update_mirror() {
@@ -191,7 +205,7 @@ update_mirror() {
   fi
   echo "mirror: fetched $(( $(objects) - before )) new objects"
 }
-# The workspace directory itself stays: the run's containers may have it mounted already.
+# A workspace left by an earlier try of this checkout is emptied first.
 make_workspace() {
   mkdir -p "$workspace" && cd / && find "$workspace" -mindepth 1 -delete || return 1
   if [ -n "${CIMASTER_GIT_DEPTH:-}" ]; then

@@ -14,6 +14,7 @@ mod repo;
 pub mod results;
 mod run;
 mod schedule;
+mod secret_scope;
 #[cfg(feature = "secrets")]
 pub mod secrets;
 #[cfg(feature = "storage")]
@@ -28,4 +29,5 @@ pub use repo::{BuildSpec, CheckoutSpec, ConfigError, HttpCheck, Readiness, RepoC
 pub use results::Results;
 pub use run::{RunStatus, TriggerRequest, UnknownStatus};
 pub use schedule::{CronExpr, Overlap, Schedule, TimeZone};
+pub use secret_scope::SecretScope;
 pub use subscription::{BranchFilter, BranchGlob, GithubSubscription, RepoFullName};

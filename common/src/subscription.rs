@@ -55,8 +55,27 @@ impl BranchFilter {
 pub struct BranchGlob(String);
 
 impl BranchGlob {
+    /// 1 to 255 characters of letters, digits, `-`, `_`, `.`, `/` and at most four `*`.
+    pub fn parse(glob: &str) -> Result<Self, String> {
+        let ok = !glob.is_empty()
+            && glob.len() <= 255
+            && glob.matches('*').count() <= 4
+            && glob.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b'*'));
+        if ok {
+            Ok(BranchGlob(glob.to_owned()))
+        } else {
+            Err(format!(
+                "branch pattern `{glob}` must be 1 to 255 characters of letters, digits, `-`, `_`, `.`, `/` and at most four `*`"
+            ))
+        }
+    }
+
     pub fn matches(&self, branch: &str) -> bool {
         glob_matches(self.0.as_bytes(), branch.as_bytes())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -84,17 +103,7 @@ impl Serialize for BranchGlob {
 impl<'de> Deserialize<'de> for BranchGlob {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let glob = String::deserialize(d)?;
-        let ok = !glob.is_empty()
-            && glob.len() <= 255
-            && glob.matches('*').count() <= 4
-            && glob.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b'*'));
-        if ok {
-            Ok(BranchGlob(glob))
-        } else {
-            Err(de::Error::custom(format!(
-                "branch pattern `{glob}` must be 1 to 255 characters of letters, digits, `-`, `_`, `.`, `/` and at most four `*`"
-            )))
-        }
+        BranchGlob::parse(&glob).map_err(de::Error::custom)
     }
 }
 

@@ -56,8 +56,9 @@ struct Inner {
     refused_shas: Vec<String>,
     refusals: u32,
     app: Option<AppCheck>,
-    /// Installation tokens handed out, and until when each is good.
-    tokens: Vec<(String, chrono::DateTime<chrono::Utc>)>,
+    /// Installation tokens handed out, until when each is good, and the scope asked for (the
+    /// request's body: `repositories` and `permissions`), if any.
+    tokens: Vec<(String, chrono::DateTime<chrono::Utc>, Option<Value>)>,
     /// Requests refused for their authorization.
     unauthorized: u32,
 }
@@ -137,6 +138,11 @@ impl FakeGithub {
         self.inner.lock().expect("fake").tokens.len()
     }
 
+    /// The scope each installation token was asked for (`None`: the whole installation).
+    pub fn token_scopes(&self) -> Vec<Option<Value>> {
+        self.inner.lock().expect("fake").tokens.iter().map(|(_, _, scope)| scope.clone()).collect()
+    }
+
     pub fn unauthorized(&self) -> u32 {
         self.inner.lock().expect("fake").unauthorized
     }
@@ -165,6 +171,27 @@ fn problem(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"message": message, "documentation_url": "https://docs.github.com/rest"}))).into_response()
 }
 
+/// Whether a token the fake gave out may do this on repository `repo` (name without owner), as
+/// GitHub judges a scoped installation token: 403 when its `repositories` or `permissions` do not
+/// cover it. A refusal counts as unauthorized.
+fn permitted(inner: &mut Inner, authorization: &str, repo: &str, permission: &str, level: &str) -> bool {
+    let token = authorization.trim_start_matches("Bearer ").trim_start_matches("token ");
+    let scope =
+        inner.tokens.iter().rev().find(|(issued, _, _)| issued == token).and_then(|(_, _, scope)| scope.clone());
+    let Some(scope) = scope else { return true };
+    let repositories_ok = scope["repositories"]
+        .as_array()
+        .is_none_or(|names| names.iter().any(|name| name.as_str().is_some_and(|name| name.eq_ignore_ascii_case(repo))));
+    let granted = scope["permissions"][permission].as_str();
+    let permission_ok = scope["permissions"].is_null() || granted == Some("write") || granted == Some(level);
+    if repositories_ok && permission_ok {
+        true
+    } else {
+        inner.unauthorized += 1;
+        false
+    }
+}
+
 /// Whether the request carries a token the fake gave out (or the fixed one without an App).
 fn authorized(inner: &mut Inner, headers: &HeaderMap) -> Option<String> {
     let authorization = headers.get("authorization")?.to_str().ok()?.to_owned();
@@ -172,7 +199,7 @@ fn authorized(inner: &mut Inner, headers: &HeaderMap) -> Option<String> {
     let now = chrono::Utc::now();
     let good = match &inner.app {
         None => token == TOKEN,
-        Some(_) => inner.tokens.iter().any(|(issued, until)| issued == token && *until > now),
+        Some(_) => inner.tokens.iter().any(|(issued, until, _)| issued == token && *until > now),
     };
     if good {
         Some(authorization)
@@ -192,6 +219,9 @@ async fn post_status(
     let Some(authorization) = authorized(&mut inner, &headers) else {
         return problem(StatusCode::UNAUTHORIZED, "Bad credentials");
     };
+    if !permitted(&mut inner, &authorization, &repo, "statuses", "write") {
+        return problem(StatusCode::FORBIDDEN, "Resource not accessible by integration");
+    }
     if inner.refused_shas.contains(&sha) {
         inner.refusals += 1;
         return problem(
@@ -244,8 +274,11 @@ async fn get_pull(
     headers: HeaderMap,
 ) -> Response {
     let mut inner = inner.lock().expect("fake");
-    if authorized(&mut inner, &headers).is_none() {
+    let Some(authorization) = authorized(&mut inner, &headers) else {
         return problem(StatusCode::UNAUTHORIZED, "Bad credentials");
+    };
+    if !permitted(&mut inner, &authorization, &repo, "pull_requests", "read") {
+        return problem(StatusCode::FORBIDDEN, "Resource not accessible by integration");
     }
     match inner.pulls.get(&(format!("{owner}/{repo}").to_lowercase(), number)) {
         Some(pull) => Json(pull.clone()).into_response(),
@@ -260,8 +293,11 @@ async fn list_pulls(
     headers: HeaderMap,
 ) -> Response {
     let mut inner = inner.lock().expect("fake");
-    if authorized(&mut inner, &headers).is_none() {
+    let Some(authorization) = authorized(&mut inner, &headers) else {
         return problem(StatusCode::UNAUTHORIZED, "Bad credentials");
+    };
+    if !permitted(&mut inner, &authorization, &repo, "pull_requests", "read") {
+        return problem(StatusCode::FORBIDDEN, "Resource not accessible by integration");
     }
     if query.get("page").is_some_and(|page| page != "1") {
         return Json(json!([])).into_response();
@@ -300,7 +336,12 @@ async fn installation(State(inner): Shared, headers: HeaderMap) -> Response {
     Json(json!({"id": 4242, "app_id": inner.app.as_ref().map(|app| app.id)})).into_response()
 }
 
-async fn access_token(State(inner): Shared, Path(id): Path<u64>, headers: HeaderMap) -> Response {
+async fn access_token(
+    State(inner): Shared,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let mut inner = inner.lock().expect("fake");
     if !app_jwt_valid(&inner, &headers) || id != 4242 {
         inner.unauthorized += 1;
@@ -310,7 +351,13 @@ async fn access_token(State(inner): Shared, Path(id): Path<u64>, headers: Header
     let expires_at = chrono::Utc::now() + chrono::Duration::from_std(lifetime).unwrap_or_default();
     let fixed = inner.app.as_ref().and_then(|app| app.fixed_token.clone());
     let token = fixed.unwrap_or_else(|| format!("ghs_installation_{}", inner.tokens.len() + 1));
-    inner.tokens.push((token.clone(), expires_at));
-    (StatusCode::CREATED, Json(json!({"token": token, "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "permissions": {"statuses": "write"}})))
+    let scope = (!body.is_empty()).then(|| serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null));
+    let permissions = scope.as_ref().map_or_else(
+        || json!({"statuses": "write", "contents": "read", "pull_requests": "read"}),
+        |scope| scope["permissions"].clone(),
+    );
+    inner.tokens.push((token.clone(), expires_at, scope));
+    let expires = expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    (StatusCode::CREATED, Json(json!({"token": token, "expires_at": expires, "permissions": permissions})))
         .into_response()
 }

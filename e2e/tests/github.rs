@@ -350,8 +350,13 @@ async fn an_app_renews_its_token_pushes_supersede_closing_aborts_and_resync_find
     let aborted = wait_status(&fake, &third, "cimaster/slow", |s| s.state != "pending").await;
     assert_eq!(aborted.last().unwrap().description, "aborted by e2e");
     assert!(fake.tokens_issued() >= 2, "the installation token was renewed: {}", fake.tokens_issued());
-    assert_eq!(fake.unauthorized(), 0, "every call carried a valid JWT or token");
+    assert_eq!(fake.unauthorized(), 0, "every call carried a valid JWT or a token allowed to make it");
     assert!(fake.statuses().iter().all(|s| s.authorization.starts_with("Bearer ghs_installation_")));
+    // The runs read the repository with tokens for it alone, which cannot post a status.
+    let scopes = fake.token_scopes();
+    let read_only = json!({"repositories": ["hello"], "permissions": {"contents": "read"}});
+    assert!(scopes.contains(&Some(read_only)), "{scopes:?}");
+    assert!(scopes.contains(&None), "the master's own calls have a token of their own: {scopes:?}");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -390,4 +395,8 @@ async fn an_apps_installation_token_reads_and_clones_a_private_repository(pool: 
     assert!(console.contains("from a private repository"), "{console}");
     assert!(!console.contains("ghs_the_installation_token"), "{console}");
     assert_eq!(fake.tokens_issued(), 1, "one token, cached");
+    // Asked for the one repository, to read it: a job that leaks it can read that repository alone
+    // and cannot post a commit status.
+    let read_only = json!({"repositories": ["hello"], "permissions": {"contents": "read"}});
+    assert_eq!(fake.token_scopes(), vec![Some(read_only)]);
 }

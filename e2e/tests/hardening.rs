@@ -5,81 +5,20 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::json;
 use sqlx::PgPool;
+use support::recorder::Recorder;
 use support::{free_port, leftovers, metric, run_id, AgentOptions, Stack};
 
-/// A registry on loopback that records the `Authorization` header of every request it receives and
-/// answers each with a Basic challenge, as a registry that wants a login does. Docker speaks plain
-/// HTTP to registries on 127.0.0.0/8.
-struct FakeRegistry {
-    port: u16,
-    seen: Arc<Mutex<Vec<String>>>,
-}
-
-impl FakeRegistry {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = seen.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let record = record.clone();
-                std::thread::spawn(move || answer(stream, &record));
-            }
-        });
-        Self { port, seen }
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Every request line received, with its Authorization header when it had one.
-    fn requests(&self) -> Vec<String> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-fn answer(mut stream: TcpStream, record: &Mutex<Vec<String>>) {
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
-        match stream.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    let text = String::from_utf8_lossy(&head);
-    let mut lines = text.lines();
-    let request = lines.next().unwrap_or_default().to_owned();
-    if !request.starts_with(|c: char| c.is_ascii_uppercase()) {
-        // A TLS hello: answer in plain HTTP, so the engine falls back to http:// as it does for
-        // registries on loopback.
-        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        return;
-    }
-    let auth = lines.find(|line| line.to_ascii_lowercase().starts_with("authorization:"));
-    record.lock().unwrap().push(match auth {
-        Some(auth) => format!("{request} | {}", auth.trim()),
-        None => request,
-    });
-    let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
-    let reply = format!(
-        "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nDocker-Distribution-API-Version: registry/2.0\r\n\
-         WWW-Authenticate: Basic realm=\"fake\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(reply.as_bytes());
-}
+/// What a registry that wants a login answers, to every request. Docker speaks plain HTTP to
+/// registries on 127.0.0.0/8.
+const REGISTRY_REPLY: &str = "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n\
+    Docker-Distribution-API-Version: registry/2.0\r\nWWW-Authenticate: Basic realm=\"fake\"\r\n\
+    Content-Length: 72\r\nConnection: close\r\n\r\n\
+    {\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"authentication required\"}]}";
 
 fn job(image: &str, script: &str) -> serde_json::Value {
     json!({"kind": "freestyle", "image": image, "script": script, "resources": {"cpus": 0.5, "memory": "64Mi"}})
@@ -89,14 +28,14 @@ fn job(image: &str, script: &str) -> serde_json::Value {
 /// for gets its own.
 #[sqlx::test(migrations = "../migrations")]
 async fn registry_credentials_reach_their_own_registry_only(pool: PgPool) {
-    let curious = FakeRegistry::start();
-    let own = FakeRegistry::start();
+    let curious = Recorder::start("127.0.0.1", REGISTRY_REPLY);
+    let own = Recorder::start("127.0.0.1", REGISTRY_REPLY);
     let basic = |credentials: &str| base64::engine::general_purpose::STANDARD.encode(credentials);
     let auths = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         auths.path(),
         json!({"auths": {
-            own.host(): {"auth": basic("own-user:own-pass")},
+            own.address(): {"auth": basic("own-user:own-pass")},
             "registry.example:5000": {"auth": basic("ci:agent-registry-password")},
             "https://index.docker.io/v1/": {"username": "hub", "password": "hub-password"},
         }})
@@ -108,7 +47,7 @@ async fn registry_credentials_reach_their_own_registry_only(pool: PgPool) {
     stack.add_agent(AgentOptions { env, ..AgentOptions::default() }).await;
 
     for (name, registry) in [("curious", &curious), ("own", &own)] {
-        stack.put_job(name, job(&format!("{}/probe/{name}:1", registry.host()), "true")).await;
+        stack.put_job(name, job(&format!("{}/probe/{name}:1", registry.address()), "true")).await;
         let path = stack.trigger(name).await;
         let run = stack.wait_finished(&path, Duration::from_secs(90)).await;
         assert_eq!(run["status"], "error", "the fake registry has no image: {run}");

@@ -24,6 +24,9 @@ pub struct Claim {
     pub config: Option<RepoConfig>,
     /// Why the run exists (the job's `CIMASTER_EVENT`, `CIMASTER_PR`, …).
     pub cause: Cause,
+    /// The branches whose tip the commit was when the run was created: what branch-limited
+    /// secrets are judged against.
+    pub tip_of: Vec<String>,
     /// When the claim that granted the lease was sent: the fence window starts here.
     pub granted: tokio::time::Instant,
 }
@@ -37,6 +40,7 @@ struct ClaimRow {
     config: Option<Json<RepoConfig>>,
     #[sqlx(flatten)]
     cause: crate::runs::CauseColumns,
+    tip_of: Vec<String>,
 }
 
 /// What a queued run needs of an agent (CPUs, memory bytes): the job and its services, read before
@@ -73,12 +77,12 @@ pub async fn claim<'e>(
                              message = CASE WHEN starts_with(message, $5) THEN NULL ELSE message END
              WHERE id = $1 AND attempt = $2 AND status = 'queued' AND NOT abort_requested
              RETURNING id, attempt, job, spec, parameters, commit_sha, config,
-                       event, pull_request, sender, base_branch, base_sha, repository, from_fork
+                       event, pull_request, sender, base_branch, base_sha, repository, from_fork, tip_of
          ), attempt AS (
              INSERT INTO run_attempts (run_id, attempt, agent) SELECT id, attempt, $3 FROM claimed
          )
          SELECT job, spec, parameters, commit_sha, config, event, pull_request, sender, base_branch, base_sha,
-                repository, from_fork
+                repository, from_fork, tip_of
          FROM claimed",
     )
     .bind(run.0)
@@ -97,6 +101,7 @@ pub async fn claim<'e>(
         commit: row.commit_sha,
         config: row.config.map(|config| config.0),
         cause: row.cause.into(),
+        tip_of: row.tip_of,
         granted,
     }))
 }

@@ -141,6 +141,8 @@ pub struct NewRun<'a> {
     /// The run this one repeats.
     pub rerun_of: Option<RunId>,
     pub cause: &'a Cause,
+    /// The branches whose tip the commit is (see `Claim::tip_of`).
+    pub tip_of: &'a [String],
 }
 
 /// Inserts a queued run, in one statement: the job row is locked FOR SHARE while the run is
@@ -151,8 +153,9 @@ pub async fn insert(pool: &PgPool, run: &NewRun<'_>) -> Result<Option<Run>, sqlx
     let row: Option<RunRow> = sqlx::query_as(&format!(
         "INSERT INTO runs (id, job, queue, commit_sha, branch_name, parameters, spec, triggered_by,
                            idempotency_key, request_hash, config, rerun_of,
-                           event, pull_request, sender, base_branch, base_sha, repository, from_fork)
-         SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12, $13, $14, $15, $16, $17, $18, $19, $20 FROM jobs
+                           event, pull_request, sender, base_branch, base_sha, repository, from_fork, tip_of)
+         SELECT $1, name, $3, $4, $5, $6, spec, $7, $8, $9, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21
+         FROM jobs
          WHERE name = $2 AND version = $10 AND updated_at = $11
          FOR SHARE
          ON CONFLICT (job, idempotency_key) DO NOTHING
@@ -178,6 +181,7 @@ pub async fn insert(pool: &PgPool, run: &NewRun<'_>) -> Result<Option<Run>, sqlx
     .bind(run.cause.base_sha.as_deref())
     .bind(run.cause.repository.as_deref())
     .bind(run.cause.from_fork)
+    .bind(run.tip_of)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(Run::from))

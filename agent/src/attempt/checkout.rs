@@ -1,7 +1,9 @@
 //! A git run's workspace: a directory of its own in the agent's workspaces volume, which the
 //! mirror's git helper (`crate::mirrors`) fills with one `docker exec`, after updating the mirror.
-//! Credentials reach the helper's exec only, in its environment; the job sees the checked-out files
-//! at `/workspace`, and nothing of other runs.
+//! Credentials reach the helper's exec only, in its environment, and the repository's token is sent
+//! to the repository's own URL only; the job sees the checked-out files at `/workspace`, and nothing
+//! of other runs. The job's container starts after the checkout ends, and git runs nothing the
+//! repository holds (hooks, fsmonitor, a submodule's local path).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -35,9 +37,8 @@ pub(super) struct Workspace {
 }
 
 impl Attempt<'_> {
-    /// Names the run's workspace and makes sure its mirror volume exists, so the job container can
-    /// be created (and mount them) while the checkout runs.
-    pub(super) async fn prepare_workspace(&mut self, checkout: &Checkout) -> Result<(), Stop> {
+    /// Names the run's workspace and makes sure its mirror volume exists.
+    async fn prepare_workspace(&mut self, checkout: &Checkout) -> Result<(), Stop> {
         let (docker, mirrors) = (&self.executor.docker, &self.executor.mirrors);
         let mirror = mirrors.volume(checkout.repository.as_str(), &checkout.credential_scope(&self.claim.job));
         self.interrupts.step(docker.mirror_volume(&self.executor.agent, &mirror)).await??;
@@ -54,12 +55,14 @@ impl Attempt<'_> {
         Ok(())
     }
 
-    /// Updates the mirror and makes the workspace, in the mirror's git helper.
+    /// Updates the mirror and makes the workspace, in the mirror's git helper, before any container
+    /// of the run exists: nothing of the run writes to the workspace while git works in it.
     pub(super) async fn check_out(
         &mut self,
         checkout: &Checkout,
         secrets: &HashMap<String, SecretString>,
     ) -> Result<(), Stop> {
+        self.prepare_workspace(checkout).await?;
         let (docker, mirrors) = (&self.executor.docker, &self.executor.mirrors);
         let workspace = self.held.workspace.as_ref().expect("the workspace is prepared first");
         let (dir, mirror) = (workspace.dir.clone(), workspace.mirror.clone());

@@ -1,8 +1,9 @@
 //! The job container: the script in the job's image, with the environment the phases before it put
 //! together, the run's limits and network, until it exits or the attempt is stopped. It is created
-//! and started as soon as its image is there, while the checkout, a build and the services are made
-//! ready, and its script waits at its gate (a line on its stdin) until they are: the engine's
-//! seconds of starting a container overlap the run's other preparations.
+//! and started once the checkout is done and its image is there (no code of the image runs while
+//! git works in the workspace), while the services are made ready, and its script waits at its
+//! gate (a line on its stdin) until they are: the engine's seconds of starting a container overlap
+//! the services' start.
 
 use std::time::Duration;
 

@@ -5,8 +5,8 @@
 //! - `checkout`: a git run's workspace, made from the agent's mirror by the mirror's git helper;
 //! - `image`: the job's image, present or built from the repository's Dockerfile;
 //! - `services`: sidecars on the run's network, their readiness checks and their logs;
-//! - `job`: the job container itself, started as soon as its image is there and held at its gate
-//!   while the checkout and the services get ready, until it exits or is stopped;
+//! - `job`: the job container itself, started once the checkout is done and its image is there, and
+//!   held at its gate while the services get ready, until it exits or is stopped;
 //! - `results`: result files and the console log, stored in S3 and recorded;
 //! - `cleanup`: the final status and removal of everything the attempt made.
 //!
@@ -262,22 +262,20 @@ impl Attempt<'_> {
         let timeout = Duration::from_secs(u64::from(plan.timeout_seconds)).min(self.executor.max_timeout);
         self.interrupts.deadline = Some((tokio::time::Instant::now() + timeout, timeout));
         self.take_network().await?;
-        if let Some(checkout) = &plan.checkout {
-            self.prepare_workspace(checkout).await?;
-        }
-        // The engine starts the job container while the checkout, a build and the services get
-        // ready; its script waits at the gate until they are.
-        if let ImageSource::Image(image) = &plan.image {
-            self.ready_made_image(image).await?;
-            self.start_job(&plan, image.clone());
-        }
+        // The checkout ends before any container of the run exists: no code of the run's image runs
+        // beside git in the workspace. The engine then starts the job container while the services
+        // get ready; its script waits at the gate until they are.
         if let Some(checkout) = &plan.checkout {
             self.check_out(checkout, &secrets).await?;
         }
-        if let ImageSource::Build(build) = &plan.image {
-            let image = self.build(build, &plan.resources).await?;
-            self.start_job(&plan, image);
-        }
+        let image = match &plan.image {
+            ImageSource::Image(image) => {
+                self.ready_made_image(image).await?;
+                image.clone()
+            }
+            ImageSource::Build(build) => self.build(build, &plan.resources).await?,
+        };
+        self.start_job(&plan, image);
         self.start_services(&plan.services).await?;
         let (id, stop) = self.run_job().await?;
         if !matches!(stop, Stop::LeaseLost(_)) {

@@ -1,16 +1,19 @@
 //! The job's secrets: read sealed from Postgres, opened with the agent's key, handed to the job one
-//! env var each. A missing one fails the run before anything starts. The masker hides every value
-//! (and its base64 form) in all output of the attempt.
+//! env var each — those whose scope (branches, events) admits the run; the console says which were
+//! withheld and why. A missing one fails the run before anything starts. The masker hides every
+//! value (and its encoded forms) in all output of the attempt.
 
 use std::collections::HashMap;
 
 use cimaster_common::secrets::Masker;
-use cimaster_common::EnvName;
+use cimaster_common::{EnvName, SecretScope};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{Attempt, AttemptError, Stop};
 use crate::plan::Plan;
 use cimaster_store::{repository_tokens, secrets};
+
+type Values = HashMap<String, SecretString>;
 
 /// Where the code host's repository token sits among the opened secrets: not a name a secret can
 /// have.
@@ -32,7 +35,7 @@ impl Attempt<'_> {
         if let Some(checkout) = &plan.checkout {
             names.extend(checkout.token_secret.iter().chain(&checkout.ssh_key_secret).cloned());
         }
-        let mut values = self.interrupts.step(self.decrypt(&names)).await??;
+        let (mut values, scopes) = self.interrupts.step(self.decrypt(&names)).await??;
         if let Some(repository) = plan.checkout.as_ref().and_then(|checkout| checkout.host_repository.as_ref()) {
             if let Some(token) = self.interrupts.step(self.repository_token(repository)).await?? {
                 values.insert(REPOSITORY_TOKEN.to_owned(), token);
@@ -41,6 +44,11 @@ impl Attempt<'_> {
         self.masker = Masker::new(values.values().map(|value| value.expose_secret()));
         self.env = plan.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         for name in &plan.secrets {
+            let scope = scopes.get(name.as_str()).cloned().unwrap_or_default();
+            if let Err(why) = scope.admits(self.claim.cause.event, &self.claim.tip_of) {
+                self.console.note(&format!("secret {name} withheld: {why}")).await;
+                continue;
+            }
             if let Some(value) = values.get(name.as_str()) {
                 self.env.push(format!("{name}={}", value.expose_secret()));
             }
@@ -55,14 +63,21 @@ impl Attempt<'_> {
         Ok(token.map_err(secrets::OpenError::from)?)
     }
 
-    async fn decrypt(&self, names: &[EnvName]) -> Result<HashMap<String, SecretString>, AttemptError> {
+    /// The secrets' values, and their scopes.
+    async fn decrypt(&self, names: &[EnvName]) -> Result<(Values, HashMap<String, SecretScope>), AttemptError> {
         if names.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Default::default());
         }
         let job = &self.claim.job;
         let key = self.executor.secrets.as_ref().ok_or(AttemptError::NoSecretsKey)?;
         let wanted: Vec<String> = names.iter().map(ToString::to_string).collect();
-        let values = secrets::open(&self.executor.pool, key, job, &wanted).await?;
-        Ok(values.into_iter().collect())
+        let opened = secrets::open(&self.executor.pool, key, job, &wanted).await?;
+        let mut values = HashMap::new();
+        let mut scopes = HashMap::new();
+        for (name, value, scope) in opened {
+            values.insert(name.clone(), value);
+            scopes.insert(name, scope);
+        }
+        Ok((values, scopes))
     }
 }

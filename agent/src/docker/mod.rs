@@ -260,10 +260,17 @@ impl DockerClient {
     }
 }
 
+/// The capabilities a container keeps: what a build as root needs (own and chown files, switch
+/// user, signal its processes, bind a port below 1024). Docker's default set adds raw sockets,
+/// device nodes, chroot, file capabilities, capability changes and audit writes, which no build
+/// needs.
+pub const CAPABILITIES: [&str; 8] =
+    ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "NET_BIND_SERVICE"];
+
 /// What every container the agent starts gets: CPU, memory (no swap) and pids limits, no privileges,
-/// dropped capabilities, no engine log file (output is attached), and Docker's init as PID 1: it
-/// passes SIGTERM on to the script (a shell as PID 1 ignores it) and reaps orphans, so a stop takes
-/// as long as the script needs, not the grace.
+/// no capability but [`CAPABILITIES`] and no way to gain one, no engine log file (output is
+/// attached), and Docker's init as PID 1: it passes SIGTERM on to the script (a shell as PID 1
+/// ignores it) and reaps orphans, so a stop takes as long as the script needs, not the grace.
 fn confined(nano_cpus: Option<i64>, memory: Option<i64>) -> HostConfig {
     HostConfig {
         nano_cpus,
@@ -272,7 +279,8 @@ fn confined(nano_cpus: Option<i64>, memory: Option<i64>) -> HostConfig {
         pids_limit: Some(4096),
         init: Some(true),
         privileged: Some(false),
-        cap_drop: Some(vec!["NET_RAW".to_owned(), "MKNOD".to_owned(), "SYS_CHROOT".to_owned()]),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        cap_add: Some(CAPABILITIES.iter().map(|cap| (*cap).to_owned()).collect()),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
         ..Default::default()

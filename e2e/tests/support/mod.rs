@@ -4,6 +4,7 @@
 
 pub mod history;
 pub mod partition;
+pub mod recorder;
 pub mod scaling;
 
 use std::path::PathBuf;
@@ -323,6 +324,12 @@ impl Api {
         self.http.request(method, self.url(path)).bearer_auth(&self.token)
     }
 
+    /// The same API, called with a token of `role` for `subject`.
+    pub fn as_role(&self, subject: &str, role: Role) -> Api {
+        let token = Signer::hs256(SECRET).unwrap().mint(subject, &[role], Duration::from_secs(3600));
+        Api { token, ..self.clone() }
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
@@ -408,6 +415,15 @@ pub fn run_id(path: &str) -> String {
     path.rsplit('/').next().unwrap().to_owned()
 }
 
+/// This host's address on the Docker bridge (its gateway, the first address of its subnet): where
+/// the agent's git helpers and the test's own servers meet.
+pub fn bridge_gateway() -> String {
+    let subnet = docker(&["network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Subnet}}"]).trim().to_owned();
+    let network: std::net::Ipv4Addr =
+        subnet.split('/').next().unwrap().parse().unwrap_or_else(|_| panic!("bridge subnet `{subnet}`"));
+    std::net::Ipv4Addr::from(u32::from(network) + 1).to_string()
+}
+
 /// A git repository served over `git daemon` on the Docker bridge's gateway address, which both the
 /// master (on this host) and the agent's containers (on their run networks) reach.
 pub struct GitServer {
@@ -419,12 +435,7 @@ pub struct GitServer {
 
 impl GitServer {
     pub fn start() -> Self {
-        // The bridge's gateway is this host's address on it: the first address of its subnet.
-        let subnet =
-            docker(&["network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Subnet}}"]).trim().to_owned();
-        let network: std::net::Ipv4Addr =
-            subnet.split('/').next().unwrap().parse().unwrap_or_else(|_| panic!("bridge subnet `{subnet}`"));
-        let host = std::net::Ipv4Addr::from(u32::from(network) + 1).to_string();
+        let host = bridge_gateway();
         let port = std::net::TcpListener::bind((host.as_str(), 0)).unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
         let daemon = std::process::Command::new("git")

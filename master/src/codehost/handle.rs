@@ -178,7 +178,7 @@ pub(super) async fn pull_request_updated(
         supersede(integration.pool(), name, pull, report).await?;
     }
     let cause = pull_cause(RunEvent::PullRequest, pull, &pull.sender);
-    start(integration, key, name, &pull.head_sha, &pull.sender, &cause, report).await
+    start(integration, key, name, (&pull.head_sha, None), &pull.sender, &cause, report).await
 }
 
 /// Whether the pull request runs without (more) approval: a trusted author, or a head a trusted
@@ -248,7 +248,9 @@ async fn pushed(
         ..Cause::default()
     };
     let key = format!("github:{delivery}");
-    start(integration, &key, &job.name, &push.after, &push.sender, &cause, report).await
+    // The signed push names the branch it moved: the run is on that branch.
+    let branch = cimaster_common::BranchName::parse(&push.branch).ok();
+    start(integration, &key, &job.name, (&push.after, branch), &push.sender, &cause, report).await
 }
 
 /// `/test`, `/retest` and `/ok-to-test` in a comment, by someone the job trusts; the pull request
@@ -284,7 +286,7 @@ async fn commented(
                 approvals::approve(integration.pool(), &approval(&pull), &comment.commenter).await?;
             }
             let cause = pull_cause(RunEvent::Comment, &pull, &comment.commenter);
-            start(integration, &key, name, &pull.head_sha, &comment.commenter, &cause, report).await?;
+            start(integration, &key, name, (&pull.head_sha, None), &comment.commenter, &cause, report).await?;
         }
     }
     Ok(())
@@ -303,18 +305,19 @@ async fn wanted(pool: &PgPool, job: &JobName, pull: &PullRequest, commands: &[Co
 }
 
 /// Creates the job's run for this delivery (or finds the one an earlier attempt created), and
-/// has its state shown on the commit.
+/// has its state shown on the commit. `at`: the commit, and the branch a push moved.
 async fn start(
     integration: &Integration,
     key: &str,
     job: &JobName,
-    commit: &cimaster_common::CommitSha,
+    at: (&cimaster_common::CommitSha, Option<cimaster_common::BranchName>),
     sender: &str,
     cause: &Cause,
     report: &mut Report,
 ) -> Result<(), HandleError> {
+    let (commit, branch_name) = at;
     let by = format!("github:{sender}");
-    let request = TriggerRequest { commit_sha: Some(commit.clone()), ..TriggerRequest::default() };
+    let request = TriggerRequest { commit_sha: Some(commit.clone()), branch_name, ..TriggerRequest::default() };
     let trigger = Trigger { job, request: &request, by: &by, idempotency_key: Some(key), rerun_of: None, cause };
     match integration.triggers.create(&trigger).await {
         Ok(Created::New(run) | Created::Replayed(run)) => {

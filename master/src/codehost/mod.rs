@@ -198,8 +198,8 @@ pub trait CodeHost: Send + Sync {
     fn pull_request<'a>(&'a self, repository: &'a str, number: i64) -> BoxFuture<'a, Result<PullRequest, HostError>>;
     /// The repository's open pull requests.
     fn open_pull_requests<'a>(&'a self, repository: &'a str) -> BoxFuture<'a, Result<Vec<PullRequest>, HostError>>;
-    /// A token that reads the repository, when the host grants one (a GitHub App's installation
-    /// token); `None` when jobs bring their own.
+    /// A token that reads the repository and nothing else, when the host grants one (a GitHub App's
+    /// installation token for that one repository, `contents: read`); `None` when jobs bring their own.
     fn repository_token<'a>(&'a self, repository: &'a str)
         -> BoxFuture<'a, Result<Option<RepositoryToken>, HostError>>;
 }

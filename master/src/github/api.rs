@@ -65,8 +65,13 @@ impl GithubApi {
         method: Method,
         path: &str,
         jwt: &str,
+        body: Option<&Value>,
     ) -> Result<T, HostError> {
-        let response = send(self.request(method, path).bearer_auth(jwt)).await?;
+        let mut request = self.request(method, path).bearer_auth(jwt);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = send(request).await?;
         read_json(response).await
     }
 
@@ -156,7 +161,7 @@ impl CodeHost for GithubApi {
     ) -> BoxFuture<'a, Result<Option<RepositoryToken>, HostError>> {
         async move {
             match &self.auth {
-                Auth::App(app) => Ok(Some(app.token(self, repository).await?)),
+                Auth::App(app) => Ok(Some(app.read_token(self, repository).await?)),
                 Auth::Token(_) => Ok(None),
             }
         }

@@ -1,6 +1,9 @@
 //! GitHub App authentication: an RS256 JWT signed with the App's private key proves the App; it is
-//! traded for an installation token per installation (the account the App is installed on),
-//! cached, and renewed a few minutes before its hour runs out.
+//! traded for installation tokens, cached, and renewed a few minutes before their hour runs out. Two
+//! kinds: the master's own, for its calls across the installation (commit statuses, pull requests),
+//! and a read token per repository (`contents: read` on that one repository), the only kind that
+//! leaves the master: config reads and the agents' checkouts use it, so a job that leaks it can read
+//! one repository and write nothing.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,6 +14,7 @@ use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use crate::codehost::{HostError, RepositoryToken};
 
@@ -23,7 +27,16 @@ pub struct App {
     key: EncodingKey,
     /// Installation id by repository (lower-case `owner/name`).
     installations: Mutex<HashMap<String, u64>>,
-    tokens: Mutex<HashMap<u64, RepositoryToken>>,
+    tokens: Mutex<HashMap<(u64, Use), RepositoryToken>>,
+}
+
+/// What an installation token is for.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum Use {
+    /// The master's own calls, across the installation.
+    Master,
+    /// Reading one repository (lower-case name, without its owner).
+    Read(String),
 }
 
 #[derive(Serialize)]
@@ -61,11 +74,32 @@ impl App {
             .map_err(|err| HostError::Unreadable(format!("cannot sign the GitHub App JWT: {err}")))
     }
 
-    /// An installation token for the repository's installation: the cached one while it has more
-    /// than a few minutes left, else a new one.
+    /// The master's own installation token for the repository's installation: the cached one while
+    /// it has more than a few minutes left, else a new one.
     pub async fn token(&self, api: &super::api::GithubApi, repository: &str) -> Result<RepositoryToken, HostError> {
+        self.issued(api, repository, Use::Master).await
+    }
+
+    /// A token that reads this repository's contents and nothing else, for config reads and
+    /// checkouts.
+    pub async fn read_token(
+        &self,
+        api: &super::api::GithubApi,
+        repository: &str,
+    ) -> Result<RepositoryToken, HostError> {
+        let name = repository.rsplit('/').next().unwrap_or(repository).to_lowercase();
+        self.issued(api, repository, Use::Read(name)).await
+    }
+
+    async fn issued(
+        &self,
+        api: &super::api::GithubApi,
+        repository: &str,
+        wanted: Use,
+    ) -> Result<RepositoryToken, HostError> {
         let installation = self.installation(api, repository).await?;
-        let cached = self.tokens.lock().expect("token cache").get(&installation).cloned();
+        let key = (installation, wanted);
+        let cached = self.tokens.lock().expect("token cache").get(&key).cloned();
         if let Some(token) = cached {
             let left = (token.expires_at - Utc::now()).to_std().unwrap_or_default();
             if left > RENEW_BEFORE {
@@ -73,19 +107,24 @@ impl App {
             }
         }
         let path = format!("/app/installations/{installation}/access_tokens");
-        let fresh: AccessToken = api.as_app(reqwest::Method::POST, &path, &self.jwt()?).await?;
-        tracing::info!(installation, expires_at = %fresh.expires_at, "GitHub App installation token issued");
+        let scope = match &key.1 {
+            Use::Master => None,
+            Use::Read(name) => Some(json!({"repositories": [name], "permissions": {"contents": "read"}})),
+        };
+        let fresh: AccessToken = api.as_app(reqwest::Method::POST, &path, &self.jwt()?, scope.as_ref()).await?;
+        tracing::info!(installation, token_use = ?key.1, expires_at = %fresh.expires_at, "GitHub App installation token issued");
         let token = RepositoryToken { value: SecretString::from(fresh.token), expires_at: fresh.expires_at };
-        self.tokens.lock().expect("token cache").insert(installation, token.clone());
+        self.tokens.lock().expect("token cache").insert(key, token.clone());
         Ok(token)
     }
 
-    /// Forgets the repository's token (GitHub refused it: revoked, or the clocks disagree).
+    /// Forgets the tokens of the repository's installation (GitHub refused one: revoked, or the
+    /// clocks disagree).
     pub fn forget(&self, repository: &str) {
         let installation =
             self.installations.lock().expect("installation cache").get(&repository.to_lowercase()).copied();
         if let Some(installation) = installation {
-            self.tokens.lock().expect("token cache").remove(&installation);
+            self.tokens.lock().expect("token cache").retain(|(of, _), _| *of != installation);
         }
     }
 
@@ -94,8 +133,8 @@ impl App {
         if let Some(id) = self.installations.lock().expect("installation cache").get(&key) {
             return Ok(*id);
         }
-        let found: Installation =
-            api.as_app(reqwest::Method::GET, &format!("/repos/{repository}/installation"), &self.jwt()?).await?;
+        let path = format!("/repos/{repository}/installation");
+        let found: Installation = api.as_app(reqwest::Method::GET, &path, &self.jwt()?, None).await?;
         self.installations.lock().expect("installation cache").insert(key, found.id);
         Ok(found.id)
     }

@@ -1,11 +1,12 @@
-//! `/jobs/{name}/secrets`: write-only job secrets, encrypted at rest.
+//! `/jobs/{name}/secrets`: write-only job secrets, encrypted at rest, each optionally limited to
+//! branches and events (`cimaster_common::SecretScope`).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use cimaster_common::EnvName;
+use cimaster_common::{BranchGlob, EnvName, RunEvent, SecretScope};
 use cimaster_store::secrets as store;
 use serde::{Deserialize, Serialize};
 
@@ -23,10 +24,18 @@ pub fn router() -> Router<AppState> {
 
 const MAX_SECRET: usize = 64 * 1024;
 
+/// A secret's value and, optionally, the branches and events it is limited to (left out: every
+/// run of the job gets it, as before). Setting a secret again replaces its scope too.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SecretBody {
     pub value: String,
+    /// Branch globs (`*` matches any run of characters): the run's commit must be the tip of one.
+    #[schema(value_type = Option<Vec<String>>, example = json!(["main", "release-*"]))]
+    pub branches: Option<Vec<BranchGlob>>,
+    /// Events whose runs get the secret: `api`, `push`, `pull_request`, `schedule`.
+    pub events: Option<Vec<RunEvent>>,
 }
 
 /// A secret as listed: never its value.
@@ -37,6 +46,8 @@ pub struct SecretInfo {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub updated_by: String,
+    #[serde(flatten)]
+    pub scope: SecretScope,
 }
 
 impl From<store::SecretInfo> for SecretInfo {
@@ -46,6 +57,7 @@ impl From<store::SecretInfo> for SecretInfo {
             created_at: info.created_at,
             updated_at: info.updated_at,
             updated_by: info.updated_by,
+            scope: info.scope.scope(),
         }
     }
 }
@@ -59,7 +71,9 @@ fn secret_name(raw: &str) -> Result<EnvName, ApiError> {
     EnvName::parse(raw).map_err(|err| ApiError::BadRequest(err.to_string()))
 }
 
-/// Set a secret (admin). Stored encrypted; reaches runs as the env var of the same name.
+/// Set a secret (admin). Stored encrypted; reaches runs as the env var of the same name — only runs
+/// in its scope when `branches` or `events` limit it: a run whose commit is the tip of a matching
+/// branch (never a pull request's), of a listed event.
 #[utoipa::path(put, path = "/jobs/{name}/secrets/{key}", tag = "secrets", request_body = SecretBody,
     params(("name" = String, Path), ("key" = String, Path)),
     responses((status = 201, body = SecretInfo), (status = 200, body = SecretInfo),
@@ -80,8 +94,10 @@ async fn put_secret(
     if body.value.is_empty() || body.value.len() > MAX_SECRET {
         return Err(ApiError::Unprocessable(format!("a secret value is 1 to {MAX_SECRET} bytes")));
     }
+    let scope = SecretScope { branches: body.branches, events: body.events };
+    scope.check().map_err(ApiError::Unprocessable)?;
     let (nonce, ciphertext) = secrets.seal(&format!("{job}/{key}"), &body.value);
-    let sealed = store::Sealed { name: key.to_string(), nonce, ciphertext };
+    let sealed = store::Sealed { name: key.to_string(), nonce, ciphertext, scope: (&scope).into() };
     let (info, inserted) =
         store::put(&state.pool, &job, &sealed, &caller.subject).await?.ok_or_else(|| job_not_found(&job))?;
     let info = SecretInfo::from(info);

@@ -143,6 +143,21 @@ impl RepoReader {
             .ok_or_else(|| RepoError::NoSuchBranch(branch.to_owned()))
     }
 
+    /// The branches whose tip is `commit` now.
+    pub async fn branches_at(&self, url: &str, commit: &str, creds: &Credentials) -> Result<Vec<String>, RepoError> {
+        self.check_scheme(url)?;
+        let _slot = self.slot().await?;
+        let dir = tempdir()?;
+        let out = self.git(dir.path(), creds, &["ls-remote", "--heads", "--", url]).await?;
+        Ok(out
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .filter(|(sha, _)| sha.eq_ignore_ascii_case(commit))
+            .filter_map(|(_, name)| name.strip_prefix("refs/heads/"))
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// The text of `path` at `commit`; `None` when the commit has no such file. A commit the
     /// repository does not give by its id is looked for at `also_at` (a pull request's ref).
     pub async fn read_file(

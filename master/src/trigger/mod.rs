@@ -163,6 +163,7 @@ impl Triggers {
             job_updated_at: job.updated_at,
             rerun_of: trigger.rerun_of.map(|repeats| repeats.run),
             cause: trigger.cause,
+            tip_of: resolved.as_ref().map_or(&[], |resolved| resolved.tip_of.as_slice()),
         };
         Ok(runs::insert(&self.pool, &new).await?)
     }

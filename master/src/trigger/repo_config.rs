@@ -2,7 +2,7 @@
 //! the job's repository credentials. Every problem with the repository or the file is the trigger's.
 
 use cimaster_common::secrets::SecretBox;
-use cimaster_common::{Cause, EnvName, GitJob, JobName, RepoConfig, TriggerRequest};
+use cimaster_common::{Cause, EnvName, GitJob, JobName, RepoConfig, RunEvent, TriggerRequest};
 use cimaster_store::repository_tokens;
 use cimaster_store::secrets::{self, OpenError};
 use secrecy::SecretString;
@@ -11,10 +11,12 @@ use sqlx::PgPool;
 use super::{TriggerError, Triggers};
 use crate::repo::{Credentials, RepoError};
 
-/// The commit a git run builds and the job config file read there.
+/// The commit a git run builds, the job config file read there, and the branches whose tip the
+/// commit is (what branch-limited secrets are judged against).
 pub struct Resolved {
     pub commit: String,
     pub config: RepoConfig,
+    pub tip_of: Vec<String>,
 }
 
 impl Triggers {
@@ -57,7 +59,43 @@ impl Triggers {
                  allow: list it in the job's `secrets`"
             )));
         }
-        Ok(Resolved { commit, config })
+        let tip_of = self.tip_of(job, url, &commit, request, cause, &creds).await.map_err(invalid)?;
+        Ok(Resolved { commit, config, tip_of })
+    }
+
+    /// The branches whose tip the run's commit is, as far as it matters: a branch the trigger
+    /// named and resolved now, or whose tip is the commit asked for, or the branch a signed push
+    /// moved. A pull request's run is on no branch (its head's name is the author's to choose). A
+    /// commit asked for alone is looked up among the branches only when some secret of the job is
+    /// limited to branches.
+    async fn tip_of(
+        &self,
+        job: &JobName,
+        url: &str,
+        commit: &str,
+        request: &TriggerRequest,
+        cause: &Cause,
+        creds: &Credentials,
+    ) -> Result<Vec<String>, RepoError> {
+        if matches!(cause.event, RunEvent::PullRequest | RunEvent::Comment) {
+            return Ok(Vec::new());
+        }
+        match (&request.commit_sha, &request.branch_name) {
+            (None, Some(branch)) => Ok(vec![branch.as_str().to_owned()]),
+            (Some(_), Some(branch)) if cause.event == RunEvent::Push => Ok(vec![branch.as_str().to_owned()]),
+            (Some(_), Some(branch)) => {
+                let tip = self.repos.resolve_branch(url, branch.as_str(), creds).await;
+                Ok(if tip.is_ok_and(|tip| tip.eq_ignore_ascii_case(commit)) {
+                    vec![branch.as_str().to_owned()]
+                } else {
+                    Vec::new()
+                })
+            }
+            (Some(_), None) if secrets::any_limited_to_branches(&self.pool, job).await.unwrap_or(true) => {
+                self.repos.branches_at(url, commit, creds).await
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 }
 
@@ -101,7 +139,7 @@ async fn credentials(
         OpenError::Unreadable { .. } => TriggerError::Internal(err.into()),
     })?;
     let value =
-        |name: &EnvName| opened.iter().find(|(stored, _)| stored == name.as_str()).map(|(_, value)| value.clone());
+        |name: &EnvName| opened.iter().find(|(stored, ..)| stored == name.as_str()).map(|(_, value, _)| value.clone());
     creds.token = git.token_secret.as_ref().and_then(value);
     creds.ssh_key = git.ssh_key_secret.as_ref().and_then(value);
     Ok(creds)
