@@ -2,6 +2,7 @@
 //! their summary, and artifacts), sidecars' logs, and the console log — each stored in S3 through
 //! the agent's disk and recorded in Postgres, fenced like every write of the attempt.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use cimaster_common::results::{JunitSummary, KIND_JUNIT};
@@ -58,6 +59,36 @@ fn trim_cut_edges(text: &mut String, hold: usize) {
     }
 }
 
+/// The names result files are recorded, shown and stored in S3 under: the files' paths with the
+/// job's secrets masked (a file can be named after one). A name that masking made the same as
+/// another file's gets a number before its extension, so neither replaces the other.
+fn masked_names(masker: &Masker, names: &[&str]) -> Vec<String> {
+    let masked: Vec<String> =
+        names.iter().map(|name| String::from_utf8_lossy(&masker.mask(name.as_bytes())).into_owned()).collect();
+    // Names that masking left alone keep them; the others take what is free.
+    let mut taken: HashSet<String> =
+        names.iter().zip(&masked).filter(|(name, masked)| **name == masked.as_str()).map(|(_, m)| m.clone()).collect();
+    names
+        .iter()
+        .zip(masked)
+        .map(|(name, masked)| {
+            if *name == masked {
+                return masked;
+            }
+            let (stem, extension) = match masked.rfind('.') {
+                Some(dot) if dot > masked.rfind('/').map_or(0, |slash| slash + 1) => masked.split_at(dot),
+                _ => (masked.as_str(), ""),
+            };
+            let free = std::iter::once(masked.clone())
+                .chain((2..).map(|n| format!("{stem}-{n}{extension}")))
+                .find(|candidate| !taken.contains(candidate))
+                .expect("numbers run out after the names do");
+            taken.insert(free.clone());
+            free
+        })
+        .collect()
+}
+
 /// A result's content: small ones in memory, collected files on disk.
 pub(super) enum Body<'a> {
     Bytes(Vec<u8>),
@@ -90,15 +121,19 @@ impl Attempt<'_> {
         };
         match selected {
             Ok(Ok((found, skipped))) => self.store_results(found, skipped).await,
-            Ok(Err(message)) => self.console.note(&format!("cannot collect results: {message}")).await,
+            Ok(Err(message)) => self.console.note(&format!("cannot collect results: {}", self.masked(&message))).await,
             Err(err) => self.console.note(&format!("cannot collect results: {err}")).await,
         }
         let _ = tokio::fs::remove_dir_all(&dir).await;
     }
 
-    async fn store_results(&mut self, found: Vec<Found>, skipped: Vec<String>) {
+    async fn store_results(&mut self, mut found: Vec<Found>, skipped: Vec<String>) {
         for why in skipped {
-            self.console.note(&format!("result skipped: {why}")).await;
+            self.console.note(&format!("result skipped: {}", self.masked(&why))).await;
+        }
+        let names = masked_names(&self.masker, &found.iter().map(|file| file.name.as_str()).collect::<Vec<_>>());
+        for (file, name) in found.iter_mut().zip(names) {
+            file.name = name;
         }
         let mut stored = Vec::new();
         for file in found {
@@ -119,6 +154,11 @@ impl Attempt<'_> {
         if let Err(err) = results::record_results(&executor.pool, self.claim, &executor.agent, &stored).await {
             tracing::error!(error = %err, "cannot record the run's results");
         }
+    }
+
+    /// `text` (which may quote a file's path) with the job's secrets masked.
+    fn masked(&self, text: &str) -> String {
+        String::from_utf8_lossy(&self.masker.mask(text.as_bytes())).into_owned()
     }
 
     /// The report's summary, read as a stream, with the job's secrets masked in what it quotes.
@@ -236,5 +276,34 @@ mod tests {
         assert!(!text.contains(&secret[9..]), "a secret's end survived the cut: {text}");
         assert!(summary.failed[0].text.ends_with("token == ***"), "{text}");
         assert!(summary.failed[1].message.ends_with('…'));
+    }
+
+    #[test]
+    fn result_names_hide_secrets_and_stay_distinct() {
+        let masker = Masker::new(["hunter2-very-secret", "other-secret-value"]);
+        let names = [
+            "out/token-hunter2-very-secret.txt",
+            "out/token-***.txt",
+            "out/token-other-secret-value.txt",
+            "out/hunter2-very-secret",
+            "report.xml",
+            "dir.v2/eGh1bnRlcjItdmVyeS1zZWNyZXQh",
+            "dir.v2/hunter2-very-secret",
+            "dir.v2/other-secret-value",
+        ];
+        let masked = masked_names(&masker, &names);
+        assert_eq!(
+            masked,
+            [
+                "out/token-***-2.txt",
+                "out/token-***.txt",
+                "out/token-***-3.txt",
+                "out/***",
+                "report.xml",
+                "dir.v2/eG***Qh",
+                "dir.v2/***",
+                "dir.v2/***-2"
+            ]
+        );
     }
 }
