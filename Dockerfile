@@ -24,6 +24,6 @@ COPY --from=build /src/target/release/cimaster-agent /usr/local/bin/cimaster-age
 ENTRYPOINT ["cimaster-agent"]
 
 FROM debian:bookworm-slim AS git
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates git openssh-client \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates git openssh-client iptables \
     && rm -rf /var/lib/apt/lists/*
 CMD ["bash"]

@@ -113,6 +113,17 @@ pub struct AgentConfig {
     #[arg(long = "registry-auth-file", env = "CIMASTER_REGISTRY_AUTH_FILE")]
     pub registry_auth_file: Option<PathBuf>,
 
+    /// Whether the agent sets the egress rules on its engine (see `crate::egress`); an agent that
+    /// cannot set them does not start. `false` leaves the network around the runs open to them.
+    #[arg(long = "egress", env = "CIMASTER_AGENT_EGRESS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub egress: bool,
+
+    /// IPv4 ranges no run reaches unless its job's `egress.allow` lists them (comma-separated, or
+    /// `none`); the engine's host itself is never reachable.
+    #[arg(long = "deny-cidrs", env = "CIMASTER_AGENT_DENY_CIDRS", default_value = crate::egress::DEFAULT_DENY,
+          value_parser = crate::egress::parse_deny)]
+    pub deny_cidrs: crate::egress::DenyList,
+
     /// Image with git (and ssh) that checks out git jobs' repositories into the run's workspace.
     #[arg(long = "git-image", env = "CIMASTER_AGENT_GIT_IMAGE", default_value = "cimaster-git:bookworm")]
     pub git_image: String,

@@ -7,6 +7,7 @@ pub mod attempt;
 pub mod config;
 pub mod console;
 mod docker;
+pub mod egress;
 pub mod lease;
 mod live;
 mod mirrors;
@@ -54,6 +55,13 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let timing = lease::LeaseTiming::new(config.lease, config.stop_grace, config.lease_margin)?;
     let (pool, leases) = databases(&config, &timing)?;
     let docker = docker(&config, &agent).await?;
+    if config.egress {
+        let loaded = docker.load_egress_rules(&agent, &config.git_image, &config.deny_cidrs).await;
+        let loaded = loaded.context("setting the egress rules on the engine (CIMASTER_AGENT_EGRESS=false runs without)")?;
+        tracing::info!(deny = ?config.deny_cidrs.0.iter().map(ToString::to_string).collect::<Vec<_>>(), "{loaded}");
+    } else {
+        tracing::warn!("CIMASTER_AGENT_EGRESS=false: runs reach the engine's host and every network around it");
+    }
     let s3 = config.s3.client();
     check_bucket_in_background(s3.clone(), config.s3.bucket.clone());
     let admission = admission(&config);
@@ -99,6 +107,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         work_dir,
         pending,
         git_image: config.git_image.clone(),
+        egress_rules: config.egress,
         secrets: config
             .secrets_key
             .as_ref()

@@ -9,6 +9,7 @@ use std::fmt;
 use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::egress::Egress;
 use crate::ids::{BranchName, ConfigPath, EnvName, QueueName, RepositoryUrl};
 use crate::results::Results;
 use crate::schedule::Schedule;
@@ -72,6 +73,9 @@ pub struct FreestyleJob {
     /// Runs on a schedule (cron), beside those triggered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// Ranges the runs reach although the agent's egress policy denies them.
+    #[serde(default, skip_serializing_if = "Egress::is_empty")]
+    pub egress: Egress,
 }
 
 /// Which kind of test cluster a job needs.
@@ -145,6 +149,10 @@ pub struct GitJob {
     /// Runs on a schedule (cron), beside those triggered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// Ranges the runs reach although the agent's egress policy denies them (the config file
+    /// cannot widen this).
+    #[serde(default, skip_serializing_if = "Egress::is_empty")]
+    pub egress: Egress,
 }
 
 impl GitJob {
@@ -180,6 +188,14 @@ impl JobSpec {
         match self {
             JobSpec::Freestyle(job) => job.schedule.as_ref(),
             JobSpec::Git(job) => job.schedule.as_ref(),
+        }
+    }
+
+    /// The ranges the job's runs reach despite the agent's egress policy.
+    pub fn egress(&self) -> &Egress {
+        match self {
+            JobSpec::Freestyle(job) => &job.egress,
+            JobSpec::Git(job) => &job.egress,
         }
     }
 

@@ -146,8 +146,17 @@ impl Held {
             remove_workspace(&executor.docker, workspace).await;
         }
         tracing::debug!("the attempt's containers and workspace are removed");
+        // A network whose job's allowed ranges could not be taken back is not lent again.
+        let mut lend_again = !self.left_behind;
+        if let Some((bridge, allow)) = self.allowed.take() {
+            let (docker, agent, image) = (&executor.docker, &executor.agent, &executor.git_image);
+            if let Err(err) = docker.allow_egress(agent, image, &bridge, &allow, false).await {
+                tracing::warn!(error = %err, bridge, "cannot remove the job's egress exceptions; its network goes");
+                lend_again = false;
+            }
+        }
         if let Some(network) = self.network.take() {
-            executor.networks.give_back(network, !self.left_behind).await;
+            executor.networks.give_back(network, lend_again).await;
         }
         // Counting the mirrors' sizes keeps the engine busy for a while, so it happens here, after
         // the run, rather than while a job starts.

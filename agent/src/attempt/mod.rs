@@ -66,6 +66,9 @@ pub struct Executor {
     pub work_dir: PathBuf,
     /// Image with git that checks out git runs (and probes services' readiness).
     pub git_image: String,
+    /// Whether the agent set the egress rules on its engine: a job's `egress.allow` is then added
+    /// for its runs.
+    pub egress_rules: bool,
     /// Git mirrors of the repositories this agent checked out.
     pub(crate) mirrors: Arc<crate::mirrors::Mirrors>,
     pub secrets: Option<SecretBox>,
@@ -179,6 +182,8 @@ pub(crate) struct Held {
     /// A container could not be removed: the network is not lent again.
     left_behind: bool,
     network: Option<RunNetwork>,
+    /// The network's bridge and the ranges its job may reach, while the rules for them stand.
+    allowed: Option<(String, Vec<cimaster_common::Cidr>)>,
     /// A git run's workspace; the mirror it is made from stays.
     workspace: Option<checkout::Workspace>,
     cluster: Option<cluster::Leased>,
@@ -288,9 +293,21 @@ impl Attempt<'_> {
         Ok(stop)
     }
 
+    /// The run's network, and the ranges its job may reach despite the egress policy.
     async fn take_network(&mut self) -> Result<(), Stop> {
         let network = self.interrupts.step(self.executor.networks.take(&self.labels)).await?;
-        self.held.network = Some(network.map_err(AttemptError::Docker)?);
+        let network = network.map_err(AttemptError::Docker)?;
+        let allow = &self.claim.spec.egress().allow;
+        let bridge = crate::egress::bridge_name(&network.name);
+        self.held.network = Some(network);
+        if self.executor.egress_rules && !allow.is_empty() {
+            let (docker, agent, image) = (&self.executor.docker, &self.executor.agent, &self.executor.git_image);
+            let added = self.interrupts.step(docker.allow_egress(agent, image, &bridge, allow, true)).await?;
+            self.held.allowed = Some((bridge, allow.clone()));
+            added.map_err(AttemptError::Docker)?;
+            let ranges: Vec<String> = allow.iter().map(ToString::to_string).collect();
+            self.console.note(&format!("the job's runs reach {} (egress.allow)", ranges.join(", "))).await;
+        }
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! The agent's only door to Docker. Everything it creates is labelled as CIMaster's (agent, job,
 //! run, attempt) and removed explicitly.
 
+mod egress;
 mod git;
 mod image;
 mod job;
@@ -94,6 +95,10 @@ pub enum DockerError {
     Sandbox(#[source] BollardError),
     #[error("starting the script failed: {0}")]
     Gate(#[source] std::io::Error),
+    #[error("starting a helper in the engine host's network namespace failed: {0}")]
+    HostHelper(#[source] BollardError),
+    #[error("the egress rules could not be set (exit {code}): {output}")]
+    Egress { code: i64, output: String },
 }
 
 impl DockerError {

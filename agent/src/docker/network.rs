@@ -59,11 +59,14 @@ impl DockerClient {
             config: Some(vec![IpamConfig { subnet: Some(subnet), ..Default::default() }]),
             ..Default::default()
         });
+        // The bridge's name is how the egress rules know the network as the agent's.
+        let bridge = crate::egress::bridge_name(&name);
         let request = NetworkCreateRequest {
             name: name.clone(),
             driver: Some("bridge".to_owned()),
             labels: Some(labels),
             ipam,
+            options: Some(HashMap::from([("com.docker.network.bridge.name".to_owned(), bridge)])),
             ..Default::default()
         };
         match self.docker.create_network(request).await {
