@@ -188,3 +188,26 @@ async fn webhooks_that_cannot_be_authentic_are_refused_before_their_body_is_read
     let signature = format!("sha256={}", "0".repeat(64));
     assert_eq!(status_of(&unconfigured, delivery(Some(&signature))).await, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn a_login_form_is_refused_past_a_few_kib() {
+    let app = app().await;
+    let form = |token: &str, declared: bool| {
+        let body = format!("token={token}&next=%2Fui%2Fruns");
+        let mut request = Request::post("/ui/login").header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if declared {
+            request = request.header(header::CONTENT_LENGTH, body.len().to_string());
+        }
+        request.body(Body::from(body)).unwrap()
+    };
+    let long = "a".repeat(9 << 10);
+    assert_eq!(status_of(&app, form(&long, true)).await, StatusCode::PAYLOAD_TOO_LARGE, "a long declared length");
+    assert_eq!(status_of(&app, form(&long, false)).await, StatusCode::PAYLOAD_TOO_LARGE, "a long body");
+    let endless_login = Request::post("/ui/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::CONTENT_LENGTH, (1 << 20).to_string())
+        .body(endless())
+        .unwrap();
+    assert_eq!(status_of(&app, endless_login).await, StatusCode::PAYLOAD_TOO_LARGE, "refused before it is read");
+    assert_eq!(status_of(&app, form("not-a-token", true)).await, StatusCode::UNAUTHORIZED, "a short form is read");
+}
