@@ -51,7 +51,9 @@ pub struct JunitSummary {
     pub skipped: u64,
     /// Sum of the cases' `time` attributes, in seconds.
     pub time_seconds: f64,
-    /// Cases that failed or errored, in report order: the first 500 of each report.
+    /// Cases that failed or errored, in report order: the first 500 of each report, and over all of
+    /// a run's reports together at most [`MAX_LISTED_FAILURES_IN_ALL`] of about
+    /// [`MAX_LISTED_BYTES_IN_ALL`] bytes.
     pub failed: Vec<FailedCase>,
     /// Failed cases beyond those listed.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -64,6 +66,11 @@ fn is_zero(value: &u64) -> bool {
 
 /// Failed cases listed per report; the rest are only counted.
 pub const MAX_LISTED_FAILURES: usize = 500;
+/// Failed cases listed over all of a run's reports together.
+pub const MAX_LISTED_FAILURES_IN_ALL: usize = 500;
+/// Bytes of the failed cases listed over all of a run's reports together (the cases' texts, about
+/// their size as JSON). A report's listed cases can be some MiB each; a run can have many reports.
+pub const MAX_LISTED_BYTES_IN_ALL: usize = 1 << 20;
 /// A failure message is cut at this many bytes.
 pub const MAX_FAILURE_MESSAGE: usize = 4096;
 
@@ -103,14 +110,71 @@ pub struct FailedCase {
     pub line: Option<u32>,
 }
 
+impl FailedCase {
+    /// About the bytes the case takes when listed: its texts.
+    pub fn listed_bytes(&self) -> usize {
+        let texts = [&self.suite, &self.classname, &self.name, &self.kind, &self.message, &self.text];
+        let outputs = [&self.system_out, &self.system_err];
+        texts.iter().chain(&outputs).map(|text| text.len()).sum::<usize>() + self.file.as_ref().map_or(0, String::len)
+    }
+}
+
+/// What a run's reports may still list together: failed cases and their bytes, spent report by
+/// report in order. Once a case does not fit, none after it is listed either (they are counted).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ListingBudget {
+    cases: usize,
+    bytes: usize,
+}
+
+impl Default for ListingBudget {
+    fn default() -> Self {
+        ListingBudget { cases: MAX_LISTED_FAILURES_IN_ALL, bytes: MAX_LISTED_BYTES_IN_ALL }
+    }
+}
+
+impl ListingBudget {
+    /// Whether `case` is listed; the budget is spent by it, or for good when it does not fit.
+    pub fn take(&mut self, case: &FailedCase) -> bool {
+        let bytes = case.listed_bytes();
+        if self.cases == 0 || bytes > self.bytes {
+            *self = ListingBudget { cases: 0, bytes: 0 };
+            return false;
+        }
+        self.cases -= 1;
+        self.bytes -= bytes;
+        true
+    }
+
+    /// Keeps of the summary's listed cases those the budget allows; the rest are counted as not
+    /// listed. How many were dropped.
+    pub fn spend(&mut self, summary: &mut JunitSummary) -> usize {
+        let before = summary.failed.len();
+        summary.failed.retain(|case| self.take(case));
+        let dropped = before - summary.failed.len();
+        summary.failed_not_listed += dropped as u64;
+        dropped
+    }
+}
+
 impl JunitSummary {
+    /// Adds another report's totals, and of its failed cases those the run's listing budget (the
+    /// cases already listed here spent part of it) still allows.
     pub fn add(&mut self, other: &JunitSummary) {
         self.tests += other.tests;
         self.failures += other.failures;
         self.errors += other.errors;
         self.skipped += other.skipped;
         self.time_seconds += other.time_seconds;
-        self.failed.extend(other.failed.iter().cloned());
+        let mut budget = ListingBudget::default();
+        let fits = self.failed.iter().all(|case| budget.take(case));
+        for case in &other.failed {
+            if fits && budget.take(case) {
+                self.failed.push(case.clone());
+            } else {
+                self.failed_not_listed += 1;
+            }
+        }
         self.failed_not_listed += other.failed_not_listed;
     }
 
@@ -191,6 +255,67 @@ mod tests {
         assert_eq!(summary.failed.len(), MAX_LISTED_FAILURES);
         assert_eq!(summary.failed_not_listed, 20);
         assert!(summary.failed.iter().all(|case| case.message.len() <= MAX_FAILURE_MESSAGE + 3));
+    }
+
+    fn failed(name: &str, message_bytes: usize) -> FailedCase {
+        FailedCase {
+            name: name.into(),
+            kind: "failure".into(),
+            message: "m".repeat(message_bytes),
+            ..FailedCase::default()
+        }
+    }
+
+    #[test]
+    fn many_reports_list_a_bounded_number_of_failures_in_all() {
+        // 40 reports of 500 failures each: 500 listed in all, the rest counted.
+        let report = JunitSummary {
+            tests: 500,
+            failures: 500,
+            failed: (0..MAX_LISTED_FAILURES).map(|i| failed(&format!("t{i}"), 10)).collect(),
+            failed_not_listed: 3,
+            ..JunitSummary::default()
+        };
+        let mut total = JunitSummary::default();
+        for _ in 0..40 {
+            total.add(&report);
+        }
+        assert_eq!((total.tests, total.failures), (20_000, 20_000), "every case is counted");
+        assert_eq!(total.failed.len(), MAX_LISTED_FAILURES_IN_ALL);
+        assert_eq!(total.failed_not_listed, 20_000 - MAX_LISTED_FAILURES_IN_ALL as u64 + 40 * 3);
+
+        // Long failures: about 1 MiB in all, whatever the count.
+        let long = JunitSummary {
+            failures: 100,
+            failed: (0..100).map(|i| failed(&format!("t{i}"), 100 << 10)).collect(),
+            ..JunitSummary::default()
+        };
+        let mut total = JunitSummary::default();
+        total.add(&long);
+        total.add(&long);
+        let listed: usize = total.failed.iter().map(FailedCase::listed_bytes).sum();
+        assert!(listed <= MAX_LISTED_BYTES_IN_ALL, "{listed} bytes listed");
+        assert_eq!(total.failed.len(), 10, "ten cases of 100 KiB fit in 1 MiB");
+        assert_eq!(total.failed_not_listed, 190);
+    }
+
+    #[test]
+    fn a_budget_is_spent_report_by_report_and_stops_at_the_first_case_that_does_not_fit() {
+        let mut budget = ListingBudget::default();
+        let mut first = JunitSummary {
+            failed: (0..400).map(|i| failed(&format!("a{i}"), 10)).collect(),
+            ..JunitSummary::default()
+        };
+        assert_eq!(budget.spend(&mut first), 0);
+        let mut second = JunitSummary {
+            failed: [failed("huge", 2 << 20), failed("small", 1)].into_iter().collect(),
+            failed_not_listed: 1,
+            ..JunitSummary::default()
+        };
+        assert_eq!(budget.spend(&mut second), 2, "nothing after the case that did not fit");
+        assert_eq!((second.failed.len(), second.failed_not_listed), (0, 3));
+        let mut third = JunitSummary { failed: vec![failed("late", 1)], ..JunitSummary::default() };
+        assert_eq!(budget.spend(&mut third), 1, "the budget is spent");
     }
 
     #[test]

@@ -11,6 +11,8 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use sqlx::PgPool;
 use support::{git_job, LocalRepo, Reply, TestApp, WEBHOOK_SECRET};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const REPO: &str = "octo-org/hello";
 
@@ -125,6 +127,126 @@ async fn deliveries_are_authenticated_by_their_signature_and_checked(pool: PgPoo
         listed.body["deliveries"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
     assert!(ids.contains(&"d-nobody") && ids.contains(&"d-ping"), "{ids:?}");
     app.as_role(cimaster_master::auth::Role::Read).get("/hooks/github/deliveries").await.expect_problem(403, "");
+    app.stop().await;
+}
+
+/// A delivery sent by hand over its own connection: its head, declaring a body of `length` bytes
+/// (chunked when `None`), and the first `sent` bytes of that body; the rest is never sent.
+async fn start_delivery(app: &TestApp, signature: Option<&str>, length: Option<usize>, sent: usize) -> TcpStream {
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let mut head = format!(
+        "POST /hooks/github HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\nx-github-event: ping\r\n\
+         x-github-delivery: d-by-hand\r\n",
+        app.addr
+    );
+    match length {
+        Some(length) => head += &format!("content-length: {length}\r\n"),
+        None => head += "transfer-encoding: chunked\r\n",
+    }
+    if let Some(signature) = signature {
+        head += &format!("x-hub-signature-256: {signature}\r\n");
+    }
+    head += "\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![b' '; sent]).await.unwrap();
+    stream
+}
+
+/// The head of the answer read from `stream`, if it arrives within `within`.
+async fn answer_within(stream: &mut (impl AsyncReadExt + Unpin), within: Duration) -> Option<String> {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.ok()?;
+    Some(String::from_utf8_lossy(&answer).into_owned())
+}
+
+fn status_of(head: Option<&str>) -> Option<u16> {
+    head?.split(' ').nth(1)?.parse().ok()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_delivery_is_refused_before_its_body_is_read_when_it_cannot_be_authentic(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let full = 25 << 20;
+    // 64 KiB of a 25 MB body is sent and no more: the answer comes while the sender still holds
+    // the rest, so the master read at most those 64 KiB.
+    for (signature, detail) in [
+        (None, "no X-Hub-Signature-256 header"),
+        (Some("sha256=zz"), "must be `sha256=` and 64 hexadecimal digits"),
+        (Some("sha1=0123456789abcdef0123456789abcdef01234567"), "must be `sha256=`"),
+    ] {
+        let mut stream = start_delivery(&app, signature, Some(full), 64 << 10).await;
+        let head = answer_within(&mut stream, Duration::from_secs(5)).await;
+        assert_eq!(status_of(head.as_deref()), Some(401), "{signature:?}: answered before the body: {head:?}");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest)).await;
+        let answer = head.unwrap() + &String::from_utf8_lossy(&rest);
+        assert!(answer.contains(detail), "{signature:?}: {answer}");
+    }
+    // A declared length over GitHub's 25 MB is refused at once, whatever the signature.
+    let mut stream = start_delivery(&app, Some(&sign(b"forged")), Some(26 << 20), 64 << 10).await;
+    let head = answer_within(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(status_of(head.as_deref()), Some(413), "{head:?}");
+    // An undeclared length (chunked) is read only up to the limit, then refused: 413, not a 5xx.
+    let stream = start_delivery(&app, Some(&sign(b"forged")), None, 0).await;
+    let (mut reader, mut writer) = stream.into_split();
+    let sending = tokio::spawn(async move {
+        let chunk = vec![b' '; 1 << 20];
+        for _ in 0..26 {
+            let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            if writer.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.write_all(b"0\r\n\r\n").await;
+    });
+    let head = answer_within(&mut reader, Duration::from_secs(20)).await;
+    assert_eq!(status_of(head.as_deref()), Some(413), "{head:?}");
+    sending.abort();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM github_deliveries").fetch_one(&pool).await.unwrap();
+    assert_eq!(stored, 0);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn only_a_few_unauthenticated_bodies_are_read_at_once(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    // Bodies whose signature is well formed are read (to be checked): these never finish.
+    let mut reading = Vec::new();
+    let forged = format!("sha256={}", "0".repeat(64));
+    let refused = loop {
+        let mut stream = start_delivery(&app, Some(&forged), Some(1 << 20), 1).await;
+        match answer_within(&mut stream, Duration::from_millis(300)).await {
+            None => reading.push(stream),
+            Some(head) => break head,
+        }
+        assert!(reading.len() <= 30, "30 bodies read at once");
+    };
+    assert_eq!(reading.len(), 16, "{refused}");
+    assert_eq!(status_of(Some(&refused)), Some(503), "{refused}");
+    assert!(refused.to_ascii_lowercase().contains("retry-after: "), "{refused}");
+    assert!(refused.contains("application/problem+json"), "{refused}");
+    // A sender that goes away gives its place back.
+    drop(reading.pop());
+    let ping = json!({"zen": "Design for failure.", "hook_id": 1, "repository": {"full_name": REPO}});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pong = deliver(&app, "ping", "d-after", &ping, None).await;
+        if pong.status == 200 {
+            break;
+        }
+        assert_eq!(pong.status, 503, "{}", pong.body);
+        assert!(Instant::now() < deadline, "the place never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     app.stop().await;
 }
 

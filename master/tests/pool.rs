@@ -623,3 +623,63 @@ async fn leases_and_holds_belong_to_their_caller(pool: PgPool) {
     assert_eq!(unheld["actor"], "tester (admin, overriding alice)", "{unheld}");
     app.stop().await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_lease_identity_is_its_holders_and_a_runs_is_reserved_for_its_agent(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let admin = app.admin();
+    let alice = app.as_user("alice", Role::Trigger);
+    let bob = app.as_user("bob", Role::Trigger);
+    for cluster in ["c1", "c2", "c3"] {
+        add(&admin, &format!("cluster={cluster}&region=r")).await;
+    }
+    let run = uuid::Uuid::parse_str("0190e6a4-0000-7000-8000-000000000000").unwrap();
+    let runs = store::run_job(run);
+
+    // A queued run's identity cannot be squatted over HTTP, by a triggerer or an admin.
+    for api in [&alice, &admin] {
+        let squat = api.post("/pool/leases", json!({"purpose": "tess-ci", "job": runs, "build": "1"})).await;
+        squat.expect_problem(422, "reserved for the clusters of runs");
+    }
+    let (status, body) = text(&alice, &format!("/getvacant?job={runs}&build=1")).await;
+    assert_eq!(status, 422, "{body}");
+    // The agent running the attempt takes it through the store, and gets the same lease when it
+    // asks again; another agent does not get it.
+    let request = AcquireRequest {
+        purpose: "tess-ci".into(),
+        osimage: None,
+        job: runs.clone(),
+        build: "1".into(),
+        holder: "agent-1".into(),
+        run: Some(run),
+        ttl: Duration::from_secs(60),
+        waited: Duration::ZERO,
+        priority: 0,
+        waiter: None,
+        cluster: None,
+    };
+    let first = store::acquire(&pool, &request).await.unwrap().unwrap();
+    assert_eq!(store::acquire(&pool, &request).await.unwrap().unwrap().token, first.token);
+    let other = AcquireRequest { holder: "agent-2".into(), ..request.clone() };
+    let refused = store::acquire(&pool, &other).await.unwrap_err();
+    assert!(matches!(refused, store::PoolError::Conflict(_)), "{refused}");
+
+    // Alice's (job, build) is hers: asked again she gets her lease back, bob gets a 409 and not
+    // her token — with a cluster vacant (the identity's constraint refuses him) and without.
+    let mine = json!({"purpose": "tess-ci", "job": "e2e", "build": "7"});
+    let lease = alice.post("/pool/leases", mine.clone()).await;
+    assert_eq!(lease.status, 201, "{}", lease.body);
+    let token = lease.body["token"].as_i64().unwrap();
+    assert_eq!(alice.post("/pool/leases", mine.clone()).await.body["token"], token);
+    let twin = bob.post("/pool/leases", mine.clone()).await;
+    twin.expect_problem(409, "leased by another holder");
+    assert!(twin.body.get("token").is_none() && twin.body.get("cluster").is_none(), "{}", twin.body);
+    let (status, body) = text(&admin, "/holdcluster?cluster=c3&desc=keeping-it-busy").await;
+    assert_eq!(status, 200, "{body}");
+    let twin = bob.post("/pool/leases", mine).await;
+    twin.expect_problem(409, "leased by another holder");
+    let (status, body) = text(&bob, "/getvacant?job=e2e&build=7").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("leased by another holder"), "{body}");
+    app.stop().await;
+}

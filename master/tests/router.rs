@@ -147,3 +147,67 @@ async fn bad_input_is_refused_before_any_service_is_asked() {
         assert!(detail.contains(&mentions.to_lowercase()), "{method} {uri}: `{detail}` should mention `{mentions}`");
     }
 }
+
+/// A body that never ends: whoever reads it waits for ever.
+fn endless() -> Body {
+    Body::from_stream(futures::stream::pending::<Result<axum::body::Bytes, std::io::Error>>())
+}
+
+/// The status of the answer to `request`, which must come within seconds.
+async fn status_of(app: &Application, request: Request<Body>) -> StatusCode {
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), router(app.state().clone()).oneshot(request));
+    answer.await.expect("answered without reading the whole body").unwrap().status()
+}
+
+#[tokio::test]
+async fn webhooks_that_cannot_be_authentic_are_refused_before_their_body_is_read() {
+    let delivery = |signature: Option<&str>| {
+        let mut request = Request::post("/hooks/github")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-github-event", "ping")
+            .header("x-github-delivery", "d-1");
+        if let Some(signature) = signature {
+            request = request.header("x-hub-signature-256", signature);
+        }
+        request.body(endless()).unwrap()
+    };
+    let app = app().await;
+    assert_eq!(status_of(&app, delivery(None)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status_of(&app, delivery(Some("sha256=0123"))).await, StatusCode::UNAUTHORIZED);
+    let too_long = Request::post("/hooks/github")
+        .header(header::CONTENT_LENGTH, (26 << 20).to_string())
+        .header("x-hub-signature-256", format!("sha256={}", "0".repeat(64)))
+        .body(endless())
+        .unwrap();
+    assert_eq!(status_of(&app, too_long).await, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let mut config = support::config("postgres://nobody:nothing@127.0.0.1:1/none", &support::unique_prefix());
+    config.broker.url = secrecy::SecretString::from("amqp://nobody:nothing@127.0.0.1:1/%2f".to_owned());
+    config.github.webhook_secrets.clear();
+    let unconfigured = Application::build(config).await.unwrap();
+    let signature = format!("sha256={}", "0".repeat(64));
+    assert_eq!(status_of(&unconfigured, delivery(Some(&signature))).await, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn a_login_form_is_refused_past_a_few_kib() {
+    let app = app().await;
+    let form = |token: &str, declared: bool| {
+        let body = format!("token={token}&next=%2Fui%2Fruns");
+        let mut request = Request::post("/ui/login").header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if declared {
+            request = request.header(header::CONTENT_LENGTH, body.len().to_string());
+        }
+        request.body(Body::from(body)).unwrap()
+    };
+    let long = "a".repeat(9 << 10);
+    assert_eq!(status_of(&app, form(&long, true)).await, StatusCode::PAYLOAD_TOO_LARGE, "a long declared length");
+    assert_eq!(status_of(&app, form(&long, false)).await, StatusCode::PAYLOAD_TOO_LARGE, "a long body");
+    let endless_login = Request::post("/ui/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::CONTENT_LENGTH, (1 << 20).to_string())
+        .body(endless())
+        .unwrap();
+    assert_eq!(status_of(&app, endless_login).await, StatusCode::PAYLOAD_TOO_LARGE, "refused before it is read");
+    assert_eq!(status_of(&app, form("not-a-token", true)).await, StatusCode::UNAUTHORIZED, "a short form is read");
+}

@@ -2,7 +2,7 @@
 //! stored in S3 and recorded here. The agent's writes are fenced like every other write of the
 //! attempt.
 
-use cimaster_common::results::JunitSummary;
+use cimaster_common::results::{JunitSummary, MAX_LISTED_BYTES_IN_ALL, MAX_LISTED_FAILURES_IN_ALL};
 use cimaster_common::RunId;
 use sqlx::types::Json;
 use sqlx::PgPool;
@@ -91,16 +91,56 @@ pub struct ResultFile {
     pub summary: Option<Json<JunitSummary>>,
 }
 
-const FILE_COLUMNS: &str = "attempt, kind, name, bytes, content_type, object_key, summary";
+/// The result files `filter` selects, in `order`, with their summaries bounded as they are read:
+/// the failed cases listed by all the selected files together are at most
+/// [`MAX_LISTED_FAILURES_IN_ALL`] of at most [`MAX_LISTED_BYTES_IN_ALL`] bytes (as JSON), the rest
+/// counted as not listed, and of a summary only its own fields are read. The agent bounds what it
+/// writes alike; this holds for rows written before it did, or by a misbehaving agent, so no run's
+/// results can make the master load more. `$cases` and `$bytes` are the two bounds' parameters.
+fn select_bounded(filter: &str, order: &str, cases: &str, bytes: &str) -> String {
+    let fits = format!("nth <= {cases} AND bytes_so_far <= {bytes}");
+    format!(
+        "WITH chosen AS (
+             SELECT attempt, kind, name, bytes, content_type, object_key, summary,
+                    row_number() OVER (ORDER BY {order}) AS place
+             FROM run_results WHERE {filter}
+         ), cases AS (
+             SELECT chosen.place, listed.failed, listed.ord,
+                    row_number() OVER in_order AS nth,
+                    sum(octet_length(listed.failed::text)) OVER in_order AS bytes_so_far
+             FROM chosen,
+                  jsonb_array_elements(CASE WHEN jsonb_typeof(summary -> 'failed') = 'array'
+                                            THEN summary -> 'failed' ELSE '[]' END)
+                      WITH ORDINALITY AS listed (failed, ord)
+             WINDOW in_order AS (ORDER BY chosen.place, listed.ord)
+         ), kept AS (
+             SELECT place, jsonb_agg(failed ORDER BY ord) FILTER (WHERE {fits}) AS failed,
+                    count(*) FILTER (WHERE NOT ({fits})) AS dropped
+             FROM cases GROUP BY place
+         )
+         SELECT attempt, kind, name, bytes, content_type, object_key,
+                CASE WHEN summary IS NOT NULL THEN jsonb_build_object(
+                    'tests', summary -> 'tests', 'failures', summary -> 'failures',
+                    'errors', summary -> 'errors', 'skipped', summary -> 'skipped',
+                    'timeSeconds', summary -> 'timeSeconds',
+                    'failed', coalesce(kept.failed, '[]'),
+                    'failedNotListed', coalesce(kept.dropped, 0)
+                        + CASE WHEN jsonb_typeof(summary -> 'failedNotListed') = 'number'
+                               THEN (summary ->> 'failedNotListed')::numeric ELSE 0 END)
+                END AS summary
+         FROM chosen LEFT JOIN kept USING (place)
+         ORDER BY place"
+    )
+}
 
 /// Every result file of a run, newest attempt first.
 pub async fn list(pool: &PgPool, run: Uuid) -> Result<Vec<ResultFile>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {FILE_COLUMNS} FROM run_results WHERE run_id = $1 ORDER BY attempt DESC, kind, name"
-    ))
-    .bind(run)
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(&select_bounded("run_id = $1", "attempt DESC, kind, name", "$2", "$3"))
+        .bind(run)
+        .bind(MAX_LISTED_FAILURES_IN_ALL as i64)
+        .bind(MAX_LISTED_BYTES_IN_ALL as i64)
+        .fetch_all(pool)
+        .await
 }
 
 /// An attempt's result files of the given kinds, optionally only the one named `name`.
@@ -111,15 +151,18 @@ pub async fn files(
     kinds: &[&str],
     name: Option<&str>,
 ) -> Result<Vec<ResultFile>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {FILE_COLUMNS} FROM run_results
-         WHERE run_id = $1 AND attempt = $2 AND kind = ANY($3) AND ($4::text IS NULL OR name = $4)
-         ORDER BY name"
+    sqlx::query_as(&select_bounded(
+        "run_id = $1 AND attempt = $2 AND kind = ANY($3) AND ($4::text IS NULL OR name = $4)",
+        "name",
+        "$5",
+        "$6",
     ))
     .bind(run)
     .bind(attempt)
     .bind(kinds.iter().map(|kind| kind.to_string()).collect::<Vec<_>>())
     .bind(name)
+    .bind(MAX_LISTED_FAILURES_IN_ALL as i64)
+    .bind(MAX_LISTED_BYTES_IN_ALL as i64)
     .fetch_all(pool)
     .await
 }

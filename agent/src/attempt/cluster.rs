@@ -61,7 +61,7 @@ impl Attempt<'_> {
         let mut request = AcquireRequest {
             purpose: requirement.purpose.clone(),
             osimage: requirement.osimage.clone(),
-            job: format!("run:{}", claim.run),
+            job: pool::run_job(claim.run),
             build: claim.attempt.to_string(),
             holder: self.executor.agent.clone(),
             run: Some(claim.run.0),

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use cimaster_common::results::{JunitSummary, KIND_JUNIT};
+use cimaster_common::results::{JunitSummary, ListingBudget, KIND_JUNIT, MAX_LISTED_FAILURES_IN_ALL};
 use cimaster_common::secrets::Masker;
 use cimaster_common::storage::{console_key, result_key};
 use cimaster_common::Results;
@@ -136,8 +136,10 @@ impl Attempt<'_> {
             file.name = name;
         }
         let mut stored = Vec::new();
+        // What the attempt's reports list together is bounded, not only each report's.
+        let mut listing = ListingBudget::default();
         for file in found {
-            let summary = if file.kind == KIND_JUNIT { self.junit_summary(&file).await } else { None };
+            let summary = if file.kind == KIND_JUNIT { self.junit_summary(&file, &mut listing).await } else { None };
             let content_type = archive::content_type(&file.name);
             let body = Body::File(&file.path, file.size);
             stored.extend(self.put_result(file.kind, &file.name, content_type, body, summary).await);
@@ -161,8 +163,9 @@ impl Attempt<'_> {
         String::from_utf8_lossy(&self.masker.mask(text.as_bytes())).into_owned()
     }
 
-    /// The report's summary, read as a stream, with the job's secrets masked in what it quotes.
-    async fn junit_summary(&self, file: &Found) -> Option<serde_json::Value> {
+    /// The report's summary, read as a stream, with the job's secrets masked in what it quotes and
+    /// only the failed cases listed that `listing` still allows.
+    async fn junit_summary(&self, file: &Found, listing: &mut ListingBudget) -> Option<serde_json::Value> {
         if file.size > MAX_SUMMARISED {
             let note = format!("{} is kept but not summarised: it is over {} MiB", file.name, MAX_SUMMARISED >> 20);
             self.console.note(&note).await;
@@ -178,6 +181,15 @@ impl Attempt<'_> {
         match read {
             Ok(mut summary) => {
                 mask_summary(&mut summary, &self.masker);
+                let dropped = listing.spend(&mut summary);
+                if dropped > 0 {
+                    let note = format!(
+                        "{}: {dropped} failed cases are counted but not listed: a run's reports list at most \
+                         {MAX_LISTED_FAILURES_IN_ALL} (and 1 MiB of them) together",
+                        file.name
+                    );
+                    self.console.note(&note).await;
+                }
                 serde_json::to_value(summary).ok()
             }
             Err(why) => {

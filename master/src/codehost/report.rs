@@ -147,9 +147,9 @@ fn backoff(attempts: i32) -> Duration {
 
 /// The run's JUnit totals over its last attempt's reports, if it kept any.
 async fn junit_summary(pool: &PgPool, run: &Run) -> Result<Option<JunitSummary>, sqlx::Error> {
-    let files = results::list(pool, run.id).await?;
+    let files = results::files(pool, run.id, run.attempt, &[KIND_JUNIT], None).await?;
     let mut total: Option<JunitSummary> = None;
-    for file in files.iter().filter(|file| file.kind == KIND_JUNIT && file.attempt == run.attempt) {
+    for file in &files {
         if let Some(summary) = &file.summary {
             total.get_or_insert_with(JunitSummary::default).add(&summary.0);
         }

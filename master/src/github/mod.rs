@@ -14,16 +14,37 @@ use sha2::Sha256;
 
 use crate::codehost::{Command, Comment, Event, PullRequest, Push};
 
-/// Whether `signature` (`X-Hub-Signature-256: sha256=<hex>`) is the HMAC-SHA256 of `body` under
-/// one of `secrets` (several, so a secret can be rotated). Compared in constant time.
-pub fn signature_valid(secrets: &[SecretString], body: &[u8], signature: &str) -> bool {
-    let Some(hex_digest) = signature.strip_prefix("sha256=") else { return false };
-    let Ok(digest) = hex::decode(hex_digest) else { return false };
-    secrets.iter().any(|secret| {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes()) else { return false };
-        mac.update(body);
-        mac.verify_slice(&digest).is_ok()
-    })
+/// The digest an `X-Hub-Signature-256` header names: `sha256=` and 64 hexadecimal digits.
+pub fn parse_signature(header: &[u8]) -> Option<[u8; 32]> {
+    let hex_digest = header.strip_prefix(b"sha256=")?;
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(hex_digest, &mut digest).ok()?;
+    Some(digest)
+}
+
+/// The HMAC-SHA256 of a body under each webhook secret (several, so a secret can be rotated),
+/// updated as the body arrives.
+pub struct Signer(Vec<Hmac<Sha256>>);
+
+impl Signer {
+    pub fn new(secrets: &[SecretString]) -> Self {
+        Signer(
+            secrets
+                .iter()
+                .filter_map(|secret| Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes()).ok())
+                .collect(),
+        )
+    }
+
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.0.iter_mut().for_each(|mac| mac.update(chunk));
+    }
+
+    /// Whether the body so far is signed with `digest` under one of the secrets. Compared in
+    /// constant time.
+    pub fn verify(self, digest: &[u8; 32]) -> bool {
+        self.0.into_iter().any(|mac| mac.verify_slice(digest).is_ok())
+    }
 }
 
 /// What a delivery is, read from its `X-GitHub-Event` and payload.
@@ -169,10 +190,19 @@ mod tests {
         let mut mac = Hmac::<Sha256>::new_from_slice(b"new").unwrap();
         mac.update(body);
         let good = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-        assert!(signature_valid(&secrets, body, &good));
-        assert!(!signature_valid(&secrets, b"{}", &good));
-        assert!(!signature_valid(&secrets[..1], body, &good));
-        assert!(!signature_valid(&secrets, body, "sha1=abc"));
-        assert!(!signature_valid(&secrets, body, "sha256=zz"));
+        let signed = |secrets: &[SecretString], chunks: &[&[u8]], signature: &str| {
+            let Some(digest) = parse_signature(signature.as_bytes()) else { return false };
+            let mut signer = Signer::new(secrets);
+            chunks.iter().for_each(|chunk| signer.update(chunk));
+            signer.verify(&digest)
+        };
+        assert!(signed(&secrets, &[body], &good));
+        assert!(signed(&secrets, &[&body[..5], &body[5..]], &good), "a body read in chunks");
+        assert!(!signed(&secrets, &[b"{}"], &good));
+        assert!(!signed(&secrets[..1], &[body], &good));
+        assert!(!signed(&secrets, &[body], "sha1=abc"));
+        assert!(!signed(&secrets, &[body], "sha256=zz"));
+        assert!(!signed(&secrets, &[body], &good[..good.len() - 2]), "a digest too short");
+        assert!(parse_signature(format!("{good}00").as_bytes()).is_none(), "a digest too long");
     }
 }

@@ -3,16 +3,20 @@
 //! (`codehost::handle`). `GET /hooks/github/deliveries`: what each delivery did;
 //! `GET /hooks/github/statuses`: the commit statuses posted, waiting or given up.
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use cimaster_store::deliveries::{self, DeliveryView, Received};
 use cimaster_store::jobs;
 use cimaster_store::statuses::{self, StatusView};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
 use super::error::ApiError;
 use super::{Admin, AppState};
@@ -23,9 +27,19 @@ use crate::github::{self, Reading};
 /// GitHub sends payloads of up to 25 MB.
 pub const HOOK_BODY_LIMIT: usize = 25 << 20;
 
+/// How many webhook bodies are read at once. A body is read before its signature can be checked,
+/// so this (times [`HOOK_BODY_LIMIT`]) bounds the memory anyone without a secret can make a
+/// replica spend. A delivery refused for want of a permit is answered 503 with `Retry-After`.
+pub const HOOK_READERS: usize = 16;
+
+/// The permits to read a webhook body, one per body being read.
+#[derive(Clone)]
+pub(super) struct Readers(Arc<Semaphore>);
+
 pub fn router() -> Router<AppState> {
+    let readers = Readers(Arc::new(Semaphore::new(HOOK_READERS)));
     Router::new()
-        .route("/hooks/github", post(receive).layer(DefaultBodyLimit::max(HOOK_BODY_LIMIT)))
+        .route("/hooks/github", post(receive).layer(Extension(readers)))
         .route("/hooks/github/deliveries", get(list_deliveries))
         .route("/hooks/github/statuses", get(list_statuses))
 }
@@ -52,17 +66,17 @@ pub struct Accepted {
         (status = 202, description = "recorded: to be handled, or why it starts nothing", body = Accepted),
         (status = 400, body = super::Problem, content_type = "application/problem+json"),
         (status = 401, body = super::Problem, content_type = "application/problem+json"),
-        (status = 413, body = super::Problem, content_type = "application/problem+json")))]
-pub(super) async fn receive(State(state): State<AppState>, request: Request) -> Result<impl IntoResponse, ApiError> {
-    let headers = request.headers().clone();
-    let body = Bytes::from_request(request, &state).await.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit: HOOK_BODY_LIMIT }
-        } else {
-            ApiError::BadRequest(format!("cannot read the request body: {}", rejection.body_text()))
-        }
-    })?;
-    verify(&state, &headers, &body)?;
+        (status = 413, body = super::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "webhooks are not configured, or too many deliveries are being received",
+            body = super::Problem, content_type = "application/problem+json")))]
+pub(super) async fn receive(
+    State(state): State<AppState>,
+    Extension(readers): Extension<Readers>,
+    request: Request,
+) -> Result<impl IntoResponse, ApiError> {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let body = read_signed(&state, &readers, &headers, body).await?;
     let event = header(&headers, "x-github-event")?;
     let delivery = header(&headers, "x-github-delivery")?;
     let payload: serde_json::Value =
@@ -98,24 +112,51 @@ pub(super) async fn receive(State(state): State<AppState>, request: Request) -> 
     Ok((status, Json(Accepted { delivery, outcome })))
 }
 
-/// 401 unless the body carries a valid signature; 503 when no secret is configured.
-fn verify(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
-    if state.github.webhook_secrets.is_empty() {
+/// The body of a delivery whose signature matched it, read only as far as it has to be: 503 when
+/// no secret is configured and 401 for a missing or malformed signature, both before a byte is
+/// read; 413 at once for a `Content-Length` over the limit, or as soon as a body grows past it;
+/// 503 while [`HOOK_READERS`] other bodies are being read; 401 when the signature does not match.
+/// The HMACs follow the body as it arrives, and nothing of it is parsed before it is authentic.
+async fn read_signed(state: &AppState, readers: &Readers, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let secrets = &state.github.webhook_secrets;
+    if secrets.is_empty() {
         return Err(ApiError::Unavailable(
             "GitHub webhooks are not configured: set CIMASTER_GITHUB_WEBHOOK_SECRET".to_owned(),
         ));
     }
     let signature = headers
         .get("x-hub-signature-256")
-        .and_then(|value| value.to_str().ok())
         .ok_or_else(|| AuthError::Signature("no X-Hub-Signature-256 header".to_owned()))?;
-    if !github::signature_valid(&state.github.webhook_secrets, body, signature) {
+    let digest = github::parse_signature(signature.as_bytes()).ok_or_else(|| {
+        AuthError::Signature("X-Hub-Signature-256 must be `sha256=` and 64 hexadecimal digits".to_owned())
+    })?;
+    let declared =
+        headers.get(axum::http::header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > HOOK_BODY_LIMIT as u64) {
+        return Err(ApiError::PayloadTooLarge { limit: HOOK_BODY_LIMIT });
+    }
+    let _reading = readers.0.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Unavailable(format!("{HOOK_READERS} webhook deliveries are being received already; retry shortly"))
+    })?;
+    let mut signer = github::Signer::new(secrets);
+    // Memory follows what arrives, not what the sender declares.
+    let mut received = Vec::with_capacity(declared.map_or(0, |length| length as usize).min(1 << 20));
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|err| ApiError::BadRequest(format!("cannot read the request body: {err}")))?;
+        if received.len() + chunk.len() > HOOK_BODY_LIMIT {
+            return Err(ApiError::PayloadTooLarge { limit: HOOK_BODY_LIMIT });
+        }
+        signer.update(&chunk);
+        received.extend_from_slice(&chunk);
+    }
+    if !signer.verify(&digest) {
         return Err(AuthError::Signature(
             "X-Hub-Signature-256 does not match the body under any configured webhook secret".to_owned(),
         )
         .into());
     }
-    Ok(())
+    Ok(Bytes::from(received))
 }
 
 /// A header GitHub always sends: 1 to 200 visible ASCII characters.

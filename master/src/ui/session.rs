@@ -3,22 +3,25 @@
 //! as the API checks a bearer token, and every form that changes something carries a CSRF token
 //! derived from it, which a page of another origin cannot know.
 
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::error::UiError;
 use super::page::{Chrome, Nav};
 use crate::auth::{Caller, Role};
-use crate::http::AppState;
+use crate::http::{ApiError, AppState};
 
 pub const COOKIE: &str = "cimaster_session";
 /// The largest form the UI takes (the trigger form with its parameters is the largest).
 const FORM_LIMIT: usize = 64 << 10;
+/// The largest login form: a token and the page to go to next. It is read before anyone is known,
+/// so it is kept small.
+pub const LOGIN_LIMIT: usize = 8 << 10;
 
 /// Someone signed in: who, with which roles, and the CSRF token their forms carry.
 #[derive(Debug, Clone)]
@@ -99,9 +102,7 @@ impl FromRequest<AppState> for Posted {
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Response> {
         let (mut parts, body) = request.into_parts();
         let viewer = Viewer::from_request_parts(&mut parts, state).await?;
-        let bytes = axum::body::to_bytes(body, FORM_LIMIT)
-            .await
-            .map_err(|_| UiError::BadRequest(format!("a form is at most {} KiB", FORM_LIMIT >> 10)).into_response())?;
+        let bytes = read_form(&parts.headers, body, FORM_LIMIT).await.map_err(IntoResponse::into_response)?;
         let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
             .map_err(|_| UiError::BadRequest("the form is not URL-encoded".into()).into_response())?;
         let sent = fields.iter().find(|(key, _)| key == "csrf").map(|(_, value)| value.as_str()).unwrap_or("");
@@ -110,6 +111,23 @@ impl FromRequest<AppState> for Posted {
         }
         Ok(Posted { viewer, fields })
     }
+}
+
+/// A form's body, at most `limit` bytes: 413 at once for a longer `Content-Length`, or as soon as
+/// the body grows past it.
+async fn read_form(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, UiError> {
+    let too_large = || UiError::Api(ApiError::PayloadTooLarge { limit });
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        if std::error::Error::source(&err).is_some_and(|source| source.is::<http_body_util::LengthLimitError>()) {
+            too_large()
+        } else {
+            UiError::BadRequest(format!("cannot read the form: {err}"))
+        }
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -153,7 +171,15 @@ pub struct LoginForm {
 }
 
 /// Checks the token and sets the session cookie; a refused token shows the form again with why.
-pub async fn login(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<LoginForm>) -> Response {
+/// A form longer than [`LOGIN_LIMIT`] is refused (413) before more of it is read.
+pub async fn login(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let form = match read_form(&headers, body, LOGIN_LIMIT).await.and_then(|bytes| {
+        serde_urlencoded::from_bytes::<LoginForm>(&bytes)
+            .map_err(|_| UiError::BadRequest("the form is URL-encoded, with a `token`".into()))
+    }) {
+        Ok(form) => form,
+        Err(err) => return err.into_response(),
+    };
     let token = form.token.trim();
     let next = next_page(form.next.as_deref());
     let caller = match state.verifier.verify_header(Some(&format!("Bearer {token}"))) {

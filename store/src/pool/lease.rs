@@ -32,7 +32,8 @@ pub struct AcquireRequest {
 }
 
 /// Leases a vacant, enabled, un-held cluster of the purpose, in one statement. The same (job, build)
-/// gets the same lease back. `None`: nothing vacant now.
+/// asked again by the same holder gets the same lease back; asked by anyone else, it is a
+/// `Conflict` that names no token. `None`: nothing vacant now.
 pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<Lease>, PoolError> {
     check_osimage(&request.purpose, request.osimage.as_deref())?;
     let osimage = matched_osimage(request);
@@ -83,10 +84,10 @@ pub async fn acquire(pool: &PgPool, request: &AcquireRequest) -> Result<Option<L
         match result {
             Ok(Some(row)) => return Ok(ClusterView::from(row).lease),
             // Nothing vacant, unless this (job, build) already holds a lease: a retried request.
-            Ok(None) => return Ok(lease_of(pool, &request.job, &request.build).await?),
+            Ok(None) => return existing(pool, request).await,
             // This (job, build) already holds a lease (a retry, or a concurrent twin that won).
             Err(sqlx::Error::Database(db)) if db.constraint() == Some("clusters_lease_identity") => {
-                if let Some(existing) = lease_of(pool, &request.job, &request.build).await? {
+                if let Some(existing) = existing(pool, request).await? {
                     return Ok(Some(existing));
                 }
             }
@@ -165,6 +166,18 @@ pub async fn waiters(pool: &PgPool, purpose: Option<&str>) -> Result<Vec<Waiter>
     .bind(purpose)
     .fetch_all(pool)
     .await?)
+}
+
+/// The lease the request's (job, build) holds already, if its holder asks again; a `Conflict` when
+/// the identity is someone else's, whose lease (and fencing token) is theirs alone.
+async fn existing(pool: &PgPool, request: &AcquireRequest) -> Result<Option<Lease>, PoolError> {
+    match lease_of(pool, &request.job, &request.build).await? {
+        Some(lease) if lease.holder != request.holder => Err(PoolError::Conflict(format!(
+            "job `{}` build `{}` is leased by another holder; name a build of your own",
+            request.job, request.build
+        ))),
+        lease => Ok(lease),
+    }
 }
 
 async fn lease_of(pool: &PgPool, job: &str, build: &str) -> Result<Option<Lease>, sqlx::Error> {

@@ -70,6 +70,16 @@ impl<'a> Actor<'a> {
 /// The purpose of a cluster or a lease that names none (as in the original CIMaster).
 pub const DEFAULT_PURPOSE: &str = "tess-ci";
 
+/// Leases whose `job` starts with this are a run's own: `run:<run id>`, its build the attempt
+/// number. Only the agent running the attempt takes one (through [`acquire`], not over HTTP), so
+/// nobody can take a queued run's identity ahead of it.
+pub const RUN_JOB_PREFIX: &str = "run:";
+
+/// The lease `job` of a run's clusters.
+pub fn run_job(run: impl std::fmt::Display) -> String {
+    format!("{RUN_JOB_PREFIX}{run}")
+}
+
 /// Purposes whose clusters must match the requested OS image (as `tnet-ci` in the original CIMaster).
 pub const OSIMAGE_PURPOSES: &[&str] = &["tnet-ci"];
 

@@ -11,7 +11,7 @@ use axum::Json;
 use cimaster_common::{BranchName, Cause, EnvName, JobSpec, TriggerRequest};
 use serde::Serialize;
 
-use super::{acquire_waiting, actor, check_name, release_outcome};
+use super::{acquire_waiting, actor, check_job, check_name, release_outcome};
 use crate::auth::{Caller, Role};
 use crate::http::error::{ApiError, Problem};
 use crate::http::jobs::job_name;
@@ -55,7 +55,7 @@ fn optional<'a>(params: &'a BTreeMap<String, String>, name: &str) -> Option<&'a 
 /// `GET /getvacant?build=&job=&email=[&purpose=&osimage=&wait=]`: lease a vacant cluster; answers its name.
 #[utoipa::path(method(get, post), path = "/getvacant", tag = "cimaster", operation_id = "getvacant",
     params(
-        ("build" = String, Query, description = "with `job`, identifies the lease: the same pair gets the same cluster back"),
+        ("build" = String, Query, description = "with `job`, identifies the lease: the same pair asked by the same holder gets the same cluster back"),
         ("job" = String, Query),
         ("email" = Option<String>, Query, description = "whom the lease is recorded for: the token's subject; only an admin may name another"),
         ("purpose" = Option<String>, Query, description = "default `tess-ci`"),
@@ -65,7 +65,8 @@ fn optional<'a>(params: &'a BTreeMap<String, String>, name: &str) -> Option<&'a 
     ),
     responses((status = 200, description = "the leased cluster's name, or the cluster with `Accept: application/json`",
         content((String = "text/plain"), (ClusterView = "application/json"))),
-        (status = 409, description = "the lease kept changing; retry", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the lease kept changing, or the job and build are leased by another holder", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`job` is reserved for runs (`run:…`)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "nothing vacant", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub(super) async fn getvacant(
@@ -74,10 +75,12 @@ pub(super) async fn getvacant(
     headers: HeaderMap,
     ApiQuery(params): Params,
 ) -> Result<Response, ApiError> {
+    let job = param(&params, "job")?;
+    check_job(job)?;
     let request = AcquireRequest {
         purpose: optional(&params, "purpose").unwrap_or(store::DEFAULT_PURPOSE).to_owned(),
         osimage: optional(&params, "osimage").map(str::to_owned),
-        job: param(&params, "job")?.to_owned(),
+        job: job.to_owned(),
         build: param(&params, "build")?.to_owned(),
         holder: holder(&caller, optional(&params, "email"))?,
         run: None,

@@ -153,6 +153,20 @@ pub(super) fn check_label(what: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A lease's `job` as a caller names it: a label, and not a run's own (`run:…`), which only the
+/// agent running the run takes.
+pub(super) fn check_job(job: &str) -> Result<(), ApiError> {
+    check_label("job", job)?;
+    if job.starts_with(store::RUN_JOB_PREFIX) {
+        return Err(ApiError::Unprocessable(format!(
+            "`job` must not start with `{}`: those leases are reserved for the clusters of runs, \
+             which their agents take; name your own job",
+            store::RUN_JOB_PREFIX
+        )));
+    }
+    Ok(())
+}
+
 /// Cluster, region and purpose names: what the original CIMaster accepted.
 pub(super) fn check_name(what: &str, value: &str) -> Result<(), ApiError> {
     let ok = !value.is_empty()

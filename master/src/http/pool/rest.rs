@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::{acquire_waiting, actor, check_label, check_name, release_outcome};
+use super::{acquire_waiting, actor, check_job, check_label, check_name, release_outcome};
 use crate::auth::{Caller, Role};
 use crate::http::error::{ApiError, Problem};
 use crate::http::json::{ApiJson, OptionalJson};
@@ -137,7 +137,8 @@ pub(super) async fn delete_cluster(
 pub struct AcquireBody {
     pub purpose: String,
     pub osimage: Option<String>,
-    /// With `build`, identifies the lease: the same pair gets the same lease back.
+    /// With `build`, identifies the lease: the same pair asked by the same holder gets the same lease
+    /// back. Not `run:…`, which is reserved for the clusters of runs.
     pub job: String,
     pub build: String,
     pub run: Option<uuid::Uuid>,
@@ -157,7 +158,8 @@ pub struct AcquireBody {
 /// Lease a cluster (optionally waiting for one).
 #[utoipa::path(post, path = "/pool/leases", tag = "pool", request_body = AcquireBody,
     responses((status = 201, body = Lease), (status = 503, description = "nothing vacant", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "the lease kept changing; retry", body = Problem, content_type = "application/problem+json")),
+        (status = 409, description = "the lease kept changing, or the job and build are leased by another holder", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is invalid, e.g. a `job` reserved for runs (`run:…`)", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub(super) async fn acquire(
     State(state): State<AppState>,
@@ -169,7 +171,7 @@ pub(super) async fn acquire(
     if let Some(osimage) = &body.osimage {
         check_label("osimage", osimage)?;
     }
-    check_label("job", &body.job)?;
+    check_job(&body.job)?;
     check_label("build", &body.build)?;
     if let Some(cluster) = &body.cluster {
         check_name("cluster", cluster)?;
