@@ -88,7 +88,10 @@ impl Drop for Beyond {
 fn probes(targets: &[(&str, String)]) -> String {
     let mut script = String::from(
         "gw=$(ip route | awk '/default/ {print $3}')\n\
-         probe() { if wget -q -T 3 -O /dev/null \"http://$2/\" 2>/dev/null; then echo \"$1 reached\"; else echo \"$1 blocked\"; fi; }\n",
+         probe() {\n\
+           if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 \"${2%:*}\" \"${2##*:}\" 2>/dev/null | grep -q '^HTTP/1'; \
+           then echo \"$1 reached\"; else echo \"$1 blocked\"; fi\n\
+         }\n",
     );
     for (name, target) in targets {
         script.push_str(&format!("probe {name} {target}\n"));
