@@ -9,6 +9,7 @@ use std::fmt;
 use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::id_token::IdTokenSpec;
 use crate::ids::{BranchName, ConfigPath, EnvName, QueueName, RepositoryUrl};
 use crate::results::Results;
 use crate::schedule::Schedule;
@@ -72,6 +73,10 @@ pub struct FreestyleJob {
     /// Runs on a schedule (cron), beside those triggered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// An OIDC ID token for this audience in `CIMASTER_ID_TOKEN`, signed by the master, naming
+    /// the run: a cloud or Vault that trusts the installation grants access without a stored key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<IdTokenSpec>,
 }
 
 /// Which kind of test cluster a job needs.
@@ -145,6 +150,10 @@ pub struct GitJob {
     /// Runs on a schedule (cron), beside those triggered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// An OIDC ID token for this audience in `CIMASTER_ID_TOKEN`, signed by the master, naming
+    /// the run (repository, branch, commit, event); the config file's `idToken` takes its place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<IdTokenSpec>,
 }
 
 impl GitJob {

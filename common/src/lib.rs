@@ -5,6 +5,7 @@
 //! container library is linked from here.
 
 mod cause;
+pub mod id_token;
 mod ids;
 mod job;
 #[cfg(feature = "logging")]
@@ -22,6 +23,7 @@ pub mod storage;
 mod subscription;
 
 pub use cause::{Cause, RunEvent, UnknownEvent};
+pub use id_token::{IdTokenClaims, IdTokenSpec};
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
 pub use job::{ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
 pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_arguments, QueueArgument, RunMessage};

@@ -45,6 +45,9 @@ pub struct RepoConfig {
     /// How the workspace is checked out.
     #[serde(default, skip_serializing_if = "CheckoutSpec::is_default")]
     pub checkout: CheckoutSpec,
+    /// An OIDC ID token for this audience in `CIMASTER_ID_TOKEN` (instead of the job's `idToken`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<crate::id_token::IdTokenSpec>,
 }
 
 /// `checkout:` — how much of the repository the workspace gets.
