@@ -71,6 +71,12 @@ async fn discovery_points_at_the_keys_that_verify_tokens(pool: PgPool) {
     assert_eq!(reply.body["id_token_signing_alg_values_supported"], json!(["RS256"]));
 
     // The first key was made at start.
+    let raw = app.anonymous().get("/.well-known/jwks.json").await;
+    let published = &raw.body["keys"][0];
+    assert_eq!(
+        (&published["kty"], &published["alg"], &published["use"]),
+        (&json!("RSA"), &json!("RS256"), &json!("sig"))
+    );
     let jwks = served_jwks(&app).await;
     assert_eq!(jwks.keys.len(), 1);
     let (token, kid) = sign_now(&pool).await;
@@ -145,5 +151,21 @@ async fn without_a_public_url_no_tokens_are_issued(pool: PgPool) {
     reply.expect_problem(404, "CIMASTER_PUBLIC_URL");
     let secrets = SecretBox::from_base64(&SecretString::from(support::SECRETS_KEY)).unwrap();
     assert!(oidc_keys::signing(&pool, &secrets).await.unwrap().is_none());
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_asks_for_a_token_with_an_audience(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let admin = app.admin();
+    let mut job = support::freestyle("default");
+    job["idToken"] = json!({"audience": "sts.amazonaws.com"});
+    let reply = admin.put("/jobs/deploy", job.clone()).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert_eq!(reply.body["idToken"], json!({"audience": "sts.amazonaws.com"}));
+    for (bad, says) in [(json!({"audience": ""}), "idToken.audience"), (json!({"audience": "a", "ttl": 5}), "ttl")] {
+        job["idToken"] = bad;
+        admin.put("/jobs/deploy", job.clone()).await.expect_problem(422, says);
+    }
     app.stop().await;
 }
