@@ -346,4 +346,13 @@ cluster: {purpose: tess-ci}
         let err = RepoConfig::parse("image: [a\n").unwrap_err();
         assert!(err.line.is_some(), "{err}");
     }
+
+    #[test]
+    fn a_config_file_asks_for_an_id_token() {
+        let config =
+            RepoConfig::parse("image: busybox:latest\nscript: deploy\nidToken: {audience: sts.amazonaws.com}\n");
+        assert_eq!(config.unwrap().id_token.unwrap().audience, "sts.amazonaws.com");
+        let err = RepoConfig::parse("image: busybox:latest\nscript: deploy\nidToken: {audience: sts, lifetime: 60}\n");
+        assert!(err.unwrap_err().message.contains("lifetime"));
+    }
 }
