@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use cimaster_common::{
-    BuildSpec, CheckoutSpec, ClusterRequirement, EnvName, JobSpec, RepositoryUrl, Resources, Results, ServiceName,
-    ServiceSpec,
+    BuildSpec, CheckoutSpec, ClusterRequirement, EnvName, IdTokenSpec, JobSpec, RepositoryUrl, Resources, Results,
+    ServiceName, ServiceSpec,
 };
 
 use cimaster_store::attempts::Claim;
@@ -62,6 +62,10 @@ pub struct Plan {
     pub services: BTreeMap<ServiceName, ServiceSpec>,
     pub results: Results,
     pub checkout: Option<Checkout>,
+    /// The ID token the run gets (`idToken`), if any.
+    pub id_token: Option<IdTokenSpec>,
+    /// The config asks for an ID token this run does not get (a pull request from a fork).
+    pub id_token_withheld: bool,
 }
 
 impl Plan {
@@ -80,6 +84,8 @@ impl Plan {
                 services: BTreeMap::new(),
                 results: job.results.clone(),
                 checkout: None,
+                id_token: job.id_token.clone(),
+                id_token_withheld: false,
             }),
             JobSpec::Git(git) => {
                 let (Some(commit), Some(config)) = (&claim.commit, &claim.config) else {
@@ -90,6 +96,10 @@ impl Plan {
                     (None, Some(build)) => ImageSource::Build(build.clone()),
                     (None, None) => return Err("the job config file names neither `image` nor `build`".into()),
                 };
+                // The config file's `idToken` says what its script needs; the job's stands in
+                // for a config file without one. A fork's code gets neither secrets nor a token.
+                let id_token = config.id_token.clone().or_else(|| git.id_token.clone());
+                let id_token_withheld = id_token.is_some() && withholds_secrets(claim, git);
                 let (secrets, withheld) = if withholds_secrets(claim, git) {
                     (Vec::new(), config.secrets.clone())
                 } else {
@@ -120,6 +130,8 @@ impl Plan {
                         },
                         spec: config.checkout.clone(),
                     }),
+                    id_token: if id_token_withheld { None } else { id_token },
+                    id_token_withheld,
                 })
             }
         }

@@ -10,6 +10,7 @@ use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::egress::Egress;
+use crate::id_token::IdTokenSpec;
 use crate::ids::{BranchName, ConfigPath, EnvName, QueueName, RepositoryUrl};
 use crate::results::Results;
 use crate::schedule::Schedule;
@@ -76,6 +77,10 @@ pub struct FreestyleJob {
     /// Ranges the runs reach although the agent's egress policy denies them.
     #[serde(default, skip_serializing_if = "Egress::is_empty")]
     pub egress: Egress,
+    /// An OIDC ID token for this audience in `CIMASTER_ID_TOKEN`, signed by the master, naming
+    /// the run: a cloud or Vault that trusts the installation grants access without a stored key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<IdTokenSpec>,
 }
 
 /// Which kind of test cluster a job needs.
@@ -153,6 +158,10 @@ pub struct GitJob {
     /// cannot widen this).
     #[serde(default, skip_serializing_if = "Egress::is_empty")]
     pub egress: Egress,
+    /// An OIDC ID token for this audience in `CIMASTER_ID_TOKEN`, signed by the master, naming
+    /// the run (repository, branch, commit, event); the config file's `idToken` takes its place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<IdTokenSpec>,
 }
 
 impl GitJob {

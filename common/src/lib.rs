@@ -6,6 +6,7 @@
 
 mod cause;
 mod egress;
+pub mod id_token;
 mod ids;
 mod job;
 #[cfg(feature = "logging")]
@@ -24,6 +25,7 @@ mod subscription;
 
 pub use cause::{Cause, RunEvent, UnknownEvent};
 pub use egress::{Cidr, Egress};
+pub use id_token::{IdTokenClaims, IdTokenSpec};
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
 pub use job::{ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
 pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_arguments, QueueArgument, RunMessage};

@@ -45,6 +45,9 @@ pub struct RepoConfig {
     /// How the workspace is checked out.
     #[serde(default, skip_serializing_if = "CheckoutSpec::is_default")]
     pub checkout: CheckoutSpec,
+    /// An OIDC ID token for this audience in `CIMASTER_ID_TOKEN` (instead of the job's `idToken`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<crate::id_token::IdTokenSpec>,
 }
 
 /// `checkout:` — how much of the repository the workspace gets.
@@ -342,5 +345,14 @@ cluster: {purpose: tess-ci}
         assert!(err.message.contains("inside the repository"), "{err}");
         let err = RepoConfig::parse("image: [a\n").unwrap_err();
         assert!(err.line.is_some(), "{err}");
+    }
+
+    #[test]
+    fn a_config_file_asks_for_an_id_token() {
+        let config =
+            RepoConfig::parse("image: busybox:latest\nscript: deploy\nidToken: {audience: sts.amazonaws.com}\n");
+        assert_eq!(config.unwrap().id_token.unwrap().audience, "sts.amazonaws.com");
+        let err = RepoConfig::parse("image: busybox:latest\nscript: deploy\nidToken: {audience: sts, lifetime: 60}\n");
+        assert!(err.unwrap_err().message.contains("lifetime"));
     }
 }

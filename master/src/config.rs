@@ -46,6 +46,9 @@ pub struct Config {
     #[command(flatten)]
     pub github: GithubConfig,
 
+    #[command(flatten)]
+    pub oidc: OidcConfig,
+
     /// Key for job secrets at rest: 32 bytes, base64 (`openssl rand -base64 32`). Without it the
     /// secrets API is unavailable.
     #[arg(long = "secrets-key", env = "CIMASTER_SECRETS_KEY", hide_env_values = true)]
@@ -62,6 +65,16 @@ pub struct Config {
     /// Apply database migrations when the server starts (safe with several replicas).
     #[arg(long, env = "CIMASTER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
+}
+
+/// Runs' OIDC ID tokens (issued when `CIMASTER_PUBLIC_URL` and `CIMASTER_SECRETS_KEY` are set).
+#[derive(Debug, Clone, Args)]
+pub struct OidcConfig {
+    /// How long one signing key signs before the next takes over; a retired key stays published
+    /// for a day more, so tokens it signed still verify.
+    #[arg(long = "oidc-key-rotation", env = "CIMASTER_OIDC_KEY_ROTATION", default_value = "30d",
+          value_parser = humantime::parse_duration)]
+    pub key_rotation: Duration,
 }
 
 /// How the master reads the agent registry.

@@ -9,6 +9,7 @@ pub mod dispatch;
 pub mod github;
 pub mod http;
 pub mod observer;
+pub mod oidc;
 pub mod pool;
 pub mod reaper;
 pub mod repo;

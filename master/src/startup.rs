@@ -78,6 +78,16 @@ impl Application {
             host: host.clone(),
         };
         let mut tasks = tasks;
+        let oidc =
+            crate::oidc::Keys::new(config.github.public_url.as_deref(), secrets.as_ref(), config.oidc.key_rotation);
+        if let Some(keys) = oidc {
+            // The first key is there before the master serves (runs that ask for a token need it);
+            // a failure here is retried by the rotation loop.
+            if let Err(err) = keys.rotate_if_due(&pool).await {
+                tracing::warn!(error = %err, "no ID token signing key yet; trying again in the background");
+            }
+            tasks.push(tokio::spawn(crate::oidc::run_rotation(pool.clone(), keys, cancel.clone())));
+        }
         tasks.push(tokio::spawn(crate::scheduler::run_scheduler(
             triggers.clone(),
             config.schedule_interval,

@@ -27,6 +27,8 @@ pub struct Claim {
     /// The branches whose tip the commit was when the run was created: what branch-limited
     /// secrets are judged against.
     pub tip_of: Vec<String>,
+    /// Who triggered the run (a token's subject, `schedule`, the code host's sender).
+    pub triggered_by: String,
     /// When the claim that granted the lease was sent: the fence window starts here.
     pub granted: tokio::time::Instant,
 }
@@ -41,6 +43,7 @@ struct ClaimRow {
     #[sqlx(flatten)]
     cause: crate::runs::CauseColumns,
     tip_of: Vec<String>,
+    triggered_by: String,
 }
 
 /// What a queued run needs of an agent (CPUs, memory bytes): the job and its services, read before
@@ -77,12 +80,12 @@ pub async fn claim<'e>(
                              message = CASE WHEN starts_with(message, $5) THEN NULL ELSE message END
              WHERE id = $1 AND attempt = $2 AND status = 'queued' AND NOT abort_requested
              RETURNING id, attempt, job, spec, parameters, commit_sha, config,
-                       event, pull_request, sender, base_branch, base_sha, repository, from_fork, tip_of
+                       event, pull_request, sender, base_branch, base_sha, repository, from_fork, tip_of, triggered_by
          ), attempt AS (
              INSERT INTO run_attempts (run_id, attempt, agent) SELECT id, attempt, $3 FROM claimed
          )
          SELECT job, spec, parameters, commit_sha, config, event, pull_request, sender, base_branch, base_sha,
-                repository, from_fork, tip_of
+                repository, from_fork, tip_of, triggered_by
          FROM claimed",
     )
     .bind(run.0)
@@ -102,6 +105,7 @@ pub async fn claim<'e>(
         config: row.config.map(|config| config.0),
         cause: row.cause.into(),
         tip_of: row.tip_of,
+        triggered_by: row.triggered_by,
         granted,
     }))
 }

@@ -12,6 +12,7 @@ pub mod console;
 pub mod deliveries;
 pub mod jobs;
 pub mod observations;
+pub mod oidc_keys;
 pub mod outbox;
 pub mod pool;
 pub mod repository_tokens;

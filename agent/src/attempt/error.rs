@@ -13,6 +13,8 @@ pub enum AttemptError {
     #[error(transparent)]
     Secrets(#[from] cimaster_store::secrets::OpenError),
     #[error("{0}")]
+    IdToken(String),
+    #[error("{0}")]
     Cluster(String),
     #[error("cluster {0} lost its lease at once")]
     ClusterLeaseGone(String),

@@ -2,6 +2,8 @@
 //!
 //! - `secrets`: the job's secrets, decrypted, and the masker that hides them in all output;
 //! - `cluster`: a test cluster leased for the run and kept while it runs;
+//! - `id_token`: the run's OIDC ID token, signed when the attempt's own time starts, for a job that
+//!   asks for one;
 //! - `checkout`: a git run's workspace, made from the agent's mirror by the mirror's git helper;
 //! - `image`: the job's image, present or built from the repository's Dockerfile;
 //! - `services`: sidecars on the run's network, their readiness checks and their logs;
@@ -18,6 +20,7 @@ mod checkout;
 mod cleanup;
 mod cluster;
 mod error;
+mod id_token;
 mod image;
 mod job;
 mod output;
@@ -266,6 +269,7 @@ impl Attempt<'_> {
         // The timeout covers the checkout, the image, the services and the script.
         let timeout = Duration::from_secs(u64::from(plan.timeout_seconds)).min(self.executor.max_timeout);
         self.interrupts.deadline = Some((tokio::time::Instant::now() + timeout, timeout));
+        self.issue_id_token(&plan, &secrets, timeout).await?;
         self.take_network().await?;
         // The checkout ends before any container of the run exists: no code of the run's image runs
         // beside git in the workspace. The engine then starts the job container while the services

@@ -8,6 +8,7 @@ mod health;
 mod hooks;
 pub(crate) mod jobs;
 mod json;
+mod oidc;
 mod openapi;
 pub(crate) mod pool;
 mod query;
@@ -76,6 +77,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .merge(pool::router())
         .merge(secrets::router())
         .merge(health::router())
+        .merge(oidc::router())
         .merge(openapi::router())
 }
 

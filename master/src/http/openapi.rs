@@ -25,11 +25,12 @@ use super::AppState;
         super::agents::list_agents, super::agents::list_queues,
         super::hooks::receive, super::hooks::list_deliveries, super::hooks::list_statuses,
         super::health::healthz, super::health::readyz, super::health::metrics,
+        super::oidc::discovery, super::oidc::jwks,
     ),
     components(schemas(
         cimaster_common::JobSpec, cimaster_common::FreestyleJob, cimaster_common::GitJob,
         cimaster_common::Resources, cimaster_common::RunStatus, cimaster_common::TriggerRequest,
-        cimaster_common::Schedule, cimaster_common::Overlap,
+        cimaster_common::Schedule, cimaster_common::Overlap, cimaster_common::IdTokenSpec,
         super::error::Problem,
     )),
     modifiers(&BearerAuth, &CommonAnswers, &KindTaggedJobs, &DistinctOperationIds),

@@ -9,7 +9,7 @@ use cimaster_common::storage::S3Config;
 use cimaster_master::auth::{Role, Signer};
 use cimaster_master::config::{
     AgentsConfig, AuthConfig, BrokerConfig, Config, DatabaseConfig, DispatchConfig, GitConfig, GithubConfig,
-    HttpConfig, PoolConfig, ReaperConfig,
+    HttpConfig, OidcConfig, PoolConfig, ReaperConfig,
 };
 use cimaster_master::Application;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -102,6 +102,7 @@ pub fn config(database_url: &str, prefix: &str) -> Config {
             report_interval: Duration::from_millis(100),
             resync_interval: Duration::from_secs(3600),
         },
+        oidc: OidcConfig { key_rotation: Duration::from_secs(30 * 24 * 3600) },
         schedule_interval: Duration::from_millis(200),
         max_timeout: Duration::from_secs(24 * 3600),
         migrate_on_start: false,
