@@ -57,7 +57,8 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let docker = docker(&config, &agent).await?;
     if config.egress {
         let loaded = docker.load_egress_rules(&agent, &config.git_image, &config.deny_cidrs).await;
-        let loaded = loaded.context("setting the egress rules on the engine (CIMASTER_AGENT_EGRESS=false runs without)")?;
+        let loaded =
+            loaded.context("setting the egress rules on the engine (CIMASTER_AGENT_EGRESS=false runs without)")?;
         tracing::info!(deny = ?config.deny_cidrs.0.iter().map(ToString::to_string).collect::<Vec<_>>(), "{loaded}");
     } else {
         tracing::warn!("CIMASTER_AGENT_EGRESS=false: runs reach the engine's host and every network around it");
