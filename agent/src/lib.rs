@@ -55,6 +55,10 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let timing = lease::LeaseTiming::new(config.lease, config.stop_grace, config.lease_margin)?;
     let (pool, leases) = databases(&config, &timing)?;
     let docker = docker(&config, &agent).await?;
+    let userns_remap = docker.userns_remap().await;
+    if !userns_remap {
+        tracing::warn!("the engine does not remap user namespaces: root in a job is root on the engine's host if it escapes its container; userns-remap is recommended");
+    }
     if config.egress {
         let loaded = docker.load_egress_rules(&agent, &config.git_image, &config.deny_cidrs).await;
         let loaded =
@@ -126,6 +130,8 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         admission: admission.clone(),
         draining: shutdown.drain.clone(),
         every: config.report_interval,
+        userns_remap,
+        egress_rules: config.egress,
     };
     let reporter = tokio::spawn(presence.run(background.clone()));
     let worker = worker::Worker {

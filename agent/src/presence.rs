@@ -19,6 +19,9 @@ pub struct Presence {
     /// Cancelled on SIGTERM: the agent drains.
     pub draining: CancellationToken,
     pub every: Duration,
+    /// How the engine isolates runs: user namespaces remapped, egress rules set.
+    pub userns_remap: bool,
+    pub egress_rules: bool,
 }
 
 impl Presence {
@@ -55,6 +58,8 @@ impl Presence {
             runs: InProgress::count(),
             host_cpu: self.admission.host_cpu(),
             draining: self.draining.is_cancelled(),
+            userns_remap: self.userns_remap,
+            egress_rules: self.egress_rules,
         };
         agents::report(&self.pool, &report, started).await
     }

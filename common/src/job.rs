@@ -77,6 +77,10 @@ pub struct FreestyleJob {
     /// Ranges the runs reach although the agent's egress policy denies them.
     #[serde(default, skip_serializing_if = "Egress::is_empty")]
     pub egress: Egress,
+    /// The user the script runs as (`uid[:gid]`, or a name the image knows) instead of the image's
+    /// (usually root).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "user")]
+    pub user: Option<String>,
     /// An OIDC ID token for this audience in `CIMASTER_ID_TOKEN`, signed by the master, naming
     /// the run: a cloud or Vault that trusts the installation grants access without a stored key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -274,6 +278,26 @@ pub(crate) fn image_ref<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Er
         return Err(de::Error::custom(format!("image `{value}` is not an image reference (e.g. `busybox:latest`)")));
     }
     Ok(value)
+}
+
+/// `uid[:gid]` in digits, or a user (and group) name: letters, digits, `_`, `-`, `.`.
+pub(crate) fn user<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = String::deserialize(d)?;
+    let part = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 32
+            && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    let ok = match value.split_once(':') {
+        Some((user, group)) => part(user) && part(group),
+        None => part(&value),
+    };
+    if !ok {
+        return Err(de::Error::custom(format!(
+            "user `{value}` must be `uid`, `uid:gid` or a user name (e.g. `1000:1000`)"
+        )));
+    }
+    Ok(Some(value))
 }
 
 fn working_dir<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {

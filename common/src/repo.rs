@@ -48,6 +48,9 @@ pub struct RepoConfig {
     /// An OIDC ID token for this audience in `CIMASTER_ID_TOKEN` (instead of the job's `idToken`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_token: Option<crate::id_token::IdTokenSpec>,
+    /// The user the script runs as (`uid[:gid]` or a name) instead of the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::job::user")]
+    pub user: Option<String>,
 }
 
 /// `checkout:` — how much of the repository the workspace gets.

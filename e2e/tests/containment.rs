@@ -243,3 +243,26 @@ async fn a_trigger_tokens_run_on_another_branch_cannot_print_a_branch_limited_se
         assert!(console.contains("secret NIGHTLY withheld: limited to events schedule"), "{console}");
     }
 }
+
+/// A job can run its script as a user other than root (`user`); a malformed one is refused.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_can_run_as_another_user_than_root(pool: PgPool) {
+    let mut stack = Stack::start(pool).await;
+    stack.add_agent(AgentOptions::default()).await;
+    let job = json!({"kind": "freestyle", "image": "busybox:latest", "script": "echo \"uid=$(id -u) gid=$(id -g)\"",
+                     "user": "1000:1000", "resources": {"cpus": 0.5, "memory": "64Mi"}});
+    stack.put_job("unprivileged", job).await;
+    let path = stack.trigger("unprivileged").await;
+    let run = stack.wait_finished(&path, WAIT).await;
+    let console = stack.console(&path).await;
+    assert_eq!(run["status"], "succeeded", "{run}\n{console}");
+    assert!(console.contains("uid=1000 gid=1000"), "{console}");
+    let bad = json!({"kind": "freestyle", "image": "busybox:latest", "script": "true", "user": "root; rm -rf /"});
+    let reply = stack.api.put("/jobs/bad-user", bad).await;
+    assert_eq!(reply.status, 422, "{}", reply.body);
+    assert!(
+        reply.body["detail"].as_str().unwrap().contains("must be `uid`, `uid:gid` or a user name"),
+        "{}",
+        reply.body
+    );
+}

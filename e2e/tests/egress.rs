@@ -122,6 +122,21 @@ async fn a_job_reaches_the_internet_and_its_allowed_ranges_but_not_the_host_meta
     stack.put_job("closed", job(Vec::new())).await;
     stack.put_job("allowed", job(vec![format!("{}/32", beyond.private)])).await;
 
+    // The agent says how its engine isolates runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let agents = loop {
+        let agents = stack.api.get("/agents").await.body;
+        if agents["agents"].as_array().is_some_and(|listed| !listed.is_empty()) {
+            break agents;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent did not report itself: {agents}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let agent = &agents["agents"][0];
+    assert_eq!(agent["egressRules"], true, "{agents}");
+    let remapped = support::docker(&["info", "-f", "{{json .SecurityOptions}}"]).contains("name=userns");
+    assert_eq!(agent["usernsRemap"], remapped, "{agents}");
+
     let path = stack.trigger("closed").await;
     let run = stack.wait_finished(&path, Duration::from_secs(90)).await;
     let console = stack.console(&path).await;

@@ -107,8 +107,15 @@ async fn start(
     let request = TriggerRequest { commit_sha: None, branch_name, parameters: schedule.parameters.clone() };
     let key = format!("schedule:{}", slot.to_rfc3339());
     let cause = Cause { event: RunEvent::Schedule, ..Cause::default() };
-    let trigger =
-        Trigger { job: name, request: &request, by: BY, idempotency_key: Some(&key), rerun_of: None, cause: &cause };
+    let trigger = Trigger {
+        job: name,
+        request: &request,
+        by: BY,
+        idempotency_key: Some(&key),
+        rerun_of: None,
+        cause: &cause,
+        pushed_branch: None,
+    };
     match triggers.create(&trigger).await {
         Ok(Created::New(run) | Created::Replayed(run)) => Ok(Outcome::Started(run.id)),
         // The slot already made a run, with the schedule as it was then.

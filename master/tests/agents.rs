@@ -59,6 +59,8 @@ async fn agents_and_queue_depths_are_listed(pool: PgPool) {
         runs: 1,
         host_cpu: 0.25,
         draining: false,
+        userns_remap: false,
+        egress_rules: true,
     };
     report(&pool, &base, true).await.unwrap();
     report(&pool, &Report { id: "agent-b", queues: &queues[..1], draining: true, ..base.clone() }, true).await.unwrap();
@@ -95,6 +97,8 @@ async fn agents_and_queue_depths_are_listed(pool: PgPool) {
     let states: Vec<(&str, &str)> = states.iter().map(|(id, state)| (id.as_str(), state.as_str())).collect();
     assert_eq!(states, [("agent-a", "active"), ("agent-b", "draining"), ("agent-c", "lost")]);
     assert_eq!(agents.body["agents"][0]["cpusUsed"], 1.0);
+    assert_eq!(agents.body["agents"][0]["egressRules"], true);
+    assert_eq!(agents.body["agents"][0]["usernsRemap"], false);
 
     let queues = api.get("/queues").await;
     let default = queues.body["queues"].as_array().unwrap().iter().find(|q| q["queue"] == "default").unwrap().clone();

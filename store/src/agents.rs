@@ -19,16 +19,22 @@ pub struct Report<'a> {
     /// Host CPU use, 0.0–1.0.
     pub host_cpu: f64,
     pub draining: bool,
+    /// Whether the engine remaps user namespaces (`userns-remap`).
+    pub userns_remap: bool,
+    /// Whether the agent set its egress rules on the engine.
+    pub egress_rules: bool,
 }
 
 /// Writes the agent's report; `started` restarts its `startedAt` (a new process under the id).
 pub async fn report(pool: &PgPool, report: &Report<'_>, started: bool) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO agents (id, version, queues, cpus, memory, cpus_used, memory_used, runs, host_cpu, draining)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        "INSERT INTO agents (id, version, queues, cpus, memory, cpus_used, memory_used, runs, host_cpu, draining,
+                             userns_remap, egress_rules)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13)
          ON CONFLICT (id) DO UPDATE SET version = $2, queues = $3, cpus = $4, memory = $5, cpus_used = $6,
              memory_used = $7, runs = $8, host_cpu = $9, draining = $10, last_seen = now(),
-             started_at = CASE WHEN $11 THEN now() ELSE agents.started_at END",
+             started_at = CASE WHEN $11 THEN now() ELSE agents.started_at END,
+             userns_remap = $12, egress_rules = $13",
     )
     .bind(report.id)
     .bind(report.version)
@@ -41,6 +47,8 @@ pub async fn report(pool: &PgPool, report: &Report<'_>, started: bool) -> Result
     .bind(report.host_cpu)
     .bind(report.draining)
     .bind(started)
+    .bind(report.userns_remap)
+    .bind(report.egress_rules)
     .execute(pool)
     .await?;
     Ok(())
@@ -69,6 +77,11 @@ pub struct AgentView {
     pub runs: i32,
     /// Host CPU use, 0.0–1.0.
     pub host_cpu: f64,
+    /// Whether the agent's engine remaps user namespaces: root in a job is then no one on the
+    /// host (the recommended setting).
+    pub userns_remap: bool,
+    /// Whether the agent set its egress rules on the engine (see the README's security model).
+    pub egress_rules: bool,
     pub started_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
 }
@@ -87,7 +100,8 @@ pub async fn list(pool: &PgPool, lost_after: std::time::Duration) -> Result<Vec<
     sqlx::query_as(
         "SELECT id, CASE WHEN last_seen < now() - make_interval(secs => $1) THEN 'lost'
                          WHEN draining THEN 'draining' ELSE 'active' END AS state,
-                version, queues, cpus, memory, cpus_used, memory_used, runs, host_cpu, started_at, last_seen
+                version, queues, cpus, memory, cpus_used, memory_used, runs, host_cpu, userns_remap, egress_rules,
+                started_at, last_seen
          FROM agents ORDER BY id",
     )
     .bind(lost_after.as_secs_f64())

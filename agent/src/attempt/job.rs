@@ -52,6 +52,7 @@ impl Attempt<'_> {
             script: Some(plan.script.clone()),
             env,
             working_dir: plan.working_dir.clone(),
+            user: plan.user.clone(),
             nano_cpus: Some((plan.resources.cpus * 1e9) as i64),
             memory_bytes: Some(i64::try_from(plan.resources.memory.bytes()).unwrap_or(i64::MAX)),
             network: self.network().name.clone(),

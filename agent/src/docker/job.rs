@@ -19,6 +19,8 @@ pub struct JobContainer {
     pub script: Option<String>,
     pub env: Vec<String>,
     pub working_dir: Option<String>,
+    /// The user the script runs as; the image's when `None`.
+    pub user: Option<String>,
     pub nano_cpus: Option<i64>,
     pub memory_bytes: Option<i64>,
     pub network: String,
@@ -108,6 +110,7 @@ impl DockerClient {
             cmd,
             env: Some(spec.env),
             working_dir: spec.working_dir,
+            user: spec.user,
             labels: Some(labels.map()),
             host_config: Some(host_config),
             networking_config,

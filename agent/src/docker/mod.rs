@@ -147,6 +147,17 @@ impl DockerClient {
         Ok(Self { docker, registries })
     }
 
+    /// Whether the engine remaps user namespaces (`userns-remap` in its security options).
+    pub async fn userns_remap(&self) -> bool {
+        match self.docker.info().await {
+            Ok(info) => info.security_options.unwrap_or_default().iter().any(|option| option.contains("name=userns")),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the engine's security options");
+                false
+            }
+        }
+    }
+
     /// The container's exit code once it stops.
     pub async fn wait(&self, id: &str) -> Result<i64, DockerError> {
         let mut wait = self.docker.wait_container(id, Some(WaitContainerOptions { condition: "not-running".into() }));

@@ -7,7 +7,6 @@ pub mod partition;
 pub mod recorder;
 pub mod scaling;
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -439,11 +438,12 @@ impl GitServer {
         let host = bridge_gateway();
         let port = std::net::TcpListener::bind((host.as_str(), 0)).unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
-        // A process group of its own: `git` runs `git-daemon` as a child, which a kill of `git`
-        // alone would leave behind.
-        let daemon = std::process::Command::new("git")
-            .process_group(0)
-            .args(["daemon", "--reuseaddr", "--export-all", "--informative-errors"])
+        // `git-daemon` itself, not `git daemon`: `git` would run it as a child, which a kill of
+        // `git` leaves behind.
+        let exec_path = std::process::Command::new("git").arg("--exec-path").output().unwrap();
+        let exec_path = String::from_utf8(exec_path.stdout).unwrap();
+        let daemon = std::process::Command::new(format!("{}/git-daemon", exec_path.trim()))
+            .args(["--reuseaddr", "--export-all", "--informative-errors"])
             .arg(format!("--base-path={}", dir.path().display()))
             .arg(format!("--listen={host}"))
             .arg(format!("--port={port}"))
@@ -585,7 +585,7 @@ impl GitServer {
 
 impl Drop for GitServer {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").args(["-KILL", &format!("-{}", self.daemon.id())]).status();
+        let _ = self.daemon.kill();
         let _ = self.daemon.wait();
     }
 }

@@ -315,10 +315,18 @@ async fn start(
     cause: &Cause,
     report: &mut Report,
 ) -> Result<(), HandleError> {
-    let (commit, branch_name) = at;
+    let (commit, pushed) = at;
     let by = format!("github:{sender}");
-    let request = TriggerRequest { commit_sha: Some(commit.clone()), branch_name, ..TriggerRequest::default() };
-    let trigger = Trigger { job, request: &request, by: &by, idempotency_key: Some(key), rerun_of: None, cause };
+    let request = TriggerRequest { commit_sha: Some(commit.clone()), ..TriggerRequest::default() };
+    let trigger = Trigger {
+        job,
+        request: &request,
+        by: &by,
+        idempotency_key: Some(key),
+        rerun_of: None,
+        cause,
+        pushed_branch: pushed.as_ref().map(|branch| branch.as_str()),
+    };
     match integration.triggers.create(&trigger).await {
         Ok(Created::New(run) | Created::Replayed(run)) => {
             integration.follow(job, cause, commit.as_str(), run.id).await?;

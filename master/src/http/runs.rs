@@ -180,6 +180,7 @@ async fn trigger(
         idempotency_key: key.as_deref(),
         rerun_of: None,
         cause: &Cause::default(),
+        pushed_branch: None,
     };
     create(&state, &trigger).await
 }
@@ -255,6 +256,7 @@ pub(crate) async fn repeat(
         rerun_of: Some(Repeats { run: id, branch_name: original.branch_name.as_deref() }),
         // The same cause: a rerun of a pull request's run is that pull request's run.
         cause: &original.cause,
+        pushed_branch: None,
     };
     Ok(state.triggers.create(&trigger).await?)
 }

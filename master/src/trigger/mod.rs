@@ -52,6 +52,8 @@ pub struct Trigger<'a> {
     pub rerun_of: Option<Repeats<'a>>,
     /// Why: the API, a webhook's event, a schedule.
     pub cause: &'a Cause,
+    /// The branch a signed push moved to the commit asked for: the run is on that branch.
+    pub pushed_branch: Option<&'a str>,
 }
 
 /// The run a rerun repeats: its id, and the branch its commit came from (the rerun asks for the
@@ -131,7 +133,7 @@ impl Triggers {
     ) -> Result<Option<Run>, TriggerError> {
         let parameters = plan::parameters(trigger.job, &job.spec, trigger.request)?;
         let resolved = match job.spec.as_ref() {
-            JobSpec::Git(git) => Some(self.resolve(trigger.job, git, trigger.request, trigger.cause).await?),
+            JobSpec::Git(git) => Some(self.resolve(trigger, git).await?),
             JobSpec::Freestyle(_) => None,
         };
         let queue = resolved.as_ref().and_then(|resolved| resolved.config.queue.as_ref()).unwrap_or(job.spec.queue());
@@ -153,6 +155,7 @@ impl Triggers {
                 .branch_name
                 .as_ref()
                 .map(|branch| branch.as_str())
+                .or(trigger.pushed_branch)
                 .or(trigger.rerun_of.and_then(|repeats| repeats.branch_name)),
             parameters: &parameters,
             triggered_by: trigger.by,

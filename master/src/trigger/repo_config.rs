@@ -20,13 +20,8 @@ pub struct Resolved {
 }
 
 impl Triggers {
-    pub(super) async fn resolve(
-        &self,
-        job: &JobName,
-        git: &GitJob,
-        request: &TriggerRequest,
-        cause: &Cause,
-    ) -> Result<Resolved, TriggerError> {
+    pub(super) async fn resolve(&self, trigger: &super::Trigger<'_>, git: &GitJob) -> Result<Resolved, TriggerError> {
+        let (job, request, cause) = (trigger.job, trigger.request, trigger.cause);
         let mut creds = credentials(&self.pool, self.secrets.as_ref(), job, git).await?;
         if let (None, Some(github)) = (&creds.token, &git.github) {
             creds.token = self.repository_token(github.repository.as_str()).await?;
@@ -59,15 +54,18 @@ impl Triggers {
                  allow: list it in the job's `secrets`"
             )));
         }
-        let tip_of = self.tip_of(job, url, &commit, request, cause, &creds).await.map_err(invalid)?;
+        let tip_of = match trigger.pushed_branch {
+            Some(branch) => vec![branch.to_owned()],
+            None => self.tip_of(job, url, &commit, request, cause, &creds).await.map_err(invalid)?,
+        };
         Ok(Resolved { commit, config, tip_of })
     }
 
-    /// The branches whose tip the run's commit is, as far as it matters: a branch the trigger
-    /// named and resolved now, or whose tip is the commit asked for, or the branch a signed push
-    /// moved. A pull request's run is on no branch (its head's name is the author's to choose). A
-    /// commit asked for alone is looked up among the branches only when some secret of the job is
-    /// limited to branches.
+    /// The branches whose tip the run's commit is, as far as it matters (a signed push's branch
+    /// aside): a branch the trigger named and resolved now, or whose tip is the commit asked for. A
+    /// pull request's run is on no branch (its head's name is the author's to choose). A commit
+    /// asked for alone is looked up among the branches only when some secret of the job is limited
+    /// to branches.
     async fn tip_of(
         &self,
         job: &JobName,
@@ -82,7 +80,6 @@ impl Triggers {
         }
         match (&request.commit_sha, &request.branch_name) {
             (None, Some(branch)) => Ok(vec![branch.as_str().to_owned()]),
-            (Some(_), Some(branch)) if cause.event == RunEvent::Push => Ok(vec![branch.as_str().to_owned()]),
             (Some(_), Some(branch)) => {
                 let tip = self.repos.resolve_branch(url, branch.as_str(), creds).await;
                 Ok(if tip.is_ok_and(|tip| tip.eq_ignore_ascii_case(commit)) {

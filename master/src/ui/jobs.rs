@@ -173,6 +173,7 @@ pub async fn trigger(
         idempotency_key: key,
         rerun_of: None,
         cause: &Cause::default(),
+        pushed_branch: None,
     };
     let run = match state.triggers.create(&trigger).await.map_err(crate::http::ApiError::from)? {
         Created::New(run) | Created::Replayed(run) => run,

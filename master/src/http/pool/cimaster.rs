@@ -338,6 +338,7 @@ pub(super) async fn createcluster(
         idempotency_key: None,
         rerun_of: None,
         cause: &Cause::default(),
+        pushed_branch: None,
     };
     let run = match state.triggers.create(&trigger).await? {
         Created::New(run) | Created::Replayed(run) => RunView::from(run),
