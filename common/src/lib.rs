@@ -4,6 +4,7 @@
 //! machine, the message an agent takes from the queue, and the id newtypes. No web, queue or
 //! container library is linked from here.
 
+mod allowed;
 mod cause;
 mod ids;
 mod job;
@@ -21,6 +22,7 @@ pub mod secrets;
 pub mod storage;
 mod subscription;
 
+pub use allowed::{pinned_by_digest, ImagePattern};
 pub use cause::{Cause, RunEvent, UnknownEvent};
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
 pub use job::{ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};

@@ -327,6 +327,15 @@ async fn start(
             Ok(())
         }
         Err(TriggerError::Invalid(why)) => {
+            // The author sees why on the commit; the delivery keeps the whole message.
+            if let Some(repository) = &cause.repository {
+                let description = format!(
+                    "refused: {}",
+                    why.split_once("` at commit ")
+                        .map_or(why.as_str(), |cut| { cut.1.split_once(": ").map_or(why.as_str(), |(_, rest)| rest) })
+                );
+                integration.show_at(job, repository, commit.as_str(), StatusState::Error, &description).await?;
+            }
             report.notes.push(format!("{job}: refused: {why}"));
             Ok(())
         }

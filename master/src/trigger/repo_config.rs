@@ -59,6 +59,8 @@ impl Triggers {
                  allow: list it in the job's `secrets`"
             )));
         }
+        git.admits(job.as_str(), &config, cause.from_fork)
+            .map_err(|why| TriggerError::Invalid(format!("job config file `{path}` at commit {commit}: {why}")))?;
         let tip_of = self.tip_of(job, url, &commit, request, cause, &creds).await.map_err(invalid)?;
         Ok(Resolved { commit, config, tip_of })
     }
