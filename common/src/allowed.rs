@@ -136,15 +136,15 @@ mod tests {
 
     fn job(extra: serde_json::Value) -> GitJob {
         let mut body = json!({"kind": "git", "repository": "https://git.example/org/repo.git"});
-        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-        match serde_json::from_value(body).unwrap() {
+        body.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
+        match serde_json::from_value(body).expect("a valid job") {
             JobSpec::Git(git) => git,
             JobSpec::Freestyle(_) => unreachable!(),
         }
     }
 
     fn config(text: &str) -> RepoConfig {
-        RepoConfig::parse(text).unwrap()
+        RepoConfig::parse(text).expect("a valid config")
     }
 
     const DIGEST: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
