@@ -117,7 +117,7 @@ impl Plan {
                     timeout_seconds: config.timeout_seconds,
                     resources: config.resources.clone(),
                     working_dir: Some(WORKSPACE.to_owned()),
-                    user: config.user.clone().or_else(|| git.user.clone()),
+                    user: config.user.clone(),
                     cluster: config.cluster.clone(),
                     services: config.services.clone(),
                     results: config.results.clone(),

@@ -9,6 +9,7 @@ use std::fmt;
 use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::allowed::ImagePattern;
 use crate::egress::Egress;
 use crate::id_token::IdTokenSpec;
 use crate::ids::{BranchName, ConfigPath, EnvName, QueueName, RepositoryUrl};
@@ -130,9 +131,20 @@ pub struct GitJob {
     #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
     pub parameters: BTreeMap<EnvName, String>,
     /// Resource class, chosen by the platform team rather than the repository (the config file's
-    /// `queue` overrides it).
+    /// `queue` may pick another only among `allowedQueues`).
     #[serde(default)]
     pub queue: QueueName,
+    /// Queues the config file's `queue:` may pick besides `queue`; a config naming any other fails
+    /// the trigger.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
+    pub allowed_queues: Vec<QueueName>,
+    /// Image patterns (`*` matches anything: `busybox:*`, `registry.example/ci/*@sha256:*`) the
+    /// config file's `image:` and services' images must match. When empty, any image for trusted
+    /// changes, and only digest-pinned images (`name@sha256:…`) for pull requests from forks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
+    pub allowed_images: Vec<ImagePattern>,
     /// The job secrets the repository's config file may ask for (its `secrets`); a config asking
     /// for any other fails the trigger. The repository proposes, the job's owner allows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -4,6 +4,7 @@
 //! machine, the message an agent takes from the queue, and the id newtypes. No web, queue or
 //! container library is linked from here.
 
+mod allowed;
 mod cause;
 mod egress;
 pub mod id_token;
@@ -23,6 +24,7 @@ pub mod secrets;
 pub mod storage;
 mod subscription;
 
+pub use allowed::{pinned_by_digest, ImagePattern};
 pub use cause::{Cause, RunEvent, UnknownEvent};
 pub use egress::{Cidr, Egress};
 pub use id_token::{IdTokenClaims, IdTokenSpec};

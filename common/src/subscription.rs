@@ -26,6 +26,10 @@ pub struct GithubSubscription {
     /// is whatever its author wrote.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub secrets_for_forks: bool,
+    /// Pull requests from forks may build their own image (`build:`). Off by default: the fork's
+    /// Dockerfile pulls its `FROM` with the agents' registry credentials.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub builds_for_forks: bool,
 }
 
 impl GithubSubscription {
@@ -80,7 +84,7 @@ impl BranchGlob {
 }
 
 /// `*` matches any run of bytes; everything else matches itself.
-fn glob_matches(pattern: &[u8], text: &[u8]) -> bool {
+pub(crate) fn glob_matches(pattern: &[u8], text: &[u8]) -> bool {
     match pattern.split_first() {
         None => text.is_empty(),
         Some((b'*', rest)) => (0..=text.len()).any(|skip| glob_matches(rest, &text[skip..])),

@@ -219,8 +219,12 @@ async fn a_strangers_fork_waits_for_ok_to_test_runs_without_secrets_and_retest_r
     let head = git.commit("hello", "feature", &[("change.txt", "from a fork")]);
     let mut unit = git_job(&url, ".cimaster.yml");
     unit["secrets"] = json!(["API_TOKEN"]);
+    // A fork's config names only images the job allows (or pinned by digest).
+    unit["allowedImages"] = json!(["busybox:*"]);
     stack.put_job("unit", unit).await;
-    stack.put_job("lint", git_job(&url, ".lint.yml")).await;
+    let mut lint = git_job(&url, ".lint.yml");
+    lint["allowedImages"] = json!(["busybox:*"]);
+    stack.put_job("lint", lint).await;
     assert_eq!(stack.api.put("/jobs/unit/secrets/API_TOKEN", json!({"value": "s3cr3t-value"})).await.status, 201);
 
     let pull = fake_github::pull_request(REPO, 9, &head, "stranger", "NONE", Some("stranger/hello"));
@@ -287,6 +291,84 @@ async fn a_strangers_fork_waits_for_ok_to_test_runs_without_secrets_and_retest_r
     let waiting = handled(&stack.api, "d-sync").await;
     assert!(waiting["outcome"].as_str().unwrap().contains("waiting for /ok-to-test"), "{waiting}");
     assert!(waiting["runs"].as_array().unwrap().is_empty(), "{waiting}");
+}
+
+/// Waits until the delivery is handled; its outcome, and that it made no run.
+async fn handled_without_runs(api: &Api, id: &str) -> String {
+    let delivery = handled(api, id).await;
+    assert!(delivery["runs"].as_array().unwrap().is_empty(), "{delivery}");
+    delivery["outcome"].as_str().unwrap().to_owned()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_approval_holds_for_the_head_the_approver_saw_and_a_later_push_waits_again(pool: PgPool) {
+    let fake = FakeGithub::start(None).await.unwrap();
+    let stack =
+        Stack::start_with(pool.clone(), settings(&fake, vec![("CIMASTER_GITHUB_TOKEN", fake_github::TOKEN.into())]))
+            .await;
+    let git = GitServer::start();
+    let url = git.repo("hello");
+    git.commit("hello", "main", &[(".cimaster.yml", "image: busybox:latest\nscript: echo hello\n")]);
+    let reviewed = git.commit("hello", "feature", &[("change.txt", "what the maintainer read")]);
+    let mut unit = git_job(&url, ".cimaster.yml");
+    unit["allowedImages"] = json!(["busybox:*"]);
+    stack.put_job("unit", unit).await;
+
+    let mut pull = fake_github::pull_request(REPO, 12, &reviewed, "stranger", "NONE", Some("stranger/hello"));
+    fake.set_pull(REPO, pull.clone());
+    deliver(&stack.api, "pull_request", "d-open", &pull_event("opened", &pull)).await;
+    assert!(handled_without_runs(&stack.api, "d-open").await.contains("waiting for /ok-to-test"));
+
+    // The maintainer comments on what they read while the stranger pushes: the comment arrives
+    // before the push's webhook, and is handled when the pull request's head is the new one.
+    let pushed = git.commit("hello", "feature", &[("change.txt", "pushed after the review")]);
+    pull["head"]["sha"] = json!(pushed);
+    fake.set_pull(REPO, pull.clone());
+    deliver(&stack.api, "issue_comment", "d-ok", &comment(12, "LGTM\n/ok-to-test", "mona", "MEMBER")).await;
+    deliver(&stack.api, "pull_request", "d-push", &pull_event("synchronize", &pull)).await;
+    let outcome = handled_without_runs(&stack.api, "d-ok").await;
+    assert!(
+        outcome.contains(&format!(
+            "unit: /ok-to-test approves nothing: the head {pushed} arrived after the comment; review it and comment \
+             `/ok-to-test {pushed}`"
+        )),
+        "{outcome}"
+    );
+    assert!(handled_without_runs(&stack.api, "d-push").await.contains("waiting for /ok-to-test"));
+    let waiting = wait_status(&fake, &pushed, "cimaster/unit", |s| s.state == "pending").await;
+    assert!(waiting.last().unwrap().description.starts_with("waiting for /ok-to-test"), "{waiting:#?}");
+
+    // Naming the reviewed commit approves nothing either: it is not the head any more. A short
+    // prefix is not enough, and `/test` does not run an unapproved head.
+    let old = comment(12, &format!("/ok-to-test {reviewed}"), "mona", "MEMBER");
+    deliver(&stack.api, "issue_comment", "d-ok-old", &old).await;
+    let outcome = handled_without_runs(&stack.api, "d-ok-old").await;
+    assert!(outcome.contains(&format!("the head is now {pushed}; review it and approve it by its SHA")), "{outcome}");
+    let short = comment(12, &format!("/ok-to-test {}", &pushed[..7]), "mona", "MEMBER");
+    deliver(&stack.api, "issue_comment", "d-ok-short", &short).await;
+    assert!(handled_without_runs(&stack.api, "d-ok-short").await.contains("name at least 12 hex digits"));
+    deliver(&stack.api, "issue_comment", "d-test", &comment(12, "/test unit", "mona", "MEMBER")).await;
+    let outcome = handled_without_runs(&stack.api, "d-test").await;
+    assert!(outcome.contains(&format!("unit: waiting for /ok-to-test: head {pushed} is not approved")), "{outcome}");
+    assert!(runs_of(&pool).await.is_empty());
+
+    // Approved by its SHA, the new head runs.
+    let named = comment(12, &format!("/ok-to-test {}", &pushed[..12]), "mona", "MEMBER");
+    deliver(&stack.api, "issue_comment", "d-ok-new", &named).await;
+    let approved = handled(&stack.api, "d-ok-new").await;
+    assert_eq!(approved["runs"].as_array().unwrap().len(), 1, "{approved}");
+    let commit: String = sqlx::query_scalar("SELECT commit_sha FROM runs").fetch_one(&pool).await.unwrap();
+    assert_eq!(commit, pushed);
+
+    // A push after the approval waits for a new one.
+    let later = git.commit("hello", "feature", &[("change.txt", "pushed after the approval")]);
+    pull["head"]["sha"] = json!(later);
+    fake.set_pull(REPO, pull.clone());
+    deliver(&stack.api, "pull_request", "d-push-later", &pull_event("synchronize", &pull)).await;
+    assert!(handled_without_runs(&stack.api, "d-push-later").await.contains("waiting for /ok-to-test"));
+    let waiting = wait_status(&fake, &later, "cimaster/unit", |s| s.state == "pending").await;
+    assert!(waiting.last().unwrap().description.starts_with("waiting for /ok-to-test"), "{waiting:#?}");
+    assert_eq!(runs_of(&pool).await.len(), 1, "only the approved head ran");
 }
 
 #[sqlx::test(migrations = "../migrations")]

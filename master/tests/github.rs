@@ -296,6 +296,12 @@ async fn strangers_drafts_and_other_branches_start_nothing_and_pushes_run(pool: 
     let app = TestApp::spawn(pool.clone()).await;
     let repo = LocalRepo::new(&["feature"]);
     subscribe(&app, &repo, "unit").await;
+    // Forks name images the job allows.
+    let mut job = git_job(&repo);
+    job["github"] = json!({"repository": "Octo-Org/Hello", "pullRequests": {"branches": ["main"]},
+                           "push": {"branches": ["main", "release-*"]}});
+    job["allowedImages"] = json!(["busybox:*"]);
+    assert_eq!(app.admin().put("/jobs/unit", job).await.status, 200);
     let head = repo.sha("feature").to_owned();
 
     let stranger = pull_request("opened", 8, &head, "stranger", "FIRST_TIME_CONTRIBUTOR");
@@ -328,5 +334,82 @@ async fn strangers_drafts_and_other_branches_start_nothing_and_pushes_run(pool: 
     let runs = runs_of(&pool).await;
     assert_eq!(runs.len(), 2, "{delivery}");
     assert_eq!((runs[1].2.as_deref(), runs[1].4.as_str()), (Some(main.as_str()), "push"));
+    app.stop().await;
+}
+
+/// A pull request from a fork, by a member.
+fn from_fork(number: i64, head: &str) -> Value {
+    let mut pull = pull_request("opened", number, head, "mona", "MEMBER");
+    pull["pull_request"]["head"]["repo"]["full_name"] = json!("mona/hello");
+    pull
+}
+
+/// Whether the broker has the prefix's run queue `queue` (a passive declare on a channel of its own).
+async fn queue_exists(prefix: &str, queue: &str) -> bool {
+    let (_connection, channel) = support::amqp_channel().await;
+    let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    channel.queue_declare(&format!("{prefix}.runs.{queue}"), options, Default::default()).await.is_ok()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_config_file_picks_only_queues_and_images_its_job_allows(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let mut repo = LocalRepo::new(&[]);
+    let gpu = repo.commit_config("gpu", "image: busybox:latest\nqueue: gpu\nscript: echo gpu\n");
+    let private = repo.commit_config("private", "image: registry.internal/team/app:1\nscript: echo private\n");
+    let latest = repo.commit_config("latest", "image: busybox:latest\nscript: echo latest\n");
+    subscribe(&app, &repo, "unit").await;
+
+    // A fork's config names a queue the job does not list: refused, with what to change.
+    deliver(&app, "pull_request", "d-gpu", &from_fork(21, &gpu), None).await;
+    let refused = handled(&app, "d-gpu").await;
+    let outcome = refused["outcome"].as_str().unwrap();
+    assert!(
+        outcome.starts_with(&format!(
+            "unit: refused: job config file `.cimaster.yml` at commit {gpu}: queue `gpu` is not in job `unit`'s \
+             allowedQueues (it may use `default`): remove `queue:` from the config file, or have the job's owner add \
+             `gpu` to the job's `allowedQueues`"
+        )),
+        "{refused}"
+    );
+    assert!(refused["runs"].as_array().unwrap().is_empty(), "{refused}");
+    // The repository proposes, the job's owner allows: a trusted trigger is refused the same way.
+    let api = app.admin().post("/jobs/unit/runs", json!({"branchName": "gpu"})).await;
+    api.expect_problem(422, "queue `gpu` is not in job `unit`'s allowedQueues");
+    assert!(!queue_exists(&app.prefix, "gpu").await, "a queue no job declares is never made on the broker");
+
+    // Without an image allowlist a fork may only name images pinned by digest.
+    deliver(&app, "pull_request", "d-private", &from_fork(22, &private), None).await;
+    let outcome = handled(&app, "d-private").await["outcome"].as_str().unwrap().to_owned();
+    assert!(
+        outcome.contains(
+            "image `registry.internal/team/app:1` of a pull request from a fork must be pinned by digest \
+             (`name@sha256:<64 hex digits>`), or match a pattern in job `unit`'s `allowedImages`"
+        ),
+        "{outcome}"
+    );
+    deliver(&app, "pull_request", "d-latest", &from_fork(23, &latest), None).await;
+    assert!(handled(&app, "d-latest").await["outcome"].as_str().unwrap().contains("must be pinned by digest"));
+    assert!(runs_of(&pool).await.is_empty());
+
+    // The job's owner allows the queue and busybox images: the fork's run is made, on that queue;
+    // an image outside the list is still refused.
+    let mut job = git_job(&repo);
+    job["github"] = json!({"repository": REPO, "pullRequests": {"branches": ["main"]}});
+    job["allowedQueues"] = json!(["gpu"]);
+    job["allowedImages"] = json!(["busybox:*"]);
+    assert_eq!(app.admin().put("/jobs/unit", job).await.status, 200);
+    deliver(&app, "pull_request", "d-gpu-allowed", &from_fork(21, &gpu), None).await;
+    let allowed = handled(&app, "d-gpu-allowed").await;
+    assert_eq!(allowed["runs"].as_array().unwrap().len(), 1, "{allowed}");
+    let queue: String = sqlx::query_scalar("SELECT queue FROM runs").fetch_one(&pool).await.unwrap();
+    assert_eq!(queue, "gpu");
+    deliver(&app, "pull_request", "d-private-listed", &from_fork(22, &private), None).await;
+    let outcome = handled(&app, "d-private-listed").await["outcome"].as_str().unwrap().to_owned();
+    assert!(
+        outcome
+            .contains("image `registry.internal/team/app:1` matches none of job `unit`'s allowedImages (`busybox:*`)"),
+        "{outcome}"
+    );
     app.stop().await;
 }

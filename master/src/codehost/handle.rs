@@ -272,6 +272,7 @@ async fn commented(
         return Ok(());
     }
     let key = format!("github:{delivery}");
+    let approves = approves(integration.pool(), delivery, &pull, &comment.commands).await?;
     for job in jobs {
         let name = &job.name;
         if !job.subscription.pull_requests.as_ref().is_some_and(|filter| filter.matches(&pull.base_branch)) {
@@ -281,15 +282,65 @@ async fn commented(
             report.notes.push(format!("{name}: {} is not trusted: commands ignored", comment.commenter));
             continue;
         }
+        match &approves {
+            Some(Ok(())) => approvals::approve(integration.pool(), &approval(&pull), &comment.commenter).await?,
+            Some(Err(why)) => report.notes.push(format!("{name}: {why}")),
+            None => {}
+        }
+        // `/test` and `/retest` too run a stranger's head only once it is approved.
+        if !trusted(integration.pool(), &job.subscription, &pull).await? {
+            integration.show(name, &pull, StatusState::Pending, WAITING_FOR_APPROVAL).await?;
+            report.notes.push(format!("{name}: waiting for /ok-to-test: head {} is not approved", pull.head_sha));
+            continue;
+        }
         if wanted(integration.pool(), name, &pull, &comment.commands).await? {
-            if comment.commands.contains(&Command::OkToTest) {
-                approvals::approve(integration.pool(), &approval(&pull), &comment.commenter).await?;
-            }
             let cause = pull_cause(RunEvent::Comment, &pull, &comment.commenter);
             start(integration, &key, name, (&pull.head_sha, None), &comment.commenter, &cause, report).await?;
         }
     }
     Ok(())
+}
+
+/// Whether an `/ok-to-test` in the comment approves the pull request's head as read now: the
+/// head the comment names, or for a bare `/ok-to-test` the head a webhook brought before the
+/// comment arrived (a push after the comment needs a new approval). `None`: no `/ok-to-test`;
+/// `Err`: why the head is not approved, for the person who commented.
+async fn approves(
+    pool: &PgPool,
+    delivery: &str,
+    pull: &PullRequest,
+    commands: &[Command],
+) -> Result<Option<Result<(), String>>, sqlx::Error> {
+    let head = pull.head_sha.as_str();
+    let named = commands.iter().find_map(|command| match command {
+        Command::OkToTestAt(sha) => Some(sha.as_str()),
+        _ => None,
+    });
+    if let Some(sha) = named {
+        return Ok(Some(if sha.len() < super::MIN_APPROVED_PREFIX {
+            Err(format!(
+                "/ok-to-test {sha} approves nothing: name at least {} hex digits of the head commit",
+                super::MIN_APPROVED_PREFIX
+            ))
+        } else if !head.starts_with(sha) {
+            Err(format!(
+                "/ok-to-test {sha} approves nothing: the head is now {head}; review it and approve it by its SHA"
+            ))
+        } else {
+            Ok(())
+        }));
+    }
+    if !commands.contains(&Command::OkToTest) {
+        return Ok(None);
+    }
+    Ok(Some(if approvals::heard_of_before(pool, &approval(pull), delivery).await? {
+        Ok(())
+    } else {
+        Err(format!(
+            "/ok-to-test approves nothing: the head {head} arrived after the comment; review it and comment \
+             `/ok-to-test {head}`"
+        ))
+    }))
 }
 
 /// Whether the commands ask for a run of `job` at the pull request's head.
@@ -300,7 +351,7 @@ async fn wanted(pool: &PgPool, job: &JobName, pull: &PullRequest, commands: &[Co
         Command::TestAll => true,
         Command::Retest => matches!(last, Some(RunStatus::Failed | RunStatus::TimedOut | RunStatus::Error)),
         // Approval runs what has not run at this head yet.
-        Command::OkToTest => last.is_none(),
+        Command::OkToTest | Command::OkToTestAt(_) => last.is_none(),
     }))
 }
 
@@ -335,6 +386,15 @@ async fn start(
             Ok(())
         }
         Err(TriggerError::Invalid(why)) => {
+            // The author sees why on the commit; the delivery keeps the whole message.
+            if let Some(repository) = &cause.repository {
+                let description = format!(
+                    "refused: {}",
+                    why.split_once("` at commit ")
+                        .map_or(why.as_str(), |cut| { cut.1.split_once(": ").map_or(why.as_str(), |(_, rest)| rest) })
+                );
+                integration.show_at(job, repository, commit.as_str(), StatusState::Error, &description).await?;
+            }
             report.notes.push(format!("{job}: refused: {why}"));
             Ok(())
         }

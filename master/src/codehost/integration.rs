@@ -40,9 +40,25 @@ impl Integration {
         if self.host().is_none() {
             return Ok(());
         }
+        self.show_at(job, &pull.repository, pull.head_sha.as_str(), state, description).await
+    }
+
+    /// Shows a fixed state on a commit for the job (when statuses are posted), cut to what the
+    /// host keeps.
+    pub(super) async fn show_at(
+        &self,
+        job: &JobName,
+        repository: &str,
+        sha: &str,
+        state: StatusState,
+        description: &str,
+    ) -> Result<(), sqlx::Error> {
+        if self.host().is_none() {
+            return Ok(());
+        }
         let context = super::context(job);
-        let target = statuses::Target { repository: &pull.repository, sha: pull.head_sha.as_str(), context: &context };
-        statuses::show(self.pool(), &target, state.as_str(), description).await
+        let target = statuses::Target { repository, sha, context: &context };
+        statuses::show(self.pool(), &target, state.as_str(), &super::report::clip(description)).await
     }
 
     /// Has the run's state shown on its commit (when statuses are posted).

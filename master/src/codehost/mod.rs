@@ -111,9 +111,17 @@ pub enum Command {
     TestAll,
     /// `/retest`: the jobs whose last run at the head failed, timed out or errored.
     Retest,
-    /// `/ok-to-test`: a trusted user vouches for a stranger's pull request at its head commit.
+    /// `/ok-to-test`: a trusted user vouches for a stranger's pull request at its head commit, if
+    /// that head was heard of before the comment arrived.
     OkToTest,
+    /// `/ok-to-test <sha>`: the same for the head the comment names (hex digits, a prefix of at
+    /// least `MIN_APPROVED_PREFIX`), and only if it still is the head.
+    OkToTestAt(String),
 }
+
+/// The fewest hex digits of a commit `/ok-to-test <sha>` must name: a 7-digit prefix can be
+/// matched by a commit made for the purpose in minutes.
+pub const MIN_APPROVED_PREFIX: usize = 12;
 
 impl Command {
     /// The commands in a comment's text: lines that start with one (leading spaces allowed).
@@ -123,6 +131,9 @@ impl Command {
             let mut words = line.split_whitespace();
             let command = match (words.next(), words.next()) {
                 (Some("/retest"), _) => Command::Retest,
+                (Some("/ok-to-test"), Some(sha)) if sha.len() <= 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    Command::OkToTestAt(sha.to_ascii_lowercase())
+                }
                 (Some("/ok-to-test"), _) => Command::OkToTest,
                 (Some("/test"), Some("all")) => Command::TestAll,
                 (Some("/test"), Some(job)) if cimaster_common::JobName::parse(job).is_ok() => {
@@ -223,5 +234,10 @@ mod tests {
             vec![Command::OkToTest, Command::Test("unit".into()), Command::TestAll, Command::Retest]
         );
         assert!(Command::parse_all("I will /retest later").is_empty());
+        assert_eq!(
+            Command::parse_all("/ok-to-test 0123456789ABcdef"),
+            vec![Command::OkToTestAt("0123456789abcdef".into())]
+        );
+        assert_eq!(Command::parse_all("/ok-to-test thanks!"), vec![Command::OkToTest]);
     }
 }

@@ -217,7 +217,7 @@ fn duration(seconds: i64) -> String {
 }
 
 /// At most 140 characters, cut with an ellipsis.
-fn clip(text: &str) -> String {
+pub(super) fn clip(text: &str) -> String {
     if text.chars().count() <= MAX_DESCRIPTION {
         return text.to_owned();
     }

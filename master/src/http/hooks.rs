@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use cimaster_store::approvals::{self, Approval};
 use cimaster_store::deliveries::{self, DeliveryView, Received};
 use cimaster_store::jobs;
 use cimaster_store::statuses::{self, StatusView};
@@ -98,6 +99,11 @@ pub(super) async fn receive(
             None => (StatusCode::ACCEPTED, "accepted".to_owned(), Some(event)),
         },
     };
+    if let Some(Event::PullRequestUpdated(pull)) = to_handle.as_deref() {
+        // Before the delivery is recorded: a comment received after it sees the head as heard of.
+        let head = Approval { repository: &pull.repository, pull_request: pull.number, sha: pull.head_sha.as_str() };
+        approvals::heard_of(&state.pool, &head).await?;
+    }
     let stored = match &to_handle {
         Some(event) => {
             let payload = serde_json::to_value(event).map_err(|err| ApiError::Internal(err.into()))?;

@@ -54,6 +54,8 @@ impl Triggers {
                  allow: list it in the job's `secrets`"
             )));
         }
+        git.admits(job.as_str(), &config, cause.from_fork)
+            .map_err(|why| TriggerError::Invalid(format!("job config file `{path}` at commit {commit}: {why}")))?;
         let tip_of = match trigger.pushed_branch {
             Some(branch) => vec![branch.to_owned()],
             None => self.tip_of(job, url, &commit, request, cause, &creds).await.map_err(invalid)?,
