@@ -185,7 +185,7 @@ async fn docker(config: &AgentConfig, agent: &str) -> anyhow::Result<DockerClien
         None => RegistryAuths::default(),
     };
     tracing::info!(registries = ?auths.registries().collect::<Vec<_>>(), "registry credentials");
-    let docker = DockerClient::connect(auths).await.context("Docker")?;
+    let docker = DockerClient::connect(auths).await.context("Docker")?.with_egress_bridges(config.egress);
     let swept = docker.sweep(agent).await.context("sweeping leftovers")?;
     if swept > 0 {
         tracing::info!(containers = swept, "removed leftovers of an earlier run of this agent");

@@ -36,6 +36,7 @@ struct Beyond {
 
 impl Beyond {
     fn create() -> Self {
+        sweep();
         let id = &uuid::Uuid::new_v4().simple().to_string()[..6];
         let (namespace, host_veth, ns_veth) = (format!("cimeg-{id}"), format!("cimeg{id}h"), format!("cimeg{id}n"));
         let third = u8::from_str_radix(&id[..2], 16).unwrap();
@@ -56,8 +57,8 @@ impl Beyond {
         inside(&["addr", "add", &format!("{LINK_LOCAL}/32"), "dev", &ns_veth]);
         inside(&["link", "set", &ns_veth, "up"]);
         inside(&["route", "add", "default", "via", &host_ip]);
-        ip(&["route", "add", &format!("{PUBLIC}/32"), "via", &private]);
-        ip(&["route", "add", &format!("{LINK_LOCAL}/32"), "via", &private]);
+        ip(&["route", "replace", &format!("{PUBLIC}/32"), "via", &private]);
+        ip(&["route", "replace", &format!("{LINK_LOCAL}/32"), "via", &private]);
         let dir = std::env::temp_dir();
         let server = Command::new("ip")
             .args(["netns", "exec", &namespace, "python3", "-m", "http.server", "8000", "--bind", "0.0.0.0"])
@@ -73,6 +74,23 @@ impl Beyond {
             std::thread::sleep(Duration::from_millis(100));
         }
         Self { namespace, host_veth, private, _server: server }
+    }
+}
+
+/// Removes what an earlier run of this test left when it was killed before its drop.
+fn sweep() {
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    for line in String::from_utf8_lossy(&namespaces.stdout).lines() {
+        if let Some(name) = line.split_whitespace().next().filter(|name| name.starts_with("cimeg-")) {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+    let links = Command::new("ip").args(["-o", "link", "show"]).output().unwrap();
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        let name = line.split(": ").nth(1).and_then(|name| name.split('@').next()).unwrap_or_default();
+        if name.starts_with("cimeg") {
+            let _ = Command::new("ip").args(["link", "del", name]).status();
+        }
     }
 }
 

@@ -109,8 +109,13 @@ async fn runs_in_flight_ride_out_a_postgres_restart_and_end_exactly_once(pool: P
     let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
     // A lease long enough to ride out the restart: the agent fences only after 12 s without renewal.
-    let options =
-        AgentOptions { cpus: Some(RUNS as f64 * 0.1 + 0.45), lease: "15s", lease_margin: "2s", ..Default::default() };
+    let options = AgentOptions {
+        cpus: Some(RUNS as f64 * 0.1 + 0.45),
+        lease: "15s",
+        lease_margin: "2s",
+        open_egress: true,
+        ..Default::default()
+    };
     stack.add_agent(options).await;
     history::put_beats_job(&stack, &recorder, 40).await;
     let ids = history::trigger_beats(&stack, RUNS).await;

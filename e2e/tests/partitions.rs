@@ -58,6 +58,7 @@ impl CutOff {
                 ("CIMASTER_AMQP_URL", format!("{}{amqp_query}", partition::through(&amqp_url, amqp))),
                 ("CIMASTER_S3_ENDPOINT", partition::through(&env("CIMASTER_S3_ENDPOINT"), s3)),
             ],
+            open_egress: true,
             ..Default::default()
         };
         let index = stack.add_agent(options.clone()).await;
@@ -102,7 +103,7 @@ async fn no_run_executes_twice_when_its_agent_is_cut_off_from_postgres(pool: PgP
         "all runs in flight on the agent when it is cut off"
     );
     // A healthy agent to take the retries.
-    stack.add_agent(AgentOptions { cpus: Some(cpus()), ..Default::default() }).await;
+    stack.add_agent(AgentOptions { cpus: Some(cpus()), open_egress: true, ..Default::default() }).await;
 
     cut_off.host.cut(cut_off.database);
     let cut_at = Instant::now();
@@ -288,7 +289,7 @@ async fn a_soak_of_random_cuts_loses_no_run_and_runs_none_twice(pool: PgPool) {
     let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
     let cut_off = CutOff::start(&mut stack, "?heartbeat=2").await;
-    stack.add_agent(AgentOptions { cpus: Some(cpus()), ..Default::default() }).await;
+    stack.add_agent(AgentOptions { cpus: Some(cpus()), open_egress: true, ..Default::default() }).await;
     history::put_beats_job(&stack, &recorder, 24).await;
 
     let started = Instant::now();

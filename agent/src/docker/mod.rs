@@ -136,6 +136,9 @@ impl RunLabels {
 pub(crate) struct DockerClient {
     docker: Docker,
     registries: RegistryAuths,
+    /// Whether the bridges it makes are named for the egress rules (`cimbr…`); an agent that runs
+    /// without them makes bridges the rules do not know.
+    egress_bridges: bool,
 }
 
 impl DockerClient {
@@ -144,7 +147,13 @@ impl DockerClient {
     pub async fn connect(registries: RegistryAuths) -> Result<Self, DockerError> {
         let docker = Docker::connect_with_local_defaults().map_err(DockerError::Connect)?;
         docker.ping().await.map_err(DockerError::Connect)?;
-        Ok(Self { docker, registries })
+        Ok(Self { docker, registries, egress_bridges: true })
+    }
+
+    /// Whether the bridges it makes fall under the engine's egress rules (see `crate::egress`).
+    pub fn with_egress_bridges(mut self, on: bool) -> Self {
+        self.egress_bridges = on;
+        self
     }
 
     /// Whether the engine remaps user namespaces (`userns-remap` in its security options).

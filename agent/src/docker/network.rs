@@ -60,13 +60,15 @@ impl DockerClient {
             ..Default::default()
         });
         // The bridge's name is how the egress rules know the network as the agent's.
-        let bridge = crate::egress::bridge_name(&name);
+        let options = self
+            .egress_bridges
+            .then(|| HashMap::from([("com.docker.network.bridge.name".to_owned(), crate::egress::bridge_name(&name))]));
         let request = NetworkCreateRequest {
             name: name.clone(),
             driver: Some("bridge".to_owned()),
             labels: Some(labels),
             ipam,
-            options: Some(HashMap::from([("com.docker.network.bridge.name".to_owned(), bridge)])),
+            options,
             ..Default::default()
         };
         match self.docker.create_network(request).await {

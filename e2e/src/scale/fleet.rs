@@ -33,6 +33,9 @@ impl Fleet {
             // An idle network for each run it takes at once: no network is made per run.
             ("CIMASTER_AGENT_IDLE_NETWORKS", scenario.runs_per_agent.to_string()),
             ("CIMASTER_AGENT_REPORT_INTERVAL", "1s".to_owned()),
+            // The jobs report to the history recorder on this host, which the egress policy closes
+            // to runs.
+            ("CIMASTER_AGENT_EGRESS", "false".to_owned()),
             // A short lease hands a killed agent's runs on soon; the stop grace and margin fit in it.
             ("CIMASTER_LEASE_TTL", format!("{}s", scenario.lease.as_secs().max(5))),
             ("CIMASTER_STOP_GRACE", "2s".to_owned()),

@@ -121,6 +121,9 @@ pub struct AgentOptions {
     pub env: Vec<(&'static str, String)>,
     /// Host CPU use above which the agent takes no new run.
     pub max_cpu: Option<f64>,
+    /// Runs without the egress policy (`CIMASTER_AGENT_EGRESS=false`): its jobs reach this host,
+    /// where the history recorder listens.
+    pub open_egress: bool,
 }
 
 impl Default for AgentOptions {
@@ -133,6 +136,7 @@ impl Default for AgentOptions {
             max_cpu: None,
             netns: None,
             env: Vec::new(),
+            open_egress: false,
         }
     }
 }
@@ -190,6 +194,9 @@ impl Stack {
         }
         if let Some(max_cpu) = options.max_cpu {
             command.env("CIMASTER_AGENT_MAX_CPU", max_cpu.to_string());
+        }
+        if options.open_egress {
+            command.env("CIMASTER_AGENT_EGRESS", "false");
         }
         for (name, value) in &options.env {
             command.env(name, value);
