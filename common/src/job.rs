@@ -289,7 +289,27 @@ pub(crate) fn image_ref<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Er
     if value.chars().any(|c| c.is_whitespace() || c.is_control()) || value.starts_with('-') {
         return Err(de::Error::custom(format!("image `{value}` is not an image reference (e.g. `busybox:latest`)")));
     }
+    if builds_own(&value) {
+        return Err(de::Error::custom(format!(
+            "image `{value}`: `{BUILT_IMAGES}` is where agents keep the images they build from repositories; \
+             name an image of your own, or use `build:`"
+        )));
+    }
     Ok(value)
+}
+
+/// The repository agents tag the images they build with: no job or config file names it (a run
+/// of one repository must not run another's build).
+pub const BUILT_IMAGES: &str = "cimaster-build";
+
+/// Whether `image` names an image in [`BUILT_IMAGES`], however it is spelled.
+fn builds_own(image: &str) -> bool {
+    let name = image.split(['@', ':']).next().unwrap_or(image);
+    let name = ["docker.io/library/", "index.docker.io/library/", "library/"]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))
+        .unwrap_or(name);
+    name.eq_ignore_ascii_case(BUILT_IMAGES)
 }
 
 /// `uid[:gid]` in digits, or a user (and group) name: letters, digits, `_`, `-`, `.`.
@@ -494,6 +514,24 @@ mod tests {
 
     fn parse(value: serde_json::Value) -> Result<JobSpec, String> {
         serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn no_job_names_an_image_agents_built() {
+        for image in [
+            "cimaster-build:0123abcd",
+            "cimaster-build",
+            "docker.io/library/cimaster-build:x",
+            "library/cimaster-build@sha256:00",
+        ] {
+            let err = parse(json!({"kind": "freestyle", "image": image, "script": "true"})).unwrap_err();
+            assert!(err.contains("where agents keep the images they build"), "{image}: {err}");
+        }
+        assert!(parse(
+            json!({"kind": "freestyle", "image": "registry.example:5000/cimaster-build:1", "script": "true"})
+        )
+        .is_ok());
+        assert!(parse(json!({"kind": "freestyle", "image": "cimaster-builder:1", "script": "true"})).is_ok());
     }
 
     #[test]

@@ -29,7 +29,9 @@ pub use cause::{Cause, RunEvent, UnknownEvent};
 pub use egress::{Cidr, Egress};
 pub use id_token::{IdTokenClaims, IdTokenSpec};
 pub use ids::{BranchName, CommitSha, ConfigPath, EnvName, InvalidValue, JobName, QueueName, RepositoryUrl, RunId};
-pub use job::{ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, DEFAULT_TIMEOUT_SECONDS};
+pub use job::{
+    ClusterRequirement, FreestyleJob, GitJob, JobSpec, Memory, Resources, Script, BUILT_IMAGES, DEFAULT_TIMEOUT_SECONDS,
+};
 pub use queue::{dead_letter_exchange, dead_letter_queue, queue_name, run_queue_arguments, QueueArgument, RunMessage};
 pub use repo::{BuildSpec, CheckoutSpec, ConfigError, HttpCheck, Readiness, RepoConfig, ServiceName, ServiceSpec};
 pub use results::Results;

@@ -18,12 +18,17 @@ impl Attempt<'_> {
     }
 
     /// The image built from the repository's Dockerfile; the build is held to the run's resources
-    /// and network.
-    pub(super) async fn build(&self, build: &BuildSpec, resources: &Resources) -> Result<String, Stop> {
-        Ok(self.interrupts.step(self.build_inner(build, resources)).await??)
+    /// and network. `origin` names the repository and whose credentials read it.
+    pub(super) async fn build(&self, build: &BuildSpec, origin: &str, resources: &Resources) -> Result<String, Stop> {
+        Ok(self.interrupts.step(self.build_inner(build, origin, resources)).await??)
     }
 
-    async fn build_inner(&self, build: &BuildSpec, resources: &Resources) -> Result<String, AttemptError> {
+    async fn build_inner(
+        &self,
+        build: &BuildSpec,
+        origin: &str,
+        resources: &Resources,
+    ) -> Result<String, AttemptError> {
         let docker = &self.executor.docker;
         let Some(workspace) = &self.held.workspace else {
             return Err(AttemptError::Build("`build` needs the repository's checkout".into()));
@@ -36,7 +41,10 @@ impl Attempt<'_> {
         .await
         .map_err(|err| AttemptError::Build(format!("reading the build context failed: {err}")))?
         .map_err(AttemptError::Build)?;
-        let tag = format!("cimaster-build:{}", &built.digest[..32]);
+        // The tag names the repository (and whose credentials read it) beside the context: a run
+        // reuses only its own repository's builds, never one another repository made of the same
+        // files (a build is not a pure function of its context).
+        let tag = build_tag(origin, &built.digest);
         if docker.image_exists(&tag).await {
             self.console.note(&format!("reusing image {tag}: the Dockerfile and its context are unchanged")).await;
             return Ok(tag);
@@ -67,5 +75,26 @@ impl Attempt<'_> {
         let _ = printer.await;
         result.map_err(|err| AttemptError::Build(err.to_string()))?;
         Ok(tag)
+    }
+}
+
+/// The tag of an image built from `origin`'s context with this digest.
+fn build_tag(origin: &str, context_digest: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = hex::encode(Sha256::digest(format!("{origin}\n{context_digest}").as_bytes()));
+    format!("{}:{}", cimaster_common::BUILT_IMAGES, &digest[..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build_tag;
+
+    #[test]
+    fn a_build_tag_is_its_repositorys_own() {
+        let ours = build_tag("https://git.example/org/app.git\ntoken:app:GIT_TOKEN", "abc");
+        assert!(ours.starts_with("cimaster-build:"), "{ours}");
+        assert_eq!(ours, build_tag("https://git.example/org/app.git\ntoken:app:GIT_TOKEN", "abc"));
+        assert_ne!(ours, build_tag("https://git.example/evil/app.git\nanonymous", "abc"));
+        assert_ne!(ours, build_tag("https://git.example/org/app.git\ntoken:app:GIT_TOKEN", "abd"));
     }
 }

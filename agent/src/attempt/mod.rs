@@ -282,7 +282,13 @@ impl Attempt<'_> {
                 self.ready_made_image(image).await?;
                 image.clone()
             }
-            ImageSource::Build(build) => self.build(build, &plan.resources).await?,
+            ImageSource::Build(build) => {
+                let origin = plan
+                    .checkout
+                    .as_ref()
+                    .map(|checkout| format!("{}\n{}", checkout.repository, checkout.credential_scope(&self.claim.job)));
+                self.build(build, origin.as_deref().unwrap_or_default(), &plan.resources).await?
+            }
         };
         self.start_job(&plan, image);
         self.start_services(&plan.services).await?;
