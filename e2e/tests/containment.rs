@@ -147,9 +147,12 @@ async fn a_job_container_is_confined(pool: PgPool) {
     let inspected = loop {
         let out = std::process::Command::new("docker").args(["inspect", &name]).output().unwrap();
         if out.status.success() {
-            break serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].clone();
+            let inspected = serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].clone();
+            if inspected["State"]["Running"] == true {
+                break inspected;
+            }
         }
-        assert!(std::time::Instant::now() < deadline, "the job container {name} did not appear");
+        assert!(std::time::Instant::now() < deadline, "the job container {name} did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let host = &inspected["HostConfig"];
