@@ -114,7 +114,20 @@ fn probes(targets: &[(&str, String)]) -> String {
     for (name, target) in targets {
         script.push_str(&format!("probe {name} {target}\n"));
     }
+    script.push_str("echo probes done\n");
     script
+}
+
+/// The run's console once it holds the probes' last line (bounded).
+async fn console_of(stack: &Stack, path: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let console = stack.console(path).await;
+        if console.contains("probes done") || std::time::Instant::now() > deadline {
+            return console;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -157,7 +170,7 @@ async fn a_job_reaches_the_internet_and_its_allowed_ranges_but_not_the_host_meta
 
     let path = stack.trigger("closed").await;
     let run = stack.wait_finished(&path, Duration::from_secs(90)).await;
-    let console = stack.console(&path).await;
+    let console = console_of(&stack, &path).await;
     assert_eq!(run["status"], "succeeded", "{run}\n{console}");
     assert!(console.contains("public reached"), "a public address is reached: {console}");
     for name in ["private", "link-local", "metadata", "host", "agent"] {
@@ -168,7 +181,7 @@ async fn a_job_reaches_the_internet_and_its_allowed_ranges_but_not_the_host_meta
 
     let path = stack.trigger("allowed").await;
     let run = stack.wait_finished(&path, Duration::from_secs(90)).await;
-    let console = stack.console(&path).await;
+    let console = console_of(&stack, &path).await;
     assert_eq!(run["status"], "succeeded", "{run}\n{console}");
     assert!(console.contains(&format!("the job's runs reach {}/32 (egress.allow)", beyond.private)), "{console}");
     assert!(console.contains("private reached") && console.contains("public reached"), "{console}");
@@ -179,6 +192,6 @@ async fn a_job_reaches_the_internet_and_its_allowed_ranges_but_not_the_host_meta
     // The exception ends with its run: the network lent next blocks the range again.
     let path = stack.trigger("closed").await;
     stack.wait_finished(&path, Duration::from_secs(90)).await;
-    let console = stack.console(&path).await;
+    let console = console_of(&stack, &path).await;
     assert!(console.contains("private blocked") && console.contains("public reached"), "{console}");
 }
