@@ -2,28 +2,17 @@
 //! was taken over by the reaper cannot write its final status.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cimaster_common::{RunId, RunStatus};
+use cimaster_common::RunStatus;
 use cimaster_store::attempts::{self as store, Lease, Outcome};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use support::queued_run;
 use tokio::sync::Barrier;
-
-async fn queued_run(pool: &PgPool) -> RunId {
-    let id = RunId::new();
-    let spec = serde_json::json!({"kind": "freestyle", "image": "busybox:latest", "script": "true",
-        "env": {}, "timeoutSeconds": 60, "resources": {"cpus": 1.0, "memory": "64Mi"}, "queue": "default",
-        "parameters": {}});
-    sqlx::query("INSERT INTO runs (id, job, queue, spec, triggered_by) VALUES ($1, 'job', 'default', $2, 'test')")
-        .bind(id.0)
-        .bind(spec)
-        .execute(pool)
-        .await
-        .unwrap();
-    id
-}
 
 /// 16 claimants, each on a connection of its own, released together by a barrier.
 #[sqlx::test(migrations = "../migrations")]

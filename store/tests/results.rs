@@ -2,26 +2,15 @@
 //! back lists a bounded number of failed cases, of bounded size, in all.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use cimaster_common::results::{
     FailedCase, KIND_ARTIFACT, KIND_JUNIT, MAX_LISTED_BYTES_IN_ALL, MAX_LISTED_FAILURES_IN_ALL,
 };
 use cimaster_common::RunId;
 use cimaster_store::results;
 use sqlx::PgPool;
-
-async fn queued_run(pool: &PgPool) -> RunId {
-    let id = RunId::new();
-    let spec = serde_json::json!({"kind": "freestyle", "image": "busybox:latest", "script": "true",
-        "env": {}, "timeoutSeconds": 60, "resources": {"cpus": 1.0, "memory": "64Mi"}, "queue": "default",
-        "parameters": {}});
-    sqlx::query("INSERT INTO runs (id, job, queue, spec, triggered_by) VALUES ($1, 'job', 'default', $2, 'test')")
-        .bind(id.0)
-        .bind(spec)
-        .execute(pool)
-        .await
-        .unwrap();
-    id
-}
+use support::queued_run;
 
 /// 40 reports of 200 failed cases each, with messages of `message` bytes, as no agent of today
 /// writes them.
