@@ -24,6 +24,7 @@ COPY --from=build /src/target/release/cimaster-agent /usr/local/bin/cimaster-age
 ENTRYPOINT ["cimaster-agent"]
 
 FROM debian:bookworm-slim AS git
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates git openssh-client iptables \
+# git and ssh check out; iptables sets the egress rules; bash and curl run the agent's warden.
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates git openssh-client iptables curl \
     && rm -rf /var/lib/apt/lists/*
 CMD ["bash"]

@@ -128,6 +128,12 @@ pub struct AgentConfig {
     #[arg(long = "git-image", env = "CIMASTER_AGENT_GIT_IMAGE", default_value = "cimaster-git:bookworm")]
     pub git_image: String,
 
+    /// The engine's API socket as a path on the engine's host, mounted into the agent's warden (the
+    /// container that kills the agent's runs when the agent cannot). Default: the path of a
+    /// `unix://` DOCKER_HOST, else `/var/run/docker.sock`.
+    #[arg(long = "engine-socket", env = "CIMASTER_AGENT_ENGINE_SOCKET")]
+    pub engine_socket: Option<String>,
+
     /// The most all git mirrors of this agent may take on disk; the least recently used beyond it
     /// are removed after a checkout.
     #[arg(long = "mirrors-max-size", env = "CIMASTER_AGENT_MIRRORS_MAX_SIZE", default_value = "20Gi",
@@ -152,6 +158,16 @@ fn parse_memory(value: &str) -> Result<Memory, String> {
 }
 
 impl AgentConfig {
+    /// The engine's API socket on the engine's host (see `engine_socket`).
+    pub fn engine_socket(&self) -> String {
+        self.engine_socket.clone().unwrap_or_else(|| {
+            std::env::var("DOCKER_HOST")
+                .ok()
+                .and_then(|host| host.strip_prefix("unix://").map(str::to_owned))
+                .unwrap_or_else(|| "/var/run/docker.sock".to_owned())
+        })
+    }
+
     pub fn agent_id(&self) -> String {
         self.id.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname")

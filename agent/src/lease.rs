@@ -23,7 +23,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -137,6 +137,9 @@ pub struct Fence {
     why: Arc<OnceLock<LeaseEnd>>,
     /// Set while the final status is written: a renewal may then find the run ended by ourselves.
     ending: Arc<AtomicBool>,
+    /// When the last renewal that succeeded was sent (the grant at first), while the lease bounds
+    /// the attempt.
+    renewed: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Fence {
@@ -159,6 +162,19 @@ impl Fence {
     pub fn why(&self) -> Option<LeaseEnd> {
         self.why.get().copied()
     }
+
+    /// The lease was held as of a renewal sent at `at`.
+    pub fn renewed_at(&self, at: Instant) {
+        *self.renewed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(at);
+    }
+
+    /// When the attempt's containers must be gone if the agent is heard from no more: the moment
+    /// its own fencing would have killed them (`renewed + fence_after + stop_grace`, a margin
+    /// before the lease can expire). `None` before the lease is held.
+    pub fn gone_by(&self, timing: &LeaseTiming) -> Option<Instant> {
+        let renewed = (*self.renewed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))?;
+        Some(renewed + timing.fence_after() + timing.stop_grace())
+    }
 }
 
 /// Renews a lease (named `lease` in logs and messages) every `renew_every`, each try bounded by
@@ -171,6 +187,7 @@ where
     E: std::fmt::Display,
 {
     let mut renewed = granted;
+    fence.renewed_at(granted);
     let mut next = granted + timing.renew_every();
     loop {
         let give_up = renewed + timing.fence_after();
@@ -182,7 +199,10 @@ where
         next = sent + timing.renew_every();
         let budget = timing.renew_every().min(give_up.saturating_duration_since(sent));
         match tokio::time::timeout(budget, renew()).await {
-            Ok(Ok(Renewal::Held)) => renewed = sent,
+            Ok(Ok(Renewal::Held)) => {
+                renewed = sent;
+                fence.renewed_at(sent);
+            }
             Ok(Ok(Renewal::Lost)) => {
                 if fence.ending.load(Ordering::SeqCst) {
                     tracing::debug!(lease, "the lease ended with the attempt's final status");

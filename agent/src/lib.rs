@@ -19,6 +19,7 @@ pub mod registry;
 pub mod storage;
 pub mod subnets;
 pub mod telemetry;
+pub mod warden;
 mod workdir;
 pub mod worker;
 
@@ -67,10 +68,15 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     } else {
         tracing::warn!("CIMASTER_AGENT_EGRESS=false: runs reach the engine's host and every network around it");
     }
+    let warden = warden::Warden::start(docker.clone(), agent.clone(), config.git_image.clone(), config.engine_socket(), timing)
+        .await
+        .context("starting the warden that stops this agent's runs if the agent dies (CIMASTER_AGENT_ENGINE_SOCKET)")?;
     let s3 = config.s3.client();
     check_bucket_in_background(s3.clone(), config.s3.bucket.clone());
     let admission = admission(&config);
     let background = CancellationToken::new();
+    let stop_warden = CancellationToken::new();
+    let warden_beats = tokio::spawn(warden.clone().keep(stop_warden.clone()));
     let sampler = admission.spawn_cpu_sampler(background.clone());
     let work_dir =
         config.work_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("cimaster-agent-{agent}")));
@@ -112,6 +118,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         work_dir,
         pending,
         git_image: config.git_image.clone(),
+        warden: warden.clone(),
         egress_rules: config.egress,
         secrets: config
             .secrets_key
@@ -148,6 +155,9 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     drain(&mut running, config.drain_grace, &shutdown).await;
     networks.clear().await;
     mirrors.stop_helpers(&docker).await;
+    // Nothing of this agent runs any more: the warden's stdin ends and it exits.
+    stop_warden.cancel();
+    let _ = warden_beats.await;
     background.cancel();
     let _ = sampler.await;
     let _ = uploader.await;

@@ -20,6 +20,8 @@ pub enum AttemptError {
     ClusterLeaseGone(String),
     #[error(transparent)]
     Docker(#[from] DockerError),
+    #[error("no container was started: {0}")]
+    Warden(String),
     #[error("starting the job container failed: {0}")]
     JobStart(#[source] tokio::task::JoinError),
     #[error("the checkout image is missing: {0}")]

@@ -72,6 +72,8 @@ pub struct Executor {
     /// Whether the agent set the egress rules on its engine: a job's `egress.allow` is then added
     /// for its runs.
     pub egress_rules: bool,
+    /// Kills the attempts' containers if this agent cannot (see `crate::warden`).
+    pub warden: Arc<crate::warden::Warden>,
     /// Git mirrors of the repositories this agent checked out.
     pub(crate) mirrors: Arc<crate::mirrors::Mirrors>,
     pub secrets: Option<SecretBox>,
@@ -225,6 +227,8 @@ impl Executor {
         // Renewed for as long as the attempt runs; losing it, or failing to renew it for the fence
         // window, stops the attempt.
         let fence = Fence::default();
+        fence.renewed_at(claim.granted);
+        let cluster = Fence::default();
         let heartbeat = tokio::spawn(heartbeat(
             self.leases.clone(),
             claim.clone(),
@@ -244,16 +248,22 @@ impl Executor {
                 attempt: claim.attempt,
             },
             console,
-            interrupts: Interrupts { abort, shutdown, fence: fence.clone(), cluster: Fence::default(), deadline: None },
+            interrupts: Interrupts { abort, shutdown, fence: fence.clone(), cluster: cluster.clone(), deadline: None },
             masker: Masker::default(),
             env: Vec::new(),
             held: Held::default(),
             parcel: self.pending.parcel(claim.run, claim.attempt, &self.agent),
         };
-        let stop = match attempt.run().await {
-            Ok(stop) | Err(stop) => stop,
+        // No container of the attempt exists before the warden bounds its life by the leases.
+        let watch = self.warden.watch(claim.run.to_string(), claim.attempt, vec![fence, cluster]).await;
+        let stop = match &watch {
+            Err(err) => Stop::Failed(AttemptError::Warden(err.to_string())),
+            Ok(_) => match attempt.run().await {
+                Ok(stop) | Err(stop) => stop,
+            },
         };
         attempt.end(stop, started, pump).await;
+        drop(watch);
         heartbeat.abort();
     }
 }

@@ -6,6 +6,7 @@ mod git;
 mod image;
 mod job;
 mod network;
+mod warden;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -27,6 +28,7 @@ pub use git::{GitHelper, MIRROR_PATH, WORKSPACES_PATH};
 pub use image::BuildLimits;
 pub use job::{JobContainer, Started};
 pub use network::Sandbox;
+pub use warden::StartedWarden;
 
 use crate::registry::RegistryAuths;
 use crate::telemetry::Timer;
@@ -97,6 +99,8 @@ pub enum DockerError {
     Gate(#[source] std::io::Error),
     #[error("starting a helper in the engine host's network namespace failed: {0}")]
     HostHelper(#[source] BollardError),
+    #[error("starting the agent's warden failed: {0}")]
+    Warden(#[source] BollardError),
     #[error("the egress rules could not be set (exit {code}): {output}")]
     Egress { code: i64, output: String },
 }

@@ -398,6 +398,11 @@ pub fn run_containers_of_agent(agent: &str) -> usize {
     count_containers(&[&format!("label=cimaster.agent={agent}"), "label=cimaster.run"])
 }
 
+/// The agent's containers that belong to a run and still run.
+pub fn running_run_containers_of_agent(agent: &str) -> usize {
+    count_containers(&[&format!("label=cimaster.agent={agent}"), "label=cimaster.run", "status=running"])
+}
+
 /// The containers, running or not, that match every filter.
 fn count_containers(filters: &[&str]) -> usize {
     let mut args = vec!["ps", "-aq"];

@@ -28,6 +28,9 @@ pub struct App {
     /// Installation id by repository (lower-case `owner/name`).
     installations: Mutex<HashMap<String, u64>>,
     tokens: Mutex<HashMap<(u64, Use), RepositoryToken>>,
+    /// Held while a token is asked for, so that callers racing on an empty cache get one token
+    /// between them instead of one each.
+    minting: tokio::sync::Mutex<()>,
 }
 
 /// What an installation token is for.
@@ -63,7 +66,7 @@ impl App {
             .map_err(|err| anyhow::anyhow!("reading the GitHub App key {}: {err}", key_file.display()))?;
         let key = EncodingKey::from_rsa_pem(&pem)
             .map_err(|err| anyhow::anyhow!("the GitHub App key {} is not an RSA PEM key: {err}", key_file.display()))?;
-        Ok(App { id, key, installations: Mutex::default(), tokens: Mutex::default() })
+        Ok(App { id, key, installations: Mutex::default(), tokens: Mutex::default(), minting: Default::default() })
     }
 
     /// The App's own JWT: valid from a minute ago (clock drift) for nine minutes.
@@ -99,12 +102,12 @@ impl App {
     ) -> Result<RepositoryToken, HostError> {
         let installation = self.installation(api, repository).await?;
         let key = (installation, wanted);
-        let cached = self.tokens.lock().expect("token cache").get(&key).cloned();
-        if let Some(token) = cached {
-            let left = (token.expires_at - Utc::now()).to_std().unwrap_or_default();
-            if left > RENEW_BEFORE {
-                return Ok(token);
-            }
+        if let Some(token) = self.fresh_in_cache(&key) {
+            return Ok(token);
+        }
+        let _minting = self.minting.lock().await;
+        if let Some(token) = self.fresh_in_cache(&key) {
+            return Ok(token);
         }
         let path = format!("/app/installations/{installation}/access_tokens");
         let scope = match &key.1 {
@@ -116,6 +119,13 @@ impl App {
         let token = RepositoryToken { value: SecretString::from(fresh.token), expires_at: fresh.expires_at };
         self.tokens.lock().expect("token cache").insert(key, token.clone());
         Ok(token)
+    }
+
+    /// The cached token for this use, while it has more than a few minutes left.
+    fn fresh_in_cache(&self, key: &(u64, Use)) -> Option<RepositoryToken> {
+        let cached = self.tokens.lock().expect("token cache").get(key).cloned()?;
+        let left = (cached.expires_at - Utc::now()).to_std().unwrap_or_default();
+        (left > RENEW_BEFORE).then_some(cached)
     }
 
     /// Forgets the tokens of the repository's installation (GitHub refused one: revoked, or the
@@ -143,5 +153,67 @@ impl App {
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "App({})", self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use axum::routing::{get, post};
+    use axum::Json;
+    use serde_json::{json, Value};
+
+    use crate::codehost::CodeHost;
+    use crate::config::GithubConfig;
+    use crate::github::api::GithubApi;
+
+    /// GitHub's two App endpoints, answering slowly enough that callers overlap, counting the
+    /// tokens they hand out.
+    async fn slow_github(issued: Arc<AtomicUsize>) -> String {
+        let app = axum::Router::new()
+            .route("/repos/{owner}/{name}/installation", get(|| async { Json(json!({"id": 5})) }))
+            .route(
+                "/app/installations/{id}/access_tokens",
+                post(move || async move {
+                    let n = issued.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    let expires_at = chrono::Utc::now() + chrono::Duration::hours(1);
+                    Json(json!({"token": format!("ghs_{n}"), "expires_at": expires_at}))
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}")
+    }
+
+    #[tokio::test]
+    async fn callers_racing_on_an_empty_cache_share_one_token() {
+        let issued = Arc::new(AtomicUsize::new(0));
+        let config = GithubConfig {
+            webhook_secrets: Vec::new(),
+            handle_interval: std::time::Duration::from_millis(500),
+            api_url: slow_github(issued.clone()).await,
+            token: None,
+            app_id: Some(77),
+            app_private_key_file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/rsa-test.pem").into()),
+            public_url: None,
+            report_interval: std::time::Duration::from_millis(500),
+            resync_interval: std::time::Duration::from_secs(300),
+        };
+        let api = GithubApi::from_config(&config).unwrap().expect("an App");
+        let asks = (0..6).map(|_| api.repository_token("octo/hello"));
+        let tokens: Vec<Value> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .map(|token| {
+                use secrecy::ExposeSecret;
+                json!(token.unwrap().expect("a token").value.expose_secret())
+            })
+            .collect();
+        assert_eq!(issued.load(Ordering::SeqCst), 1, "six callers at once, one token: {tokens:?}");
+        assert!(tokens.iter().all(|token| token == &tokens[0]), "{tokens:?}");
     }
 }

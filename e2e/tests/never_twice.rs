@@ -1,0 +1,124 @@
+//! Agents that die or freeze mid-run: the run's job must be gone before its next attempt starts,
+//! however long the agent stays away. The jobs beat to a recorder of the test's own while they run
+//! and run longer than the lease; the history checker fails on two attempts of a run beating in
+//! overlapping windows, on a run that did not end exactly once, and on a fault that caused no retry.
+//! Runs with the fault tests, alone: an agent frozen on a busy machine is a matter of timing.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use support::history::{self, Recorder};
+use support::{AgentOptions, Stack};
+
+/// Quarter-second beats of each job: 16 s, longer than the leases below.
+const BEATS: u32 = 64;
+
+/// An agent whose jobs reach the recorder on this host.
+fn agent(lease: &'static str, margin: &'static str) -> AgentOptions {
+    AgentOptions { lease, stop_grace: "1s", lease_margin: margin, open_egress: true, ..Default::default() }
+}
+
+/// Starts one run on a first agent and waits for its job's first beat; the agent's index and the
+/// run's id.
+async fn one_run_in_flight(stack: &mut Stack, recorder: &Recorder, options: AgentOptions) -> (usize, String) {
+    let first = stack.add_agent(options).await;
+    history::put_beats_job(stack, recorder, BEATS).await;
+    let ids = history::trigger_beats(stack, 1).await;
+    history::wait_started(recorder, &ids, Duration::from_secs(60)).await;
+    (first, ids[0].clone())
+}
+
+/// Waits for the run to end; checks the history: no overlap, one end, one retry.
+async fn check_retried_once(stack: &Stack, recorder: &Recorder, scenario: &str, fault_at: Instant) {
+    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120)).await;
+    let events = recorder.events();
+    let verdict = history::check(&events, &runs);
+    history::report(scenario, &verdict, &events, fault_at);
+    assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary(scenario));
+    assert_eq!(verdict.retried, 1, "the fault bit: the run needed a second attempt: {verdict:#?}");
+    assert_eq!(runs[0].1, "succeeded", "{runs:?}");
+}
+
+/// Waits until no run container of the agent runs any more; how long that took.
+async fn containers_gone(agent: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    while support::running_run_containers_of_agent(agent) > 0 {
+        assert!(start.elapsed() < within, "the agent's run containers are still there after {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_is_gone_before_its_retry_when_its_agent_is_killed_and_not_restarted(pool: PgPool) {
+    let recorder = Recorder::start().await.unwrap();
+    let mut stack = Stack::start(pool).await;
+    let (first, _run) = one_run_in_flight(&mut stack, &recorder, agent("5s", "1s")).await;
+    let first_id = stack.agents[first].id.clone();
+    stack.add_agent(agent("5s", "1s")).await;
+
+    stack.kill_agent(first);
+    let killed_at = Instant::now();
+    let gone = containers_gone(&first_id, Duration::from_secs(4)).await;
+    println!("the killed agent's job container was gone {:.2}s after the kill", gone.as_secs_f64());
+    // The warden removed every container of the dead agent (the network's sandbox too), then itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while support::containers_of_agent(&first_id) > 0 {
+        assert!(Instant::now() < deadline, "the dead agent's containers were not all removed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check_retried_once(&stack, &recorder, "agent SIGKILLed, not restarted", killed_at).await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_is_gone_before_its_retry_when_its_agent_comes_back_after_twice_the_lease(pool: PgPool) {
+    let recorder = Recorder::start().await.unwrap();
+    let mut stack = Stack::start(pool).await;
+    let (first, _run) = one_run_in_flight(&mut stack, &recorder, agent("5s", "1s")).await;
+    let first_id = stack.agents[first].id.clone();
+
+    stack.kill_agent(first);
+    let killed_at = Instant::now();
+    containers_gone(&first_id, Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The only agent there is: the run's retry can run nowhere else.
+    stack.start_agent(&first_id, agent("5s", "1s")).await;
+    check_retried_once(&stack, &recorder, "agent SIGKILLed, back after twice the lease", killed_at).await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_frozen_agent_s_job_is_killed_before_its_lease_can_expire(pool: PgPool) {
+    let recorder = Recorder::start().await.unwrap();
+    let mut stack = Stack::start(pool).await;
+    // A frozen agent keeps its connection to the engine open: only the deadline it last gave its
+    // warden stops its job (renewed + fence_after + stop_grace = renewed + 5 s, 3 s before expiry).
+    let (first, run) = one_run_in_flight(&mut stack, &recorder, agent("8s", "3s")).await;
+    let first_id = stack.agents[first].id.clone();
+    stack.add_agent(agent("8s", "3s")).await;
+
+    stack.signal_agent(first, "STOP");
+    let frozen_at = Instant::now();
+    let gone = containers_gone(&first_id, Duration::from_secs(8)).await;
+    println!("the frozen agent's job container was gone {:.2}s after the freeze", gone.as_secs_f64());
+    // The lease expires and the reaper queues attempt 2; only then does the frozen agent wake (the
+    // broker may have handed attempt 2 to it meanwhile: it runs it once awake, or the other agent
+    // does). It finds its lease gone and writes nothing of attempt 1.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM runs WHERE id = $1::uuid")
+            .bind(&run)
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+        if attempt >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "attempt 1 was never reaped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.signal_agent(first, "CONT");
+    check_retried_once(&stack, &recorder, "agent frozen (SIGSTOP)", frozen_at).await;
+}
