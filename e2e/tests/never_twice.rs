@@ -42,14 +42,18 @@ async fn check_retried_once(stack: &Stack, recorder: &Recorder, scenario: &str, 
     assert_eq!(runs[0].1, "succeeded", "{runs:?}");
 }
 
-/// Waits until no run container of the agent runs any more; how long that took.
-async fn containers_gone(agent: &str, within: Duration) -> Duration {
+/// Waits until no run container of the agent runs any more; how long that took, if it was within
+/// `within`. (The history check comes first: an old execution that outlived its agent shows there as
+/// an overlap.)
+async fn containers_gone(agent: &str, within: Duration) -> Option<Duration> {
     let start = Instant::now();
     while support::running_run_containers_of_agent(agent) > 0 {
-        assert!(start.elapsed() < within, "the agent's run containers are still there after {within:?}");
+        if start.elapsed() > within {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    start.elapsed()
+    Some(start.elapsed())
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -63,6 +67,8 @@ async fn a_job_is_gone_before_its_retry_when_its_agent_is_killed_and_not_restart
     stack.kill_agent(first);
     let killed_at = Instant::now();
     let gone = containers_gone(&first_id, Duration::from_secs(4)).await;
+    check_retried_once(&stack, &recorder, "agent SIGKILLed, not restarted", killed_at).await;
+    let gone = gone.expect("the killed agent's job container was still running 4 s after the kill");
     println!("the killed agent's job container was gone {:.2}s after the kill", gone.as_secs_f64());
     // The warden removed every container of the dead agent (the network's sandbox too), then itself.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -70,7 +76,6 @@ async fn a_job_is_gone_before_its_retry_when_its_agent_is_killed_and_not_restart
         assert!(Instant::now() < deadline, "the dead agent's containers were not all removed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    check_retried_once(&stack, &recorder, "agent SIGKILLed, not restarted", killed_at).await;
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -79,14 +84,17 @@ async fn a_job_is_gone_before_its_retry_when_its_agent_comes_back_after_twice_th
     let mut stack = Stack::start(pool).await;
     let (first, _run) = one_run_in_flight(&mut stack, &recorder, agent("5s", "1s")).await;
     let first_id = stack.agents[first].id.clone();
+    stack.add_agent(agent("5s", "1s")).await;
 
     stack.kill_agent(first);
     let killed_at = Instant::now();
-    containers_gone(&first_id, Duration::from_secs(4)).await;
+    let gone = containers_gone(&first_id, Duration::from_secs(4)).await;
+    // The retry starts on the other agent once the lease expires; the killed one comes back (and
+    // would sweep what it left) only after twice the lease.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    // The only agent there is: the run's retry can run nowhere else.
     stack.start_agent(&first_id, agent("5s", "1s")).await;
     check_retried_once(&stack, &recorder, "agent SIGKILLed, back after twice the lease", killed_at).await;
+    assert!(gone.is_some(), "the killed agent's job container was still running 4 s after the kill");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -95,30 +103,34 @@ async fn a_frozen_agent_s_job_is_killed_before_its_lease_can_expire(pool: PgPool
     let mut stack = Stack::start(pool).await;
     // A frozen agent keeps its connection to the engine open: only the deadline it last gave its
     // warden stops its job (renewed + fence_after + stop_grace = renewed + 5 s, 3 s before expiry).
-    let (first, run) = one_run_in_flight(&mut stack, &recorder, agent("8s", "3s")).await;
+    // Room for one job: a second run waits at the frozen agent, unacked, so the broker hands the
+    // retry of the first to the other agent while this one is frozen.
+    let options = AgentOptions { cpus: Some(0.15), ..agent("8s", "3s") };
+    let (first, run) = one_run_in_flight(&mut stack, &recorder, options).await;
     let first_id = stack.agents[first].id.clone();
-    stack.add_agent(agent("8s", "3s")).await;
+    history::trigger_beats(&stack, 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     stack.signal_agent(first, "STOP");
     let frozen_at = Instant::now();
+    stack.add_agent(agent("8s", "3s")).await;
     let gone = containers_gone(&first_id, Duration::from_secs(8)).await;
-    println!("the frozen agent's job container was gone {:.2}s after the freeze", gone.as_secs_f64());
-    // The lease expires and the reaper queues attempt 2; only then does the frozen agent wake (the
-    // broker may have handed attempt 2 to it meanwhile: it runs it once awake, or the other agent
-    // does). It finds its lease gone and writes nothing of attempt 1.
+    // The frozen agent wakes only once the retry runs elsewhere: it finds the lease gone, writes
+    // nothing of attempt 1, and runs the run that waited for it.
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM runs WHERE id = $1::uuid")
-            .bind(&run)
-            .fetch_one(&stack.pool)
-            .await
-            .unwrap();
-        if attempt >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "attempt 1 was never reaped");
+    while recorder.started(&run) < 2 {
+        assert!(Instant::now() < deadline, "attempt 2 never started");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stack.signal_agent(first, "CONT");
-    check_retried_once(&stack, &recorder, "agent frozen (SIGSTOP)", frozen_at).await;
+    let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120)).await;
+    let events = recorder.events();
+    let verdict = history::check(&events, &runs);
+    let scenario = "agent frozen (SIGSTOP)";
+    history::report(scenario, &verdict, &events, frozen_at);
+    assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary(scenario));
+    assert_eq!(verdict.retried, 1, "the frozen agent's run needed a second attempt: {verdict:#?}");
+    assert!(runs.iter().all(|(_, status, _)| status == "succeeded"), "{runs:?}");
+    let gone = gone.expect("the frozen agent's job container was still running 8 s after the freeze");
+    println!("the frozen agent's job container was gone {:.2}s after the freeze", gone.as_secs_f64());
 }
