@@ -306,6 +306,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_warden_s_deadline_follows_the_last_renewal_and_stays_a_margin_before_expiry() {
+        let (fence, timing) = (Fence::default(), timing());
+        assert_eq!(fence.gone_by(&timing), None, "no deadline before the lease is held");
+        let start = Instant::now();
+        let keeper =
+            tokio::spawn(keep("run", timing, start, || async { Ok::<_, String>(Renewal::Held) }, fence.clone()));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let gone_by = fence.gone_by(&timing).unwrap();
+        // Renewed every 3 s: the last one was sent at 9 s.
+        assert_eq!(gone_by, start + Duration::from_secs(9) + timing.fence_after() + timing.stop_grace());
+        assert!(gone_by + MIN_MARGIN <= start + Duration::from_secs(9) + timing.lease(), "a margin before expiry");
+        keeper.abort();
+        // Renewals that fail move it no more.
+        let (fence, start) = (Fence::default(), Instant::now());
+        keep("run", timing, start, || async { Err::<Renewal, _>("down") }, fence.clone()).await;
+        assert_eq!(fence.gone_by(&timing), Some(start + timing.lease() - timing.margin));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_lease_taken_over_trips_at_once() {
         let fence = Fence::default();
         let start = Instant::now();

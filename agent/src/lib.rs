@@ -68,9 +68,12 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     } else {
         tracing::warn!("CIMASTER_AGENT_EGRESS=false: runs reach the engine's host and every network around it");
     }
-    let warden = warden::Warden::start(docker.clone(), agent.clone(), config.git_image.clone(), config.engine_socket(), timing)
-        .await
-        .context("starting the warden that stops this agent's runs if the agent dies (CIMASTER_AGENT_ENGINE_SOCKET)")?;
+    let warden =
+        warden::Warden::start(docker.clone(), agent.clone(), config.git_image.clone(), config.engine_socket(), timing)
+            .await
+            .context(
+                "starting the warden that stops this agent's runs if the agent dies (CIMASTER_AGENT_ENGINE_SOCKET)",
+            )?;
     let s3 = config.s3.client();
     check_bucket_in_background(s3.clone(), config.s3.bucket.clone());
     let admission = admission(&config);

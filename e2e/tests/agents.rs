@@ -57,10 +57,12 @@ async fn a_killed_agent_s_container_goes_with_it_and_its_run_is_retried_elsewher
     assert_eq!(attempts[0], (1, first_id.clone(), Some("lost".to_owned())));
     assert_eq!(attempts[1].2.as_deref(), Some("succeeded"));
 
-    // The first agent comes back under the same id and sweeps what it left (its run's network).
+    // What the warden leaves (the run's network) goes when the first agent comes back under the
+    // same id and sweeps.
+    assert!(!support::networks_of_agent(&first_id).is_empty(), "the killed agent's network is left");
     stack.start_agent(&first_id, AgentOptions::default()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while support::containers_of_agent(&first_id) > 0 || !support::networks_of_agent(&first_id).is_empty() {
+    while support::run_containers_of_agent(&first_id) > 0 || !support::networks_of_agent(&first_id).is_empty() {
         assert!(Instant::now() < deadline, "the restarted agent did not sweep its leftovers");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -28,7 +28,8 @@ impl DockerClient {
     /// engine's host.
     pub async fn start_warden(&self, agent: &str, image: &str, socket: &str) -> Result<StartedWarden, DockerError> {
         self.ensure_image(image).await?;
-        let labels = HashMap::from([(LABEL_AGENT.to_owned(), agent.to_owned()), (LABEL_WARDEN.to_owned(), "1".to_owned())]);
+        let labels =
+            HashMap::from([(LABEL_AGENT.to_owned(), agent.to_owned()), (LABEL_WARDEN.to_owned(), "1".to_owned())]);
         let host_config = HostConfig {
             binds: Some(vec![format!("{socket}:{SOCKET_IN_WARDEN}")]),
             network_mode: Some("none".to_owned()),
@@ -57,7 +58,8 @@ impl DockerClient {
         let name = format!("cimaster-warden-{agent}");
         let options = CreateContainerOptions { name: Some(name), ..Default::default() };
         let created = self.docker.create_container(Some(options), body).await.map_err(DockerError::Warden)?;
-        let attach = AttachContainerOptions { stream: true, stdin: true, stdout: true, stderr: true, ..Default::default() };
+        let attach =
+            AttachContainerOptions { stream: true, stdin: true, stdout: true, stderr: true, ..Default::default() };
         let attached = match self.docker.attach_container(&created.id, Some(attach)).await {
             Ok(attached) => attached,
             Err(err) => {
