@@ -78,6 +78,17 @@ pub fn delete_topology(prefix: &str) {
 
 /// Starts a master process and waits until it is ready.
 async fn spawn_master(database_url: &str, prefix: &str, env: &[(&'static str, String)]) -> (Child, Api) {
+    spawn_master_until(database_url, prefix, env, "/readyz").await
+}
+
+/// Starts a master process and waits until `probe` answers 200 (`/healthz` for one that cannot be
+/// ready).
+async fn spawn_master_until(
+    database_url: &str,
+    prefix: &str,
+    env: &[(&'static str, String)],
+    probe: &str,
+) -> (Child, Api) {
     let port = free_port();
     let master = Command::new(binary("cimaster"))
         .arg("serve")
@@ -100,7 +111,7 @@ async fn spawn_master(database_url: &str, prefix: &str, env: &[(&'static str, St
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     let api = Api { base: format!("http://127.0.0.1:{port}"), http, token };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !api.http.get(api.url("/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+    while !api.http.get(api.url(probe)).send().await.is_ok_and(|r| r.status() == 200) {
         assert!(Instant::now() < deadline, "master never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -152,6 +163,26 @@ impl Stack {
         let prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let (master, api) = spawn_master(&database_url, &prefix, &master_env).await;
         Self { pool, database_url, prefix, api, master, agents: Vec::new(), master_env }
+    }
+
+    /// A stack whose master cannot reach RabbitMQ: its triggers commit runs it cannot publish.
+    pub async fn start_without_broker(pool: PgPool) -> Self {
+        let database_url = database_url(&pool);
+        let prefix = format!("e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let unreachable =
+            vec![("CIMASTER_AMQP_URL", format!("amqp://cimaster:cimaster@127.0.0.1:{}/%2f", free_port()))];
+        let (master, api) = spawn_master_until(&database_url, &prefix, &unreachable, "/healthz").await;
+        Self { pool, database_url, prefix, api, master, agents: Vec::new(), master_env: Vec::new() }
+    }
+
+    /// Kills the stack's master (SIGKILL) and starts a healthy one in its place over the same
+    /// database and queues.
+    pub async fn replace_master(&mut self) {
+        let _ = self.master.start_kill();
+        let _ = self.master.wait().await;
+        let (master, api) = spawn_master(&self.database_url, &self.prefix, &self.master_env).await;
+        self.master = master;
+        self.api = api;
     }
 
     /// Another master replica over the same database and queues; it stops when dropped.
