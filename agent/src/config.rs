@@ -20,6 +20,7 @@ pub struct AgentConfig {
     #[arg(long = "database-url", env = "CIMASTER_DATABASE_URL")]
     pub database_url: SecretString,
 
+    /// RabbitMQ URL; for a cluster, each node's, comma-separated (connections go round them).
     #[arg(long = "amqp-url", env = "CIMASTER_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: SecretString,
 

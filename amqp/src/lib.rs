@@ -3,6 +3,10 @@
 //! into `<prefix>.dead`. The names and arguments themselves are plain data in `cimaster-common`;
 //! this crate turns them into lapin's types, so `common` stays free of lapin.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use cimaster_common::{queue_name, QueueArgument, QueueName};
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -11,13 +15,40 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use secrecy::{ExposeSecret, SecretString};
 
+/// Each try to reach one node gives up after this long (a node that accepts and then hangs).
+const NODE_TRY: Duration = Duration::from_secs(10);
+/// Where the next connection of this process starts in the node list: reconnects go round the
+/// nodes, so a node that went down is tried last next time.
+static NEXT_NODE: AtomicUsize = AtomicUsize::new(0);
+
 /// Connects to RabbitMQ with the tokio runtime; `name` shows in the broker's connection list.
-pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio)
-        .with_connection_name(name.into());
-    Connection::connect(url.expose_secret(), properties).await
+/// `urls` is one AMQP URL, or the nodes of a cluster as several, comma-separated: each is tried in
+/// turn, starting one further along the list at every call.
+pub async fn connect(urls: &SecretString, name: &str) -> Result<Connection, lapin::Error> {
+    let nodes = nodes(urls.expose_secret());
+    let first = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+    let mut last_error = lapin::Error::IOError(Arc::new(std::io::Error::other("no RabbitMQ URL is configured")));
+    for step in 0..nodes.len() {
+        let url = nodes[(first + step) % nodes.len()];
+        let properties = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio)
+            .with_connection_name(name.into());
+        match tokio::time::timeout(NODE_TRY, Connection::connect(url, properties)).await {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(err)) => last_error = err,
+            Err(_) => {
+                let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "the node did not answer in time");
+                last_error = lapin::Error::IOError(Arc::new(timed_out));
+            }
+        }
+    }
+    Err(last_error)
+}
+
+/// The node URLs of a comma-separated list.
+fn nodes(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|url| !url.is_empty()).collect()
 }
 
 /// Declares the queues and the exchange runs travel through; every declaration is idempotent.
@@ -94,4 +125,17 @@ pub fn field_table(arguments: &[(&'static str, QueueArgument)]) -> FieldTable {
         table.insert(ShortString::from(*name), value);
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_node_list_is_split_on_commas() {
+        assert_eq!(super::nodes("amqp://a:5672/%2f"), ["amqp://a:5672/%2f"]);
+        assert_eq!(
+            super::nodes("amqp://a/%2f, amqp://b/%2f,,amqp://c/%2f "),
+            ["amqp://a/%2f", "amqp://b/%2f", "amqp://c/%2f"]
+        );
+        assert!(super::nodes("").is_empty());
+    }
 }

@@ -192,7 +192,8 @@ pub struct DatabaseConfig {
 
 #[derive(Debug, Clone, Args)]
 pub struct BrokerConfig {
-    /// RabbitMQ URL, e.g. `amqp://cimaster:secret@127.0.0.1:5672/%2f`.
+    /// RabbitMQ URL, e.g. `amqp://cimaster:secret@127.0.0.1:5672/%2f`; for a cluster, each node's,
+    /// comma-separated (connections go round them).
     #[arg(
         id = "amqp_url",
         long = "amqp-url",

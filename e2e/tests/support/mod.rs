@@ -2,6 +2,7 @@
 //! own database and queue prefix, on the shared Postgres, RabbitMQ, S3 server and Docker engine.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod broker_cluster;
 pub mod history;
 pub mod partition;
 pub mod recorder;
