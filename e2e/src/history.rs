@@ -2,7 +2,7 @@
 //! witness the fault tests and the scaling benchmark read for "lost" and "run twice".
 //!
 //! Each job calls the recorder over HTTP (`GET /<run>/<attempt>/start|beat|end`, sent with `nc`)
-//! from inside its container, every quarter second while it runs. The recorder stamps each call with its own clock.
+//! from inside its container, every tenth of a second while it runs. The recorder stamps each call with its own clock.
 //! An execution is the span from an attempt's first call to its last; the checker fails on a run
 //! with two overlapping executions, a run without a final status, and a run that `succeeded`
 //! without its job having reported its end.
@@ -65,23 +65,34 @@ impl Recorder {
         Ok(Self { port, events, server })
     }
 
-    /// A job script that reports its start, a beat every quarter second for `beats` beats, and its
-    /// end; it fails if the recorder cannot be reached at its start or end.
-    pub fn script(&self, beats: u32) -> String {
+    /// A job script that reports its start, a beat every tenth of a second for about `quarters`
+    /// quarter seconds, and its end; it fails if the recorder cannot be reached at its start or end.
+    /// Beats this close leave no overlap of two executions longer than a tenth of a second unseen.
+    pub fn script(&self, quarters: u32) -> String {
         format!(
             r#"{say}
 say start || exit 3
 i=0
-while [ $i -lt {beats} ]; do say beat; sleep 0.25; i=$((i + 1)); done
+while [ $i -lt {beats} ]; do say beat; sleep 0.1; i=$((i + 1)); done
 say end || exit 4"#,
-            say = self.say()
+            say = self.say(),
+            beats = quarters * 5 / 2
         )
     }
 
-    /// A job script that reports its start, sleeps for the seconds in the environment variable
-    /// `variable` (a job parameter), and reports its end.
+    /// A job script that reports its start, beats every tenth of a second for the seconds in the
+    /// environment variable `variable` (a job parameter; timed on the container's monotonic clock),
+    /// and reports its end.
     pub fn sleeping_script(&self, variable: &str) -> String {
-        format!("{say}\nsay start || exit 3\nsleep \"${variable}\"\nsay end || exit 4", say = self.say())
+        format!(
+            r#"{say}
+now() {{ read -r up _ </proc/uptime; echo "${{up%.*}}${{up#*.}}"; }}
+say start || exit 3
+end=$(( $(now) + ${variable} * 100 ))
+while [ "$(now)" -lt "$end" ]; do say beat; sleep 0.1; done
+say end || exit 4"#,
+            say = self.say()
+        )
     }
 
     /// The shell function `say WHAT` that reports to the recorder through the network's gateway.

@@ -196,4 +196,5 @@ async fn scaling_rides_out_a_killed_agent_and_a_rabbitmq_restart(pool: PgPool) {
     assert_eq!((outcome.lost, outcome.double), (0, 0), "{outcome:#?}");
     assert_eq!(outcome.succeeded, scenario.runs, "{outcome:#?}");
     assert_eq!(outcome.agents_killed, 1, "{outcome:#?}");
+    assert!(outcome.retried >= 1, "the kill of a busy agent caused no retry: {outcome:#?}");
 }

@@ -187,7 +187,7 @@ pub async fn run(scenario: &Scenario, environment: &Environment) -> anyhow::Resu
     processes::stop(master, Duration::from_secs(10)).await;
     let (work_seconds, arrivals) = result?;
     let baseline = match scenario.baseline {
-        true => Some(baseline(scenario, &arrivals).await?),
+        true => Some(baseline(scenario, &arrivals, &recorder).await?),
         false => None,
     };
 
@@ -272,9 +272,9 @@ async fn drive(
     Ok((work, arrivals))
 }
 
-/// The same bursts of the same pauses through `docker run --rm` of the job's image, at most the
+/// The same bursts of the same pauses through `docker run --rm` of the job's image and script, at most the
 /// maximum capacity at once; how long until the last ended.
-async fn baseline(scenario: &Scenario, arrivals: &[Vec<u32>]) -> anyhow::Result<Duration> {
+async fn baseline(scenario: &Scenario, arrivals: &[Vec<u32>], recorder: &Recorder) -> anyhow::Result<Duration> {
     use bollard::models::{ContainerCreateBody, HostConfig};
     use bollard::query_parameters::{RemoveContainerOptions, WaitContainerOptions};
     use futures::StreamExt;
@@ -287,11 +287,15 @@ async fn baseline(scenario: &Scenario, arrivals: &[Vec<u32>]) -> anyhow::Result<
         tokio::time::sleep_until((began + scenario.burst_every * burst as u32).into()).await;
         for &pause in pauses {
             let (docker, slots) = (docker.clone(), slots.clone());
+            // The job's own script, beats to the recorder included: the same work as a run's.
+            let script = recorder.sleeping_script("PAUSE");
+            let env = vec![format!("PAUSE={pause}"), "CIMASTER_RUN_ID=baseline".to_owned(), "CIMASTER_ATTEMPT=1".to_owned()];
             tasks.push(tokio::spawn(async move {
                 let _slot = slots.acquire_owned().await?;
                 let body = ContainerCreateBody {
                     image: Some("busybox:latest".to_owned()),
-                    cmd: Some(vec!["sh".into(), "-c".into(), format!("sleep {pause}")]),
+                    cmd: Some(vec!["sh".into(), "-c".into(), script]),
+                    env: Some(env),
                     host_config: Some(HostConfig { init: Some(true), ..Default::default() }),
                     ..Default::default()
                 };
