@@ -13,9 +13,16 @@ use sqlx::PgPool;
 use support::history::{self, Recorder};
 use support::{AgentOptions, Stack};
 
+const DEV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/dev");
+
 fn dev(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/dev");
-    let status = std::process::Command::new(script).args(args).status().unwrap();
+    let status = std::process::Command::new(DEV).args(args).status().unwrap();
+    assert!(status.success(), "scripts/dev {args:?} failed");
+}
+
+/// `scripts/dev` without holding up the test's runtime, where the recorder answers the jobs.
+async fn dev_async(args: &[&str]) {
+    let status = tokio::process::Command::new(DEV).args(args).status().await.unwrap();
     assert!(status.success(), "scripts/dev {args:?} failed");
 }
 
@@ -33,35 +40,32 @@ impl Drop for Outage {
 async fn every_run_ends_exactly_once_when_rabbitmq_restarts_mid_flight(pool: PgPool) {
     const IN_FLIGHT: usize = 200;
     const DURING: usize = 40;
+    let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
-    stack.add_agent(AgentOptions { cpus: Some(2.0), ..Default::default() }).await;
-    stack
-        .put_job(
-            "second",
-            json!({"kind": "freestyle", "image": "busybox:latest", "script": "sleep 1",
-                   "resources": {"cpus": 0.1, "memory": "16Mi"}}),
-        )
-        .await;
+    stack.add_agent(AgentOptions { cpus: Some(2.0), open_egress: true, ..Default::default() }).await;
+    // Jobs of 6 s, longer than the lease, beating to the recorder.
+    history::put_beats_job(&stack, &recorder, 24).await;
 
     let mut paths = Vec::new();
     for _ in 0..IN_FLIGHT / 20 {
-        let triggers = (0..20).map(|_| stack.trigger("second"));
+        let triggers = (0..20).map(|_| stack.trigger("beats"));
         paths.extend(futures::future::join_all(triggers).await);
     }
     let (queued, running) = open_runs(&stack).await;
     assert!(running > 0, "nothing running when the broker stops");
     assert!(queued + running >= IN_FLIGHT as i64 * 3 / 4, "only {queued} queued and {running} running at the stop");
 
-    dev(&["stop-service", "rabbitmq"]);
+    dev_async(&["stop-service", "rabbitmq"]).await;
     let outage = Outage;
     let deadline = Instant::now() + Duration::from_secs(30);
     while stack.api.get("/readyz").await.body["rabbitmq"] != "unavailable" {
         assert!(Instant::now() < deadline, "the master never noticed the broker was gone");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let triggers = (0..DURING).map(|_| stack.trigger("second"));
+    let triggers = (0..DURING).map(|_| stack.trigger("beats"));
     paths.extend(futures::future::join_all(triggers).await);
-    drop(outage);
+    dev_async(&["start-service", "rabbitmq"]).await;
+    std::mem::forget(outage);
     let total = IN_FLIGHT + DURING;
     assert_eq!(paths.len(), total);
 
@@ -83,6 +87,10 @@ async fn every_run_ends_exactly_once_when_rabbitmq_restarts_mid_flight(pool: PgP
         .await
         .unwrap();
     assert_eq!((attempts, runs), (total as i64, total as i64));
+    let runs = history::runs(&stack.pool).await.unwrap();
+    let verdict = history::check(&recorder.events(), &runs);
+    println!("{}", verdict.summary("RabbitMQ restart"));
+    assert!(verdict.is_clean(), "{}: {verdict:#?}", verdict.summary("RabbitMQ restart"));
 }
 
 /// How many runs are queued and how many running.
@@ -121,11 +129,12 @@ async fn runs_in_flight_ride_out_a_postgres_restart_and_end_exactly_once(pool: P
     let ids = history::trigger_beats(&stack, RUNS).await;
     history::wait_started(&recorder, &ids, Duration::from_secs(90)).await;
 
-    dev(&["stop-service", "postgres"]);
+    dev_async(&["stop-service", "postgres"]).await;
     let outage = PostgresOutage;
     let stopped_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    drop(outage);
+    dev_async(&["start-service", "postgres"]).await;
+    std::mem::forget(outage);
 
     let runs = history::wait_all_ended(&stack.pool, Duration::from_secs(120)).await;
     let events = recorder.events();

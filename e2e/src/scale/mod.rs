@@ -289,7 +289,8 @@ async fn baseline(scenario: &Scenario, arrivals: &[Vec<u32>], recorder: &Recorde
             let (docker, slots) = (docker.clone(), slots.clone());
             // The job's own script, beats to the recorder included: the same work as a run's.
             let script = recorder.sleeping_script("PAUSE");
-            let env = vec![format!("PAUSE={pause}"), "CIMASTER_RUN_ID=baseline".to_owned(), "CIMASTER_ATTEMPT=1".to_owned()];
+            let env =
+                vec![format!("PAUSE={pause}"), "CIMASTER_RUN_ID=baseline".to_owned(), "CIMASTER_ATTEMPT=1".to_owned()];
             tasks.push(tokio::spawn(async move {
                 let _slot = slots.acquire_owned().await?;
                 let body = ContainerCreateBody {
