@@ -32,10 +32,12 @@
 //! A live agent that loses its lease has stopped the attempt by the same moment (SIGTERM at
 //! `renewed + fence_after`, SIGKILL a stop grace later), so the warden only ever acts for an agent
 //! that cannot. A warden that dies under a live agent is started again at the next beat; an attempt
-//! starts no container while the agent has no warden.
+//! that starts meanwhile waits for it (up to 10 s, then ends `error` without a container), and the
+//! attempts already running are unguarded until then (a second at most when the engine is well).
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +53,10 @@ use crate::lease::{Fence, LeaseTiming};
 const READY_WITHIN: Duration = Duration::from_secs(30);
 /// Longest time between beats.
 const MAX_BEAT: Duration = Duration::from_secs(1);
+/// A beat the warden does not take within this long marks it as gone.
+const WRITE_WITHIN: Duration = Duration::from_secs(5);
+/// How long an attempt waits for a warden being started again before it gives up.
+const WAIT_FOR_WARDEN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WardenError {
@@ -74,8 +80,14 @@ pub struct Warden {
     /// The engine's API socket, as a path on the engine's host.
     socket: String,
     timing: LeaseTiming,
-    input: tokio::sync::Mutex<Option<Pin<Box<dyn AsyncWrite + Send>>>>,
+    input: tokio::sync::Mutex<Option<Input>>,
     watched: Mutex<Watched>,
+}
+
+/// The running warden's stdin, and whether its output (so the warden) has ended.
+struct Input {
+    writer: Pin<Box<dyn AsyncWrite + Send>>,
+    ended: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -123,13 +135,20 @@ impl Warden {
         Ok(Arc::new(warden))
     }
 
-    /// Puts an attempt under watch; its first deadline has reached the warden when this returns.
+    /// Puts an attempt under watch; its first deadline is written to the warden when this returns
+    /// (waiting a little for a warden that is being started again).
     pub async fn watch(self: &Arc<Self>, run: String, attempt: u32, fences: Vec<Fence>) -> Result<Watch, WardenError> {
         let key = (run, attempt);
         self.watched().attempts.insert(key.clone(), fences);
         let watch = Watch { warden: self.clone(), key };
-        self.beat().await?;
-        Ok(watch)
+        let give_up = Instant::now() + WAIT_FOR_WARDEN;
+        loop {
+            match self.beat().await {
+                Ok(()) => return Ok(watch),
+                Err(WardenError::Down) if Instant::now() < give_up => tokio::time::sleep(MAX_BEAT / 4).await,
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// Tells the warden every attempt's deadline, each beat, until `stop`; then closes its stdin
@@ -141,7 +160,8 @@ impl Warden {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}
             }
-            if self.input.lock().await.is_none() {
+            let down = self.input.lock().await.as_ref().is_none_or(|input| input.ended.load(Ordering::SeqCst));
+            if down {
                 match self.launch().await {
                     Ok(input) => {
                         tracing::warn!("the warden was started again");
@@ -158,30 +178,40 @@ impl Warden {
             }
         }
         if let Some(mut input) = self.input.lock().await.take() {
-            let _ = input.shutdown().await;
+            let _ = input.writer.shutdown().await;
         }
     }
 
     /// Writes every watched attempt's deadline and every ended attempt's end.
     async fn beat(&self) -> Result<(), WardenError> {
         let mut input = self.input.lock().await;
-        let writer = input.as_mut().ok_or(WardenError::Down)?;
+        if input.as_ref().is_some_and(|input| input.ended.load(Ordering::SeqCst)) {
+            *input = None;
+        }
+        let writer = &mut input.as_mut().ok_or(WardenError::Down)?.writer;
         let lines = self.lines(Instant::now());
         let written = async {
             writer.write_all(lines.as_bytes()).await?;
             writer.flush().await
         };
-        if let Err(err) = written.await {
+        let written = match tokio::time::timeout(WRITE_WITHIN, written).await {
+            Ok(written) => written,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the warden took no beat for 5 s")),
+        };
+        if let Err(err) = written {
             *input = None;
             return Err(WardenError::Write(err));
         }
         Ok(())
     }
 
-    /// `RUN ATTEMPT MILLIS` for each watched attempt, `RUN ATTEMPT done` for each that ended.
+    /// `RUN ATTEMPT done` for each attempt that ended, then `RUN ATTEMPT MILLIS` for each watched.
     fn lines(&self, now: Instant) -> String {
         let mut watched = self.watched();
         let mut lines = String::new();
+        for (run, attempt) in watched.ended.drain(..) {
+            lines.push_str(&format!("{run} {attempt} done\n"));
+        }
         for ((run, attempt), fences) in &watched.attempts {
             let gone_by = fences.iter().filter_map(|fence| fence.gone_by(&self.timing)).min();
             if let Some(gone_by) = gone_by {
@@ -189,15 +219,12 @@ impl Warden {
                 lines.push_str(&format!("{run} {attempt} {left}\n"));
             }
         }
-        for (run, attempt) in watched.ended.drain(..) {
-            lines.push_str(&format!("{run} {attempt} done\n"));
-        }
         lines
     }
 
     /// Starts a warden container and waits for its word that it reaches the engine; its output is
     /// logged from then on, and its end marks the agent as without a warden.
-    async fn launch(&self) -> Result<Pin<Box<dyn AsyncWrite + Send>>, WardenError> {
+    async fn launch(&self) -> Result<Input, WardenError> {
         let StartedWarden { id, mut output, input } =
             self.docker.start_warden(&self.agent, &self.image, &self.socket).await?;
         let mut said = String::new();
@@ -218,6 +245,8 @@ impl Warden {
             return Err(WardenError::NotReady(said.trim().to_owned()));
         }
         tracing::info!(container = &id[..12.min(id.len())], "the warden watches this agent's runs");
+        let ended = Arc::new(AtomicBool::new(false));
+        let ends = ended.clone();
         tokio::spawn(async move {
             while let Some(chunk) = output.next().await {
                 if let Ok(Chunk::Stdout(bytes) | Chunk::Stderr(bytes)) = chunk {
@@ -225,8 +254,9 @@ impl Warden {
                 }
             }
             tracing::warn!("the warden's output ended");
+            ends.store(true, Ordering::SeqCst);
         });
-        Ok(input)
+        Ok(Input { writer: input, ended })
     }
 
     fn watched(&self) -> std::sync::MutexGuard<'_, Watched> {

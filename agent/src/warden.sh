@@ -9,11 +9,12 @@
 # the engine broken): every container of the agent is killed at once and the warden exits.
 set -u
 agent=$1
+[[ $agent =~ ^[A-Za-z0-9._-]+$ ]] || { echo "the agent id $agent cannot be a label filter" >&2; exit 2; }
 socket=/engine.sock
 # Deadlines by "RUN ATTEMPT", in centiseconds of /proc/uptime (monotonic: clock steps move nothing).
 declare -A due=()
 
-engine() { curl -sS --max-time 10 --unix-socket "$socket" "$@"; }
+engine() { curl -fsS --max-time 10 --unix-socket "$socket" "$@"; }
 
 tick() {
   local up
@@ -21,22 +22,24 @@ tick() {
   now=$((10#${up/./}))
 }
 
-# `kill` (SIGKILL) or `remove` (SIGKILL and remove) the containers whose labels match every filter
-# given (`key=value`), except the warden.
+# `kill` (SIGKILL) or `remove` (SIGKILL and remove) the running containers whose labels match every
+# filter given (`key=value`), except the warden. Fails when the engine could not be asked, or one of
+# them could not be ended: the caller tries again.
 end_labelled() {
-  local how=$1 filters ids id
+  local how=$1 filters listed ids id failed=0
   shift
   filters=$(printf '"%s",' "$@")
-  ids=$(engine -G http://engine/containers/json --data-urlencode "filters={\"label\":[${filters%,}]}" |
-    grep -o '"Id":"[0-9a-f]*"' | cut -d'"' -f4)
+  listed=$(engine -G http://engine/containers/json --data-urlencode "filters={\"label\":[${filters%,}]}") || return 1
+  ids=$(printf '%s' "$listed" | grep -o '"Id":"[0-9a-f]*"' | cut -d'"' -f4)
   for id in $ids; do
     [[ $id == "$HOSTNAME"* ]] && continue
     if [[ $how == remove ]]; then
-      engine -X DELETE "http://engine/containers/$id?force=1" >/dev/null && echo "removed ${id:0:12}"
+      engine -X DELETE "http://engine/containers/$id?force=1" >/dev/null && echo "removed ${id:0:12}" || failed=1
     else
-      engine -X POST "http://engine/containers/$id/kill?signal=KILL" >/dev/null && echo "killed ${id:0:12}"
+      engine -X POST "http://engine/containers/$id/kill?signal=KILL" >/dev/null && echo "killed ${id:0:12}" || failed=1
     fi
   done
+  return $failed
 }
 
 if ! engine http://engine/_ping >/dev/null; then
@@ -53,8 +56,12 @@ while :; do
     if ((left <= 0)); then
       run=${key% *} attempt=${key#* }
       echo "attempt $attempt of run $run is past its deadline: killing its containers"
-      end_labelled kill "cimaster.agent=$agent" "cimaster.run=$run" "cimaster.attempt=$attempt"
-      unset "due[$key]"
+      if end_labelled kill "cimaster.agent=$agent" "cimaster.run=$run" "cimaster.attempt=$attempt"; then
+        unset "due[$key]"
+      else
+        due[$key]=$((now + 20)) # the engine did not answer: again in 0.2 s
+        wait_cs=20
+      fi
     elif ((left < wait_cs)); then
       wait_cs=$left
     fi
@@ -70,7 +77,10 @@ while :; do
     fi
   elif (($? <= 128)); then
     echo "the agent is gone: removing its containers"
-    end_labelled remove "cimaster.agent=$agent"
-    exit 0
+    for _ in {1..60}; do
+      end_labelled remove "cimaster.agent=$agent" && exit 0
+      sleep 0.2
+    done
+    exit 1
   fi
 done

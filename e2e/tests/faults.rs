@@ -125,7 +125,8 @@ async fn runs_in_flight_ride_out_a_postgres_restart_and_end_exactly_once(pool: P
         ..Default::default()
     };
     stack.add_agent(options).await;
-    history::put_beats_job(&stack, &recorder, 40).await;
+    // Jobs of 17 s, longer than the lease.
+    history::put_beats_job(&stack, &recorder, 68).await;
     let ids = history::trigger_beats(&stack, RUNS).await;
     history::wait_started(&recorder, &ids, Duration::from_secs(90)).await;
 

@@ -46,6 +46,8 @@ impl Attempt<'_> {
                 }
             }
         };
+        // The warden bounds the attempt by this lease too, from its grant on.
+        self.interrupts.cluster.renewed_at(granted);
         let renewing = tokio::spawn(lease::keep("cluster", timing, granted, renew, self.interrupts.cluster.clone()));
         self.held.cluster = Some(Leased { token, renewing });
         Ok(())

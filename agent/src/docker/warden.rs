@@ -47,6 +47,9 @@ impl DockerClient {
         let body = ContainerCreateBody {
             image: Some(image.to_owned()),
             entrypoint: Some(vec!["bash".to_owned()]),
+            // Root, whatever the image says: the socket is root's. Nothing of the image's shell setup.
+            user: Some("0:0".to_owned()),
+            env: Some(vec!["BASH_ENV=".to_owned(), "ENV=".to_owned()]),
             cmd: Some(vec!["-c".to_owned(), SCRIPT.to_owned(), "warden".to_owned(), agent.to_owned()]),
             labels: Some(labels),
             host_config: Some(host_config),
