@@ -97,7 +97,9 @@ struct Fleet {
 impl Fleet {
     async fn start(pool: PgPool, recorder: &Recorder) -> Self {
         let cluster = BrokerCluster::start().await;
-        let mut stack = Stack::start_with(pool, vec![("CIMASTER_AMQP_URL", cluster.urls())]).await;
+        // A run may meet several faults in a long soak: more attempts than the default three.
+        let masters = vec![("CIMASTER_AMQP_URL", cluster.urls()), ("CIMASTER_MAX_ATTEMPTS", "10".to_owned())];
+        let mut stack = Stack::start_with(pool, masters).await;
         let replica = stack.add_master().await;
         let mut host = Host::create();
         let database = host.expose(partition::target_of(&stack.database_url)).await;
