@@ -11,20 +11,7 @@ use futures::StreamExt;
 use serde_json::json;
 use sqlx::PgPool;
 use support::history::{self, Recorder};
-use support::{AgentOptions, Stack};
-
-const DEV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/dev");
-
-fn dev(args: &[&str]) {
-    let status = std::process::Command::new(DEV).args(args).status().unwrap();
-    assert!(status.success(), "scripts/dev {args:?} failed");
-}
-
-/// `scripts/dev` without holding up the test's runtime, where the recorder answers the jobs.
-async fn dev_async(args: &[&str]) {
-    let status = tokio::process::Command::new(DEV).args(args).status().await.unwrap();
-    assert!(status.success(), "scripts/dev {args:?} failed");
-}
+use support::{dev, dev_async, AgentOptions, Stack};
 
 struct Outage;
 

@@ -56,17 +56,23 @@ async fn containers_gone(agent: &str, within: Duration) -> Option<Duration> {
     Some(start.elapsed())
 }
 
+/// One run in flight on a first agent, a second agent beside it, and the first SIGKILLed: its id,
+/// when it was killed, and how soon its job container stopped running (within 4 s).
+async fn kill_one_of_two(stack: &mut Stack, recorder: &Recorder) -> (String, Instant, Option<Duration>) {
+    let (first, _run) = one_run_in_flight(stack, recorder, agent("5s", "1s")).await;
+    let first_id = stack.agents[first].id.clone();
+    stack.add_agent(agent("5s", "1s")).await;
+    stack.kill_agent(first);
+    let killed_at = Instant::now();
+    let gone = containers_gone(&first_id, Duration::from_secs(4)).await;
+    (first_id, killed_at, gone)
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn a_job_is_gone_before_its_retry_when_its_agent_is_killed_and_not_restarted(pool: PgPool) {
     let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
-    let (first, _run) = one_run_in_flight(&mut stack, &recorder, agent("5s", "1s")).await;
-    let first_id = stack.agents[first].id.clone();
-    stack.add_agent(agent("5s", "1s")).await;
-
-    stack.kill_agent(first);
-    let killed_at = Instant::now();
-    let gone = containers_gone(&first_id, Duration::from_secs(4)).await;
+    let (first_id, killed_at, gone) = kill_one_of_two(&mut stack, &recorder).await;
     check_retried_once(&stack, &recorder, "agent SIGKILLed, not restarted", killed_at).await;
     let gone = gone.expect("the killed agent's job container was still running 4 s after the kill");
     println!("the killed agent's job container was gone {:.2}s after the kill", gone.as_secs_f64());
@@ -82,13 +88,7 @@ async fn a_job_is_gone_before_its_retry_when_its_agent_is_killed_and_not_restart
 async fn a_job_is_gone_before_its_retry_when_its_agent_comes_back_after_twice_the_lease(pool: PgPool) {
     let recorder = Recorder::start().await.unwrap();
     let mut stack = Stack::start(pool).await;
-    let (first, _run) = one_run_in_flight(&mut stack, &recorder, agent("5s", "1s")).await;
-    let first_id = stack.agents[first].id.clone();
-    stack.add_agent(agent("5s", "1s")).await;
-
-    stack.kill_agent(first);
-    let killed_at = Instant::now();
-    let gone = containers_gone(&first_id, Duration::from_secs(4)).await;
+    let (first_id, killed_at, gone) = kill_one_of_two(&mut stack, &recorder).await;
     // The retry starts on the other agent once the lease expires; the killed one comes back (and
     // would sweep what it left) only after twice the lease.
     tokio::time::sleep(Duration::from_secs(10)).await;

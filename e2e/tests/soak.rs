@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use support::broker_cluster::BrokerCluster;
 use support::history::{self, Recorder};
 use support::partition::{self, Host, Link};
-use support::{AgentOptions, Replica, Stack};
+use support::{dev_async, AgentOptions, Replica, Stack};
 
 /// The agents' lease; every job runs longer (beats of a quarter second).
 const LEASE: Duration = Duration::from_secs(5);
@@ -64,20 +64,12 @@ struct Injected {
     affected: Vec<String>,
 }
 
-const DEV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/dev");
-
-/// `scripts/dev` without holding up the test's runtime, where the recorder answers the jobs.
-async fn dev(args: &[&str]) {
-    let status = tokio::process::Command::new(DEV).args(args).status().await.unwrap();
-    assert!(status.success(), "scripts/dev {args:?} failed");
-}
-
 /// Starts Postgres again if the test ends while it is stopped.
 struct PostgresBack;
 
 impl Drop for PostgresBack {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(DEV).args(["start-service", "postgres"]).status();
+        let _ = std::process::Command::new(support::DEV).args(["start-service", "postgres"]).status();
     }
 }
 
@@ -182,9 +174,9 @@ impl Fleet {
             Fault::PostgresRestarted => {
                 let affected = self.open_runs().await;
                 let back = PostgresBack;
-                dev(&["stop-service", "postgres"]).await;
+                dev_async(&["stop-service", "postgres"]).await;
                 tokio::time::sleep(Duration::from_millis(1000 + random.below(3000))).await;
-                dev(&["start-service", "postgres"]).await;
+                dev_async(&["start-service", "postgres"]).await;
                 std::mem::forget(back);
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while self.stack.api.get("/readyz").await.status != 200 {

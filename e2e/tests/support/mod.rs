@@ -28,6 +28,21 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// `scripts/dev`, which stops and starts the shared services for fault tests.
+pub const DEV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/dev");
+
+/// `scripts/dev` with `args`, blocking (for drop guards that bring a service back).
+pub fn dev(args: &[&str]) {
+    let status = std::process::Command::new(DEV).args(args).status().unwrap();
+    assert!(status.success(), "scripts/dev {args:?} failed");
+}
+
+/// `scripts/dev` without holding up the test's runtime, where the recorder answers the jobs.
+pub async fn dev_async(args: &[&str]) {
+    let status = tokio::process::Command::new(DEV).args(args).status().await.unwrap();
+    assert!(status.success(), "scripts/dev {args:?} failed");
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
